@@ -1,0 +1,37 @@
+# The two commands of the README: `make run` (the main job) and `make test` (the tests).
+# Each creates the virtual environment on first use; torch is pinned by constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-gpu bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py requirements.txt constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -r requirements.txt
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt deepspeed
+	$(PIP) install -q -c constraints.txt --no-deps -e .
+	touch $(STAMP)
+
+# The main job. For now: a demonstration of the fused GRPO loss on CPU.
+run: $(STAMP)
+	$(PY) -m r1vl.demo
+
+# Unit tests on CPU; Triton kernels run through the interpreter (TRITON_INTERPRET=1 is set
+# by the tests that need it). GPU tests skip without a GPU.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+# On a GPU machine: the GPU tests and the kernel benchmark.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_grpo_loss.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,28 @@
+"""Test-wide setup.
+
+Without a GPU the Triton kernels can only run through Triton's interpreter, and triton.jit
+reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test module
+imports r1vl_kernels. With TRITON_INTERPRET=1, impl=None picks the Triton path on CPU too,
+so the kernels are what the tests exercise.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "slow: long-running; still part of the default run")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
