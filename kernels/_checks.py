@@ -1,0 +1,95 @@
+"""Argument checks for the public functions: ValueError naming the argument, raised before
+any kernel runs (an out-of-range id would otherwise be an illegal memory access later)."""
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_impl(impl: Optional[str], device: torch.device) -> str:
+    """None: Triton for CUDA tensors, eager torch on CPU unless TRITON_INTERPRET=1."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if impl is None:
+        return "triton" if device.type == "cuda" or interpret else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be None, 'triton' or 'torch', got {impl!r}")
+    if impl == "triton" and device.type != "cuda" and not interpret:
+        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+    return impl
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_logits(logits) -> None:
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 2 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be (..., V) with V > 0, got shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must have unit stride along the vocabulary (last) dimension; "
+                         "call .contiguous() first")
+
+
+def check_ids(target_ids, shape, device) -> Tensor:
+    """Integer ids of the given shape on device, returned as int64."""
+    if not isinstance(target_ids, Tensor) or target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool:
+        raise ValueError("target_ids must be an integer tensor")
+    if tuple(target_ids.shape) != tuple(shape):
+        raise ValueError(f"target_ids must have shape {tuple(shape)} to match logits, got {tuple(target_ids.shape)}")
+    check_device("target_ids", target_ids, device)
+    return target_ids.long()
+
+
+def check_float_vector(name: str, x, shape, device) -> Optional[Tensor]:
+    """None stays None; otherwise a float tensor of the given shape, returned as fp32."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    check_device(name, x, device)
+    return x.detach().float()
+
+
+def check_device(name: str, x: Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logits are on {device}")
+
+
+def check_group(name_s: str, S: int, group_size, scale_rewards: str) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if S % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the number of sequences {name_s}={S}")
+    check_choice("scale_rewards", scale_rewards, ("group", "batch", "none"))
+    if scale_rewards == "group" and group_size < 2:
+        raise ValueError("scale_rewards='group' needs group_size >= 2 (the std of one reward is undefined)")
+    if scale_rewards == "batch" and S < 2:
+        raise ValueError("scale_rewards='batch' needs at least 2 rewards")
+
+
+def device_checks(checks: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, float]:
+    """Check conditions held in device tensors with one host sync for all of them.
+
+    checks: message -> 0-dim bool tensor that must be True. values: name -> 0-dim tensor
+    wanted on the host. Returns the values as floats. Skipped under torch.compile tracing,
+    where no host sync may happen (the values are then not available: returns {}).
+    """
+    if torch.compiler.is_compiling() or not (checks or values):
+        return {}
+    keys = list(checks) + list(values)
+    host = torch.stack([t.reshape(()).double() for t in list(checks.values()) + list(values.values())]).tolist()
+    result = dict(zip(keys, host))
+    for message in checks:
+        if not result[message]:
+            raise ValueError(message)
+    return {name: result[name] for name in values}

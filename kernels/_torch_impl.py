@@ -1,0 +1,131 @@
+"""Eager PyTorch implementation of the same four stages as the Triton kernels.
+
+It is the path for CPU tensors and the readable statement of what the kernels compute.
+The vocabulary sweeps go through the logits in chunks of rows, so the fp32 working copies
+are bounded (about 64 MB a chunk) instead of N x V.
+"""
+import torch
+
+_CHUNK_ELEMENTS = 1 << 24  # fp32 elements of logits processed at once
+
+
+def _rows_per_chunk(V: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(V, 1))
+
+
+def _gather_rows(logits, row_off):
+    """fp32 copy of the rows at element offsets row_off (n,) int64 of logits (..., V)."""
+    V = logits.shape[-1]
+    flat = logits.as_strided((logits.untyped_storage().nbytes() // logits.element_size(),), (1,), 0)
+    index = row_off[:, None] + logits.storage_offset() + torch.arange(V, device=logits.device)
+    return flat[index].float()
+
+
+# ----------------------------------------------------------------------------- vocabulary sweeps
+
+
+def logprob_fwd(logits, target_ids, row_off, temperature: float, with_entropy: bool):
+    """Same contract as _triton_vocab.logprob_fwd."""
+    N, V = target_ids.shape[0], logits.shape[-1]
+    logp = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    step = _rows_per_chunk(V)
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        rows = logits[start:stop] if row_off is None else _gather_rows(logits, row_off[start:stop])
+        z = rows.float() / temperature  # out of place: rows may be the caller's fp32 logits
+        lse_c = torch.logsumexp(z, dim=-1)
+        lse[start:stop] = lse_c
+        logp[start:stop] = z.gather(1, target_ids[start:stop, None]).squeeze(1) - lse_c
+        if with_entropy:
+            p = torch.exp(z - lse_c[:, None])
+            # p * z with p = 0 and z = -inf (masked vocabulary) counts as 0, not nan.
+            entropy[start:stop] = lse_c - torch.where(p > 0, p * z, 0.0).sum(-1)
+    return logp, lse, entropy
+
+
+def logprob_bwd(logits, target_ids, lse, dlogp, grad_out, row_off, tok_of_row,
+                temperature: float, out):
+    """Same contract as _triton_vocab.logprob_bwd."""
+    R, V = out.shape
+    step = _rows_per_chunk(V)
+    coef_tok = dlogp * (grad_out.float() / temperature)
+    for start in range(0, R, step):
+        stop = min(start + step, R)
+        if tok_of_row is None:
+            tok = torch.arange(start, stop, device=out.device)
+            z = logits[start:stop]
+            coef = coef_tok[start:stop]
+        else:  # rows without a token (-1) read token 0's row and get a zero coefficient
+            tok_or_none = tok_of_row[start:stop]
+            tok = tok_or_none.clamp(min=0)
+            z = _gather_rows(logits, row_off[tok])
+            coef = torch.where(tok_or_none >= 0, coef_tok[tok], 0.0)
+        p = torch.exp(z.float() / temperature - lse[tok, None])
+        grad = p.neg_()
+        grad.scatter_add_(1, target_ids[tok, None], torch.ones_like(grad[:, :1]))
+        out[start:stop] = grad.mul_(coef[:, None]).to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- O(N) terms
+
+
+def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
+    """Same contract as _triton_grpo.group_advantages."""
+    grouped = rewards.view(-1, group_size)
+    adv = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "group":
+        adv = adv / (grouped.std(dim=1).repeat_interleave(group_size) + eps)
+    elif scale_rewards == "batch":
+        adv = adv / (rewards.std() + eps)
+    return adv
+
+
+def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, *, eps_low, eps_high, delta,
+               beta, inv_norm, per_seq_mean, seq_level):
+    """Same contract as _triton_grpo.grpo_terms, vectorized over tokens."""
+    N, S = logp.shape[0], advantages.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_of_tok = torch.repeat_interleave(torch.arange(S, device=logp.device), lengths, output_size=N)
+    n = lengths.clamp(min=1).float()
+    w_seq = inv_norm / n if per_seq_mean else torch.full_like(n, inv_norm)
+    adv = advantages[seq_of_tok]
+
+    if old_logp is None:
+        log_ratio = torch.zeros_like(logp)  # old = logp.detach(): ratio 1
+    elif seq_level:
+        per_seq = torch.zeros(S, device=logp.device).index_add_(0, seq_of_tok, logp - old_logp) / n
+        log_ratio = per_seq[seq_of_tok]
+    else:
+        log_ratio = logp - old_logp
+    coef_raw = torch.exp(log_ratio)
+    coef_2 = coef_raw.clamp(1 - eps_low, 1 + eps_high)
+    d_coef_2 = ((coef_raw >= 1 - eps_low) & (coef_raw <= 1 + eps_high)).float()
+    if delta is not None:
+        coef_1 = coef_raw.clamp(max=delta)
+        d_coef_1 = (coef_raw <= delta).float()
+    else:
+        coef_1, d_coef_1 = coef_raw, torch.ones_like(coef_raw)
+    u1, u2 = coef_1 * adv, coef_2 * adv
+    # torch.minimum's gradient: to the smaller argument, split evenly on a tie.
+    d_pick = torch.where(u1 < u2, d_coef_1, torch.where(u2 < u1, d_coef_2, 0.5 * (d_coef_1 + d_coef_2)))
+    tok_loss = -torch.minimum(u1, u2)
+    dlogp = -adv * d_pick * coef_raw
+
+    kl = logp.new_empty(0)
+    if ref_logp is not None:
+        diff = ref_logp - logp
+        kl = torch.exp(diff) - diff - 1
+        if beta != 0.0:
+            tok_loss = tok_loss + beta * kl
+            dlogp = dlogp + beta * (1 - torch.exp(diff))
+
+    def per_seq_sum(x):
+        return torch.zeros(S, device=logp.device).index_add_(0, seq_of_tok, x)
+
+    seq_loss = per_seq_sum(tok_loss) * w_seq
+    seq_low = per_seq_sum(((coef_1 < 1 - eps_low) & (adv < 0)).float())
+    seq_high = per_seq_sum(((coef_1 > 1 + eps_high) & (adv > 0)).float())
+    return dlogp * w_seq[seq_of_tok], kl, seq_loss, seq_low, seq_high

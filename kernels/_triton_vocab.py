@@ -1,0 +1,177 @@
+"""Triton kernels that sweep the vocabulary: per-token log-probs forward, dlogits backward.
+
+Both kernels run one program per row, tokens on grid axis 0 (2**31 - 1 programs, so a
+million tokens are fine; grid axes 1 and 2 stop at 65,535, Liger #1294). A row's offset is
+computed in int64: N * V passes 2**31 at N = 16384, V = 151936.
+
+Arithmetic is fp32 whatever the logits dtype (the Triton interpreter cannot do bf16
+arithmetic, and the logsumexp needs fp32 anyway). Exponentials are base 2 on pre-scaled
+values: y = x * log2(e) / T, so softmax(x / T) = 2**(y - max y) / sum 2**(y - max y) costs
+one multiply and one ex2 per element.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(LOG2E)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    logits_ptr, stride_row,     # rows of V logits, any float dtype, unit stride along V
+    target_ptr,                 # (N,) int64
+    row_off_ptr,                # (N,) int64 element offset of each token's row, if HAS_ROW_OFF
+    logp_ptr, lse_ptr,          # (N,) fp32 out: log p(target), logsumexp(logits / T)
+    entropy_ptr,                # (N,) fp32 out, written if WITH_ENTROPY
+    V, scale,                   # scale = log2(e) / T
+    HAS_ROW_OFF: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    if HAS_ROW_OFF:
+        row_ptr = logits_ptr + tl.load(row_off_ptr + tok)
+    else:
+        row_ptr = logits_ptr + tok * stride_row
+
+    # Online logsumexp over vocabulary blocks, in base 2. m starts at -inf (never 0:
+    # verl #7439); while every logit so far is -inf (a masked vocabulary), m_safe = 0 keeps
+    # the sums at 0 instead of nan from -inf - -inf.
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    w = tl.zeros((), tl.float32)  # sum 2**(y - m) * y, for the entropy
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, x * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        e = tl.exp2(y - m_safe)
+        s = s * alpha + tl.sum(e, axis=0)
+        if WITH_ENTROPY:
+            w = w * alpha + tl.sum(e * tl.where(e > 0.0, y, 0.0), axis=0)
+        m = m_new
+
+    lse2 = m + tl.log2(s)
+    target = tl.load(target_ptr + tok)
+    y_target = tl.load(row_ptr + target).to(tl.float32) * scale
+    tl.store(logp_ptr + tok, (y_target - lse2) * _LN2)
+    tl.store(lse_ptr + tok, lse2 * _LN2)
+    if WITH_ENTROPY:
+        # H = lse - E_p[z] with z = x / T; both terms carried in base 2.
+        tl.store(entropy_ptr + tok, (lse2 - w / s) * _LN2)
+
+
+@triton.jit
+def _logprob_bwd_kernel(
+    logits_ptr, stride_row,     # as in forward
+    dlogits_ptr, stride_drow,   # (R, V) out, logits dtype; may alias logits_ptr (in place)
+    target_ptr, lse_ptr,        # (N,) int64, (N,) fp32 from forward
+    dlogp_ptr,                  # (N,) fp32: dLoss/dlogp per token
+    grad_out_ptr,               # () fp32: upstream gradient of the scalar loss
+    row_off_ptr,                # (N,) int64 as in forward, if INDIRECT
+    tok_of_row_ptr,             # (R,) int64 token of each output row or -1, if INDIRECT
+    V, scale, inv_temperature,
+    INDIRECT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """dlogits[row] = grad_out * dlogp[tok] / T * (onehot(target) - softmax(logits / T)).
+
+    Direct: output row r is token r, read at r * stride_row. Indirect (padded layouts):
+    output row r holds token tok_of_row[r] (or nothing, -1: a zero row), read at row_off[tok].
+    """
+    row = tl.program_id(0).to(tl.int64)
+    if INDIRECT:
+        tok = tl.load(tok_of_row_ptr + row)
+    else:
+        tok = row
+    has_tok = tok >= 0
+    tok = tl.maximum(tok, 0)  # keep the loads below in bounds for rows without a token
+    if INDIRECT:
+        src = logits_ptr + tl.load(row_off_ptr + tok)
+    else:
+        src = logits_ptr + tok * stride_row
+    coef = tl.load(grad_out_ptr).to(tl.float32) * tl.load(dlogp_ptr + tok) * inv_temperature
+    coef = tl.where(has_tok, coef, 0.0)
+    lse2 = tl.load(lse_ptr + tok) * _LOG2E
+    target = tl.load(target_ptr + tok)
+    dst = dlogits_ptr + row * stride_drow
+    cols = tl.arange(0, BLOCK_V)
+    if coef == 0.0:
+        # Padding rows, zero-advantage groups without KL: the gradient is exactly zero,
+        # so write it without reading the logits.
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            tl.store(dst + start + cols, tl.zeros((BLOCK_V,), tl.float32).to(dlogits_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            x = tl.load(src + start + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp2(x * scale - lse2)
+            d = coef * (tl.where(start + cols == target, 1.0, 0.0) - p)
+            tl.store(dst + start + cols, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+# Vocabulary elements per loop iteration: 4096 lanes are 16 B per thread per load at 8
+# warps, enough loads in flight to stream a 300 KB row. Tests lower it so that small
+# vocabularies still cross several blocks.
+MAX_BLOCK_V = 4096
+
+
+def _block_v(V: int) -> int:
+    return min(MAX_BLOCK_V, triton.next_power_of_2(V))
+
+
+def logprob_fwd(logits, target_ids, row_off, temperature: float, with_entropy: bool):
+    """Per-token log-probs in one sweep of the vocabulary.
+
+    logits: (..., V) fp32/bf16/fp16, unit stride along V. target_ids: (N,) int64.
+    row_off: (N,) int64 element offset of each token's row from logits' first element, or
+    None when logits is (N, V) and row t is token t.
+    Returns logp, lse, entropy: (N,) fp32 each (entropy empty unless with_entropy).
+    """
+    N, V = target_ids.shape[0], logits.shape[-1]
+    logp = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    if N == 0:
+        return logp, lse, entropy
+    _logprob_fwd_kernel[(N,)](
+        logits, logits.stride(0), target_ids, row_off if row_off is not None else target_ids,
+        logp, lse, entropy if with_entropy else logp,
+        V, LOG2E / temperature,
+        HAS_ROW_OFF=row_off is not None, WITH_ENTROPY=with_entropy,
+        BLOCK_V=_block_v(V), num_warps=8,
+    )
+    return logp, lse, entropy
+
+
+def logprob_bwd(logits, target_ids, lse, dlogp, grad_out, row_off, tok_of_row,
+                temperature: float, out):
+    """Write dLoss/dlogits into `out` (R, V), which may be a view of `logits` (in place).
+
+    dlogp: (N,) fp32 dLoss/dlogp per token; grad_out: () fp32 on the device.
+    Direct (row_off and tok_of_row None): logits is (R, V) and row r is token r.
+    Indirect: row_off (N,) int64 as in logprob_fwd, tok_of_row (R,) int64 token of each
+    output row or -1 (a zero row).
+    """
+    R, V = out.shape
+    if R == 0:
+        return out
+    indirect = tok_of_row is not None
+    _logprob_bwd_kernel[(R,)](
+        logits, logits.stride(0), out, out.stride(0), target_ids, lse, dlogp,
+        grad_out.to(torch.float32), row_off if indirect else target_ids,
+        tok_of_row if indirect else target_ids,
+        V, LOG2E / temperature, 1.0 / temperature,
+        INDIRECT=indirect, BLOCK_V=_block_v(V), num_warps=8,
+    )
+    return out
+

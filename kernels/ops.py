@@ -1,0 +1,177 @@
+"""torch.library custom ops for the GRPO loss, with autograd and fake (meta) kernels.
+
+Custom ops keep the kernels opaque to torch.compile (it does not trace into the launchers)
+and give autograd a single node: forward = one vocabulary sweep + the O(N) loss terms,
+backward = one more vocabulary sweep writing dlogits.
+
+Each op takes `impl` ("triton" or "torch"); the public functions in grpo_loss.py resolve it.
+Rows of the logits are addressed either directly (logits (N, V), row t = token t) or, for
+padded (B, L, V) layouts, through `flat_idx` (N,) int64: the position b * L + l of each
+token, so strided views such as logits[:, :-1] are read in place without a copy.
+"""
+import types
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _torch_impl
+
+_LIB = "r1vl_kernels"
+
+
+def _backend(impl: str):
+    if impl == "torch":
+        return _torch_impl
+    # Imported on first use: triton.jit reads TRITON_INTERPRET when the kernels are defined.
+    from . import _triton_grpo, _triton_vocab
+    return types.SimpleNamespace(
+        logprob_fwd=_triton_vocab.logprob_fwd, logprob_bwd=_triton_vocab.logprob_bwd,
+        group_advantages=_triton_grpo.group_advantages, grpo_terms=_triton_grpo.grpo_terms)
+
+
+def _row_offsets(logits: Tensor, flat_idx: Optional[Tensor]) -> Optional[Tensor]:
+    """Element offset of each token's row: (N,) int64, or None for direct addressing."""
+    if flat_idx is None:
+        return None
+    if logits.dim() == 2:
+        return flat_idx * logits.stride(0)
+    L = logits.shape[1]
+    return (flat_idx // L) * logits.stride(0) + (flat_idx % L) * logits.stride(1)
+
+
+# ----------------------------------------------------------------------------- token log-probs
+
+
+@torch.library.custom_op(f"{_LIB}::token_logprobs", mutates_args=())
+def token_logprobs_op(logits: Tensor, target_ids: Tensor, flat_idx: Optional[Tensor],
+                      temperature: float, with_entropy: bool, impl: str) -> tuple[Tensor, Tensor]:
+    """(N,) fp32 log-probs and entropies (empty unless with_entropy) of the target tokens."""
+    logp, _, entropy = _backend(impl).logprob_fwd(
+        logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
+    return logp, entropy
+
+
+@token_logprobs_op.register_fake
+def _(logits, target_ids, flat_idx, temperature, with_entropy, impl):
+    n = target_ids.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+@torch.library.custom_op(f"{_LIB}::group_advantages", mutates_args=())
+def group_advantages_op(rewards: Tensor, group_size: int, scale_rewards: str, eps: float,
+                        impl: str) -> Tensor:
+    """(S,) fp32 group-normalized advantages of (S,) fp32 rewards."""
+    return _backend(impl).group_advantages(rewards, group_size, scale_rewards, eps)
+
+
+@group_advantages_op.register_fake
+def _(rewards, group_size, scale_rewards, eps, impl):
+    return torch.empty_like(rewards)
+
+
+# ----------------------------------------------------------------------------- GRPO loss
+
+
+@torch.library.custom_op(f"{_LIB}::grpo_loss_fwd", mutates_args=())
+def grpo_loss_fwd_op(
+    logits: Tensor, target_ids: Tensor, flat_idx: Optional[Tensor], cu_seqlens: Tensor,
+    advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
+    temperature: float, beta: float, eps_low: float, eps_high: float, delta: Optional[float],
+    inv_norm: float, per_seq_mean: bool, seq_level: bool, with_entropy: bool,
+    inplace_backward: bool, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns loss (), logp (N,), lse (N,), dlogp (N,), kl (N,) or (0,), entropy (N,) or (0,),
+    clip_low_frac (), clip_high_frac (), all fp32. inplace_backward is read by the autograd
+    rule only."""
+    backend = _backend(impl)
+    logp, lse, entropy = backend.logprob_fwd(
+        logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
+    dlogp, kl, seq_loss, seq_low, seq_high = backend.grpo_terms(
+        logp, old_logp, ref_logp, advantages, cu_seqlens, eps_low=eps_low, eps_high=eps_high,
+        delta=delta, beta=beta, inv_norm=inv_norm, per_seq_mean=per_seq_mean, seq_level=seq_level)
+    n_tokens = max(target_ids.shape[0], 1)
+    return (seq_loss.sum(), logp, lse, dlogp, kl, entropy,
+            seq_low.sum() / n_tokens, seq_high.sum() / n_tokens)
+
+
+@grpo_loss_fwd_op.register_fake
+def _(logits, target_ids, flat_idx, cu_seqlens, advantages, old_logp, ref_logp, temperature,
+      beta, eps_low, eps_high, delta, inv_norm, per_seq_mean, seq_level, with_entropy,
+      inplace_backward, impl):
+    n = target_ids.shape[0]
+
+    def vec(size):
+        return logits.new_empty(size, dtype=torch.float32)
+
+    return (vec(()), vec(n), vec(n), vec(n), vec(n if ref_logp is not None else 0),
+            vec(n if with_entropy else 0), vec(()), vec(()))
+
+
+def _write_grad(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl, out2d):
+    """dLoss/dlogits into out2d (rows of logits flattened over the leading dims, V)."""
+    if flat_idx is None:
+        row_off = tok_of_row = None
+    else:
+        row_off = _row_offsets(logits, flat_idx)
+        tok_of_row = torch.full((out2d.shape[0],), -1, dtype=torch.int64, device=out2d.device)
+        tok_of_row[flat_idx] = torch.arange(flat_idx.shape[0], device=out2d.device)
+    _backend(impl).logprob_bwd(logits, target_ids, lse, dlogp, grad_loss, row_off, tok_of_row,
+                               temperature, out2d)
+
+
+@torch.library.custom_op(f"{_LIB}::grpo_loss_bwd", mutates_args=())
+def grpo_loss_bwd_op(grad_loss: Tensor, logits: Tensor, target_ids: Tensor,
+                     flat_idx: Optional[Tensor], lse: Tensor, dlogp: Tensor, temperature: float,
+                     impl: str) -> Tensor:
+    """dLoss/dlogits, a new contiguous tensor of logits' shape and dtype."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _write_grad(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl,
+                out.view(-1, logits.shape[-1]))
+    return out
+
+
+@grpo_loss_bwd_op.register_fake
+def _(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op(f"{_LIB}::grpo_loss_bwd_inplace", mutates_args=("logits",))
+def grpo_loss_bwd_inplace_op(grad_loss: Tensor, logits: Tensor, target_ids: Tensor,
+                             flat_idx: Optional[Tensor], lse: Tensor, dlogp: Tensor,
+                             temperature: float, impl: str) -> None:
+    """dLoss/dlogits written over logits (which must be viewable as (rows, V)). Declared as a
+    mutation, so autograd bumps logits' version counter: a later backward through another
+    use of these logits fails loudly instead of reading gradients as logits (Liger #272)."""
+    _write_grad(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl,
+                logits.view(-1, logits.shape[-1]))
+
+
+@grpo_loss_bwd_inplace_op.register_fake
+def _(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target_ids, flat_idx = inputs[:3]
+    _, _, lse, dlogp, *_ = output
+    ctx.save_for_backward(logits, target_ids, flat_idx, lse, dlogp)
+    ctx.temperature = inputs[7]
+    ctx.inplace, ctx.impl = inputs[16], inputs[17]
+
+
+def _backward(ctx, grad_loss, *_unused_grads):
+    logits, target_ids, flat_idx, lse, dlogp = ctx.saved_tensors
+    args = (grad_loss, logits, target_ids, flat_idx, lse, dlogp, ctx.temperature, ctx.impl)
+    if ctx.inplace:
+        grpo_loss_bwd_inplace_op(*args)
+        dlogits = logits
+    else:
+        dlogits = grpo_loss_bwd_op(*args)
+    return (dlogits,) + (None,) * 17
+
+
+grpo_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
