@@ -1,0 +1,255 @@
+"""GRPO loss from logits: r1vl's fused kernel against eager PyTorch (as TRL computes it), the
+same under torch.compile, and Liger-Kernel's triton_grpo_loss.
+
+    python benchmarks/bench_grpo_loss.py            # GPU: N in {4096, 16384, 65536}, V in {32000, 151936}, bf16
+    python benchmarks/bench_grpo_loss.py --quick    # a smaller sweep
+
+For each provider and shape: forward, backward and forward + backward times (median ms),
+the bandwidth that time implies for the bytes the loss must move (forward reads the logits,
+backward reads them and writes the gradient), that bandwidth as a share of a device-to-device
+copy measured in the same run, and the peak memory a forward + backward adds on top of the
+logits. Rows are appended to benchmarks/results/grpo_loss.csv with the device name, library
+versions and git commit, and a table is printed last. Without a GPU it runs the CPU paths at
+small sizes and says so in every row (device "cpu").
+"""
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trl_eager import trl_grpo_loss  # noqa: E402
+
+from r1vl_kernels import grpo_loss  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "grpo_loss.csv")
+SEQ_LEN = 1024  # tokens per sequence in the padded layouts of the baselines
+FIELDS = ["time", "commit", "device", "torch", "triton", "liger", "provider", "N", "V", "dtype",
+          "mode", "ms", "GB_s", "of_copy_bw", "peak_extra_MB", "note"]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(fn, device, warmup=3, reps=10):
+    """Median wall time of fn() in ms (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device):
+    """Bytes read + written per second by a plain tensor copy: the ceiling for the loss."""
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device)
+    return 2 * n / (ms * 1e-3)
+
+
+def peak_extra_bytes(fn, device):
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def make_inputs(N, V, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    B = N // SEQ_LEN
+    logits = torch.randn(B, SEQ_LEN + 1, V, device=device, dtype=dtype, generator=g)  # +1: Liger's layout
+    target = torch.randint(0, V, (B, SEQ_LEN), device=device, generator=g)
+    old = -torch.rand(B, SEQ_LEN, device=device, generator=g) * 10
+    ref = old + 0.1 * torch.randn(B, SEQ_LEN, device=device, generator=g)
+    adv = torch.randn(B, device=device, generator=g)
+    mask = torch.ones(B, SEQ_LEN, device=device)
+    cu = torch.arange(0, N + 1, SEQ_LEN, device=device, dtype=torch.int32)
+    return dict(logits=logits, target=target, old=old, ref=ref, adv=adv, mask=mask, cu=cu, B=B)
+
+
+def padded_leaf(x):
+    return x["logits"].detach().clone().requires_grad_()  # (B, L+1, V): TRL's and Liger's input
+
+
+def packed_leaf(x):
+    B, L1, V = x["logits"].shape
+    return x["logits"][:, :-1].reshape(B * (L1 - 1), V).clone().requires_grad_()  # (N, V) packed
+
+
+def providers(device, have_liger):
+    """name -> (make_leaf(x), build(x, leaf) -> callable returning the loss, backward alone
+    timeable). In-place backward variants overwrite their logits, so only fwd+bwd is timed."""
+    def trl(fn):
+        return lambda x, leaf: lambda: fn(leaf[:, :-1], x["target"], x["mask"], x["adv"], x["old"], x["ref"])
+
+    def ours_packed(inplace, impl):
+        return lambda x, leaf: lambda: grpo_loss(
+            leaf, x["target"].reshape(-1), x["cu"], x["adv"], x["old"].reshape(-1), x["ref"].reshape(-1),
+            beta=0.04, inplace_backward=inplace, impl=impl).loss
+
+    def ours_padded(x, leaf):  # reads the strided leaf[:, :-1] view in place
+        return lambda: grpo_loss(leaf[:, :-1], x["target"], advantages=x["adv"], old_logp=x["old"],
+                                 ref_logp=x["ref"], completion_mask=x["mask"], beta=0.04).loss
+
+    # Backward alone is timed by re-running one graph's backward (retain_graph=True), which
+    # compiled graphs with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
+    table = {
+        "torch_eager": (padded_leaf, trl(trl_grpo_loss), True),
+        "torch_compile": (padded_leaf, trl(torch.compile(trl_grpo_loss, dynamic=False)), True),
+    }
+    if device == "cuda":
+        table["r1vl"] = (packed_leaf, ours_packed(False, "triton"), True)
+        table["r1vl_inplace"] = (packed_leaf, ours_packed(True, "triton"), False)
+        table["r1vl_padded"] = (padded_leaf, ours_padded, True)
+    else:
+        table["r1vl_torch"] = (packed_leaf, ours_packed(False, "torch"), True)
+    if have_liger and device == "cuda":
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        def liger(inplace):
+            return lambda x, leaf: lambda: triton_grpo_loss(
+                leaf, x["old"], x["ref"], x["target"], x["adv"], x["mask"], temperature=1.0, beta=0.04,
+                eps_low=0.2, eps_high=0.2, inplace=inplace, loss_type="grpo", reduce=True)[0]
+        table["liger"] = (padded_leaf, liger(False), True)
+        table["liger_inplace"] = (padded_leaf, liger(True), False)
+    return table
+
+
+def run_one(make_leaf, build, supports_bwd, x, device):
+    """{mode: ms}, peak extra bytes of a forward + backward."""
+    leaf = make_leaf(x)
+    pristine = leaf.detach().clone() if not supports_bwd else None
+    fn = build(x, leaf)
+    out = {"fwd": bench(fn, device)}  # a training forward: with autograd recording
+
+    def fwd_bwd():
+        leaf.grad = None
+        fn().backward()
+        if pristine is not None:  # the in-place backward left gradients in the logits
+            with torch.no_grad():
+                leaf.copy_(pristine)
+
+    if pristine is None:
+        out["fwd+bwd"] = bench(fwd_bwd, device)
+        loss = fn()
+
+        def bwd():
+            leaf.grad = None
+            loss.backward(retain_graph=True)
+        out["bwd"] = bench(bwd, device)
+    else:
+        # Time fwd+bwd with the restoring copy, then take the copy's own time back out.
+        restore_ms = bench(lambda: leaf.data.copy_(pristine), device)
+        out["fwd+bwd"] = bench(fwd_bwd, device) - restore_ms
+    peak = peak_extra_bytes(fwd_bwd, device)
+    return out, peak
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def versions():
+    try:
+        import liger_kernel  # noqa: F401
+        from importlib.metadata import version
+        liger = version("liger-kernel")
+    except Exception:
+        liger = ""
+    import triton
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return commit, torch.__version__, triton.__version__, liger
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sweep")
+    parser.add_argument("--no-save", action="store_true", help="do not append to the CSV")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        sizes = [(4096, 32000), (4096, 151936), (16384, 32000), (16384, 151936), (65536, 32000), (65536, 151936)]
+        if args.quick:
+            sizes = [(4096, 151936), (16384, 151936)]
+        dtype, device_name = torch.bfloat16, torch.cuda.get_device_name()
+    else:
+        print("No GPU: timing the CPU paths (eager torch) at small sizes; the Triton kernels need a GPU.")
+        sizes = [(1024, 4096), (2048, 32000)] if not args.quick else [(1024, 4096)]
+        dtype, device_name = torch.bfloat16, "cpu"
+    commit, torch_v, triton_v, liger_v = versions()
+    ceiling = copy_bandwidth(device)
+    print(f"device: {device_name}; copy bandwidth {ceiling / 1e9:.0f} GB/s (read + write)")
+
+    rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for N, V in sizes:
+        x = make_inputs(N, V, dtype, device)
+        logits_bytes = N * V * x["logits"].element_size()
+        moved = {"fwd": logits_bytes, "bwd": 2 * logits_bytes, "fwd+bwd": 3 * logits_bytes}
+        for name, (make_leaf, build, supports_bwd) in providers(device, bool(liger_v)).items():
+            note = ""
+            try:
+                times, peak = run_one(make_leaf, build, supports_bwd, x, device)
+            except torch.cuda.OutOfMemoryError:
+                times, peak, note = {}, float("nan"), "out of memory"
+                torch.cuda.empty_cache()
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                ms = times.get(mode, float("nan"))
+                gbs = moved[mode] / (ms * 1e-3) / 1e9
+                rows.append(dict(time=stamp, commit=commit, device=device_name, torch=torch_v, triton=triton_v,
+                                 liger=liger_v, provider=name, N=N, V=V, dtype=str(dtype).replace("torch.", ""),
+                                 mode=mode, ms=f"{ms:.3f}", GB_s=f"{gbs:.0f}",
+                                 of_copy_bw=f"{gbs * 1e9 / ceiling:.2f}", peak_extra_MB=f"{peak / 2**20:.0f}",
+                                 note=note or ("" if mode in times else "n/a: in-place backward")))
+        del x
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        floor_ms = 3 * logits_bytes / ceiling * 1e3
+        print(f"N={N} V={V}: floor for fwd+bwd (read twice, write once at copy bandwidth) {floor_ms:.2f} ms")
+
+    if not args.no_save:
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        new = not os.path.exists(RESULTS)
+        with open(RESULTS, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"appended {len(rows)} rows to {os.path.relpath(RESULTS)}")
+
+    print(f"\n{'provider':<15}{'N':>7}{'V':>8}{'mode':>9}{'ms':>10}{'GB/s':>8}{'of copy':>9}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['provider']:<15}{r['N']:>7}{r['V']:>8}{r['mode']:>9}{r['ms']:>10}{r['GB_s']:>8}"
+              f"{r['of_copy_bw']:>9}{r['peak_extra_MB']:>9}  {r['note']}")
+
+
+if __name__ == "__main__":
+    main()
