@@ -10,7 +10,9 @@ No model runs: this counts tokens. efficiency = real tokens / computed tokens, w
 Two columns: "per rank" counts what each rank computes; "lockstep" charges every
 micro-batch step at the size of its largest micro-batch on any rank times world_size, since
 under ZeRO the ranks meet at every layer of every step. "budget fill" is real tokens over
-steps * world_size * max_tokens (how full the packed micro-batches are).
+steps * world_size * max_tokens (how full the packed micro-batches are). "image encodings
+per sequence": pack encodes each distinct image once per micro-batch; with groups = prompts
+the plan keeps the G completions of a prompt together.
 
 Lengths of one step: 64 prompts of 300-800 tokens (text and image), G = 4 completions each,
 completion lengths from two spreads: "uniform" 50-1024, and "capped" where 30% of the
@@ -44,7 +46,8 @@ def rollout_lengths(rng: random.Random, spread: str) -> list[int]:
 
 
 def padded(lengths: list[int], b: int, sort: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """(real, computed) tokens per [rank][step] for padded micro-batches of b sequences."""
+    """(real, computed) tokens per [rank][step] for padded micro-batches of b sequences, and
+    image encodings per sequence: the transformers forward encodes every sequence's image."""
     order = sorted(lengths) if sort else lengths
     batches = [order[i : i + b] for i in range(0, len(order), b)]
     real = [[] for _ in range(WORLD_SIZE)]
@@ -52,13 +55,17 @@ def padded(lengths: list[int], b: int, sort: bool) -> tuple[list[list[int]], lis
     for k, batch in enumerate(batches):
         real[k % WORLD_SIZE].append(sum(batch))
         computed[k % WORLD_SIZE].append(len(batch) * max(batch))
-    return real, computed
+    return real, computed, 1.0
 
 
-def packed(lengths: list[int], max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    plan = plan_microbatches(lengths, max_tokens, WORLD_SIZE)
+def packed(lengths: list[int], max_tokens: int, grouped: bool) -> tuple[list[list[int]], list[list[int]], float]:
+    """(real, computed) tokens per [rank][step], and image encodings per sequence: pack
+    encodes an image once per micro-batch, so siblings placed together share one encoding."""
+    groups = [i // G for i in range(len(lengths))] if grouped else None
+    plan = plan_microbatches(lengths, max_tokens, WORLD_SIZE, groups=groups)
     real = [[sum(lengths[i] for i in batch) for batch in rank] for rank in plan]
-    return real, real
+    encodings = sum(len({i // G for i in batch}) for rank in plan for batch in rank)
+    return real, real, encodings / len(lengths)
 
 
 def efficiencies(real, computed) -> tuple[float, float, int]:
@@ -78,16 +85,19 @@ def main() -> None:
         ("padded, 4 per micro-batch (one GRPO group)", lambda L: padded(L, 4, sort=False), None),
         ("padded, 8 per micro-batch", lambda L: padded(L, 8, sort=False), None),
         ("padded, 8 per micro-batch, sorted by length", lambda L: padded(L, 8, sort=True), None),
-        ("packed, max_tokens 8192", lambda L: packed(L, 8192), 8192),
-        ("packed, max_tokens 16384", lambda L: packed(L, 16384), 16384),
+        ("packed, max_tokens 8192", lambda L: packed(L, 8192, False), 8192),
+        ("packed, max_tokens 16384", lambda L: packed(L, 16384, False), 16384),
+        ("packed, max_tokens 8192, groups = prompts", lambda L: packed(L, 8192, True), 8192),
+        ("packed, max_tokens 16384, groups = prompts", lambda L: packed(L, 16384, True), 16384),
     ]
     rows = []
     for spread in ("uniform", "capped"):
         for label, run, budget in methods:
-            per_rank, lockstep, steps, fill = [], [], [], []
+            per_rank, lockstep, steps, fill, encodings = [], [], [], [], []
             for seed in range(STEPS):
                 lengths = rollout_lengths(random.Random(seed), spread)
-                real, computed = run(lengths)
+                real, computed, encoded = run(lengths)
+                encodings.append(encoded)
                 e_rank, e_lock, k = efficiencies(real, computed)
                 per_rank.append(e_rank)
                 lockstep.append(e_lock)
@@ -97,7 +107,7 @@ def main() -> None:
             rows.append(
                 f"| {spread} | {label} | {statistics.mean(per_rank):.1%} | {statistics.mean(lockstep):.1%} "
                 f"| {min(lockstep):.1%} | {statistics.mean(steps):.1f} "
-                f"| {f'{statistics.mean(fill):.1%}' if fill else '-'} |"
+                f"| {f'{statistics.mean(fill):.1%}' if fill else '-'} | {statistics.mean(encodings):.2f} |"
             )
 
     table = "\n".join(
@@ -114,11 +124,13 @@ def main() -> None:
             "its largest micro-batch over the ranks. Packed rows compute exactly their real tokens, "
             "so packed per-rank efficiency is 100% by construction; its lockstep column is the one "
             "that measures the plan (rank balance). Tokens only: attention's quadratic term is not "
-            "counted, and padded batches also pay it on their padding.",
+            "counted, and padded batches also pay it on their padding. Image encodings per sequence: "
+            f"how often the vision tower encodes a prompt's image per completion (1/G = {1 / G:.2f} "
+            "at best, when all G siblings share a micro-batch).",
             "",
             "| completions | batching | efficiency per rank | efficiency lockstep | lockstep, worst step "
-            "| micro-batches per rank | budget fill |",
-            "|---|---|---|---|---|---|---|",
+            "| micro-batches per rank | budget fill | image encodings per sequence |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             f"Python {platform.python_version()}; token counting only, no model or device involved.",

@@ -8,7 +8,7 @@ into which micro-batch on which data-parallel rank.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -284,7 +284,10 @@ def _cumulative(lengths: list[int]) -> torch.Tensor:
 
 
 def plan_microbatches(
-    lengths: Sequence[int], max_tokens: int, world_size: int
+    lengths: Sequence[int],
+    max_tokens: int,
+    world_size: int,
+    groups: Sequence[Hashable] | None = None,
 ) -> list[list[list[int]]]:
     """Split sequences into token-budgeted micro-batches, balanced over data-parallel ranks.
 
@@ -292,6 +295,10 @@ def plan_microbatches(
         lengths: token count of each sequence (prompt + image tokens + completion), all >= 1.
         max_tokens: budget of one micro-batch (the packed row length T may not exceed it).
         world_size: number of data-parallel ranks.
+        groups: optional key per sequence, e.g. the prompt index of each GRPO completion.
+            Sequences of one group are kept in one micro-batch where the budget allows, so
+            that `pack` encodes their shared image once instead of G times. The price is a
+            coarser balance (see below).
 
     Returns:
         plan[rank][step] = indices into `lengths` of the sequences packed together, in
@@ -300,9 +307,10 @@ def plan_microbatches(
         once; each micro-batch holds at most `max_tokens` tokens. A micro-batch is empty only
         when its rank has fewer sequences than there are steps; the loop must still step it.
 
-    Guarantees: the ranks' token totals differ by at most one sequence's length (greedy
-    longest-first assignment to the least-loaded rank). Deterministic: ties break by index and
-    rank, so every rank computes the same plan from the same lengths.
+    Guarantees: the ranks' token totals differ by at most the largest unit placed, a unit
+    being one sequence (no groups) or one group (or, for a group over the budget, a
+    budget-sized part of it): greedy longest-first assignment to the least-loaded rank.
+    Deterministic: ties break by index and rank, so every rank computes the same plan.
 
     Raises ValueError when a sequence is longer than `max_tokens` (never cut silently).
     """
@@ -310,6 +318,8 @@ def plan_microbatches(
         raise ValueError(f"plan_microbatches: max_tokens must be >= 1, got {max_tokens}")
     if world_size < 1:
         raise ValueError(f"plan_microbatches: world_size must be >= 1, got {world_size}")
+    if groups is not None and len(groups) != len(lengths):
+        raise ValueError(f"plan_microbatches: {len(groups)} groups for {len(lengths)} lengths")
     for i, n in enumerate(lengths):
         if n < 1:
             raise ValueError(f"plan_microbatches: sequence {i} has length {n}; lengths must be >= 1")
@@ -318,57 +328,77 @@ def plan_microbatches(
                 f"plan_microbatches: sequence {i} has {n} tokens, more than the micro-batch "
                 f"budget max_tokens={max_tokens}; raise the budget or shorten the sequence"
             )
-    longest_first = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = lambda unit: sum(lengths[i] for i in unit)  # noqa: E731
+    units = sorted(_units(lengths, max_tokens, groups), key=lambda u: (-size(u), u[0]))
 
-    # 1. Ranks: each sequence, longest first, to the least-loaded rank.
-    per_rank: list[list[int]] = [[] for _ in range(world_size)]
+    # 1. Ranks: each unit, largest first, to the least-loaded rank.
+    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
     load = [0] * world_size
-    for i in longest_first:
+    for unit in units:
         r = min(range(world_size), key=lambda r: (load[r], r))
-        per_rank[r].append(i)
-        load[r] += lengths[i]
+        per_rank[r].append(unit)
+        load[r] += size(unit)
 
-    # 2. Micro-batches within each rank: first-fit decreasing under the budget.
-    bins_per_rank = [_first_fit(seqs, lengths, max_tokens) for seqs in per_rank]
+    # 2. Micro-batches within each rank: first-fit decreasing under the budget. A micro-batch
+    # is a list of units here, flattened at the end.
+    bins_per_rank = [_first_fit(rank_units, size, max_tokens) for rank_units in per_rank]
 
-    # 3. Same step count on every rank: split the fullest multi-sequence micro-batches.
+    # 3. Same step count on every rank: split the fullest micro-batch that can be split,
+    # between its units if it has several, else between the sequences of its one unit.
     steps = max(len(bins) for bins in bins_per_rank)
     for bins in bins_per_rank:
-        while len(bins) < steps and any(len(b) > 1 for b in bins):
-            j = max(range(len(bins)), key=lambda j: (len(bins[j]) > 1, _tokens(bins[j], lengths), -j))
-            bins[j : j + 1] = _halve(bins[j], lengths)
+        while len(bins) < steps:
+            splittable = [j for j, b in enumerate(bins) if len(b) > 1 or len(b[0]) > 1]
+            if not splittable:
+                break
+            j = max(splittable, key=lambda j: (sum(map(size, bins[j])), -j))
+            parts = bins[j] if len(bins[j]) > 1 else [[i] for i in bins[j][0]]
+            bins[j : j + 1] = _halve(parts, size)
         bins.extend([] for _ in range(steps - len(bins)))
-        # Largest first on every rank, so that the ranks' step k are alike in size: in
-        # lockstep the step takes as long as its largest micro-batch on any rank.
-        bins.sort(key=lambda b: (-_tokens(b, lengths), b[:1]))
-    return [[sorted(b) for b in bins] for bins in bins_per_rank]
+    plan = [[sorted(i for unit in b for i in unit) for b in bins] for bins in bins_per_rank]
+    # Largest first on every rank, so that the ranks' step k are alike in size: in lockstep
+    # a step takes as long as its largest micro-batch on any rank.
+    for rank in plan:
+        rank.sort(key=lambda b: (-size(b), b[:1]))
+    return plan
 
 
-def _tokens(batch: list[int], lengths: Sequence[int]) -> int:
-    return sum(lengths[i] for i in batch)
+def _units(lengths: Sequence[int], max_tokens: int, groups: Sequence[Hashable] | None) -> list[list[int]]:
+    """What the planner places whole: single sequences, or groups (in budget-sized parts)."""
+    if groups is None:
+        return [[i] for i in range(len(lengths))]
+    members: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    units = []
+    for seqs in members.values():
+        longest_first = sorted(seqs, key=lambda i: (-lengths[i], i))
+        units += _first_fit([[i] for i in longest_first], lambda u: lengths[u[0]], max_tokens)
+    return [[i for unit in part for i in unit] for part in units]
 
 
-def _first_fit(seqs: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """First-fit decreasing; `seqs` is already longest first."""
-    bins: list[list[int]] = []
+def _first_fit(units: list[list[int]], size, max_tokens: int) -> list[list[list[int]]]:
+    """First-fit decreasing; `units` are already largest first."""
+    bins: list[list[list[int]]] = []
     room: list[int] = []
-    for i in seqs:
-        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+    for unit in units:
+        n = size(unit)
+        j = next((j for j, free in enumerate(room) if free >= n), None)
         if j is None:
             bins.append([])
             room.append(max_tokens)
             j = len(bins) - 1
-        bins[j].append(i)
-        room[j] -= lengths[i]
+        bins[j].append(unit)
+        room[j] -= n
     return bins
 
 
-def _halve(batch: list[int], lengths: Sequence[int]) -> list[list[int]]:
-    """Split a micro-batch of >= 2 sequences into two non-empty ones of similar size."""
-    halves: list[list[int]] = [[], []]
+def _halve(units: list[list[int]], size) -> list[list[list[int]]]:
+    """Split >= 2 units into two non-empty micro-batches of similar size."""
+    halves: list[list[list[int]]] = [[], []]
     load = [0, 0]
-    for i in sorted(batch, key=lambda i: (-lengths[i], i)):
+    for unit in sorted(units, key=lambda u: (-size(u), u[0])):
         h = 0 if load[0] <= load[1] else 1
-        halves[h].append(i)
-        load[h] += lengths[i]
+        halves[h].append(unit)
+        load[h] += size(unit)
     return halves

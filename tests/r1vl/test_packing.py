@@ -1,5 +1,6 @@
 """pack: the layout of a packed row, checked by hand; its input checks. plan_microbatches:
 its invariants over many random length lists."""
+import math
 import random
 
 import pytest
@@ -136,7 +137,8 @@ def test_no_samples(model):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_plan(plan, lengths, max_tokens, world_size):
+def _check_plan(plan, lengths, max_tokens, world_size, balance=None):
+    """balance: the allowed spread of the ranks' totals, default the longest sequence."""
     assert len(plan) == world_size
     steps = len(plan[0])
     assert all(len(rank) == steps for rank in plan), "ranks differ in micro-batch count"
@@ -150,7 +152,8 @@ def _check_plan(plan, lengths, max_tokens, world_size):
             assert sum(len(batch) for batch in rank) < steps
     loads = [sum(lengths[i] for batch in rank for i in batch) for rank in plan]
     if lengths:
-        assert max(loads) - min(loads) <= max(lengths), "ranks unbalanced by more than a sequence"
+        bound = max(lengths) if balance is None else balance
+        assert max(loads) - min(loads) <= bound, "ranks unbalanced by more than one unit"
 
 
 def test_plan_properties_on_random_lengths():
@@ -165,13 +168,51 @@ def test_plan_properties_on_random_lengths():
         assert plan == plan_microbatches(list(lengths), max_tokens, world_size), "not deterministic"
 
 
-def test_plan_on_grpo_like_lengths_fills_micro_batches():
+def test_plan_properties_with_groups():
+    rng = random.Random(99)
+    for _ in range(300):
+        max_tokens = rng.randint(1, 3000)
+        world_size = rng.randint(1, 6)
+        n = rng.randint(0, 60)
+        lengths = [rng.randint(1, max_tokens) for _ in range(n)]
+        groups = [rng.randint(0, max(1, n // 3)) for _ in range(n)]
+        plan = plan_microbatches(lengths, max_tokens, world_size, groups=groups)
+        totals = {}
+        for g, n_tokens in zip(groups, lengths):
+            totals[g] = totals.get(g, 0) + n_tokens
+        # A unit is a group, or a budget-sized part of a group over the budget.
+        _check_plan(plan, lengths, max_tokens, world_size, balance=max([min(t, max_tokens) for t in totals.values()], default=0))
+        assert plan == plan_microbatches(lengths, max_tokens, world_size, groups=list(groups))
+
+
+def test_plan_on_grpo_like_lengths():
     rng = random.Random(7)
-    lengths = [rng.randint(300, 800) + rng.randint(50, 1024) for _ in range(256)]
+    prompts = [rng.randint(300, 800) for _ in range(64)]
+    lengths = [prompts[i // 4] + rng.randint(50, 1024) for i in range(256)]
     plan = plan_microbatches(lengths, 8192, 4)
     _check_plan(plan, lengths, 8192, 4)
-    used = sum(lengths) / (4 * len(plan[0]) * 8192)
-    assert used > 0.9, f"micro-batches only {used:.0%} full"
+    fewest = math.ceil(sum(lengths) / (4 * 8192))  # micro-batches per rank at 100% fill
+    assert len(plan[0]) <= fewest + 1
+
+    # With the prompt as group, the 4 completions of each prompt share a micro-batch.
+    groups = [i // 4 for i in range(256)]
+    plan = plan_microbatches(lengths, 8192, 4, groups=groups)
+    _check_plan(plan, lengths, 8192, 4, balance=max(sum(lengths[4 * g : 4 * g + 4]) for g in range(64)))
+    homes = {}
+    for r, rank in enumerate(plan):
+        for k, batch in enumerate(rank):
+            for i in batch:
+                homes.setdefault(groups[i], set()).add((r, k))
+    assert all(len(h) == 1 for h in homes.values()), "a group was split"
+    assert len(plan[0]) <= fewest + 1
+
+
+def test_plan_groups_over_budget_are_split_into_parts():
+    # Group "a" (4 + 4 + 3 = 11 tokens) exceeds the budget of 8: parts [4, 4] and [3].
+    plan = plan_microbatches([4, 4, 3, 2], 8, 1, groups=["a", "a", "a", "b"])
+    assert plan == [[[0, 1], [2, 3]]]
+    with pytest.raises(ValueError, match="3 groups for 4 lengths"):
+        plan_microbatches([4, 4, 3, 2], 8, 1, groups=["a", "a", "b"])
 
 
 def test_plan_small_cases():
