@@ -58,7 +58,7 @@ def padded(lengths: list[int], b: int, sort: bool) -> tuple[list[list[int]], lis
     return real, computed, 1.0
 
 
-def packed(lengths: list[int], max_tokens: int, grouped: bool) -> tuple[list[list[int]], list[list[int]], float]:
+def packed(lengths: list[int], max_tokens: int, grouped: bool):
     """(real, computed) tokens per [rank][step], and image encodings per sequence: pack
     encodes an image once per micro-batch, so siblings placed together share one encoding."""
     groups = [i // G for i in range(len(lengths))] if grouped else None

@@ -139,46 +139,54 @@ def _interface_function(backend: str):
         cu_seq_lens_q: torch.Tensor | None = None,
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
-        max_length_k: int | None = None,
+        max_length_k: int | None = None,  # == max_length_q: self-attention only
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        name = type(module).__name__
-        if attention_mask is not None:
-            raise ValueError(
-                f"r1vl varlen attention ({name}): got a padding mask; this attention runs "
-                "packed batches only (r1vl.packing.pack, attention_mask=None)"
-            )
-        if query.shape[0] != 1:
-            raise ValueError(f"r1vl varlen attention ({name}): batch must be 1 packed row, got {query.shape[0]}")
-        if key.shape[2] != query.shape[2]:
-            raise ValueError(
-                f"r1vl varlen attention ({name}): {query.shape[2]} queries against "
-                f"{key.shape[2]} keys; decoding with a KV cache is not supported, generate with sdpa"
-            )
-        if sliding_window is not None:
-            raise ValueError(f"r1vl varlen attention ({name}): sliding-window layers are not supported")
-        if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
-            raise ValueError(f"r1vl varlen attention ({name}): cu_seq_lens_k must equal cu_seq_lens_q")
-
-        if cu_seq_lens_q is not None:
-            cu, max_len = cu_seq_lens_q.to(torch.int32), max_length_q
-            if max_len is None:
-                max_len = int((cu[1:] - cu[:-1]).max())
-        elif position_ids is not None:
-            cu, max_len = cu_seqlens_from_positions(position_ids)
-        else:  # one sequence, e.g. one image of a vision tower
-            cu = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
-            max_len = query.shape[2]
-
+        _check_call(
+            type(module).__name__, query, key, attention_mask, sliding_window, cu_seq_lens_q, cu_seq_lens_k
+        )
+        cu, max_len = _boundaries(query, cu_seq_lens_q, max_length_q, position_ids)
         causal = module.is_causal if is_causal is None else is_causal
         out = varlen_attention(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-            cu, int(max_len), causal=causal, scale=scaling, dropout=dropout, backend=backend,
+            cu, max_len, causal=causal, scale=scaling, dropout=dropout, backend=backend,
         )
         return out[None], None  # (1, T, Hq, D), no attention weights
 
     attention_forward.__name__ = f"varlen_attention_{backend}"
     return attention_forward
+
+
+def _check_call(name, query, key, attention_mask, sliding_window, cu_q, cu_k) -> None:
+    where = f"r1vl varlen attention ({name})"
+    if attention_mask is not None:
+        raise ValueError(
+            f"{where}: got a padding mask; this attention runs packed batches only "
+            "(r1vl.packing.pack, attention_mask=None)"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"{where}: batch must be 1 packed row, got {query.shape[0]}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"{where}: {query.shape[2]} queries against {key.shape[2]} keys; decoding with a "
+            "KV cache is not supported, generate with sdpa"
+        )
+    if sliding_window is not None:
+        raise ValueError(f"{where}: sliding-window layers are not supported")
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        raise ValueError(f"{where}: cu_seq_lens_k must equal cu_seq_lens_q (self-attention)")
+
+
+def _boundaries(query, cu_q, max_q, position_ids) -> tuple[torch.Tensor, int]:
+    """cu_seqlens and max_seqlen: as passed (completion_hidden, the vision towers), else from
+    the restarting text positions (a plain transformers forward), else one sequence."""
+    if cu_q is not None:
+        cu = cu_q.to(torch.int32)
+        return cu, int(max_q) if max_q is not None else int((cu[1:] - cu[:-1]).max())
+    if position_ids is not None:
+        return cu_seqlens_from_positions(position_ids)
+    total = query.shape[2]
+    return torch.tensor([0, total], dtype=torch.int32, device=query.device), total
 
 
 def _padding_mask_only(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):

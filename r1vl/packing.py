@@ -86,12 +86,13 @@ class PackedBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """Copy of the batch with every tensor on `device` (the Python ints stay as they are)."""
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         moved = {
-            f.name: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
+            name: t.to(device, non_blocking=non_blocking)
+            for name, t in tensors.items()
+            if isinstance(t, torch.Tensor)
         }
-        return PackedBatch(**moved)
+        return dataclasses.replace(self, **moved)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +110,14 @@ def pack(samples: Sequence[Sample], model: torch.nn.Module) -> PackedBatch:
 
     Raises ValueError naming the sample and the problem for: an empty prompt or completion,
     image tokens in a completion, image runs that do not match `image_grid_thw`, pixel rows
-    that do not match the grids, or images given without grids (or the other way round).
+    that do not match the grids, images given without grids (or the other way round), and
+    video tokens (videos are not supported).
     """
     if len(samples) == 0:
         raise ValueError("pack: samples is empty")
     config = model.config
     image_token_id = int(config.image_token_id)
+    video_token_id = getattr(config, "video_token_id", None)
     merge = int(config.vision_config.spatial_merge_size)
     rope_index = _rope_index_fn(model)
 
@@ -134,6 +137,8 @@ def pack(samples: Sequence[Sample], model: torch.nn.Module) -> PackedBatch:
                 f"pack: sample {i}: the completion contains the image token {image_token_id}; "
                 "ban it when sampling, it has no image features to stand for"
             )
+        if video_token_id is not None and (prompt == video_token_id).any():
+            raise ValueError(f"pack: sample {i}: the prompt holds video tokens; videos are not supported")
         sample_images = _split_images(sample, prompt, i, image_token_id, merge)
 
         ids = torch.cat([prompt, completion])

@@ -49,7 +49,8 @@ def test_sdpa_backend_matches_reference(causal, heads):
     v = torch.randn(T, hkv, D, generator=gen)
     out = varlen_attention(q, k, v, _cu(lengths), max(lengths), causal=causal, scale=0.3, backend="sdpa")
     assert out.shape == (T, hq, D) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, lengths, causal, 0.3), atol=1e-5, rtol=1e-5)
+    ref = reference_attention(q, k, v, lengths, causal, 0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_backend():
@@ -118,7 +119,8 @@ def test_boundaries_from_positions_when_not_passed():
         pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw,
         mm_token_type_ids=(packed.input_ids == IMAGE).int(), use_cache=False,
     )
-    torch.testing.assert_close(out.last_hidden_state[0, packed.completion_index], hidden, atol=1e-6, rtol=1e-6)
+    rows = out.last_hidden_state[0, packed.completion_index]
+    torch.testing.assert_close(rows, hidden, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def test_gpu_backend_matches_reference(backend, causal):
     cu = _cu(lengths).cuda()
     # bf16 tolerance: at most 2x the error of plain sdpa run in bf16 on the same inputs.
     low = [x.cuda().bfloat16() for x in (q, k, v)]
-    sdpa_err = (varlen_attention(*low, cu, max(lengths), causal=causal, backend="sdpa").double().cpu() - ref).abs().max()
+    sdpa = varlen_attention(*low, cu, max(lengths), causal=causal, backend="sdpa")
+    sdpa_err = (sdpa.double().cpu() - ref).abs().max()
     out = varlen_attention(*low, cu, max(lengths), causal=causal, backend=backend)
     assert out.shape == (T, hq, D) and out.dtype == torch.bfloat16
     assert (out.double().cpu() - ref).abs().max() <= 2 * sdpa_err + 1e-3

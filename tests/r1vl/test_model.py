@@ -107,9 +107,8 @@ def test_text_only_batch():
     samples = [make_sample(gen, [], n, text_lens=[m]) for n, m in [(1, 1), (4, 9), (11, 2)]]
     packed = pack(samples, model)
     assert packed.pixel_values is None and packed.image_token_source is None
-    torch.testing.assert_close(
-        packed_logprobs(model, packed), torch.cat(padded_reference_logprobs(reference, samples)), atol=1e-5, rtol=0
-    )
+    expected = torch.cat(padded_reference_logprobs(reference, samples))
+    torch.testing.assert_close(packed_logprobs(model, packed), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -120,9 +119,10 @@ def test_vision_tower_runs_once_on_distinct_images(family):
     packed = pack(samples, model)
     calls = []
     visual = model.model.visual
-    hook = visual.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append((args[0].shape[0], kwargs["grid_thw"].tolist())), with_kwargs=True
-    )
+    def count(module, args, kwargs):
+        calls.append((args[0].shape[0], kwargs["grid_thw"].tolist()))  # (patch rows, grids)
+
+    hook = visual.register_forward_pre_hook(count, with_kwargs=True)
     try:
         completion_hidden(model, packed)
     finally:
