@@ -112,23 +112,28 @@ def test_text_only_batch():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vision_tower_runs_once_on_distinct_images(family):
+def test_vision_tower_runs_once_on_distinct_images_and_lm_head_never(family):
     model = tiny_model(family)
     use_varlen_attention(model)
     samples = rollout_batch(4)  # 7 sequences, 6 images, 5 distinct
     packed = pack(samples, model)
-    calls = []
-    visual = model.model.visual
-    def count(module, args, kwargs):
-        calls.append((args[0].shape[0], kwargs["grid_thw"].tolist()))  # (patch rows, grids)
+    tower_calls, head_calls = [], []
 
-    hook = visual.register_forward_pre_hook(count, with_kwargs=True)
+    def count(module, args, kwargs):
+        tower_calls.append((args[0].shape[0], kwargs["grid_thw"].tolist()))  # (patch rows, grids)
+
+    hooks = [
+        model.model.visual.register_forward_pre_hook(count, with_kwargs=True),
+        model.lm_head.register_forward_pre_hook(lambda module, args: head_calls.append(args[0].shape)),
+    ]
     try:
-        completion_hidden(model, packed)
+        hidden = completion_hidden(model, packed)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     distinct = [[1, 4, 6], [1, 4, 4], [1, 10, 14], [1, 12, 6], [1, 2, 2]]
-    assert calls == [(sum(t * h * w for t, h, w in distinct), distinct)]
+    assert tower_calls == [(sum(t * h * w for t, h, w in distinct), distinct)]
+    assert head_calls == [] and hidden.shape == (packed.target_ids.numel(), 64)
 
 
 def test_sdpa_model_without_varlen_registration_gives_the_same_hidden_states():
