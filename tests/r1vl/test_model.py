@@ -61,9 +61,10 @@ def packed_logprobs(model, packed):
     return logp.gather(1, packed.target_ids[:, None])[:, 0]
 
 
-def advantage_weighted(logprobs, advantages, cu):
-    per_seq = torch.repeat_interleave(advantages, (cu[1:] - cu[:-1]).long())
-    return (per_seq * logprobs).sum()
+def advantage_weighted(logprobs, advantages, samples):
+    """sum over tokens of A(sequence) * logp(token): the policy-gradient part of GRPO's loss."""
+    per_token = torch.repeat_interleave(advantages, torch.tensor([len(s.completion_ids) for s in samples]))
+    return (per_token * logprobs).sum()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -83,8 +84,8 @@ def test_packed_matches_padded_logprobs_and_gradients(family, seed):
     for s, r in enumerate(ref):
         torch.testing.assert_close(logp[cu[s] : cu[s + 1]], r, atol=1e-5, rtol=0)
 
-    advantage_weighted(logp, advantages, packed.completion_cu_seqlens).backward()
-    advantage_weighted(torch.cat(ref), advantages, packed.completion_cu_seqlens).backward()
+    advantage_weighted(logp, advantages, samples).backward()
+    advantage_weighted(torch.cat(ref), advantages, samples).backward()
     ref_grads = dict(reference.named_parameters())
     checked = 0
     for name, param in model.named_parameters():
