@@ -1,0 +1,56 @@
+"""One forward of a packed batch through Qwen2-VL, down to the completion rows only."""
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from r1vl.packing import PackedBatch
+
+
+def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """Final hidden states (after the last norm) at the rows that predict completion tokens.
+
+    One forward of the packed row. The vision tower runs once, on the distinct images only
+    (G completions of one prompt share its image); the lm_head is not applied at all, so the
+    caller projects just these N rows (a fused loss takes them with the lm_head weight).
+
+    Args:
+        model: Qwen2-VL or Qwen2.5-VL, ForConditionalGeneration or the base model. Any
+            attention implementation works: with r1vl.attention's the boundaries below are
+            used directly; with "sdpa"/"eager" transformers rebuilds a block-diagonal mask
+            from the restarting positions.
+        packed: from r1vl.packing.pack, on the model's device.
+
+    Returns:
+        (N, H) in the model's dtype; row n predicts packed.target_ids[n], and the rows of
+        sequence s are completion_cu_seqlens[s] : completion_cu_seqlens[s + 1].
+
+    Use with the fused loss (until its hidden-state variant lands, project the N rows):
+        hidden = completion_hidden(policy, packed)
+        out = grpo_loss(policy.lm_head(hidden), packed.target_ids,
+                        packed.completion_cu_seqlens, advantages, old_logp, ref_logp, ...)
+    """
+    base = model.model if hasattr(model, "lm_head") else model  # skip the head: never all T rows
+    mm_encoder_outputs = None
+    if packed.pixel_values is not None:
+        # Run the tower here rather than inside base(...): only here can it see the distinct
+        # images alone, and the text boundaries passed below must not reach the tower, whose
+        # own attention takes per-image cu_seqlens.
+        vision = base.get_image_features(packed.pixel_values, packed.image_grid_thw)
+        features = torch.cat(vision.pooler_output).index_select(0, packed.image_token_source)
+        mm_encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
+
+    out = base(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        mm_token_type_ids=packed.mm_token_type_ids,
+        mm_encoder_outputs=mm_encoder_outputs,
+        attention_mask=None,
+        use_cache=False,
+        # Reach every language-model attention call as keyword arguments.
+        cu_seq_lens_q=packed.cu_seqlens,
+        cu_seq_lens_k=packed.cu_seqlens,
+        max_length_q=packed.max_seqlen,
+        max_length_k=packed.max_seqlen,
+    )
+    return out.last_hidden_state[0].index_select(0, packed.completion_index)

@@ -1,0 +1,87 @@
+"""Tiny random Qwen2-VL / Qwen2.5-VL models and rollout-like samples for CPU tests.
+
+Built from configs, offline, in fp32: 2 text layers of width 64 with grouped-query attention
+(4 query heads, 2 key/value heads), a small vision tower (Qwen2.5-VL: one windowed and one
+full-attention block), a 128-token vocabulary whose top ids are the special tokens.
+"""
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from r1vl.packing import Sample
+
+VOCAB = 128
+IMAGE, VIDEO, VISION_START, VISION_END = 120, 121, 122, 123
+PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2
+PIXEL_ROW = 3 * TEMPORAL_PATCH * PATCH * PATCH  # values per patch in pixel_values
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+_TEXT = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    bos_token_id=None, eos_token_id=None, pad_token_id=0,
+)
+_SPECIAL = dict(
+    image_token_id=IMAGE, video_token_id=VIDEO,
+    vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised fp32 model of `family` in eval mode, with sdpa attention."""
+    torch.manual_seed(seed)
+    if family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                      patch_size=PATCH, temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE)
+        config = Qwen2VLConfig(text_config=_TEXT, vision_config=vision, **_SPECIAL)
+        model = Qwen2VLForConditionalGeneration(config)
+    elif family == "qwen2_5_vl":
+        # window_size 112 px = 8 patches = 4 merged tokens: images wider than that get
+        # several windows, and block 0 attends within windows, block 1 over the whole image.
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[1], window_size=112, patch_size=PATCH,
+                      temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE)
+        config = Qwen2_5_VLConfig(text_config=_TEXT, vision_config=vision, **_SPECIAL)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    model.set_attn_implementation("sdpa")
+    return model.float().eval()
+
+
+def image_tokens(grid: tuple[int, int, int]) -> int:
+    t, h, w = grid
+    return t * h * w // (MERGE * MERGE)
+
+
+def make_sample(
+    gen: torch.Generator,
+    grids: list[tuple[int, int, int]],
+    completion_len: int,
+    text_lens: list[int] | None = None,
+    pixel_values: torch.Tensor | None = None,
+) -> Sample:
+    """A prompt of random text with each image as <vision_start> IMAGE*n <vision_end>, and a
+    random completion. text_lens: lengths of the text pieces around the images (len(grids)+1).
+    """
+    text_lens = text_lens or [int(torch.randint(1, 9, (1,), generator=gen))] * (len(grids) + 1)
+    text = lambda n: torch.randint(1, 100, (n,), generator=gen)  # noqa: E731
+    pieces = [text(text_lens[0])]
+    for grid, n in zip(grids, text_lens[1:]):
+        pieces += [torch.tensor([VISION_START]), torch.full((image_tokens(grid),), IMAGE),
+                   torch.tensor([VISION_END]), text(n)]
+    if grids and pixel_values is None:
+        rows = sum(t * h * w for t, h, w in grids)
+        pixel_values = torch.randn(rows, PIXEL_ROW, generator=gen)
+    return Sample(
+        prompt_ids=torch.cat(pieces),
+        completion_ids=text(completion_len),
+        pixel_values=pixel_values if grids else None,
+        image_grid_thw=torch.tensor(grids) if grids else None,
+    )
