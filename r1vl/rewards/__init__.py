@@ -14,6 +14,7 @@ from r1vl.rewards.rules import (
     is_logical,
     key_step_match,
     reference_answer,
+    step_bodies,
     step_rvr,
     step_text,
 )
@@ -32,6 +33,6 @@ from r1vl.rewards.symbolic import SymbolicVerifier
 __all__ = [
     "RewardBreakdown", "RewardConfig", "SymbolicVerifier", "answer_accuracy",
     "default_verifier", "final_answer", "is_complete", "is_logical", "key_step_match",
-    "normalize_math", "reference_answer", "score", "score_groups", "step_rar", "step_rvr",
-    "step_text", "total_reward",
+    "normalize_math", "reference_answer", "score", "score_groups", "step_bodies", "step_rar",
+    "step_rvr", "step_text", "total_reward",
 ]

@@ -43,12 +43,17 @@ _MAX_STEP_DIGITS = 6
 
 # --------------------------------------------------------------------------- StepRAR: key steps
 
+def step_bodies(completion: str) -> list[str]:
+    """The body of each `### Step N:` section, in order (the authors' regex)."""
+    return _STEP_BODY.findall(completion)
+
+
 def step_text(completion: str) -> str:
     """The bodies of all `### Step N:` sections joined by single spaces, lowercased.
 
     This is the text StepRAR searches for key steps (the paper's soft matching).
     """
-    return " ".join(_STEP_BODY.findall(completion)).lower()
+    return " ".join(step_bodies(completion)).lower()
 
 
 def key_step_match(
