@@ -323,3 +323,15 @@ def test_verifier_caps_input_and_survives_a_killed_worker():
         assert v.check_many([("1", "1"), ("1", "2"), ("1", "1")]) == [True, False, True]
     with pytest.raises(ValueError, match="num_workers"):
         SymbolicVerifier(num_workers=0)
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_step_bodies_are_fast_when_normalized(name):
+    # Inside a step body the text reaches the normalizer and every key-step search.
+    text = completion(steps=(ADVERSARIAL[name], "x = 6"))
+    start = time.perf_counter()
+    normalize_math(ADVERSARIAL[name])
+    assert time.perf_counter() - start < 1.0, name
+    start = time.perf_counter()
+    score([text], [Ex(SOLUTION, KEY_STEPS)], RewardConfig(normalize=True, symbolic=False))
+    assert time.perf_counter() - start < 1.0, name
