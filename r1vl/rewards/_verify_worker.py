@@ -6,7 +6,8 @@ never re-runs the parent's `__main__`). Protocol, one line each way, UTF-8:
     parent -> child: a JSON array [gold, pred]
     child -> parent: "1" (equivalent), "0" (not), "e" (math-verify raised)
 
-and "ready" once, after the imports and a warm-up check, before the first request.
+and "ready" once, after the imports and a warm-up check, before the first request
+("noimport <reason>" instead, and exit, when math-verify is not installed).
 The parent enforces the time limit by killing this process; the alarm below is only a
 backstop so that a worker whose parent died mid-request cannot compute forever.
 """
@@ -34,7 +35,12 @@ def main() -> None:
     # math-verify logs a warning per call when its own (signal-based) timeout is off;
     # ours is the parent's kill, so the warning is noise.
     logging.disable(logging.WARNING)
-    from math_verify import parse, verify
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        sys.stdout.write(f"noimport {e}\n")
+        sys.stdout.flush()
+        return
 
     def check(gold: str, pred: str) -> bool:
         return bool(verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None),

@@ -21,7 +21,7 @@ The output format the model is trained to write (METHOD.md)::
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from r1vl.rewards.normalize import normalize_math
 
@@ -75,7 +75,13 @@ def key_step_match(
 def match_fraction(
     text: str, key_steps: Sequence[str | Sequence[str]], *, normalize: bool = False
 ) -> float:
-    """`key_step_match` on an already extracted, lowercased step text."""
+    """`key_step_match` on an already extracted, lowercased step text.
+
+    `key_steps` may also be the record's dict form {"Steps": [...]}; iterating the dict
+    itself would silently match its key "Steps" instead.
+    """
+    if isinstance(key_steps, Mapping):
+        key_steps = key_steps.get("Steps", ())
     if not key_steps:
         return 0.0
     if normalize:
@@ -106,7 +112,9 @@ def is_logical(completion: str) -> bool:
     are not anchored to line starts). Description, rationales and final-answer headers must
     each occur exactly once: with two final answers "the order of the sections" is not
     defined and the completion is hedging, so it is not a valid chain (the authors' code
-    only looked at the first final-answer header; this is stricter on purpose).
+    only looked at the first final-answer header; this is stricter on purpose). The
+    "### Let's think step by step." line is not required: neither the paper nor the
+    authors' code checks it.
     """
     for header in (DESCRIPTION, RATIONALES, FINAL_ANSWER):
         if completion.count(header) != 1:

@@ -58,7 +58,12 @@ class _Worker:
 
     def wait_ready(self, deadline: float) -> bool:
         if not self.ready:
-            self.ready = self._read_line(deadline) == "ready"
+            line = self._read_line(deadline)
+            if line is not None and line.startswith("noimport"):
+                # Not a transient failure: every replacement would fail the same way.
+                raise RuntimeError(f"math-verify cannot be imported ({line[9:]}); install it, "
+                                   "or score with RewardConfig(symbolic=False)")
+            self.ready = line == "ready"
         return self.ready
 
     def request(self, gold: str, pred: str, deadline: float) -> str | None:

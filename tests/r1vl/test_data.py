@@ -75,6 +75,7 @@ def test_image_root_and_blank_lines(root, tmp_path_factory):
     (_record(1, solution=7), "field 'solution' must be str, got int"),
     (_record(1, image_path="img/none.png"), "image not found"),
     (_record(1, image_path="img/corrupt.png"), "corrupt image"),
+    (_record(1, image_path="img/truncated.png"), "corrupt image"),
     (_record(1, key_steps={"Steps": [3]}), "key_steps.Steps[0]"),
     (_record(1, key_steps={"Steps": [["a", ""]]}), "key_steps.Steps[0]"),
     (_record(1, key_steps="Key Elements: ..."), 'field "key_steps" must be'),
@@ -83,6 +84,9 @@ def test_image_root_and_blank_lines(root, tmp_path_factory):
 ])
 def test_bad_record_names_file_index_and_reason(root, record, reason):
     (root / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    Image.effect_noise((64, 64), 50).save(root / "img" / "full.png")
+    full = (root / "img" / "full.png").read_bytes()
+    (root / "img" / "truncated.png").write_bytes(full[: len(full) // 2])
     path = _jsonl(root / "d.jsonl", [_record(0), record, _record(2)])
     with pytest.raises(BadRecordError) as info:
         load_examples(path)

@@ -73,6 +73,7 @@ def test_key_step_match_edges():
     assert key_step_match(SOLUTION, [["nothing", "X = 6"]]) == 1.0  # case-insensitive, any alt
     assert key_step_match(SOLUTION, [""]) == 0.0  # an empty string is not a match
     assert key_step_match("no steps at all BD = 12/2 = 6", ["bd"]) == 0.0
+    assert key_step_match(SOLUTION, {"Steps": ["bd", "zzz"]}) == 0.5  # the record's dict form
 
 
 def test_key_step_match_normalized_is_opt_in():
@@ -335,3 +336,13 @@ def test_adversarial_step_bodies_are_fast_when_normalized(name):
     start = time.perf_counter()
     score([text], [Ex(SOLUTION, KEY_STEPS)], RewardConfig(normalize=True, symbolic=False))
     assert time.perf_counter() - start < 1.0, name
+
+
+def test_missing_math_verify_is_a_clear_error(tmp_path, monkeypatch):
+    fake = tmp_path / "math_verify"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no math here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # read by the worker process only
+    with SymbolicVerifier(num_workers=1) as v:
+        with pytest.raises(RuntimeError, match="math-verify cannot be imported.*no math here"):
+            v.check("1", "1.0")
