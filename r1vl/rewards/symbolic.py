@@ -4,8 +4,9 @@ math-verify's own timeout is `signal.alarm`, which works only in the main thread
 cannot interrupt a single long C-level operation (sympy computing 9^9^9^9 is one
 bytecode). So the check runs in child processes (`_verify_worker.py`), and the caller
 waits on the pipe with `select` and a deadline; a worker that misses it is killed and
-replaced. A check that times out, crashes or gets input over `max_chars` is undecided
-(None), which the reward treats as "not shown equivalent".
+replaced. A check that times out, crashes, or gets input longer than `max_chars` or nested
+deeper than `max_nesting` is undecided (None), which the reward treats as "not shown
+equivalent". A batch (`check_many`) also has a total budget.
 
 Cost: a few hundred microseconds of pipe traffic per check plus math-verify itself
 (typically 1-30 ms); results are cached, and the trainer's scoring calls `check_many`,
@@ -81,6 +82,18 @@ class _Worker:
             stream.close()
 
 
+def _nesting(text: str) -> int:
+    """The deepest nesting of (), [] and {} in `text` (unbalanced closers are ignored)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}" and depth:
+            depth -= 1
+    return deepest
+
+
 def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
     # A forked child (e.g. a DataLoader worker) inherits the list but not the processes'
     # ownership: only the process that started the workers stops them.
@@ -99,7 +112,13 @@ class SymbolicVerifier:
         timeout_s: the most one check may take once a worker is free; past it the worker is
             killed and the check is undecided.
         max_chars: longer answers are not parsed at all (undecided): real final answers are
-            short, and parse time grows fast with length and nesting.
+            short, and parse time grows fast with length.
+        max_nesting: answers with deeper bracket nesting are not parsed (undecided): the
+            LaTeX parser is exponential in bare brace depth ("{{{{{1}}}}}" takes 0.2 s,
+            depth 20 takes 2 s), while real answers nest a few levels.
+        batch_budget_s: `check_many` starts no new check after this many seconds (those
+            left are undecided), so a batch full of distinct hanging answers costs a bounded
+            time, not count * timeout_s. None: no budget.
         startup_timeout_s: how long to wait for a fresh worker to import math-verify (about
             0.3 s on an idle machine). Kept apart from `timeout_s` so that a slow start on a
             busy machine does not turn honest checks into undecided ones.
@@ -112,6 +131,7 @@ class SymbolicVerifier:
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 0.5, max_chars: int = 200,
+                 max_nesting: int = 10, batch_budget_s: float | None = 10.0,
                  startup_timeout_s: float = 10.0, cache_size: int = 65536) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -119,6 +139,8 @@ class SymbolicVerifier:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self.max_chars = max_chars
+        self.max_nesting = max_nesting
+        self.batch_budget_s = batch_budget_s
         self.startup_timeout_s = startup_timeout_s
         self.num_workers = num_workers
         self._cache: OrderedDict[tuple[str, str], bool | None] = OrderedDict()
@@ -146,7 +168,9 @@ class SymbolicVerifier:
         """True/False when math-verify decides `pred` equals `gold` in time, else None."""
         if self._closed:
             raise RuntimeError("SymbolicVerifier is closed")
-        if len(gold) > self.max_chars or len(pred) > self.max_chars:
+        if max(len(gold), len(pred)) > self.max_chars:
+            return None
+        if max(_nesting(gold), _nesting(pred)) > self.max_nesting:
             return None
         key = (gold, pred)
         with self._cache_lock:
@@ -177,13 +201,24 @@ class SymbolicVerifier:
             raise
 
     def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool | None]:
-        """`check` on each (gold, pred) pair, distinct pairs spread over the workers."""
+        """`check` on each (gold, pred) pair, distinct pairs spread over the workers.
+
+        Within `batch_budget_s`: a pair not started by then is undecided (None).
+        """
         unique = list(dict.fromkeys(pairs))
+        budget = self.batch_budget_s
+        deadline = None if budget is None else time.monotonic() + budget
+
+        def one(pair: tuple[str, str]) -> bool | None:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            return self.check(*pair)
+
         if len(unique) <= 1 or self.num_workers == 1:
-            verdicts = [self.check(g, p) for g, p in unique]
+            verdicts = [one(pair) for pair in unique]
         else:
             with ThreadPoolExecutor(self.num_workers) as pool:
-                verdicts = list(pool.map(lambda gp: self.check(*gp), unique))
+                verdicts = list(pool.map(one, unique))
         table = dict(zip(unique, verdicts))
         return [table[p] for p in pairs]
 
