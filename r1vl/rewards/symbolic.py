@@ -3,7 +3,7 @@
 math-verify's own timeout is `signal.alarm`, which works only in the main thread and
 cannot interrupt a single long C-level operation (sympy computing 9^9^9^9 is one
 bytecode). So the check runs in child processes (`_verify_worker.py`), and the caller
-waits on the pipe with `select` and a deadline; a worker that misses it is killed and
+waits on the pipe with `poll` and a deadline; a worker that misses it is killed and
 replaced. A check that times out, crashes, or gets input longer than `max_chars` or nested
 deeper than `max_nesting` is undecided (None), which the reward treats as "not shown
 equivalent". A batch (`check_many`) also has a total budget.
@@ -42,15 +42,18 @@ class _Worker:
         )
         self._buffer = b""
         self.ready = False
+        # poll, not select: select fails on descriptors above 1024, which a trainer with
+        # many open files and sockets reaches.
+        self._poll = select.poll()
+        self._poll.register(self.proc.stdout.fileno(), select.POLLIN)
 
     def _read_line(self, deadline: float) -> str | None:
         """The next line from the child, or None at the deadline or on EOF."""
-        fd = self.proc.stdout.fileno()
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            if remaining <= 0 or not self._poll.poll(remaining * 1000):
                 return None
-            chunk = os.read(fd, 4096)
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
             if not chunk:
                 return None
             self._buffer += chunk
@@ -122,8 +125,8 @@ class SymbolicVerifier:
         startup_timeout_s: how long to wait for a fresh worker to import math-verify (about
             0.3 s on an idle machine). Kept apart from `timeout_s` so that a slow start on a
             busy machine does not turn honest checks into undecided ones.
-        cache_size: remembered (gold, pred) verdicts; the G completions of a prompt often
-            share an answer.
+        cache_size: remembered (gold, pred) verdicts (decided ones only); the G completions
+            of a prompt often share an answer, and so do successive steps.
 
     Thread-safe: any number of threads may call `check` at once; each takes a free worker.
     Call `close()` (or use it as a context manager) to stop the workers; they are also
@@ -165,7 +168,8 @@ class SymbolicVerifier:
             self._add_worker()
 
     def check(self, gold: str, pred: str) -> bool | None:
-        """True/False when math-verify decides `pred` equals `gold` in time, else None."""
+        """True/False when math-verify decides whether `pred` equals `gold` in time; None
+        (undecided) on a timeout, a crash, or input over the length or nesting caps."""
         if self._closed:
             raise RuntimeError("SymbolicVerifier is closed")
         if max(len(gold), len(pred)) > self.max_chars:
@@ -178,10 +182,11 @@ class SymbolicVerifier:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         verdict = self._run(gold, pred)
-        with self._cache_lock:
-            self._cache[key] = verdict
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if verdict is not None:  # a timeout may be the machine's load, not the input: retry later
+            with self._cache_lock:
+                self._cache[key] = verdict
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return verdict
 
     def _run(self, gold: str, pred: str) -> bool | None:
