@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from r1vl.rewards.normalize import normalize_math
 from r1vl.rewards.rules import FINAL_ANSWER, step_bodies
 
+logger = logging.getLogger(__name__)
 Entry = str | list[str]  # one key step: a string or its equivalent alternatives
 
 # --------------------------------------------------------------------------- rule-based
@@ -397,9 +399,9 @@ def fill_key_steps(path: str | Path, out: str | Path | None = None, *,
                 changed[i] = True
             except KeyStepError as e:
                 report.llm_failures.append((index, str(e)))
-                print(f"{path}: record {index}: LLM failed ({e}); "
-                      + ("using the rule-based extractor" if on_llm_error == "rule" else "left unchanged"),
-                      file=sys.stderr)
+                logger.warning("%s: record %d: LLM failed (%s); %s", path, index, e,
+                               "using the rule-based extractor" if on_llm_error == "rule"
+                               else "left unchanged")
             if calls % checkpoint_every == 0:
                 _atomic_write(out, render())
             if changed[i] or on_llm_error == "keep":
@@ -425,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="re-extract existing key_steps")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     llm = None
     if args.llm_url:
         llm = LLMExtractor(args.llm_url, args.model, os.environ.get(args.api_key_env), args.timeout)

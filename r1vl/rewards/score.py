@@ -49,6 +49,10 @@ class RewardConfig:
     normalize: bool = False  # lenient matcher for answers and key steps; the paper's is off
     symbolic: bool = True  # math-verify equivalence; off = exact (or normalized) match only
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha < float("inf"):
+            raise ValueError(f"RewardConfig.alpha must be finite and >= 0, got {self.alpha}")
+
 
 @dataclass(frozen=True)
 class RewardBreakdown:

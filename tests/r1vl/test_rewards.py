@@ -375,3 +375,8 @@ def test_missing_math_verify_is_a_clear_error(tmp_path, monkeypatch):
     with SymbolicVerifier(num_workers=1) as v:
         with pytest.raises(RuntimeError, match="math-verify cannot be imported.*no math here"):
             v.check("1", "1.0")
+
+
+def test_reward_config_checks_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        RewardConfig(alpha=-0.1)
