@@ -16,7 +16,9 @@ extractor is the deterministic, offline stand-in: from each step line it takes
 
 each with its equivalent spellings as alternatives ("x = 3" / "x=3", "12/2=6" /
 "\\frac{12}{2}=6"). Every element is copied from the step text, so the reference solution
-itself matches all of its key steps.
+itself matches all of its key steps. Only the step bodies are read, not the description or
+the rationale: StepRAR searches the step bodies, and an element it cannot find there would
+keep even the reference below k = 1.
 
 Records are never lost: unreadable lines and records without a solution are written back
 unchanged (and reported); a bad LLM reply (HTTP error, timeout, no JSON, wrong shape) is
