@@ -119,12 +119,13 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecord]]:
     file); a JSON list that does not parse makes the whole file unreadable (ValueError).
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    if _is_json_list(path):
         try:
-            records = json.loads(text)
+            records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
         for i, record in enumerate(records):
             if isinstance(record, dict):
                 yield i, record
@@ -132,17 +133,28 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecord]]:
                 yield i, BadRecord(str(path), i, f"expected a JSON object, got {type(record).__name__}")
         return
     index = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            yield index, record
-        except ValueError as e:
-            yield index, BadRecord(str(path), index, f"line {line_no} unreadable: {e}")
-        index += 1
+    with path.open("rb") as f:  # line by line (SFT files are large), decoded per line
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                yield index, record
+            except ValueError as e:
+                yield index, BadRecord(str(path), index, f"line {line_no} unreadable: {e}")
+            index += 1
+
+
+def _is_json_list(path: Path) -> bool:
+    """Whether the file's first non-blank character is '['."""
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0] == "["
+    return False
 
 
 def _load(path, parse, skip_bad_records: bool) -> Loaded:

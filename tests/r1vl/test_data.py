@@ -107,6 +107,15 @@ def test_skip_bad_records_counts_and_reports(root, caplog):
     assert "skipped 3" in caplog.text
 
 
+def test_invalid_utf8_line_is_one_bad_record(root):
+    path = root / "d.jsonl"
+    path.write_bytes(json.dumps(_record(0)).encode() + b"\n{\"problem\": \"\xff\xfe\"}\n"
+                     + json.dumps(_record(2)).encode() + b"\n")
+    loaded = load_examples(path, skip_bad_records=True)
+    assert [e.problem for e in loaded.items] == ["q0", "q2"]
+    assert loaded.bad[0].index == 1 and "line 2 unreadable" in loaded.bad[0].reason
+
+
 def test_check_images_off_defers_image_errors(root):
     path = _jsonl(root / "d.jsonl", [_record(0, image_path="img/missing.png")])
     example = load_examples(path, check_images=False).items[0]
