@@ -149,11 +149,11 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecord]]:
 
 def _is_json_list(path: Path) -> bool:
     """Whether the file's first non-blank character is '['."""
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
             if stripped:
-                return stripped[0] == "["
+                return stripped[:1] == b"["
     return False
 
 
