@@ -1,10 +1,15 @@
 """The synthetic task: determinism, the loader round trip, maximal reward, and pixels that
 actually show the answer (checked by reading the images back independently)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import r1vl
 from r1vl.data import load_examples, smart_resize
 from r1vl.rewards import RewardConfig, score
 from r1vl.synthetic import BAR_UNIT, COLOURS, TASKS, main, make_example, write_dataset
@@ -130,3 +135,13 @@ def test_cli(tmp_path, capsys):
     main([str(tmp_path), "--n", "3", "--tasks", "add", "--seed", "1"])
     assert "wrote 3 records" in capsys.readouterr().out
     assert [r["task"] for r in _records(tmp_path / "data.jsonl")] == ["add"] * 3
+
+
+def test_deterministic_across_processes(dataset, tmp_path):
+    # A fresh interpreter with another hash seed writes the same bytes.
+    env = dict(os.environ, PYTHONHASHSEED="123",
+               PYTHONPATH=str(Path(r1vl.__file__).resolve().parent.parent))
+    subprocess.run([sys.executable, "-m", "r1vl.synthetic", str(tmp_path), "--n", str(N),
+                    "--seed", "3"], env=env, check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "data.jsonl").read_bytes() == dataset.read_bytes()
+    assert (tmp_path / "images/00007.png").read_bytes() == (dataset.parent / "images/00007.png").read_bytes()
