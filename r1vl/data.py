@@ -46,7 +46,7 @@ _IMAGE_TAG = "<image>"
 class Example:
     """One RL prompt: an image, a question, a reference solution and its key steps."""
 
-    image_path: Path  # absolute or relative to the working directory, resolved at load
+    image_path: Path  # image_root / the record's image_path (checked to open at load by default)
     problem: str
     solution: str  # the reference reasoning, ending "### The final answer is:\n<answer>"
     key_steps: tuple[tuple[str, ...], ...] = ()  # each entry: equivalent alternatives
