@@ -1,0 +1,38 @@
+"""StepGRPO's rule-based rewards (R1-VL): StepRAR + StepRVR, with a time-bounded answer check.
+
+    from r1vl.rewards import score, score_groups, RewardConfig
+    breakdown = score_groups(completions_per_prompt, examples)   # arrays of P*G entries
+
+Modules: `rules` (the paper's rules on one completion's text), `normalize` (the opt-in
+lenient matcher), `symbolic` (math-verify in worker processes with a deadline), `score`
+(the batch entry point and the per-completion rewards).
+"""
+from r1vl.rewards.normalize import normalize_math
+from r1vl.rewards.rules import (
+    final_answer,
+    is_complete,
+    is_logical,
+    key_step_match,
+    reference_answer,
+    step_bodies,
+    step_rvr,
+    step_text,
+)
+from r1vl.rewards.score import (
+    RewardBreakdown,
+    RewardConfig,
+    answer_accuracy,
+    default_verifier,
+    score,
+    score_groups,
+    step_rar,
+    total_reward,
+)
+from r1vl.rewards.symbolic import SymbolicVerifier
+
+__all__ = [
+    "RewardBreakdown", "RewardConfig", "SymbolicVerifier", "answer_accuracy",
+    "default_verifier", "final_answer", "is_complete", "is_logical", "key_step_match",
+    "normalize_math", "reference_answer", "score", "score_groups", "step_bodies", "step_rar",
+    "step_rvr", "step_text", "total_reward",
+]
