@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a GPU machine without network access (a borrowed one): the GPU tests, then the kernel
+# benchmark, results copied to $OUT when it is set. Uses the machine's own python3 with
+# torch and triton; packages it lacks (liger-kernel, pytest-timeout, ...) come as wheels in
+# .whl/ (pip download ... -d .whl) and are installed to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# r1vl_kernels is kernels/ under another name: expose it without installing.
+mkdir -p /tmp/r1vl_path && ln -sfn "$PWD/kernels" /tmp/r1vl_path/r1vl_kernels
+export PYTHONPATH=/tmp/r1vl_path:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 | tee /tmp/gpu_tests.log
+python3 benchmarks/bench_grpo_loss.py "$@" 2>&1 | tee /tmp/bench.log
+if [ -n "${OUT:-}" ]; then
+  cp /tmp/gpu_tests.log /tmp/bench.log benchmarks/results/grpo_loss.csv "$OUT"/ 2>/dev/null
+fi
