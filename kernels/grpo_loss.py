@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .ops import grpo_loss_fwd_op, group_advantages_op, token_logprobs_op
+from .ops import op
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
@@ -44,7 +44,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     _checks.check_group("S", rewards.shape[0], group_size, scale_rewards)
     impl = _checks.resolve_impl(impl, rewards.device)
     with torch.no_grad():
-        return group_advantages_op(rewards.detach().float().contiguous(), group_size, scale_rewards, float(eps), impl)
+        return op("group_advantages")(rewards.detach().float().contiguous(), group_size, scale_rewards, float(eps), impl)
 
 
 def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0,
@@ -63,7 +63,7 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0,
     rows, flat_idx = _as_rows(logits)
     _checks.device_checks(_id_range_checks(target, V), {})
     with torch.no_grad():
-        logp, entropy = token_logprobs_op(rows, target, flat_idx, float(temperature), return_entropy, impl)
+        logp, entropy = op("token_logprobs")(rows, target, flat_idx, float(temperature), return_entropy, impl)
     logp = logp.view(lead)
     return (logp, entropy.view(lead)) if return_entropy else logp
 
@@ -156,7 +156,7 @@ def grpo_loss(
             raise ValueError("rewards need group_size")
         _checks.check_float_vector("rewards", rewards, (S,), device)
         _checks.check_group("S", S, group_size, scale_rewards)
-        advantages = group_advantages_op(rewards.detach().float().contiguous(), group_size, scale_rewards, 1e-4, impl)
+        advantages = op("group_advantages")(rewards.detach().float().contiguous(), group_size, scale_rewards, 1e-4, impl)
     else:
         if group_size is not None:
             raise ValueError("group_size is only used with rewards; advantages are already normalized")
@@ -186,7 +186,7 @@ def grpo_loss(
 
     if inplace_backward and logits.dim() == 3 and not logits.is_contiguous():
         raise ValueError("inplace_backward needs contiguous padded logits (B, L, V)")
-    loss, logp, _, _, kl, entropy, low, high = grpo_loss_fwd_op(
+    loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_fwd")(
         logits, target, flat_idx, cu, advantages, old_logp, ref_logp, float(temperature),
         float(beta), float(epsilon_low), float(epsilon_high),
         None if delta is None else float(delta), inv_norm, loss_type == "grpo",

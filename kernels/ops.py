@@ -20,6 +20,18 @@ from . import _torch_impl
 _LIB = "r1vl_kernels"
 
 
+def op(name: str):
+    """The registered operator `r1vl_kernels::name`, looked up at call time.
+
+    Calls go through torch.ops rather than the CustomOpDef objects below: with torch 2.13,
+    calling grpo_loss_fwd through its CustomOpDef crashed in the dispatcher's argument
+    parsing (std::bad_alloc, vector::reserve) in about one process in three once
+    transformers had been imported afterwards; the same call through torch.ops never did in
+    the same reproduction (tests/kernels/test_op_calls.py). The cause is not understood.
+    """
+    return getattr(getattr(torch.ops, _LIB), name).default
+
+
 def _backend(impl: str):
     if impl == "torch":
         return _torch_impl
@@ -167,10 +179,10 @@ def _backward(ctx, grad_loss, *_unused_grads):
     logits, target_ids, flat_idx, lse, dlogp = ctx.saved_tensors
     args = (grad_loss, logits, target_ids, flat_idx, lse, dlogp, ctx.temperature, ctx.impl)
     if ctx.inplace:
-        grpo_loss_bwd_inplace_op(*args)
+        op("grpo_loss_bwd_inplace")(*args)
         dlogits = logits
     else:
-        dlogits = grpo_loss_bwd_op(*args)
+        dlogits = op("grpo_loss_bwd")(*args)
     return (dlogits,) + (None,) * 17
 
 
