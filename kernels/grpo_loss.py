@@ -11,10 +11,8 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._setup import LossSetup, check_hyperparameters, check_temperature, id_range_checks, prepare_loss
 from .ops import op
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IS_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -58,10 +56,10 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0,
     _checks.check_logits(logits)
     lead, V = logits.shape[:-1], logits.shape[-1]
     target = _checks.check_ids(target_ids, lead, logits.device).reshape(-1)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     impl = _checks.resolve_impl(impl, logits.device)
     rows, flat_idx = _as_rows(logits)
-    _checks.device_checks(_id_range_checks(target, V), {})
+    _checks.device_checks(id_range_checks(target, V), {})
     with torch.no_grad():
         logp, entropy = op("token_logprobs")(rows, target, flat_idx, float(temperature), return_entropy, impl)
     logp = logp.view(lead)
@@ -114,127 +112,33 @@ def grpo_loss(
     TRITON_INTERPRET=1); "triton" or "torch" forces one.
     """
     _checks.check_logits(logits)
-    _checks.check_choice("loss_type", loss_type, LOSS_TYPES)
-    _checks.check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
-    _check_temperature(temperature)
-    for name, eps in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-        if not eps >= 0:
-            raise ValueError(f"{name} must be >= 0, got {eps}")
-    if delta is not None and not delta > 0:
-        raise ValueError(f"delta must be None or > 0, got {delta}")
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError(f"beta={beta} needs ref_logp (reference log-probs)")
-    device, V = logits.device, logits.shape[-1]
-    impl = _checks.resolve_impl(impl, device)
-
-    if logits.dim() == 3:
-        if cu_seqlens is not None:
-            raise ValueError("padded logits (B, L, V) take completion_mask, not cu_seqlens")
-        batch = _PaddedBatch(logits, target_ids, completion_mask)
-        target, flat_idx, cu = batch.target, batch.flat_idx, batch.cu_seqlens
-        token_shape, S, N = (logits.shape[0], logits.shape[1]), logits.shape[0], batch.n_tokens
-        old_logp = batch.pack("old_logp", old_logp)
-        ref_logp = batch.pack("ref_logp", ref_logp)
-        checks, longest = batch.checks, logits.shape[1]
-    elif logits.dim() == 2:
-        if completion_mask is not None:
-            raise ValueError("packed logits (N, V) take cu_seqlens, not completion_mask")
-        N = logits.shape[0]
-        target, flat_idx, token_shape = _checks.check_ids(target_ids, (N,), device), None, (N,)
-        cu, S = _check_cu_seqlens(cu_seqlens, device)
-        old_logp = _checks.check_float_vector("old_logp", old_logp, (N,), device)
-        ref_logp = _checks.check_float_vector("ref_logp", ref_logp, (N,), device)
-        checks, longest = _cu_seqlens_checks(cu, N), None
-    else:
+    if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be (N, V) packed or (B, L, V) padded, got shape {tuple(logits.shape)}")
-    checks.update(_id_range_checks(target, V))
-
-    if (advantages is None) == (rewards is None):
-        raise ValueError("give exactly one of advantages or rewards (with group_size)")
-    if rewards is not None:
-        if group_size is None:
-            raise ValueError("rewards need group_size")
-        _checks.check_float_vector("rewards", rewards, (S,), device)
-        _checks.check_group("S", S, group_size, scale_rewards)
-        advantages = op("group_advantages")(rewards.detach().float().contiguous(), group_size, scale_rewards, 1e-4, impl)
-    else:
-        if group_size is not None:
-            raise ValueError("group_size is only used with rewards; advantages are already normalized")
-        advantages = _checks.check_float_vector("advantages", advantages, (S,), device).contiguous()
-
-    wanted = {}
-    if loss_type == "dr_grpo" and max_completion_length is None and longest is None:
-        wanted["longest"] = (cu[1:] - cu[:-1]).max()
-    host = _checks.device_checks(checks, wanted)
-    if loss_type == "grpo":
-        inv_norm = 1.0 / S
-    elif loss_type == "bnpo":
-        inv_norm = 1.0 / max(N, 1)
-    elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            if longest is None and "longest" not in host:
-                raise ValueError("under torch.compile, dr_grpo needs max_completion_length")
-            max_completion_length = longest if longest is not None else int(host["longest"])
-        if not max_completion_length >= 1:
-            raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
-        inv_norm = 1.0 / (S * max_completion_length)
-    else:
-        num_items = float(max(N, 1) if num_items_in_batch is None else num_items_in_batch)
-        if not num_items > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-        inv_norm = 1.0 / num_items
-
+    check_hyperparameters(temperature, epsilon_low, epsilon_high, delta, beta, ref_logp, loss_type,
+                          importance_sampling_level)
+    setup = prepare_loss(
+        "logits", logits.shape[:-1], logits.shape[-1], logits.device, target_ids, cu_seqlens,
+        completion_mask, advantages, old_logp, ref_logp, rewards=rewards, group_size=group_size,
+        scale_rewards=scale_rewards, loss_type=loss_type, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, impl=impl)
     if inplace_backward and logits.dim() == 3 and not logits.is_contiguous():
         raise ValueError("inplace_backward needs contiguous padded logits (B, L, V)")
     loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_fwd")(
-        logits, target, flat_idx, cu, advantages, old_logp, ref_logp, float(temperature),
-        float(beta), float(epsilon_low), float(epsilon_high),
-        None if delta is None else float(delta), inv_norm, loss_type == "grpo",
-        importance_sampling_level == "sequence", return_entropy, inplace_backward, impl)
+        logits, setup.target, setup.flat_idx, setup.cu_seqlens, setup.advantages, setup.old_logp,
+        setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
+        None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo",
+        importance_sampling_level == "sequence", return_entropy, inplace_backward, setup.impl)
+    return output(setup, loss, logp, kl, entropy, low, high, return_entropy)
 
-    def unpack(x):
-        x = x.detach()
-        if flat_idx is None:
-            return x
-        return torch.zeros(token_shape[0] * token_shape[1], dtype=x.dtype, device=device).index_copy_(
-            0, flat_idx, x).view(token_shape)
 
+def output(setup: LossSetup, loss, logp, kl, entropy, low, high, return_entropy) -> GRPOLossOutput:
     return GRPOLossOutput(
-        loss=loss, logp=unpack(logp), kl=unpack(kl) if ref_logp is not None else None,
-        advantages=advantages.detach(), clip_low_frac=low.detach(), clip_high_frac=high.detach(),
-        entropy=unpack(entropy) if return_entropy else None)
+        loss=loss, logp=setup.unpack(logp), kl=setup.unpack(kl) if setup.ref_logp is not None else None,
+        advantages=setup.advantages.detach(), clip_low_frac=low.detach(), clip_high_frac=high.detach(),
+        entropy=setup.unpack(entropy) if return_entropy else None)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class _PaddedBatch:
-    """A padded (B, L, V) batch seen as packed tokens: the masked positions in row order."""
-
-    def __init__(self, logits: Tensor, target_ids, completion_mask):
-        B, L = logits.shape[:2]
-        device = logits.device
-        self.target_full = _checks.check_ids(target_ids, (B, L), device)
-        if completion_mask is None:
-            mask = torch.ones(B, L, dtype=torch.bool, device=device)
-            self.checks = {}
-        else:
-            if not isinstance(completion_mask, Tensor) or tuple(completion_mask.shape) != (B, L):
-                raise ValueError(f"completion_mask must be a tensor of shape {(B, L)} to match logits")
-            _checks.check_device("completion_mask", completion_mask, device)
-            mask = completion_mask != 0
-            self.checks = {"completion_mask must hold only 0 and 1":
-                           ((completion_mask == 0) | (completion_mask == 1)).all()}
-        self.token_shape = (B, L)
-        self.flat_idx = mask.reshape(-1).nonzero().squeeze(1)  # host sync: the token count
-        self.n_tokens = self.flat_idx.shape[0]
-        self.target = self.target_full.reshape(-1)[self.flat_idx]
-        self.cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=device)
-        self.cu_seqlens[1:] = mask.sum(1).cumsum(0)
-
-    def pack(self, name: str, x: Optional[Tensor]) -> Optional[Tensor]:
-        x = _checks.check_float_vector(name, x, self.token_shape, self.flat_idx.device)
-        return None if x is None else x.reshape(-1)[self.flat_idx].contiguous()
 
 
 def _as_rows(logits: Tensor):
@@ -247,33 +151,3 @@ def _as_rows(logits: Tensor):
             raise ValueError("logits with more than 2 leading dimensions must be viewable as (rows, V)") from None
         n = logits.shape[0] * logits.shape[1]
         return logits, torch.arange(n, device=logits.device)
-
-
-def _check_temperature(temperature) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _check_cu_seqlens(cu_seqlens, device):
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError("packed logits (N, V) need cu_seqlens, an int32 tensor (S+1,)")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be 1-D (S+1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
-    _checks.check_device("cu_seqlens", cu_seqlens, device)
-    return cu_seqlens.contiguous(), cu_seqlens.shape[0] - 1
-
-
-def _cu_seqlens_checks(cu: Tensor, N: int) -> dict:
-    return {
-        "cu_seqlens must start at 0": cu[0] == 0,
-        f"cu_seqlens must end at N={N}, the number of logits rows": cu[-1] == N,
-        "cu_seqlens must be non-decreasing": (cu[1:] >= cu[:-1]).all(),
-    }
-
-
-def _id_range_checks(target: Tensor, V: int) -> dict:
-    if target.numel() == 0:
-        return {}
-    return {f"target_ids must lie in [0, V={V})": (target.min() >= 0) & (target.max() < V)}
