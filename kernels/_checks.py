@@ -27,15 +27,7 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_logits(logits) -> None:
-    if not isinstance(logits, Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.dim() < 2 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must be (..., V) with V > 0, got shape {tuple(logits.shape)}")
-    if logits.stride(-1) != 1:
-        raise ValueError("logits must have unit stride along the vocabulary (last) dimension; "
-                         "call .contiguous() first")
+    check_logits_like("logits", logits)
 
 
 def check_ids(target_ids, shape, device) -> Tensor:
@@ -93,3 +85,34 @@ def device_checks(checks: dict[str, Tensor], values: dict[str, Tensor]) -> dict[
         if not result[message]:
             raise ValueError(message)
     return {name: result[name] for name in values}
+
+
+def check_lm_head(hidden, weight, bias) -> None:
+    """hidden (..., H), weight (V, H), bias (V,) or None: one float dtype, one device, unit
+    stride along H (the kernels read rows of H contiguous values)."""
+    check_logits_like("hidden", hidden)
+    check_logits_like("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden has H={hidden.shape[-1]} but weight is (V, H) with H={weight.shape[1]}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    check_device("weight", weight, hidden.device)
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},) to match weight")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        check_device("bias", bias, hidden.device)
+
+
+def check_logits_like(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 2 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least 2 dimensions and a non-empty last one, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension; call .contiguous() first")

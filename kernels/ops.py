@@ -102,25 +102,36 @@ def grpo_loss_fwd_op(
     backend = _backend(impl)
     logp, lse, entropy = backend.logprob_fwd(
         logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
+    return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, advantages, cu_seqlens,
+                      eps_low, eps_high, delta, beta, inv_norm, per_seq_mean, seq_level)
+
+
+def loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, advantages, cu_seqlens, eps_low,
+               eps_high, delta, beta, inv_norm, per_seq_mean, seq_level):
+    """The O(N) epilogue of a forward op, after the vocabulary pass gave logp, lse, entropy:
+    the outputs of grpo_loss_fwd (see there)."""
     dlogp, kl, seq_loss, seq_low, seq_high = backend.grpo_terms(
         logp, old_logp, ref_logp, advantages, cu_seqlens, eps_low=eps_low, eps_high=eps_high,
         delta=delta, beta=beta, inv_norm=inv_norm, per_seq_mean=per_seq_mean, seq_level=seq_level)
-    n_tokens = max(target_ids.shape[0], 1)
+    n_tokens = max(logp.shape[0], 1)
     return (seq_loss.sum(), logp, lse, dlogp, kl, entropy,
             seq_low.sum() / n_tokens, seq_high.sum() / n_tokens)
+
+
+def fake_loss_outputs(like: Tensor, n: int, with_kl: bool, with_entropy: bool):
+    """Empty outputs of a forward op's shapes, for tracing (torch.compile)."""
+    def vec(size):
+        return like.new_empty(size, dtype=torch.float32)
+
+    return (vec(()), vec(n), vec(n), vec(n), vec(n if with_kl else 0), vec(n if with_entropy else 0),
+            vec(()), vec(()))
 
 
 @grpo_loss_fwd_op.register_fake
 def _(logits, target_ids, flat_idx, cu_seqlens, advantages, old_logp, ref_logp, temperature,
       beta, eps_low, eps_high, delta, inv_norm, per_seq_mean, seq_level, with_entropy,
       inplace_backward, impl):
-    n = target_ids.shape[0]
-
-    def vec(size):
-        return logits.new_empty(size, dtype=torch.float32)
-
-    return (vec(()), vec(n), vec(n), vec(n), vec(n if ref_logp is not None else 0),
-            vec(n if with_entropy else 0), vec(()), vec(()))
+    return fake_loss_outputs(logits, target_ids.shape[0], ref_logp is not None, with_entropy)
 
 
 def _write_grad(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl, out2d):
