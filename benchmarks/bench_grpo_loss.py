@@ -13,68 +13,19 @@ versions and git commit, and a table is printed last. Without a GPU it runs the 
 small sizes and says so in every row (device "cpu").
 """
 import argparse
-import csv
-import datetime
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
+import torch._functorch.config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import append_csv, copy_bandwidth, environment, print_table, time_modes  # noqa: E402
 from trl_eager import trl_grpo_loss  # noqa: E402
 
 from r1vl_kernels import grpo_loss  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "grpo_loss.csv")
 SEQ_LEN = 1024  # tokens per sequence in the padded layouts of the baselines
-FIELDS = ["time", "commit", "device", "torch", "triton", "liger", "provider", "N", "V", "dtype",
-          "mode", "ms", "GB_s", "of_copy_bw", "peak_extra_MB", "note"]
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def bench(fn, device, warmup=3, reps=10):
-    """Median wall time of fn() in ms (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device):
-    """Bytes read + written per second by a plain tensor copy: the ceiling for the loss."""
-    n = (1 << 30) if device == "cuda" else (1 << 26)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), device)
-    return 2 * n / (ms * 1e-3)
-
-
-def peak_extra_bytes(fn, device):
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 # ----------------------------------------------------------------------------- providers
@@ -143,49 +94,15 @@ def providers(device, have_liger):
 
 
 def run_one(make_leaf, build, supports_bwd, x, device):
-    """{mode: ms}, peak extra bytes of a forward + backward."""
     leaf = make_leaf(x)
-    pristine = leaf.detach().clone() if not supports_bwd else None
-    fn = build(x, leaf)
-    out = {"fwd": bench(fn, device)}  # a training forward: with autograd recording
-
-    def fwd_bwd():
-        leaf.grad = None
-        fn().backward()
-        if pristine is not None:  # the in-place backward left gradients in the logits
-            with torch.no_grad():
-                leaf.copy_(pristine)
-
-    if pristine is None:
-        out["fwd+bwd"] = bench(fwd_bwd, device)
-        loss = fn()
-
-        def bwd():
-            leaf.grad = None
-            loss.backward(retain_graph=True)
-        out["bwd"] = bench(bwd, device)
-    else:
-        # Time fwd+bwd with the restoring copy, then take the copy's own time back out.
-        restore_ms = bench(lambda: leaf.data.copy_(pristine), device)
-        out["fwd+bwd"] = bench(fwd_bwd, device) - restore_ms
-    peak = peak_extra_bytes(fwd_bwd, device)
-    return out, peak
+    restore = None
+    if not supports_bwd:  # in-place backward: put the logits back after each backward
+        pristine = leaf.detach().clone()
+        restore = lambda: leaf.data.copy_(pristine)  # noqa: E731
+    return time_modes([leaf], build(x, leaf), device, restore)
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def versions():
-    try:
-        import liger_kernel  # noqa: F401
-        from importlib.metadata import version
-        liger = version("liger-kernel")
-    except Exception:
-        liger = ""
-    import triton
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    return commit, torch.__version__, triton.__version__, liger
 
 
 def main():
@@ -199,22 +116,21 @@ def main():
         sizes = [(4096, 32000), (4096, 151936), (16384, 32000), (16384, 151936), (65536, 32000), (65536, 151936)]
         if args.quick:
             sizes = [(4096, 151936), (16384, 151936)]
-        dtype, device_name = torch.bfloat16, torch.cuda.get_device_name()
+        dtype = torch.bfloat16
     else:
         print("No GPU: timing the CPU paths (eager torch) at small sizes; the Triton kernels need a GPU.")
         sizes = [(1024, 4096), (2048, 32000)] if not args.quick else [(1024, 4096)]
-        dtype, device_name = torch.bfloat16, "cpu"
-    commit, torch_v, triton_v, liger_v = versions()
+        dtype = torch.bfloat16
+    env = environment()
     ceiling = copy_bandwidth(device)
-    print(f"device: {device_name}; copy bandwidth {ceiling / 1e9:.0f} GB/s (read + write)")
+    print(f"device: {env['device']}; copy bandwidth {ceiling / 1e9:.0f} GB/s (read + write)")
 
     rows = []
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     for N, V in sizes:
         x = make_inputs(N, V, dtype, device)
         logits_bytes = N * V * x["logits"].element_size()
         moved = {"fwd": logits_bytes, "bwd": 2 * logits_bytes, "fwd+bwd": 3 * logits_bytes}
-        for name, (make_leaf, build, supports_bwd) in providers(device, bool(liger_v)).items():
+        for name, (make_leaf, build, supports_bwd) in providers(device, bool(env["liger"])).items():
             note = ""
             try:
                 times, peak = run_one(make_leaf, build, supports_bwd, x, device)
@@ -224,10 +140,9 @@ def main():
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 ms = times.get(mode, float("nan"))
                 gbs = moved[mode] / (ms * 1e-3) / 1e9
-                rows.append(dict(time=stamp, commit=commit, device=device_name, torch=torch_v, triton=triton_v,
-                                 liger=liger_v, provider=name, N=N, V=V, dtype=str(dtype).replace("torch.", ""),
-                                 mode=mode, ms=f"{ms:.3f}", GB_s=f"{gbs:.0f}",
-                                 of_copy_bw=f"{gbs * 1e9 / ceiling:.2f}", peak_extra_MB=f"{peak / 2**20:.0f}",
+                rows.append(dict(env, provider=name, N=N, V=V, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                                 ms=f"{ms:.3f}", GB_s=f"{gbs:.0f}", of_copy_bw=f"{gbs * 1e9 / ceiling:.2f}",
+                                 peak_extra_MB=f"{peak / 2**20:.0f}",
                                  note=note or ("" if mode in times else "n/a: in-place backward")))
         del x
         if device == "cuda":
@@ -236,20 +151,8 @@ def main():
         print(f"N={N} V={V}: floor for fwd+bwd (read twice, write once at copy bandwidth) {floor_ms:.2f} ms")
 
     if not args.no_save:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        new = not os.path.exists(RESULTS)
-        with open(RESULTS, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"appended {len(rows)} rows to {os.path.relpath(RESULTS)}")
-
-    print(f"\n{'provider':<15}{'N':>7}{'V':>8}{'mode':>9}{'ms':>10}{'GB/s':>8}{'of copy':>9}{'peak MB':>9}")
-    for r in rows:
-        print(f"{r['provider']:<15}{r['N']:>7}{r['V']:>8}{r['mode']:>9}{r['ms']:>10}{r['GB_s']:>8}"
-              f"{r['of_copy_bw']:>9}{r['peak_extra_MB']:>9}  {r['note']}")
-
+        print(f"appended {len(rows)} rows to {os.path.relpath(append_csv('grpo_loss.csv', rows))}")
+    print_table(rows, ["provider", "N", "V", "mode", "ms", "GB_s", "of_copy_bw", "peak_extra_MB", "note"])
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ export PYTHONPATH=/tmp/r1vl_path:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 | tee /tmp/gpu_tests.log
 python3 benchmarks/bench_grpo_loss.py "$@" 2>&1 | tee /tmp/bench.log
+python3 benchmarks/bench_grpo_loss_from_hidden.py "$@" 2>&1 | tee /tmp/bench_hidden.log
 if [ -n "${OUT:-}" ]; then
-  cp /tmp/gpu_tests.log /tmp/bench.log benchmarks/results/grpo_loss.csv "$OUT"/ 2>/dev/null
+  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
 fi
