@@ -122,3 +122,12 @@ def print_table(rows: list, columns: list) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+def parse_args(doc: str):
+    """The options every benchmark takes: --quick (a smaller sweep), --no-save."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sweep")
+    parser.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
+    return parser.parse_args()

@@ -12,7 +12,6 @@ logits. Rows are appended to benchmarks/results/grpo_loss.csv with the device na
 versions and git commit, and a table is printed last. Without a GPU it runs the CPU paths at
 small sizes and says so in every row (device "cpu").
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 import torch._functorch.config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_csv, copy_bandwidth, environment, print_table, time_modes  # noqa: E402
+from _common import append_csv, parse_args, copy_bandwidth, environment, print_table, time_modes  # noqa: E402
 from trl_eager import trl_grpo_loss  # noqa: E402
 
 from r1vl_kernels import grpo_loss  # noqa: E402
@@ -106,10 +105,7 @@ def run_one(make_leaf, build, supports_bwd, x, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sweep")
-    parser.add_argument("--no-save", action="store_true", help="do not append to the CSV")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

@@ -13,7 +13,6 @@ peak memory a forward + backward adds on top of its inputs. Appended to
 benchmarks/results/grpo_loss_from_hidden.csv; a table is printed last. Without a GPU it
 times the CPU paths at small sizes and says so.
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch
 import torch._functorch.config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_csv, environment, matmul_flops, print_table, time_modes  # noqa: E402
+from _common import append_csv, parse_args, environment, matmul_flops, print_table, time_modes  # noqa: E402
 from trl_eager import trl_grpo_loss  # noqa: E402
 
 from r1vl_kernels import grpo_loss, grpo_loss_from_hidden  # noqa: E402
@@ -72,10 +71,7 @@ def providers(device, have_liger):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sweep")
-    parser.add_argument("--no-save", action="store_true", help="do not append to the CSV")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
