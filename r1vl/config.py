@@ -32,7 +32,7 @@ class Config:
     sft_data: str = ""  # SFT data, chat form (r1vl.data.load_sft); "" = the RL data's solutions
     image_root: str = ""  # directory image paths are relative to; "" = the data file's directory
     run_dir: str = ""  # where metrics, the config and the final policy go; "" = runs/<time>
-    seed: int = 0
+    seed: int = 0  # seeds data order, sampling and the tiny model
     save_final: bool = True  # save the final policy (safetensors) with its tokenizer and processor
 
     # --- rollout
@@ -59,10 +59,10 @@ class Config:
     reward_symbolic: bool = True  # math-verify equivalence of answers
 
     # --- optimisation
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    lr: float = 1e-6  # AdamW learning rate of the GRPO stage
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
     lr_schedule: str = "constant"  # constant / linear / cosine decay after warm-up
     warmup_steps: int = 0  # optimizer steps of linear warm-up
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
