@@ -294,8 +294,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         run_log.log(record)
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-            progress.write(console_line(record)) if dd.is_main else None
+        if dd.is_main and (step % cfg.log_every == 0 or step == cfg.num_steps):
+            progress.write(console_line(record), file=sys.stdout)
     progress.close()
 
     results["after"] = evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)
@@ -396,6 +396,9 @@ def run(cfg: Config, dd: distributed.Dist) -> dict:
             results.update(train_grpo(policy, cfg, dd, examples, eval_examples, run_log))
     finally:
         run_log.close()
+    results["weight_digests"] = distributed.weight_digests(policy.model)
+    if len(set(results["weight_digests"])) > 1:
+        distributed.print0("WARNING: the ranks' weights differ: " + ", ".join(results["weight_digests"]))
     if cfg.save_final:
         if dd.is_main:
             save_policy(policy, run_dir / "final")

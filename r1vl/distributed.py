@@ -7,6 +7,7 @@ step, after all micro-batches: the step is the seam where a DeepSpeed engine tak
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -91,6 +92,20 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def weight_digests(model: torch.nn.Module) -> list[str]:
+    """SHA-256 of every rank's parameter bytes, gathered on all ranks: data parallelism is
+    right only if these are all equal after every step."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    if not dist.is_initialized():
+        return [digest]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest)
+    return gathered
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

@@ -1,0 +1,128 @@
+"""train.py end to end on CPU: the built-in run learns, torchrun keeps ranks identical, a real
+checkpoint directory loads through --model, bad input fails at start-up, NaNs stop the run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train(args, tmp_path, launcher=(), timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the trainer picks its kernels itself
+    cmd = [*launcher, str(ROOT / "train.py"), "--progress", "false", *args]
+    if not launcher:
+        cmd = [sys.executable, *cmd]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _records(run_dir: Path, stage: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["stage"] == stage]
+
+
+def _mean(records, key):
+    return sum(r[key] for r in records) / len(records)
+
+
+def test_builtin_run_learns(tmp_path):
+    """The default run, shortened. The signs of the whole loop (rewards, advantages, loss,
+    optimizer) are right only if the reward the policy earns goes up."""
+    run_dir = tmp_path / "run"
+    result = _train(["--run_dir", str(run_dir), "--num_steps", "30", "--eval_prompts", "0"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grpo = _records(run_dir, "grpo")
+    assert len(grpo) == 30
+    first, last = grpo[:8], grpo[-8:]
+    assert _mean(last, "reward") > _mean(first, "reward") + 0.25, [r["reward"] for r in grpo]
+    assert _mean(last, "accuracy") > _mean(first, "accuracy") + 0.05, [r["accuracy"] for r in grpo]
+    for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
+                "peak_memory_gb", "time_rollout", "time_reference", "time_update", "step_rar", "step_rvr"):
+        assert key in grpo[0], key
+    assert all(r["loss"] == r["loss"] for r in grpo)  # no NaN
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_torchrun_two_ranks_stay_identical(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--run_dir", str(run_dir), "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8",
+            "--eval_prompts", "4", "--max_completion_length", "24", "--save_final", "false"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = _train(args, tmp_path, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr and "Abort" not in result.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    digests = results["weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    grpo = _records(run_dir, "grpo")
+    assert [r["sequences"] for r in grpo] == [16, 16]  # 2 ranks x 8 completions, different prompts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real-format checkpoint: a tiny model saved with save_pretrained, its tokenizer and its
+    image processor files, plus a small synthetic data file."""
+    from r1vl.data import load_examples
+    from r1vl.synthetic import write_dataset
+    from r1vl.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    data = write_dataset(root / "data", n=16, seed=2)
+    examples = load_examples(data).items
+    write_tiny_checkpoint(root / "model", [e.problem for e in examples] + [e.solution for e in examples])
+    return root / "model", data
+
+
+def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
+    model_dir, data = checkpoint
+    run_dir = tmp_path / "run"
+    args = ["--model", str(model_dir), "--data", str(data), "--run_dir", str(run_dir), "--stage", "sft+grpo",
+            "--sft_steps", "1", "--sft_batch_size", "4", "--num_steps", "1", "--max_completion_length", "16",
+            "--max_pixels", "3136", "--micro_batch_tokens", "2048", "--num_iterations", "2", "--lr", "1e-4"]
+    result = _train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grpo = _records(run_dir, "grpo")
+    assert len(grpo) == 1 and grpo[0]["sequences"] == 4
+    # The saved policy is itself a checkpoint directory that loads through --model.
+    from r1vl.checkpoint import check_checkpoint_dir
+
+    assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
+    assert (run_dir / "final" / "tokenizer.json").is_file()
+    assert (run_dir / "final" / "preprocessor_config.json").is_file()
+
+
+def test_not_a_checkpoint_fails_at_startup(tmp_path, checkpoint):
+    _, data = checkpoint
+    (tmp_path / "empty").mkdir()
+    result = _train(["--model", str(tmp_path / "empty"), "--data", str(data)], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "no config.json" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    result = _train(["--model", str(tmp_path / "llama"), "--data", str(data)], tmp_path, timeout=120)
+    assert result.returncode == 2 and "is not one of" in result.stderr
+
+
+def test_contradictory_options_fail_at_startup(tmp_path):
+    result = _train(["--batch_size", "6"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "multiple of --num_generations" in result.stderr
+    result = _train(["--beta", "0.1", "--reference", "none"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "needs a reference model" in result.stderr
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, checkpoint):
+    # A learning rate near the float32 limit turns the weights into inf after one update.
+    model_dir, data = checkpoint
+    run_dir = tmp_path / "run"
+    args = ["--model", str(model_dir), "--data", str(data), "--run_dir", str(run_dir), "--stage", "sft",
+            "--sft_steps", "6", "--sft_batch_size", "4", "--sft_lr", "1e38", "--max_bad_steps", "2",
+            "--max_pixels", "3136", "--micro_batch_tokens", "2048", "--max_grad_norm", "0"]
+    result = _train(args, tmp_path)
+    assert result.returncode != 0
+    assert "skipped an update" in result.stdout
+    assert "updates skipped for non-finite values" in result.stderr
+    assert len(_records(run_dir, "sft")) < 6
