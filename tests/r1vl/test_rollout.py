@@ -2,9 +2,10 @@
 model's own distribution at temperature 1, stops at EOS, top-p."""
 import pytest
 import torch
+from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
 
 from r1vl.data import load_examples
-from r1vl.prompts import encode_prompt
+from r1vl.prompts import Prompt, encode_prompt
 from r1vl.rollout import generate
 from r1vl.synthetic import write_dataset
 from r1vl.tiny import build_model, build_tokenizer
@@ -51,6 +52,11 @@ def head(setup):
     model.lm_head = original
 
 
+def _banned(model):
+    c = model.config
+    return [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
+
+
 def _full_forward_logits(model, prompt, completion):
     """Next-token logits after prompt + completion, from one uncached forward."""
     ids = torch.cat([prompt.ids, completion])[None]
@@ -89,6 +95,25 @@ def test_cached_batched_decoding_equals_full_forwards(setup):
                            pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
                            use_cache=False).logits[0]
             P = prompt.ids.numel()
+            logits[:, _banned(model)] = float("-inf")
+            assert torch.equal(ids, logits[P - 1:P - 1 + len(ids)].argmax(-1)), f"sequence {i}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_decoding_matches_full_forwards_for_both_families(family):
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(0)
+    samples = [make_sample(gen, [(1, 4, 6)], 1), make_sample(gen, [(1, 8, 8)], 1, text_lens=[3, 9])]
+    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    out = generate(model, prompts, 2, 5, [-1], temperature=1e-6)
+    with torch.no_grad():
+        for i, ids in enumerate(out.ids):
+            prompt = prompts[i // 2]
+            full = torch.cat([prompt.ids, ids])[None]
+            logits = model(input_ids=full, mm_token_type_ids=(full == IMAGE).int(), pixel_values=prompt.pixel_values,
+                           image_grid_thw=prompt.image_grid_thw).logits[0]
+            logits[:, _banned(model)] = float("-inf")
+            P = prompt.ids.numel()
             assert torch.equal(ids, logits[P - 1:P - 1 + len(ids)].argmax(-1)), f"sequence {i}"
 
 
@@ -117,8 +142,7 @@ def test_temperature_one_samples_follow_the_softmax(setup, head):
     out = generate(model, [prompt], num_generations=G, max_new_tokens=2, eos_token_ids=[-1],
                    temperature=1.0, generator=torch.Generator().manual_seed(1))
     tokens = torch.stack(out.ids)  # (G, 2)
-    banned = [model.config.image_token_id, model.config.video_token_id,
-              model.config.vision_start_token_id, model.config.vision_end_token_id]
+    banned = _banned(model)
     with torch.no_grad():
         logits = _full_forward_logits(model, prompt, torch.zeros(0, dtype=torch.int64))
         logits[banned] = float("-inf")
