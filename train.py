@@ -41,9 +41,9 @@ from r1vl.data import load_examples, load_sft
 from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
-from r1vl.prompts import Prompt, encode_prompt, encode_sft, encode_solution
+from r1vl.prompts import encode_prompt, encode_sft, encode_solution
 from r1vl.rewards import RewardConfig, score_groups
-from r1vl.rollout import Completions, generate
+from r1vl.rollout import generate
 from r1vl_kernels import group_advantages
 
 # -------------------------------------------------------------------------------- helpers
@@ -115,8 +115,8 @@ def make_optimizer(model, lr: float, cfg: Config, total_steps: int):
 
 
 def rollout(policy: Policy, examples, cfg: Config, dd: distributed.Dist, generator, eos_ids, reward_cfg):
-    """Encode, sample G completions per prompt, score. Returns (prompts, completions, texts,
-    rewards breakdown, skipped count); completions are prompt-major (p*G + g)."""
+    """Encode, sample G completions per prompt, score. Returns (prompts, completions, rewards
+    breakdown, skipped count); completions are prompt-major (p*G + g)."""
     merge = policy.model.config.vision_config.spatial_merge_size
     prompts, skipped = [], 0
     for example in examples:
@@ -131,7 +131,7 @@ def rollout(policy: Policy, examples, cfg: Config, dd: distributed.Dist, generat
     G = cfg.num_generations
     grouped = [texts[p * G:(p + 1) * G] for p in range(len(prompts))]
     rewards = score_groups(grouped, [p.example for p in prompts], reward_cfg)
-    return prompts, completions, texts, rewards, skipped
+    return prompts, completions, rewards, skipped
 
 
 def evaluate(policy: Policy, examples, cfg: Config, dd, eos_ids, reward_cfg, seed: int) -> dict:
@@ -142,7 +142,7 @@ def evaluate(policy: Policy, examples, cfg: Config, dd, eos_ids, reward_cfg, see
     sums = [0.0, 0.0, 0.0, 0.0]
     mine = examples[dd.rank::dd.world_size]
     for start in range(0, len(mine), cfg.prompts_per_step):
-        _, _, _, r, _ = rollout(policy, mine[start:start + cfg.prompts_per_step], cfg, dd, generator, eos_ids, reward_cfg)
+        _, _, r, _ = rollout(policy, mine[start:start + cfg.prompts_per_step], cfg, dd, generator, eos_ids, reward_cfg)
         sums = [a + b for a, b in zip(sums, [r.total.sum(), r.accuracy.sum(), r.step_rvr.sum(), len(r)])]
     total, accuracy, rvr, n = distributed.all_reduce_sum(sums, dd.device)
     return {"reward": total / max(n, 1), "accuracy": accuracy / max(n, 1), "step_rvr": rvr / max(n, 1)}
@@ -220,7 +220,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         t0 = time.perf_counter()
         # 1-2. rollout and rewards
         with timer("rollout"):
-            prompts, completions, texts, rewards, skipped = rollout(
+            prompts, completions, rewards, skipped = rollout(
                 policy, next(stream), cfg, dd, generator, eos_ids, reward_cfg)
             samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
                        for p, ids in zip([p for p in prompts for _ in range(G)], completions.ids)]
