@@ -269,11 +269,12 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         packed_tokens = [pb.num_tokens for _, pb in micro]
         keys = ["reward", "accuracy", "step_rar", "step_rvr", "key_step_match", "has_answer", "truncated",
                 "completion_len", "loss", "kl", "entropy", "clip_low", "clip_high", "skipped_prompts",
-                "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum"]
+                "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum", "decode_slots"]
         local = [r.total.sum(), r.accuracy.sum(), r.step_rar.sum(), r.step_rvr.sum(), r.key_step_match.sum(),
                  r.has_answer.sum(), float((~completions.stopped).sum()), N_local, stats["loss"], stats["kl"],
                  stats["entropy"], stats["clip_low"], stats["clip_high"], skipped, prompt_tokens + N_local,
-                 len(micro), sum(packed_tokens), max(packed_tokens, default=0) * len(micro)]
+                 len(micro), sum(packed_tokens), max(packed_tokens, default=0) * len(micro),
+                 S_local * max((len(ids) for ids in completions.ids), default=0)]
         total = dict(zip(keys, distributed.all_reduce_sum(local, dd.device)))
         per_seq = 1.0 / max(S_global, 1)
         per_token = 1.0 / max(N_global, 1)
@@ -288,6 +289,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             "tokens_per_s": total["tokens"] / seconds,
             # Lockstep micro-batches cost as much as the largest one: useful share of that.
             "pack_efficiency": total["packed_tokens"] / max(total["longest_microbatch_sum"], 1),
+            # The sampler decodes every sequence until the longest stops: useful share of that.
+            "decode_efficiency": N_global / max(total["decode_slots"], 1),
             "peak_memory_gb": distributed.all_reduce_max([peak_memory_gb(dd.device)], dd.device)[0],
             "skipped_updates": bad_steps[0], **timer.pop(), "time_step": seconds,
         }

@@ -100,6 +100,18 @@ def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
     assert (run_dir / "final" / "preprocessor_config.json").is_file()
 
 
+def test_too_long_prompts_are_skipped_and_counted(tmp_path, checkpoint):
+    model_dir, data = checkpoint
+    run_dir = tmp_path / "run"
+    args = ["--model", str(model_dir), "--data", str(data), "--run_dir", str(run_dir), "--num_steps", "2",
+            "--max_prompt_length", "16", "--max_completion_length", "8", "--max_pixels", "3136",
+            "--micro_batch_tokens", "64", "--save_final", "false"]
+    result = _train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grpo = _records(run_dir, "grpo")
+    assert [(r["skipped_prompts"], r["sequences"]) for r in grpo] == [(1.0, 0.0), (1.0, 0.0)]
+
+
 def test_not_a_checkpoint_fails_at_startup(tmp_path, checkpoint):
     _, data = checkpoint
     (tmp_path / "empty").mkdir()
