@@ -35,16 +35,17 @@ def test_builtin_run_learns(tmp_path):
     optimizer) are right only if the reward the policy earns goes up: on the training
     prompts step by step, and on held-out prompts before and after StepGRPO."""
     run_dir = tmp_path / "run"
-    result = _train(["--run_dir", str(run_dir), "--sft_steps", "120", "--num_steps", "36"], tmp_path)
+    result = _train(["--run_dir", str(run_dir), "--sft_steps", "100", "--num_steps", "40"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     grpo = _records(run_dir, "grpo")
-    assert len(grpo) == 36
-    first, last = grpo[:10], grpo[-10:]
-    assert _mean(last, "reward") > _mean(first, "reward") + 0.15, [round(r["reward"], 3) for r in grpo]
+    assert len(grpo) == 40
+    first, last = grpo[:10], grpo[-15:]
+    assert _mean(last, "reward") > _mean(first, "reward") + 0.08, [round(r["reward"], 3) for r in grpo]
+    assert _mean(last, "accuracy") > _mean(first, "accuracy"), [round(r["accuracy"], 3) for r in grpo]
     results = json.loads((run_dir / "results.json").read_text())
-    before, after = results["before"], results["after"]
-    assert after["reward"] > before["reward"] + 0.2, results
-    assert after["accuracy"] > before["accuracy"] + 0.05, results
+    before, after = results["before"], results["after"]  # 32 held-out prompts x 8 samples each
+    assert after["reward"] > before["reward"] + 0.15, results
+    assert after["accuracy"] > before["accuracy"] + 0.02, results
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
                 "peak_memory_gb", "time_rollout", "time_reference", "time_update", "step_rar", "step_rvr"):
         assert key in grpo[0], key
