@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,21 +84,31 @@ def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Co
     return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx]
 
 
-def optimizer_step(model, optimizer, scheduler, cfg: Config, dd: distributed.Dist, bad_steps: list) -> float:
-    """Sum gradients over ranks, clip, step. A non-finite gradient (or loss, flagged by the
-    caller through `bad_steps`) skips the update on every rank; too many stop the run.
-    Returns the gradient norm before clipping."""
+@dataclass
+class SkippedUpdates:
+    """Updates skipped for a non-finite loss or gradient; past `limit` the run stops rather
+    than step on weights that may already be corrupt."""
+    limit: int
+    count: int = 0
+
+
+def optimizer_step(model, optimizer, scheduler, cfg: Config, loss_finite: bool, skipped: SkippedUpdates,
+                   dd: distributed.Dist) -> float:
+    """Sum gradients over ranks, clip, step; or skip the step on every rank when any rank saw
+    a non-finite loss or the summed gradient is not finite. Returns the gradient norm before
+    clipping. (The seam where a DeepSpeed engine's backward/step would take over.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.all_reduce_grads(params)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    # Every rank holds the same summed gradient, so they all take the same decision.
-    if not torch.isfinite(norm) or bad_steps[-1]:
+    any_bad = distributed.all_reduce_max([0.0 if loss_finite else 1.0], dd.device)[0] > 0
+    # Every rank holds the same summed gradient and flag, so they all take the same decision.
+    if any_bad or not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        bad_steps[0] += 1
+        skipped.count += 1
         distributed.print0(f"skipped an update: non-finite loss or gradient (norm {float(norm)}); "
-                           f"{bad_steps[0]} of at most {cfg.max_bad_steps}")
-        if bad_steps[0] >= cfg.max_bad_steps:
-            raise RuntimeError(f"{bad_steps[0]} updates skipped for non-finite values (--max_bad_steps); stopping")
+                           f"{skipped.count} of at most {skipped.limit}")
+        if skipped.count >= skipped.limit:
+            raise RuntimeError(f"{skipped.count} updates skipped for non-finite values (--max_bad_steps); stopping")
         return float(norm)
     optimizer.step()
     scheduler.step()
@@ -166,7 +177,7 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
     optimizer, scheduler = make_optimizer(model, cfg.sft_lr, cfg, cfg.sft_steps)
     stream = batches(loaded, cfg.sft_batch_size, dd, cfg.seed + 1)
     model.train()
-    bad_steps = [0, False]
+    skipped = SkippedUpdates(cfg.max_bad_steps)
     for step in range(1, cfg.sft_steps + 1):
         t0 = time.perf_counter()
         samples = []
@@ -174,15 +185,13 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
             if prompt.ids.numel() + target.numel() <= cfg.micro_batch_tokens:
                 samples.append(Sample(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
         n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], dd.device)[0]
-        loss_sum = 0.0
+        loss_sum, finite = 0.0, True
         for _, packed in packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device):
             loss = sft_loss_sum(model, packed) / n_tokens
-            bad_steps[-1] |= not bool(torch.isfinite(loss))
+            finite &= bool(torch.isfinite(loss))
             loss.backward()
             loss_sum += float(loss.detach())
-        bad_steps[-1] = bool(distributed.all_reduce_max([float(bad_steps[-1])], dd.device)[0])
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, dd, bad_steps)
-        bad_steps[-1] = False
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, finite, skipped, dd)
         record = {"stage": "sft", "step": step, "loss": distributed.all_reduce_sum([loss_sum], dd.device)[0],
                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
                   "tokens_per_s": n_tokens / (time.perf_counter() - t0) / dd.world_size}
@@ -214,13 +223,13 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
     loss_options = dict(temperature=cfg.temperature, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                         max_completion_length=cfg.max_completion_length)
-    bad_steps = [0, False]
+    skipped = SkippedUpdates(cfg.max_bad_steps)
     progress = _progress(cfg, dd, cfg.num_steps, "StepGRPO")
     for step in range(1, cfg.num_steps + 1):
         t0 = time.perf_counter()
         # 1-2. rollout and rewards
         with timer("rollout"):
-            prompts, completions, rewards, skipped = rollout(
+            prompts, completions, rewards, too_long = rollout(
                 policy, next(stream), cfg, dd, generator, eos_ids, reward_cfg)
             samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
                        for p, ids in zip([p for p in prompts for _ in range(G)], completions.ids)]
@@ -243,13 +252,14 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         with timer("update"):
             model.train()
             for _ in range(cfg.num_iterations):
+                finite = True
                 for k, (idx, pb) in enumerate(micro):
                     out = policy_loss(model, pb, advantages[idx].to(dd.device), old[k], ref[k], impl=impl,
                                       num_items_in_batch=N_global, **loss_options)
                     n = pb.target_ids.numel()
                     weight = microbatch_weight(cfg.loss_type, len(idx), n, S_global, N_global)
                     loss = out.loss * weight
-                    bad_steps[-1] |= not bool(torch.isfinite(loss))
+                    finite &= bool(torch.isfinite(loss))
                     loss.backward()
                     # token-weighted sums; divided by the global token count below
                     stats["loss"] += float(loss.detach()) / cfg.num_iterations
@@ -257,9 +267,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                     stats["entropy"] += float(out.entropy.sum()) / cfg.num_iterations
                     stats["clip_low"] += float(out.clip_low_frac) * n / cfg.num_iterations
                     stats["clip_high"] += float(out.clip_high_frac) * n / cfg.num_iterations
-                bad_steps[-1] = bool(distributed.all_reduce_max([float(bad_steps[-1])], dd.device)[0])
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, dd, bad_steps)
-                bad_steps[-1] = False
+                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, finite, skipped, dd)
             model.eval()
 
         # 5. metrics, reduced over ranks
@@ -272,7 +280,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                 "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum", "decode_slots"]
         local = [r.total.sum(), r.accuracy.sum(), r.step_rar.sum(), r.step_rvr.sum(), r.key_step_match.sum(),
                  r.has_answer.sum(), float((~completions.stopped).sum()), N_local, stats["loss"], stats["kl"],
-                 stats["entropy"], stats["clip_low"], stats["clip_high"], skipped, prompt_tokens + N_local,
+                 stats["entropy"], stats["clip_low"], stats["clip_high"], too_long, prompt_tokens + N_local,
                  len(micro), sum(packed_tokens), max(packed_tokens, default=0) * len(micro),
                  S_local * max((len(ids) for ids in completions.ids), default=0)]
         total = dict(zip(keys, distributed.all_reduce_sum(local, dd.device)))
@@ -292,7 +300,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             # The sampler decodes every sequence until the longest stops: useful share of that.
             "decode_efficiency": N_global / max(total["decode_slots"], 1),
             "peak_memory_gb": distributed.all_reduce_max([peak_memory_gb(dd.device)], dd.device)[0],
-            "skipped_updates": bad_steps[0], **timer.pop(), "time_step": seconds,
+            "skipped_updates": skipped.count, **timer.pop(), "time_step": seconds,
         }
         run_log.log(record)
         progress.update(1)
