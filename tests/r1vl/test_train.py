@@ -56,7 +56,7 @@ def test_builtin_run_learns(tmp_path):
 def test_torchrun_two_ranks_stay_identical(tmp_path):
     run_dir = tmp_path / "run"
     args = ["--run_dir", str(run_dir), "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8",
-            "--eval_prompts", "4", "--max_completion_length", "24", "--save_final", "false"]
+            "--eval_prompts", "4", "--max_completion_length", "24", "--save_final", "false", "--beta", "0"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = _train(args, tmp_path, launcher)
     assert result.returncode == 0, result.stderr[-3000:]
