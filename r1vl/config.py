@@ -141,12 +141,11 @@ class Config:
 
 # The built-in demonstration (`python train.py`): a tiny Qwen2-VL learns the synthetic task on
 # two CPU cores in a few minutes. Rates are far above the paper's because the model is random
-# and tiny; lengths fit the synthetic solutions (about 100 tokens with the tiny tokenizer).
-# Temperature 1.0 and G=8: at 1.2 the tiny model breaks the output format so often that most
-# groups of 4 earn no reward at all and a few minutes of RL show little. Rates above 2e-4
-# made the tiny policy drift without gain in trials. Exact answer matching
-# suffices for its integer and one-word answers (math-verify's worker start costs more than a
-# demo step).
+# and tiny (above 2e-4 the tiny policy drifted without gain in trials); lengths fit the
+# synthetic solutions (about 100 tokens with the tiny tokenizer). Temperature 1.0 and G=8: at
+# 1.2 the tiny model breaks the output format so often that most groups of 4 earn no reward at
+# all and a few minutes of RL show little. Exact answer matching suffices for its integer and
+# one-word answers (math-verify's worker start costs more than a demo step).
 TINY_DEFAULTS = dict(
     stage="sft+grpo", sft_steps=150, sft_batch_size=16, sft_lr=2e-3,
     num_steps=60, num_generations=8, batch_size=32, temperature=1.0, lr=2e-4,
