@@ -319,7 +319,7 @@ def _progress(cfg: Config, dd, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not (cfg.progress and dd.is_main), file=sys.stdout,
-                dynamic_ncols=True, leave=False)
+                dynamic_ncols=True, leave=True)
 
 
 # -------------------------------------------------------------------------------- main
