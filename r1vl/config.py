@@ -177,7 +177,9 @@ def _field_comments() -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="StepGRPO (R1-VL) for Qwen2-VL. Run with torchrun for data parallelism.",
+        description="StepGRPO (R1-VL) for Qwen2-VL. Run with torchrun for data parallelism. With "
+                    "--model tiny (the default) the demo's TINY_DEFAULTS (r1vl/config.py) replace the "
+                    "defaults shown below for the options it sets, unless given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML or JSON file of options (the command line wins)")
     comments = _field_comments()

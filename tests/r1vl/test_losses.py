@@ -66,3 +66,17 @@ def test_kernel_impl_never_defers_to_the_environment():
     assert kernel_impl("auto", torch.device("cpu")) == "torch"
     assert kernel_impl("auto", torch.device("cuda", 0)) == "triton"
     assert kernel_impl("triton", torch.device("cpu")) == "triton"
+
+
+def test_reference_log_probs_see_the_image():
+    """The public code computed the KL term without the image; here the reference scores the
+    same packed batch as the policy, pixels included, so another image changes its log-probs."""
+    model = tiny_model("qwen2_vl", seed=0)
+    use_varlen_attention(model)
+    samples, _ = _batch(seed=2)
+    other = [copy.copy(s) for s in samples]
+    for s in other:
+        s.pixel_values = s.pixel_values.flip(0)
+    same = completion_logprobs(model, pack(samples, model), 1.0, "torch")
+    flipped = completion_logprobs(model, pack(other, model), 1.0, "torch")
+    assert same.shape == flipped.shape and not torch.allclose(same, flipped)
