@@ -374,9 +374,12 @@ def main(argv=None) -> dict:
         sys.exit(2)
     dd = distributed.init(cfg.device)
     try:
-        return run(cfg, dd)
-    finally:
-        distributed.destroy()
+        results = run(cfg, dd)
+    except BaseException:
+        distributed.destroy(wait_for_others=False)
+        raise
+    distributed.destroy()
+    return results
 
 
 def run(cfg: Config, dd: distributed.Dist) -> dict:

@@ -50,11 +50,14 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, dev)
 
 
-def destroy() -> None:
+def destroy(wait_for_others: bool = True) -> None:
     """Tear the process group down before exit: without it gloo/NCCL can abort at shutdown
-    ("terminate called without an active exception") after a run that finished fine."""
+    ("terminate called without an active exception") after a run that finished fine.
+    After an error on this rank only, do not wait: the others may never arrive, and torchrun
+    stops them once this process exits."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
