@@ -169,3 +169,37 @@ def test_sft_stage_on_chat_form_data(tmp_path, checkpoint):
     sft = _records(run_dir, "sft")
     assert len(sft) == 3 and sft[-1]["loss"] < sft[0]["loss"]
     assert _records(run_dir, "grpo") == []
+
+
+def test_qwen2_5_vl_checkpoint_loads_and_samples(tmp_path, checkpoint):
+    """A Qwen2.5-VL directory (config + safetensors + tokenizer + processor) loads through the
+    same path as --model, and the sampler runs on it."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from r1vl.checkpoint import load_policy
+    from r1vl.data import load_examples
+    from r1vl.prompts import encode_prompt
+    from r1vl.rollout import generate
+
+    model_dir, data = checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                           "<|vision_end|>", "<|im_end|>")}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=ids["<|im_end|>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=112),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    target = tmp_path / "qwen2_5"
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / "preprocessor_config.json").write_bytes((model_dir / "preprocessor_config.json").read_bytes())
+    policy = load_policy(target, torch.float32, torch.device("cpu"), 3136, 3136)
+    example = load_examples(data).items[0]
+    prompt = encode_prompt(example, policy.tokenizer, policy.image_processor, 2, 3136, 3136)
+    out = generate(policy.model, [prompt], 2, 4, [ids["<|im_end|>"]], generator=torch.Generator().manual_seed(0))
+    assert len(out.ids) == 2 and all(1 <= len(c) <= 4 for c in out.ids)
