@@ -17,9 +17,9 @@ $(STAMP): setup.py requirements.txt constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps -e .
 	touch $(STAMP)
 
-# The main job. For now: a demonstration of the fused GRPO loss on CPU.
+# The main job: the built-in StepGRPO run (tiny Qwen2-VL, synthetic task, CPU).
 run: $(STAMP)
-	$(PY) -m r1vl.demo
+	$(PY) train.py
 
 # Unit tests on CPU; Triton kernels run through the interpreter (TRITON_INTERPRET=1 is set
 # by the tests that need it). GPU tests skip without a GPU.

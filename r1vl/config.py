@@ -1,0 +1,242 @@
+"""The trainer's options: one flat dataclass, a CLI generated from its fields, an optional file.
+
+    python train.py --lr 2e-6 --num_generations 8
+    python train.py --config run.yaml --beta 0        # the command line wins over the file
+
+Defaults are the paper's (R1-VL, StepGRPO on Qwen2-VL-2B). With `--model tiny` (the
+default) the built-in CPU demonstration runs, and the fields in TINY_DEFAULTS take the
+values that make it finish in minutes on two cores, unless given on the command line or in
+the file. Every contradiction is refused at start-up by `Config.validate`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+STAGES = ("grpo", "sft", "sft+grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class Config:
+    # --- what to train, on what
+    model: str = "tiny"  # "tiny" (built-in Qwen2-VL from a config) or a local Qwen2-VL / Qwen2.5-VL HF directory
+    stage: str = "grpo"  # "grpo", "sft" (warm-up only) or "sft+grpo"
+    data: str = ""  # RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task
+    sft_data: str = ""  # SFT data, chat form (r1vl.data.load_sft); "" = the RL data's solutions
+    image_root: str = ""  # directory image paths are relative to; "" = the data file's directory
+    run_dir: str = ""  # where metrics, the config and the final policy go; "" = runs/<time>
+    seed: int = 0  # seeds data order, sampling and the tiny model
+    save_final: bool = True  # save the final policy (safetensors) with its tokenizer and processor
+
+    # --- rollout
+    num_generations: int = 4  # G, completions per prompt
+    batch_size: int = 4  # completions per rank per optimizer step, a multiple of G
+    temperature: float = 1.2  # sampling temperature, also the loss's logit temperature
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    max_prompt_length: int = 512  # tokens incl. image tokens; longer prompts are skipped, never cut
+    max_completion_length: int = 1024  # tokens sampled per completion at most
+    max_pixels: int = 400000  # images are resized to at most this many pixels
+    min_pixels: int = 3136  # ... and at least this many (56 x 56)
+
+    # --- StepGRPO objective
+    num_steps: int = 500  # GRPO steps (one rollout each)
+    beta: float = 0.04  # KL coefficient (k3 estimator) to the frozen reference
+    reference: str = "initial"  # "initial" (frozen copy of the starting policy) or "none"
+    epsilon_low: float = 0.2  # clip range below 1
+    epsilon_high: float = 0.2  # clip range above 1
+    loss_type: str = "grpo"  # grpo / bnpo / dr_grpo / dapo (TRL's reductions)
+    scale_rewards: str = "group"  # advantage scaling: group / batch / none
+    num_iterations: int = 1  # optimizer steps per rollout; > 1 computes old log-probs
+    reward_alpha: float = 0.1  # weight of the key-step match in StepRAR
+    reward_normalize: bool = False  # lenient answer / key-step matching (off = the paper's rule)
+    reward_symbolic: bool = True  # math-verify equivalence of answers
+
+    # --- optimisation
+    lr: float = 1e-6  # AdamW learning rate of the GRPO stage
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    lr_schedule: str = "constant"  # constant / linear / cosine decay after warm-up
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
+    micro_batch_tokens: int = 16384  # token budget of one packed micro-batch (forward + backward)
+    max_bad_steps: int = 3  # stop after this many updates skipped for a non-finite loss or gradient
+
+    # --- SFT warm-up (stage sft / sft+grpo)
+    sft_steps: int = 200  # optimizer steps
+    sft_batch_size: int = 8  # examples per rank per step
+    sft_lr: float = 2e-5  # the paper's warm-up rate for the 2B model
+
+    # --- hardware
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    kernel_impl: str = "auto"  # r1vl_kernels impl: auto = triton on CUDA, torch on CPU
+    attention: str = "auto"  # packed attention backend: auto / flash_attn / varlen_attn / sdpa
+
+    # --- logging and evaluation
+    eval_prompts: int = 0  # held-out prompts scored before and after training; 0 = none
+    log_every: int = 1  # console line every N steps (the JSONL gets every step)
+    progress: bool = True  # tqdm progress bars on rank 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option for anything unusable or contradictory."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.stage in STAGES, f"--stage must be one of {STAGES}, got {self.stage!r}")
+        need(self.loss_type in LOSS_TYPES, f"--loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        need(self.scale_rewards in ("group", "batch", "none"),
+             f"--scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        need(self.lr_schedule in SCHEDULES, f"--lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.kernel_impl in ("auto", "torch", "triton"),
+             f"--kernel_impl must be auto, torch or triton, got {self.kernel_impl!r}")
+        need(self.attention in ("auto", "flash_attn", "varlen_attn", "sdpa"),
+             f"--attention must be auto, flash_attn, varlen_attn or sdpa, got {self.attention!r}")
+        need(self.reference in ("initial", "none"), f"--reference must be initial or none, got {self.reference!r}")
+        need(self.num_generations >= 2,
+             f"--num_generations must be >= 2 (advantages are relative within a group), got {self.num_generations}")
+        need(self.batch_size >= 1 and self.batch_size % self.num_generations == 0,
+             f"--batch_size ({self.batch_size}) must be a positive multiple of --num_generations "
+             f"({self.num_generations}): every prompt brings all G of its completions")
+        need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        need(not (self.beta > 0 and self.reference == "none"),
+             f"--beta {self.beta} needs a reference model for the KL term, but --reference is none; "
+             "use --reference initial or --beta 0")
+        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+        need(self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low and --epsilon_high must be >= 0")
+        for name in ("max_prompt_length", "max_completion_length", "num_iterations", "micro_batch_tokens",
+                     "sft_batch_size", "log_every", "max_bad_steps"):
+            need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "min_pixels"):
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        need(self.max_pixels >= self.min_pixels,
+             f"--max_pixels ({self.max_pixels}) must be >= --min_pixels ({self.min_pixels})")
+        need(self.micro_batch_tokens >= self.max_prompt_length + self.max_completion_length,
+             f"--micro_batch_tokens ({self.micro_batch_tokens}) must hold one whole sequence: at least "
+             f"--max_prompt_length + --max_completion_length = {self.max_prompt_length + self.max_completion_length}")
+        need(self.lr > 0 and self.sft_lr > 0, "--lr and --sft_lr must be > 0")
+        need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        need(self.model == "tiny" or self.data or self.stage == "sft" and self.sft_data,
+             f"--model {self.model} needs --data (the built-in synthetic task goes with --model tiny only)")
+        need(not (self.stage == "sft" and self.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
+        if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
+            need(self.device != "cpu", f"--kernel_impl {self.kernel_impl} / --attention {self.attention} need a GPU")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts each rank samples per GRPO step."""
+        return self.batch_size // self.num_generations
+
+
+# The built-in demonstration (`python train.py`): a tiny Qwen2-VL learns the synthetic task on
+# two CPU cores in a few minutes. Rates are far above the paper's because the model is random
+# and tiny (above 2e-4 the tiny policy drifted without gain in trials); lengths fit the
+# synthetic solutions (about 100 tokens with the tiny tokenizer). Temperature 1.0 and G=8: at
+# 1.2 the tiny model breaks the output format so often that most groups of 4 earn no reward at
+# all and a few minutes of RL show little. Exact answer matching suffices for its integer and
+# one-word answers (math-verify's worker start costs more than a demo step).
+TINY_DEFAULTS = dict(
+    stage="sft+grpo", sft_steps=150, sft_batch_size=16, sft_lr=2e-3,
+    num_steps=60, num_generations=8, batch_size=32, temperature=1.0, lr=2e-4,
+    max_prompt_length=128, max_completion_length=160, max_pixels=56 * 56, micro_batch_tokens=1024,
+    reward_symbolic=False, eval_prompts=32,
+)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_comments() -> dict[str, str]:
+    """The comment after each field in this file, as its --help text."""
+    comments = {}
+    for line in Path(__file__).read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0]
+            if name.isidentifier():
+                comments[name] = stripped.split("#", 1)[1].strip()
+    return comments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="StepGRPO (R1-VL) for Qwen2-VL. Run with torchrun for data parallelism. With "
+                    "--model tiny (the default) the demo's TINY_DEFAULTS (r1vl/config.py) replace the "
+                    "defaults shown below for the options it sets, unless given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="", help="YAML or JSON file of options (the command line wins)")
+    comments = _field_comments()
+    for f in dataclasses.fields(Config):
+        kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type]
+        # default=SUPPRESS: only options actually given appear in the namespace, so that
+        # the file and TINY_DEFAULTS can fill the rest.
+        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                            help=f"{comments.get(f.name, '')} (default: {f.default})")
+    return parser
+
+
+def _read_file(path: str) -> dict:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option(s) {unknown}")
+    return values
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """Config from the command line (and --config file), validated. Exits on unknown options."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config")
+    values = _read_file(path) if path else {}
+    values.update(args)
+    return make_config(**values)
+
+
+def make_config(**values) -> Config:
+    """Config from keyword values, with TINY_DEFAULTS under them for model=tiny, validated."""
+    if values.get("model", Config.model) == "tiny":
+        values = {**TINY_DEFAULTS, **values}
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name, value in values.items():
+        if name not in types:
+            raise ValueError(f"unknown option {name!r}")
+        expected = {"bool": bool, "int": int, "float": float, "str": str}[types[name]]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"option {name} must be {expected.__name__}, got {value!r}")
+    config = Config(**values)
+    config.validate()
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+

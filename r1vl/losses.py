@@ -1,0 +1,74 @@
+"""The three places the trainer turns a packed batch into numbers: log-probs, the GRPO loss,
+the SFT loss. Each projects only the N completion rows through the lm_head.
+
+When the hidden-state variants of the fused loss land in r1vl_kernels
+(`grpo_loss_from_hidden`, `token_logprobs_from_hidden`), `_completion_logits` goes away and
+`completion_logprobs` / `policy_loss` call them with `model.lm_head.weight`: the (N, V)
+logits are then never materialized.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from r1vl.model import completion_hidden
+from r1vl.packing import PackedBatch
+from r1vl_kernels import GRPOLossOutput, grpo_loss, token_logprobs
+
+
+def kernel_impl(option: str, device: torch.device) -> str:
+    """r1vl_kernels' impl for `device`: never None, which would read TRITON_INTERPRET and
+    pick the (slow) interpreted Triton kernels on a CPU."""
+    if option != "auto":
+        return option
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def _completion_logits(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """(N, V) logits in the model's dtype at the rows that predict completion tokens."""
+    return model.lm_head(completion_hidden(model, packed))
+
+
+@torch.no_grad()
+def completion_logprobs(model: torch.nn.Module, packed: PackedBatch, temperature: float, impl: str) -> torch.Tensor:
+    """(N,) fp32 log softmax(logits / T)[target] of the completion tokens, without gradient:
+    the old policy's (num_iterations > 1) and the reference's (beta > 0) log-probs."""
+    return token_logprobs(_completion_logits(model, packed), packed.target_ids, temperature=temperature, impl=impl)
+
+
+def policy_loss(model: torch.nn.Module, packed: PackedBatch, advantages: torch.Tensor,
+                old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, *, impl: str,
+                **loss_options) -> GRPOLossOutput:
+    """The fused GRPO loss of one packed micro-batch (differentiable w.r.t. the model).
+
+    advantages (S,) fp32, one per packed sequence; old_logp / ref_logp (N,) fp32 or None.
+    loss_options: grpo_loss's keywords (temperature, beta, epsilon_low/high, loss_type,
+    max_completion_length, num_items_in_batch, ...). Entropy is always returned.
+    """
+    logits = _completion_logits(model, packed)
+    return grpo_loss(logits, packed.target_ids, packed.completion_cu_seqlens, advantages, old_logp, ref_logp,
+                     return_entropy=True, impl=impl, **loss_options)
+
+
+def sft_loss_sum(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """() fp32: the summed cross-entropy of the completion (assistant) tokens only; divide by
+    the global token count for the mean."""
+    return F.cross_entropy(_completion_logits(model, packed).float(), packed.target_ids, reduction="sum")
+
+
+def microbatch_weight(loss_type: str, sequences: int, tokens: int, global_sequences: int,
+                      global_tokens: int) -> float:
+    """The factor on a micro-batch's loss that makes the sum over micro-batches and ranks the
+    loss of the whole batch (so that summed gradients are the full-batch gradient).
+
+    grpo and dr_grpo average over sequences: a micro-batch of s sequences carries s/S of the
+    batch. bnpo averages over tokens: n/N. dapo already divides by num_items_in_batch, given
+    the global token count.
+    """
+    if loss_type in ("grpo", "dr_grpo"):
+        return sequences / global_sequences
+    if loss_type == "bnpo":
+        return tokens / global_tokens
+    if loss_type == "dapo":
+        return 1.0
+    raise ValueError(f"unknown loss_type {loss_type!r}")

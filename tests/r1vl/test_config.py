@@ -1,0 +1,77 @@
+"""Options: the paper's defaults, the tiny demo's, the CLI and file layers, and refusals."""
+import json
+
+import pytest
+
+from r1vl.config import TINY_DEFAULTS, Config, make_config, parse_config
+
+
+def test_defaults_are_the_papers_for_a_real_model():
+    cfg = parse_config(["--model", "some/dir", "--data", "train.jsonl"])
+    assert (cfg.num_generations, cfg.beta, cfg.lr, cfg.temperature) == (4, 0.04, 1e-6, 1.2)
+    assert (cfg.max_prompt_length, cfg.max_completion_length, cfg.max_pixels) == (512, 1024, 400000)
+    assert cfg.dtype == "auto" and cfg.num_iterations == 1 and cfg.loss_type == "grpo"
+
+
+def test_tiny_defaults_apply_under_explicit_options():
+    cfg = parse_config([])
+    assert cfg.model == "tiny" and cfg.stage == "sft+grpo" and cfg.lr == TINY_DEFAULTS["lr"]
+    assert parse_config(["--lr", "0.5"]).lr == 0.5  # the command line wins over the preset
+
+
+def test_file_then_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: ckpt\ndata: d.jsonl\nbeta: 0\nreference: none\nlr: 2.0e-6\ntop_p: 0.9\n")
+    cfg = parse_config(["--config", str(path), "--lr", "3e-6"])
+    assert (cfg.beta, cfg.reference, cfg.top_p, cfg.lr) == (0.0, "none", 0.9, 3e-6)
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"model": "ckpt", "data": "d.jsonl", "num_generations": 8, "batch_size": 16}))
+    assert parse_config(["--config", str(as_json)]).num_generations == 8
+
+
+def test_bool_options_parse_words():
+    assert parse_config(["--reward_normalize", "true", "--progress", "off"]).reward_normalize is True
+    with pytest.raises(SystemExit):
+        parse_config(["--progress", "maybe"])
+
+
+def test_unknown_options_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--learning_rate", "1e-6"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: 1e-6\ngroup_size: 4\n")
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(batch_size=6), "multiple of --num_generations"),
+    (dict(beta=0.04, reference="none"), "needs a reference model"),
+    (dict(num_generations=1, batch_size=4), "num_generations must be >= 2"),
+    (dict(loss_type="ppo"), "--loss_type"),
+    (dict(stage="rl"), "--stage"),
+    (dict(temperature=0.0), "--temperature"),
+    (dict(top_p=1.5), "--top_p"),
+    (dict(max_pixels=100, min_pixels=3136), "--max_pixels"),
+    (dict(micro_batch_tokens=100), "must hold one whole sequence"),
+    (dict(model="ckpt"), "needs --data"),
+    (dict(lr=0.0), "--lr"),
+    (dict(num_steps="ten"), "must be int"),
+])
+def test_contradictions_fail_with_the_option_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**values)
+
+
+def test_beta_zero_needs_no_reference():
+    cfg = make_config(beta=0.0, reference="none")
+    assert cfg.prompts_per_step == cfg.batch_size // cfg.num_generations
+
+
+def test_every_field_has_a_help_comment():
+    from r1vl.config import _field_comments
+
+    comments = _field_comments()
+    undocumented = [f for f in Config.__dataclass_fields__ if f not in comments]
+    assert undocumented == []

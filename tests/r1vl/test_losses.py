@@ -1,0 +1,82 @@
+"""Loss normalization: micro-batches (and ranks) weighted by microbatch_weight and summed give
+the gradient of the whole batch in one packed forward, for every loss type."""
+import copy
+
+import pytest
+import torch
+from tiny_qwen_vl import make_sample, tiny_model
+
+from r1vl.attention import use_varlen_attention
+from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss
+from r1vl.packing import pack
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _batch(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for prompt in range(3):  # 3 prompts x G=2, completions of uneven lengths
+        first = make_sample(gen, [(1, 4, 4)], completion_len=2 + 5 * prompt)
+        second = make_sample(gen, [(1, 4, 4)], completion_len=9 - 3 * prompt, pixel_values=first.pixel_values)
+        second.prompt_ids = first.prompt_ids
+        samples += [first, second]
+    advantages = torch.randn(len(samples), generator=gen)
+    return samples, advantages
+
+
+def _grads(model, samples, advantages, parts, loss_type, ref_model, weighted=True):
+    """Sum over `parts` (lists of sample indices) of weighted micro-batch losses; returns the
+    flat gradient. Global counts are over all parts, as the trainer all-reduces them."""
+    model.zero_grad(set_to_none=True)
+    S = len(samples)
+    N = sum(len(s.completion_ids) for s in samples)
+    for idx in parts:
+        packed = pack([samples[i] for i in idx], model)
+        ref = completion_logprobs(ref_model, packed, 1.2, "torch")
+        out = policy_loss(model, packed, advantages[idx], None, ref, impl="torch", temperature=1.2, beta=0.04,
+                          loss_type=loss_type, max_completion_length=12, num_items_in_batch=N)
+        weight = microbatch_weight(loss_type, len(idx), packed.target_ids.numel(), S, N) if weighted else 1.0
+        (out.loss * weight).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_microbatches_and_ranks_sum_to_the_full_batch_gradient(loss_type):
+    model = tiny_model("qwen2_vl", seed=0)
+    use_varlen_attention(model)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term matters
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    samples, advantages = _batch(seed=1)
+    full = _grads(model, samples, advantages, [list(range(6))], loss_type, reference)
+    # Uneven micro-batches, as "rank 0" = [0, 1, 2] + [3] and "rank 1" = [4, 5]: the trainer
+    # sums micro-batches and then ranks; the order of a sum does not matter.
+    split = _grads(model, samples, advantages, [[0, 1, 2], [3], [4, 5]], loss_type, reference)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-7)
+    # The weights are load-bearing: an unweighted sum is a different gradient.
+    if loss_type != "dapo":  # (dapo's weight is 1: it divides by the global count itself)
+        unweighted = _grads(model, samples, advantages, [[0, 1, 2], [3], [4, 5]], loss_type, reference, False)
+        assert not torch.allclose(unweighted, full, rtol=1e-2)
+
+
+def test_kernel_impl_never_defers_to_the_environment():
+    assert kernel_impl("auto", torch.device("cpu")) == "torch"
+    assert kernel_impl("auto", torch.device("cuda", 0)) == "triton"
+    assert kernel_impl("triton", torch.device("cpu")) == "triton"
+
+
+def test_reference_log_probs_see_the_image():
+    """The public code computed the KL term without the image; here the reference scores the
+    same packed batch as the policy, pixels included, so another image changes its log-probs."""
+    model = tiny_model("qwen2_vl", seed=0)
+    use_varlen_attention(model)
+    samples, _ = _batch(seed=2)
+    other = [copy.copy(s) for s in samples]
+    for s in other:
+        s.pixel_values = s.pixel_values.flip(0)
+    same = completion_logprobs(model, pack(samples, model), 1.0, "torch")
+    flipped = completion_logprobs(model, pack(other, model), 1.0, "torch")
+    assert same.shape == flipped.shape and not torch.allclose(same, flipped)
