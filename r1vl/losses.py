@@ -1,10 +1,9 @@
 """The three places the trainer turns a packed batch into numbers: log-probs, the GRPO loss,
-the SFT loss. Each projects only the N completion rows through the lm_head.
+the SFT loss. Only the N completion rows' hidden states go through the lm_head.
 
-When the hidden-state variants of the fused loss land in r1vl_kernels
-(`grpo_loss_from_hidden`, `token_logprobs_from_hidden`), `_completion_logits` goes away and
-`completion_logprobs` / `policy_loss` call them with `model.lm_head.weight`: the (N, V)
-logits are then never materialized.
+Log-probs and the GRPO loss use r1vl_kernels' hidden-state variants with the lm_head fused
+in: the (N, V) logits are never materialized. The SFT warm-up's cross-entropy still
+projects its rows through the lm_head.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 from r1vl.model import completion_hidden
 from r1vl.packing import PackedBatch
-from r1vl_kernels import GRPOLossOutput, grpo_loss, token_logprobs
+from r1vl_kernels import GRPOLossOutput, grpo_loss_from_hidden, token_logprobs_from_hidden
 
 
 def kernel_impl(option: str, device: torch.device) -> str:
@@ -29,11 +28,18 @@ def _completion_logits(model: torch.nn.Module, packed: PackedBatch) -> torch.Ten
     return model.lm_head(completion_hidden(model, packed))
 
 
+def _lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head's weight (V, H) and bias (V,) or None, as plain tensors."""
+    return model.lm_head.weight, getattr(model.lm_head, "bias", None)
+
+
 @torch.no_grad()
 def completion_logprobs(model: torch.nn.Module, packed: PackedBatch, temperature: float, impl: str) -> torch.Tensor:
     """(N,) fp32 log softmax(logits / T)[target] of the completion tokens, without gradient:
     the old policy's (num_iterations > 1) and the reference's (beta > 0) log-probs."""
-    return token_logprobs(_completion_logits(model, packed), packed.target_ids, temperature=temperature, impl=impl)
+    weight, bias = _lm_head(model)
+    return token_logprobs_from_hidden(completion_hidden(model, packed), weight, packed.target_ids, bias=bias,
+                                      temperature=temperature, impl=impl)
 
 
 def policy_loss(model: torch.nn.Module, packed: PackedBatch, advantages: torch.Tensor,
@@ -45,9 +51,10 @@ def policy_loss(model: torch.nn.Module, packed: PackedBatch, advantages: torch.T
     loss_options: grpo_loss's keywords (temperature, beta, epsilon_low/high, loss_type,
     max_completion_length, num_items_in_batch, ...). Entropy is always returned.
     """
-    logits = _completion_logits(model, packed)
-    return grpo_loss(logits, packed.target_ids, packed.completion_cu_seqlens, advantages, old_logp, ref_logp,
-                     return_entropy=True, impl=impl, **loss_options)
+    weight, bias = _lm_head(model)
+    return grpo_loss_from_hidden(completion_hidden(model, packed), weight, packed.target_ids,
+                                 packed.completion_cu_seqlens, advantages, old_logp, ref_logp, bias=bias,
+                                 return_entropy=True, impl=impl, **loss_options)
 
 
 def sft_loss_sum(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:

@@ -25,10 +25,10 @@ def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tens
         (N, H) in the model's dtype; row n predicts packed.target_ids[n], and the rows of
         sequence s are completion_cu_seqlens[s] : completion_cu_seqlens[s + 1].
 
-    Use with the fused loss (until its hidden-state variant lands, project the N rows):
+    Use with the fused loss, the lm_head applied inside the kernel (r1vl.losses does this):
         hidden = completion_hidden(policy, packed)
-        out = grpo_loss(policy.lm_head(hidden), packed.target_ids,
-                        packed.completion_cu_seqlens, advantages, old_logp, ref_logp, ...)
+        out = grpo_loss_from_hidden(hidden, policy.lm_head.weight, packed.target_ids,
+                                    packed.completion_cu_seqlens, advantages, old_logp, ref_logp, ...)
     """
     base = model.model if hasattr(model, "lm_head") else model  # skip the head: never all T rows
     mm_encoder_outputs = None
