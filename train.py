@@ -42,6 +42,7 @@ from r1vl.data import load_examples, load_sft
 from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
+from r1vl.plot import plot_run
 from r1vl.prompts import encode_prompt, encode_sft, encode_solution
 from r1vl.rewards import RewardConfig, score_groups
 from r1vl.rollout import generate
@@ -420,6 +421,8 @@ def run(cfg: Config, dd: distributed.Dist) -> dict:
         distributed.print0(f"final policy saved to {run_dir / 'final'}")
     if dd.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if "grpo" in cfg.stage:
+            print(f"curves: {plot_run(run_dir)}", flush=True)
         if "before" in results and results["before"]:
             b, a = results["before"], results["after"]
             print(f"mean reward {b['reward']:.3f} -> {a['reward']:.3f}   accuracy {b['accuracy']:.3f} -> "

@@ -20,10 +20,14 @@ CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "kl", "entropy", "
 
 
 class MetricsLog:
+    """JSONL always; TensorBoard event files in RUN_DIR/tensorboard too when the tensorboard
+    package is installed (scalars tagged "<stage>/<name>")."""
+
     def __init__(self, run_dir: str | Path, enabled: bool, name: str = "metrics.jsonl"):
         self.enabled = enabled
         self.path = Path(run_dir) / name
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled else None
 
     def log(self, record: dict) -> None:
         """Append one record (a flat dict of str -> number/str) as a JSON line, flushed."""
@@ -31,11 +35,27 @@ class MetricsLog:
             return
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
         self._file.flush()
+        if self._tensorboard is not None and isinstance(record.get("step"), int):
+            stage = record.get("stage", "train")
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(f"{stage}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def console_line(record: dict) -> str:
