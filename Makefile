@@ -32,6 +32,8 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_grpo_loss.py
+	$(PY) benchmarks/bench_grpo_loss_from_hidden.py
+	$(PY) benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
