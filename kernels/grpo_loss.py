@@ -128,10 +128,11 @@ def grpo_loss(
         setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
         None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo",
         importance_sampling_level == "sequence", return_entropy, inplace_backward, setup.impl)
-    return output(setup, loss, logp, kl, entropy, low, high, return_entropy)
+    return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
 
 
-def output(setup: LossSetup, loss, logp, kl, entropy, low, high, return_entropy) -> GRPOLossOutput:
+def make_output(setup: LossSetup, loss, logp, kl, entropy, low, high, return_entropy) -> GRPOLossOutput:
+    """The public output from a forward op's (N,)-shaped results, in the caller's layout."""
     return GRPOLossOutput(
         loss=loss, logp=setup.unpack(logp), kl=setup.unpack(kl) if setup.ref_logp is not None else None,
         advantages=setup.advantages.detach(), clip_low_frac=low.detach(), clip_high_frac=high.detach(),

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import _checks
 from ._setup import check_hyperparameters, check_temperature, id_range_checks, prepare_loss
-from .grpo_loss import GRPOLossOutput, output
+from .grpo_loss import GRPOLossOutput, make_output
 from .ops import op
 from . import ops_hidden  # noqa: F401  (registers the ops)
 
@@ -79,4 +79,4 @@ def grpo_loss_from_hidden(
         setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
         None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo",
         importance_sampling_level == "sequence", return_entropy, setup.impl)
-    return output(setup, loss, logp, kl, entropy, low, high, return_entropy)
+    return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
