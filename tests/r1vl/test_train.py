@@ -31,25 +31,27 @@ def _mean(records, key):
 
 
 def test_builtin_run_learns(tmp_path):
-    """The default run, shortened (100 SFT steps, 40 StepGRPO steps, fixed seed, one thread).
+    """The built-in run exactly as `make run` starts it (150 SFT steps, 60 StepGRPO steps,
+    seed 0), on one thread so that it is deterministic.
 
     The signs of the whole loop (rewards, advantages, loss, optimizer) are right only if the
-    reward the policy earns goes up: on the training prompts step by step, and on 32 held-out
-    prompts (8 samples each) before and after StepGRPO. At this length the gain comes mostly
-    from StepRVR (the tiny model learns to keep the output format); answer accuracy must not
-    fall, but its rise is within sampling noise here (the full `python train.py` shows it)."""
+    policy earns more: the training reward of the last steps must clearly beat the first
+    ones, and on 32 held-out prompts (8 samples each) both the mean reward and the accuracy
+    must rise. Measured: held-out reward 0.675 -> 1.044, accuracy 0.133 -> 0.262; the
+    margins asserted below are about half of that. (With two threads the same run gives
+    0.480 -> 1.017 and 0.109 -> 0.301: the numerics differ with the thread count.)"""
     run_dir = tmp_path / "run"
-    result = _train(["--run_dir", str(run_dir), "--sft_steps", "100", "--num_steps", "40"], tmp_path)
+    result = _train(["--run_dir", str(run_dir)], tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     grpo = _records(run_dir, "grpo")
-    assert len(grpo) == 40
+    assert len(grpo) == 60
     first, last = grpo[:10], grpo[-15:]
     assert _mean(last, "reward") > _mean(first, "reward") + 0.08, [round(r["reward"], 3) for r in grpo]
     assert _mean(last, "step_rvr") > _mean(first, "step_rvr") + 0.05, [round(r["step_rvr"], 3) for r in grpo]
     results = json.loads((run_dir / "results.json").read_text())
     before, after = results["before"], results["after"]
-    assert after["reward"] > before["reward"] + 0.1, results
-    assert after["accuracy"] >= before["accuracy"], results
+    assert after["reward"] > before["reward"] + 0.15, results
+    assert after["accuracy"] > before["accuracy"] + 0.05, results
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
                 "decode_efficiency", "peak_memory_gb", "time_rollout", "time_reference", "time_update",
                 "step_rar", "step_rvr", "key_step_match", "has_answer"):
