@@ -186,13 +186,14 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
             if prompt.ids.numel() + target.numel() <= cfg.micro_batch_tokens:
                 samples.append(Sample(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
         n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], dd.device)[0]
-        loss_sum, finite = 0.0, True
+        # Summed on the device and read back once per step: no host sync per micro-batch.
+        loss_sum = torch.zeros((), device=dd.device)
         for _, packed in packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device):
             loss = sft_loss_sum(model, packed) / n_tokens
-            finite &= bool(torch.isfinite(loss))
             loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, finite, skipped, dd)
+            loss_sum += loss.detach()
+        loss_sum = float(loss_sum)
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, math.isfinite(loss_sum), skipped, dd)
         record = {"stage": "sft", "step": step, "loss": distributed.all_reduce_sum([loss_sum], dd.device)[0],
                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
                   "tokens_per_s": n_tokens / (time.perf_counter() - t0) / dd.world_size}
@@ -249,27 +250,31 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                    for _, pb in micro]
 
         # 4. num_iterations optimizer steps over the packed micro-batches
-        stats = dict(loss=0.0, kl=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0)
+        # Token-weighted sums (divided by the global token count below), kept on the device
+        # and read back once per optimizer step: no host sync per micro-batch.
+        stats = {k: torch.zeros((), device=dd.device) for k in ("loss", "kl", "entropy", "clip_low", "clip_high")}
         with timer("update"):
             model.train()
             for _ in range(cfg.num_iterations):
-                finite = True
+                iteration_loss = torch.zeros((), device=dd.device)
                 for k, (idx, pb) in enumerate(micro):
                     out = policy_loss(model, pb, advantages[idx].to(dd.device), old[k], ref[k], impl=impl,
                                       num_items_in_batch=N_global, **loss_options)
                     n = pb.target_ids.numel()
                     weight = microbatch_weight(cfg.loss_type, len(idx), n, S_global, N_global)
                     loss = out.loss * weight
-                    finite &= bool(torch.isfinite(loss))
                     loss.backward()
-                    # token-weighted sums; divided by the global token count below
-                    stats["loss"] += float(loss.detach()) / cfg.num_iterations
-                    stats["kl"] += float(out.kl.sum()) / cfg.num_iterations if out.kl is not None else 0.0
-                    stats["entropy"] += float(out.entropy.sum()) / cfg.num_iterations
-                    stats["clip_low"] += float(out.clip_low_frac) * n / cfg.num_iterations
-                    stats["clip_high"] += float(out.clip_high_frac) * n / cfg.num_iterations
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, finite, skipped, dd)
+                    iteration_loss += loss.detach()
+                    if out.kl is not None:
+                        stats["kl"] += out.kl.sum() / cfg.num_iterations
+                    stats["entropy"] += out.entropy.sum() / cfg.num_iterations
+                    stats["clip_low"] += out.clip_low_frac * n / cfg.num_iterations
+                    stats["clip_high"] += out.clip_high_frac * n / cfg.num_iterations
+                stats["loss"] += iteration_loss / cfg.num_iterations
+                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, math.isfinite(float(iteration_loss)),
+                                           skipped, dd)
             model.eval()
+        stats = {k: float(v) for k, v in stats.items()}
 
         # 5. metrics, reduced over ranks
         seconds = time.perf_counter() - t0
