@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from r1vl.attention import use_varlen_attention
 from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy, save_policy
 from r1vl.config import Config, parse_config, to_dict
 from r1vl.data import load_examples, load_sft
+from r1vl.engine import PlainEngine
 from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
@@ -64,19 +64,6 @@ def batches(items: list, per_rank: int, dd: distributed.Dist, seed: int):
             yield [items[i] for i in mine]
 
 
-def make_lr_lambda(cfg: Config, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return factor
-
-
 def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Config, device) -> list:
     """The rank's sequences as packed micro-batches of at most micro_batch_tokens tokens; the
     G siblings of a prompt stay together where they fit, so their image is encoded once."""
@@ -85,42 +72,9 @@ def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Co
     return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx]
 
 
-@dataclass
-class SkippedUpdates:
-    """Updates skipped for a non-finite loss or gradient; past `limit` the run stops rather
-    than step on weights that may already be corrupt."""
-    limit: int
-    count: int = 0
-
-
-def optimizer_step(model, optimizer, scheduler, cfg: Config, loss_finite: bool, skipped: SkippedUpdates,
-                   dd: distributed.Dist) -> float:
-    """Sum gradients over ranks, clip, step; or skip the step on every rank when any rank saw
-    a non-finite loss or the summed gradient is not finite. Returns the gradient norm before
-    clipping. (The seam where a DeepSpeed engine's backward/step would take over.)"""
-    params = [p for p in model.parameters() if p.requires_grad]
-    distributed.all_reduce_grads(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    any_bad = distributed.all_reduce_max([0.0 if loss_finite else 1.0], dd.device)[0] > 0
-    # Every rank holds the same summed gradient and flag, so they all take the same decision.
-    if any_bad or not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        skipped.count += 1
-        distributed.print0(f"skipped an update: non-finite loss or gradient (norm {float(norm)}); "
-                           f"{skipped.count} of at most {skipped.limit}")
-        if skipped.count >= skipped.limit:
-            raise RuntimeError(f"{skipped.count} updates skipped for non-finite values (--max_bad_steps); stopping")
-        return float(norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-def make_optimizer(model, lr: float, cfg: Config, total_steps: int):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, total_steps))
+def make_engine(model, cfg: Config, lr: float, total_steps: int, dd: distributed.Dist):
+    """The engine (r1vl.engine) that turns this stage's losses into updates."""
+    return PlainEngine(model, cfg, lr, total_steps, dd)
 
 
 # -------------------------------------------------------------------------------- rollout
@@ -175,10 +129,9 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
         def encode(ex):
             prompt = encode_prompt(ex, policy.tokenizer, policy.image_processor, merge, cfg.max_pixels, cfg.min_pixels)
             return prompt, encode_solution(ex.solution, policy.tokenizer)
-    optimizer, scheduler = make_optimizer(model, cfg.sft_lr, cfg, cfg.sft_steps)
+    engine = make_engine(model, cfg, cfg.sft_lr, cfg.sft_steps, dd)
     stream = batches(loaded, cfg.sft_batch_size, dd, cfg.seed + 1)
-    model.train()
-    skipped = SkippedUpdates(cfg.max_bad_steps)
+    engine.train()
     for step in range(1, cfg.sft_steps + 1):
         t0 = time.perf_counter()
         samples = []
@@ -190,17 +143,17 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
         loss_sum = torch.zeros((), device=dd.device)
         for _, packed in packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device):
             loss = sft_loss_sum(model, packed) / n_tokens
-            loss.backward()
+            engine.backward(loss)
             loss_sum += loss.detach()
         loss_sum = float(loss_sum)
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg, math.isfinite(loss_sum), skipped, dd)
+        grad_norm = engine.step(math.isfinite(loss_sum))
         record = {"stage": "sft", "step": step, "loss": distributed.all_reduce_sum([loss_sum], dd.device)[0],
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
+                  "grad_norm": grad_norm, "lr": engine.lr, "tokens": n_tokens,
                   "tokens_per_s": n_tokens / (time.perf_counter() - t0) / dd.world_size}
         run_log.log(record)
         if step % cfg.log_every == 0 or step == cfg.sft_steps:
             distributed.print0(console_line(record))
-    model.eval()
+    engine.eval()
 
 
 def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log: MetricsLog) -> dict:
@@ -218,19 +171,18 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
     if results["before"]:
         distributed.print0("before GRPO: " + json.dumps({k: round(v, 4) for k, v in results["before"].items()}))
 
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg, cfg.num_steps * cfg.num_iterations)
+    engine = make_engine(model, cfg, cfg.lr, cfg.num_steps * cfg.num_iterations, dd)
     stream = batches(examples, cfg.prompts_per_step, dd, cfg.seed)
     generator = torch.Generator(dd.device).manual_seed(cfg.seed * 1000 + dd.rank)
     timer = Timer(dd.device)
     loss_options = dict(temperature=cfg.temperature, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                         max_completion_length=cfg.max_completion_length)
-    skipped = SkippedUpdates(cfg.max_bad_steps)
     progress = _progress(cfg, dd, cfg.num_steps, "StepGRPO")
     for step in range(1, cfg.num_steps + 1):
         t0 = time.perf_counter()
         # 1-2. rollout and rewards
-        with timer("rollout"):
+        with timer("rollout"), engine.gathered():
             prompts, completions, rewards, too_long = rollout(
                 policy, next(stream), cfg, dd, generator, eos_ids, reward_cfg)
             samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
@@ -254,7 +206,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         # and read back once per optimizer step: no host sync per micro-batch.
         stats = {k: torch.zeros((), device=dd.device) for k in ("loss", "kl", "entropy", "clip_low", "clip_high")}
         with timer("update"):
-            model.train()
+            engine.train()
             for _ in range(cfg.num_iterations):
                 iteration_loss = torch.zeros((), device=dd.device)
                 for k, (idx, pb) in enumerate(micro):
@@ -263,7 +215,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                     n = pb.target_ids.numel()
                     weight = microbatch_weight(cfg.loss_type, len(idx), n, S_global, N_global)
                     loss = out.loss * weight
-                    loss.backward()
+                    engine.backward(loss)
                     iteration_loss += loss.detach()
                     if out.kl is not None:
                         stats["kl"] += out.kl.sum() / cfg.num_iterations
@@ -271,9 +223,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                     stats["clip_low"] += out.clip_low_frac * n / cfg.num_iterations
                     stats["clip_high"] += out.clip_high_frac * n / cfg.num_iterations
                 stats["loss"] += iteration_loss / cfg.num_iterations
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, math.isfinite(float(iteration_loss)),
-                                           skipped, dd)
-            model.eval()
+                grad_norm = engine.step(math.isfinite(float(iteration_loss)))
+            engine.eval()
         stats = {k: float(v) for k, v in stats.items()}
 
         # 5. metrics, reduced over ranks
@@ -293,7 +244,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         per_seq = 1.0 / max(S_global, 1)
         per_token = 1.0 / max(N_global, 1)
         record = {
-            "stage": "grpo", "step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "stage": "grpo", "step": step, "lr": engine.lr, "grad_norm": grad_norm,
             **{k: total[k] * per_seq for k in ("reward", "accuracy", "step_rar", "step_rvr", "key_step_match",
                                                 "has_answer", "truncated", "completion_len")},
             "loss": total["loss"],
@@ -306,7 +257,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             # The sampler decodes every sequence until the longest stops: useful share of that.
             "decode_efficiency": N_global / max(total["decode_slots"], 1),
             "peak_memory_gb": distributed.all_reduce_max([peak_memory_gb(dd.device)], dd.device)[0],
-            "skipped_updates": skipped.count, **timer.pop(), "time_step": seconds,
+            "skipped_updates": engine.skipped, **timer.pop(), "time_step": seconds,
         }
         run_log.log(record)
         progress.update(1)

@@ -1,0 +1,137 @@
+"""What turns losses into updates: backward, gradient reduction, clipping, the optimizer and
+its schedule, and their state in a checkpoint.
+
+The training loop talks to an engine only:
+
+    engine.backward(loss)            # once per micro-batch
+    grad_norm = engine.step(finite)  # once per optimizer step
+    with engine.gathered(): ...      # full weights for the rollout (a no-op unless sharded)
+
+`PlainEngine` is torch's AdamW with a warm-up/decay schedule and data parallelism by hand
+(gradients summed over ranks once per step, r1vl.distributed). `r1vl.deepspeed_engine`
+puts DeepSpeed's engine (ZeRO-2/3) behind the same methods.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from r1vl import distributed
+from r1vl.config import Config
+
+
+def lr_factor(cfg: Config, total_steps: int):
+    """step -> multiplier of the base rate: linear warm-up over warmup_steps, then constant,
+    linear or cosine decay to zero at total_steps."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many updates skipped for a non-finite loss or gradient (--max_bad_steps)."""
+
+
+class PlainEngine:
+    """AdamW + LambdaLR on `model`'s trainable parameters, gradients summed over ranks by hand.
+
+    Args:
+        model: the policy (any nn.Module), already on its device, identical on every rank.
+        cfg: max_grad_norm, adam_beta1/2, weight_decay, warmup_steps, lr_schedule, max_bad_steps.
+        lr: the base rate of this stage; total_steps: optimizer steps the schedule spans.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, dd: distributed.Dist):
+        self.model, self.dd = model, dd
+        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        self.max_bad_steps = cfg.max_bad_steps
+        self.skipped = 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, total_steps))
+
+    # ------------------------------------------------------------------ the update
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate d(loss)/d(params); the loss is already weighted by its share of the
+        global batch (r1vl.losses.microbatch_weight), so gradients sum, never average."""
+        loss.backward()
+
+    def step(self, loss_finite: bool) -> float:
+        """Sum gradients over ranks, clip, step; or skip the step on every rank when any rank
+        saw a non-finite loss or the summed gradient is not finite. Returns the gradient norm
+        before clipping. Raises NonFiniteUpdates after max_bad_steps skipped updates."""
+        distributed.all_reduce_grads(self.params)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        any_bad = distributed.all_reduce_max([0.0 if loss_finite else 1.0], self.dd.device)[0] > 0
+        # Every rank holds the same summed gradient and flag, so they all take the same decision.
+        if any_bad or not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip(float(norm))
+            return float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _skip(self, norm: float) -> None:
+        self.skipped += 1
+        distributed.print0(f"skipped an update: non-finite loss or gradient (norm {norm}); "
+                           f"{self.skipped} of at most {self.max_bad_steps}")
+        if self.skipped >= self.max_bad_steps:
+            raise NonFiniteUpdates(f"{self.skipped} updates skipped for non-finite values (--max_bad_steps); stopping")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def gathered(self):
+        """Context in which every parameter holds its full value (for the rollout); the
+        weights are never sharded here."""
+        return contextlib.nullcontext()
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_state(self, directory: Path) -> None:
+        """Optimizer and schedule into `directory` (every rank calls this; the state is the
+        same on every rank, so rank 0 writes it). The weights are saved by the caller."""
+        if self.dd.is_main:
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            (directory / "engine.json").write_text(json.dumps(
+                {"scheduler": _jsonable_scheduler_state(self.scheduler), "skipped": self.skipped}, indent=1) + "\n")
+
+    def load_state(self, directory: Path) -> None:
+        """Inverse of save_state; the optimizer file is read with torch.load(weights_only=True)."""
+        state = torch.load(directory / "optimizer.pt", map_location=self.dd.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+        extra = json.loads((directory / "engine.json").read_text())
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.skipped = extra["skipped"]
+
+
+def _jsonable_scheduler_state(scheduler) -> dict:
+    """LambdaLR's state is numbers and lists of numbers (lr_lambdas holds None for plain
+    functions, which are rebuilt from the config); JSON keeps it out of pickle."""
+    state = scheduler.state_dict()
+    if any(x is not None for x in state.get("lr_lambdas", [])):
+        raise TypeError("the schedule holds a callable object; it cannot be saved as JSON")
+    json.dumps(state)  # fail here, not on load, if anything is not plain data
+    return state
