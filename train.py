@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 train.py --model PATH --data train.jsonl
     python train.py --stage sft --model PATH --data train.jsonl   # the supervised warm-up only
     python train.py --help                            # every option, with the paper's defaults
+    torchrun --nproc_per_node=8 train.py --deepspeed configs/zero3.json --model PATH --data train.jsonl
 
 One GRPO step, per data-parallel rank:
   1. rollout: prompts_per_step prompts, G completions each (r1vl.rollout: the image and the
@@ -23,7 +24,6 @@ The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions fi
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -43,7 +43,7 @@ from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, pol
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
 from r1vl.plot import plot_run
-from r1vl.prompts import encode_prompt, encode_sft, encode_solution
+from r1vl.prompts import blank_prompt, encode_prompt, encode_sft, encode_solution
 from r1vl.rewards import RewardConfig, score_groups
 from r1vl.rollout import generate
 from r1vl_kernels import group_advantages
@@ -72,8 +72,22 @@ def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Co
     return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx]
 
 
+def filler_microbatch(policy: Policy, cfg: Config, device):
+    """A packed batch of one blank-image sequence: what a rank with fewer micro-batches runs,
+    weighted 0, when the engine keeps ranks in lockstep (engine.lockstep)."""
+    merge = policy.model.config.vision_config.spatial_merge_size
+    prompt = blank_prompt(policy.tokenizer, policy.image_processor, merge, cfg.min_pixels)
+    return pack([Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)],
+                policy.model).to(device)
+
+
 def make_engine(model, cfg: Config, lr: float, total_steps: int, dd: distributed.Dist):
-    """The engine (r1vl.engine) that turns this stage's losses into updates."""
+    """The engine (r1vl.engine) that turns this stage's losses into updates: DeepSpeed's with
+    --deepspeed (imported only then), else plain data parallelism."""
+    if cfg.deepspeed:
+        from r1vl.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, lr, total_steps, dd)
     return PlainEngine(model, cfg, lr, total_steps, dd)
 
 
@@ -130,6 +144,7 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
             prompt = encode_prompt(ex, policy.tokenizer, policy.image_processor, merge, cfg.max_pixels, cfg.min_pixels)
             return prompt, encode_solution(ex.solution, policy.tokenizer)
     engine = make_engine(model, cfg, cfg.sft_lr, cfg.sft_steps, dd)
+    filler = filler_microbatch(policy, cfg, dd.device)
     stream = batches(loaded, cfg.sft_batch_size, dd, cfg.seed + 1)
     engine.train()
     for step in range(1, cfg.sft_steps + 1):
@@ -141,8 +156,9 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
         n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], dd.device)[0]
         # Summed on the device and read back once per step: no host sync per micro-batch.
         loss_sum = torch.zeros((), device=dd.device)
-        for _, packed in packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device):
-            loss = sft_loss_sum(model, packed) / n_tokens
+        micro = packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device)
+        for idx, packed in engine.lockstep(micro, filler):
+            loss = engine.forward(sft_loss_sum, packed) / n_tokens * (0.0 if idx is None else 1.0)
             engine.backward(loss)
             loss_sum += loss.detach()
         loss_sum = float(loss_sum)
@@ -154,6 +170,7 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
         if step % cfg.log_every == 0 or step == cfg.sft_steps:
             distributed.print0(console_line(record))
     engine.eval()
+    engine.close()
 
 
 def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log: MetricsLog) -> dict:
@@ -163,15 +180,16 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
     reward_cfg = RewardConfig(alpha=cfg.reward_alpha, normalize=cfg.reward_normalize, symbolic=cfg.reward_symbolic)
     eos_ids = sorted({policy.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
     G = cfg.num_generations
-    reference = None
-    if cfg.beta > 0:  # a frozen copy of the policy as it starts (after any warm-up)
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    engine = make_engine(model, cfg, cfg.lr, cfg.num_steps * cfg.num_iterations, dd)
+    # The KL reference: a frozen copy of the policy as it starts (after any warm-up).
+    reference = engine.frozen_copy() if cfg.beta > 0 else None
+    filler = filler_microbatch(policy, cfg, dd.device)
 
-    results = {"before": evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)}
+    with engine.gathered():
+        results = {"before": evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)}
     if results["before"]:
         distributed.print0("before GRPO: " + json.dumps({k: round(v, 4) for k, v in results["before"].items()}))
 
-    engine = make_engine(model, cfg, cfg.lr, cfg.num_steps * cfg.num_iterations, dd)
     stream = batches(examples, cfg.prompts_per_step, dd, cfg.seed)
     generator = torch.Generator(dd.device).manual_seed(cfg.seed * 1000 + dd.rank)
     timer = Timer(dd.device)
@@ -193,13 +211,14 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             micro = packed_microbatches(samples, [i // G for i in range(len(samples))], model, cfg, dd.device)
         S_local, N_local = len(samples), sum(len(ids) for ids in completions.ids)
         S_global, N_global = distributed.all_reduce_sum([S_local, N_local], dd.device)
+        steps = engine.lockstep(micro, filler)  # micro, plus zero-weighted fillers where ranks must keep pace
 
         # 3. old and reference log-probs, once per rollout
         with timer("reference"):
-            old = [completion_logprobs(model, pb, cfg.temperature, impl) if cfg.num_iterations > 1 else None
-                   for _, pb in micro]
-            ref = [completion_logprobs(reference, pb, cfg.temperature, impl) if reference is not None else None
-                   for _, pb in micro]
+            old = [engine.forward(completion_logprobs, pb, cfg.temperature, impl) if cfg.num_iterations > 1
+                   else None for _, pb in steps]
+            ref = [reference.forward(completion_logprobs, pb, cfg.temperature, impl) if reference is not None
+                   else None for _, pb in steps]
 
         # 4. num_iterations optimizer steps over the packed micro-batches
         # Token-weighted sums (divided by the global token count below), kept on the device
@@ -209,13 +228,19 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             engine.train()
             for _ in range(cfg.num_iterations):
                 iteration_loss = torch.zeros((), device=dd.device)
-                for k, (idx, pb) in enumerate(micro):
-                    out = policy_loss(model, pb, advantages[idx].to(dd.device), old[k], ref[k], impl=impl,
-                                      num_items_in_batch=N_global, **loss_options)
+                for k, (idx, pb) in enumerate(steps):
                     n = pb.target_ids.numel()
-                    weight = microbatch_weight(cfg.loss_type, len(idx), n, S_global, N_global)
+                    if idx is None:  # a filler (engine.lockstep): runs like a micro-batch, weighted 0
+                        adv, weight = torch.zeros(pb.num_sequences), 0.0
+                    else:
+                        adv, weight = advantages[idx], microbatch_weight(cfg.loss_type, len(idx), n, S_global,
+                                                                         N_global)
+                    out = engine.forward(policy_loss, pb, adv.to(dd.device), old[k], ref[k], impl=impl,
+                                         num_items_in_batch=N_global, **loss_options)
                     loss = out.loss * weight
                     engine.backward(loss)
+                    if idx is None:
+                        continue
                     iteration_loss += loss.detach()
                     if out.kl is not None:
                         stats["kl"] += out.kl.sum() / cfg.num_iterations
@@ -266,9 +291,13 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             progress.write(console_line(record), file=sys.stdout)
     progress.close()
 
-    results["after"] = evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)
+    with engine.gathered():
+        results["after"] = evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)
     if results["after"]:
         distributed.print0("after GRPO:  " + json.dumps({k: round(v, 4) for k, v in results["after"].items()}))
+    engine.close()
+    if reference is not None:
+        reference.close()
     return results
 
 
@@ -371,8 +400,9 @@ def run(cfg: Config, dd: distributed.Dist) -> dict:
     if len(set(results["weight_digests"])) > 1:
         distributed.print0("WARNING: the ranks' weights differ: " + ", ".join(results["weight_digests"]))
     if cfg.save_final:
-        if dd.is_main:
-            save_policy(policy, run_dir / "final")
+        with distributed.gathered(policy.model):  # full weights if ZeRO-3 sharded them
+            if dd.is_main:
+                save_policy(policy, run_dir / "final")
         distributed.barrier()
         distributed.print0(f"final policy saved to {run_dir / 'final'}")
     if dd.is_main:

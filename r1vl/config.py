@@ -79,6 +79,7 @@ class Config:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     kernel_impl: str = "auto"  # r1vl_kernels impl: auto = triton on CUDA, torch on CPU
     attention: str = "auto"  # packed attention backend: auto / flash_attn / varlen_attn / sdpa
+    deepspeed: str = ""  # a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism
 
     # --- logging and evaluation
     eval_prompts: int = 0  # held-out prompts scored before and after training; 0 = none
@@ -132,6 +133,10 @@ class Config:
         need(not (self.stage == "sft" and self.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
         if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
             need(self.device != "cpu", f"--kernel_impl {self.kernel_impl} / --attention {self.attention} need a GPU")
+        if self.deepspeed:
+            from r1vl.deepspeed_engine import read_deepspeed_config
+
+            read_deepspeed_config(self)  # the file's own checks, and its keys against these options
 
     @property
     def prompts_per_step(self) -> int:

@@ -7,6 +7,7 @@ step, after all micro-batches: the step is the seam where a DeepSpeed engine tak
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -97,25 +98,49 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the parameters (each rank holds a shard
+    and `p` itself is an empty placeholder outside gathered())."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered(model: torch.nn.Module, modifier_rank: int | None = None):
+    """Context in which every parameter of `model` holds its full value on every rank; a
+    no-op unless ZeRO-3 sharded it (deepspeed is imported only then). With modifier_rank,
+    that rank's values are broadcast to all on exit (for writing weights)."""
+    if not is_sharded(model):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)
+
+
 def weight_digests(model: torch.nn.Module) -> list[str]:
-    """SHA-256 of every rank's parameter bytes, gathered on all ranks: data parallelism is
-    right only if these are all equal after every step."""
+    """SHA-256 of every rank's parameter bytes (the full weights, gathered first if sharded),
+    collected on all ranks: data parallelism is right only if these are all equal."""
     h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    with gathered(model):
+        for p in model.parameters():
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digest = h.hexdigest()
     if not dist.is_initialized():
         return [digest]
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, digest)
-    return gathered
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    return digests
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Rank 0's weights to every rank, so that all start identical whatever they loaded."""
-    if dist.is_initialized():
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+    """Rank 0's weights to every rank, so that all start identical whatever they loaded.
+    Sharded (ZeRO-3) weights are gathered, and rank 0's written back to every shard."""
+    if not dist.is_initialized():
+        return
+    if is_sharded(model):
+        with gathered(model, modifier_rank=0):
+            pass  # leaving the context broadcasts rank 0's full values and re-partitions them
+        return
+    for p in model.parameters():
+        dist.broadcast(p.data, src=0)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:

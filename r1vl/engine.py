@@ -3,9 +3,13 @@ its schedule, and their state in a checkpoint.
 
 The training loop talks to an engine only:
 
-    engine.backward(loss)            # once per micro-batch
-    grad_norm = engine.step(finite)  # once per optimizer step
-    with engine.gathered(): ...      # full weights for the rollout (a no-op unless sharded)
+    steps = engine.lockstep(micro, filler)      # the micro-batches this rank runs
+    out = engine.forward(policy_loss, packed, ...)  # fn(model, ...) as the model's forward
+    engine.backward(loss)                       # once per micro-batch
+    grad_norm = engine.step(finite)             # once per optimizer step
+    with engine.gathered(): ...                 # full weights for the rollout (a no-op unless sharded)
+    reference = engine.frozen_copy()            # the KL reference: the policy as it is now, frozen
+    engine.close()                              # end of a stage
 
 `PlainEngine` is torch's AdamW with a warm-up/decay schedule and data parallelism by hand
 (gradients summed over ranks once per step, r1vl.distributed). `r1vl.deepspeed_engine`
@@ -14,6 +18,7 @@ puts DeepSpeed's engine (ZeRO-2/3) behind the same methods.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from pathlib import Path
@@ -43,7 +48,54 @@ class NonFiniteUpdates(RuntimeError):
     """Too many updates skipped for a non-finite loss or gradient (--max_bad_steps)."""
 
 
-class PlainEngine:
+class Frozen:
+    """A frozen copy of a model (the KL reference). `forward(fn, *args)` is fn(model, *args)
+    without gradient, the same call as Engine.forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class Engine:
+    """What every engine shares: counting skipped updates, the rate, the defaults of the
+    methods that only sharded engines need."""
+
+    max_bad_steps: int
+    skipped: int
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def _skip(self, norm: float) -> None:
+        self.skipped += 1
+        distributed.print0(f"skipped an update: non-finite loss or gradient (norm {norm}); "
+                           f"{self.skipped} of at most {self.max_bad_steps}")
+        if self.skipped >= self.max_bad_steps:
+            raise NonFiniteUpdates(f"{self.skipped} updates skipped for non-finite values (--max_bad_steps); stopping")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def lockstep(self, microbatches: list, filler) -> list:
+        """The micro-batches this rank runs in this step: `microbatches` itself. Engines with
+        collectives inside every forward/backward (ZeRO) pad it with (None, filler) entries so
+        that all ranks run as many; an entry whose index is None is weighted 0.
+
+        microbatches: [(indices, PackedBatch)]; filler: a small PackedBatch (never used here).
+        """
+        return microbatches
+
+    def close(self) -> None:
+        """End of a stage: release what the engine holds (the model stays as it is)."""
+
+
+class PlainEngine(Engine):
     """AdamW + LambdaLR on `model`'s trainable parameters, gradients summed over ranks by hand.
 
     Args:
@@ -86,16 +138,13 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def _skip(self, norm: float) -> None:
-        self.skipped += 1
-        distributed.print0(f"skipped an update: non-finite loss or gradient (norm {norm}); "
-                           f"{self.skipped} of at most {self.max_bad_steps}")
-        if self.skipped >= self.max_bad_steps:
-            raise NonFiniteUpdates(f"{self.skipped} updates skipped for non-finite values (--max_bad_steps); stopping")
+    def forward(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs): a loss or log-probs of the policy (r1vl.losses)."""
+        return fn(self.model, *args, **kwargs)
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    def frozen_copy(self) -> Frozen:
+        """The policy as it is now, frozen: the reference of the KL term."""
+        return Frozen(copy.deepcopy(self.model))
 
     def gathered(self):
         """Context in which every parameter holds its full value (for the rollout); the

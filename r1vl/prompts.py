@@ -51,6 +51,19 @@ def encode_prompt(example: Example, tokenizer, image_processor, merge: int, max_
     return Prompt(ids, pixels, grid, example)
 
 
+def blank_prompt(tokenizer, image_processor, merge: int, min_pixels: int) -> Prompt:
+    """The chat prompt around a black image of about min_pixels and no question: the input
+    of filler micro-batches (r1vl.engine's lockstep), which must run every module a real
+    batch runs, the vision tower included."""
+    from PIL import Image
+
+    side = max(1, int(min_pixels ** 0.5))
+    block, pixels, grid = _image_block(image_processor, Image.new("RGB", (side, side)), merge)
+    text = _turn("system", SYSTEM) + _turn("user", block) + "<|im_start|>assistant\n"
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    return Prompt(ids, pixels, grid, None)
+
+
 def encode_solution(solution: str, tokenizer) -> torch.Tensor:
     """(C,) int64: the assistant's answer followed by <|im_end|>, the SFT target."""
     return torch.tensor(tokenizer(solution + END, add_special_tokens=False)["input_ids"], dtype=torch.int64)

@@ -1,0 +1,434 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 behind r1vl's engine interface (r1vl.engine).
+
+    torchrun --nproc_per_node 8 train.py --deepspeed configs/zero3.json --model PATH --data train.jsonl
+
+The JSON is a plain DeepSpeed config; r1vl keeps what it owns and fills the rest:
+- The update is PlainEngine's: torch's AdamW and r1vl's warm-up/decay schedule go to
+  deepspeed.initialize as client objects (DeepSpeed runs that AdamW on its fp32 shard), so the
+  JSON may not hold "optimizer" or "scheduler"; gradient_clipping is --max_grad_norm.
+- A step is however many packed micro-batches a rank has (r1vl.packing), each loss already
+  weighted by its share of the global batch so that gradients SUM over ranks. DeepSpeed
+  averages over ranks and divides by gradient_accumulation_steps, so r1vl sets that to 1,
+  multiplies every loss by the world size, and sets managed_gradient_accumulation to false:
+  engine.step() is then the accumulation boundary however many backward calls preceded it.
+  train_batch_size / train_micro_batch_size_per_gpu / gradient_accumulation_steps are
+  therefore "auto" or absent.
+- bf16.enabled follows --dtype ("auto", or a value that agrees with it); fp16 is refused.
+
+ZeRO runs collectives inside every forward (ZeRO-3 gathers each layer's weights) and backward
+(gradients are reduced as they appear), so every rank must run as many of each:
+`lockstep` pads a rank's micro-batches with zero-weighted fillers.
+
+Under ZeRO-3 a parameter outside its module's forward is an empty placeholder. The fused loss
+reads lm_head.weight directly (r1vl.losses passes it to the kernel), so every training-time
+computation runs as the forward of `_Forward`, a module that holds the policy and has
+lm_head.weight registered as its external parameter: DeepSpeed gathers it for that forward,
+gathers it again before that forward's backward, and reduces its gradient like any other.
+The rollout calls the model's parts directly, so it runs inside `gathered()`: all weights
+gathered once and the per-module hooks lifted (deepspeed.runtime.zero.unwrap_model_for_generation).
+
+deepspeed is imported only here, when an engine is built: plain runs never import it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from r1vl import distributed
+from r1vl.config import Config
+from r1vl.engine import Engine, Frozen, _jsonable_scheduler_state, lr_factor
+
+# -------------------------------------------------------------------------------- the JSON
+
+# Top-level keys passed to DeepSpeed as they are (it validates their contents itself).
+PASSED_KEYS = ("zero_optimization", "bf16", "steps_per_print", "wall_clock_breakdown", "memory_breakdown",
+               "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "data_types",
+               "comms_logger")
+# Keys r1vl sets itself: "auto" or absent (gradient_clipping may also equal --max_grad_norm).
+OWNED_KEYS = {
+    "train_batch_size": "the global batch is --batch_size completions per rank, packed into micro-batches of "
+                        "--micro_batch_tokens",
+    "train_micro_batch_size_per_gpu": "micro-batches are packed by tokens (--micro_batch_tokens)",
+    "gradient_accumulation_steps": "a step accumulates all of a rank's packed micro-batches, however many",
+    "gradient_clipping": "it is --max_grad_norm",
+}
+REFUSED_KEYS = {
+    "optimizer": "r1vl's AdamW is used; set --lr, --sft_lr, --weight_decay, --adam_beta1, --adam_beta2",
+    "scheduler": "r1vl's schedule is used; set --lr_schedule and --warmup_steps",
+    "managed_gradient_accumulation": "r1vl sets it to false (engine.step() is the accumulation boundary)",
+}
+ZERO_STAGES = (2, 3)
+
+
+def read_deepspeed_config(cfg: Config) -> dict:
+    """The JSON of --deepspeed, checked against r1vl's options without importing deepspeed.
+
+    Raises ValueError naming --deepspeed (and the conflicting option) for a missing or
+    unparsable file, an unknown or refused key, a ZeRO stage other than 2/3, offloading,
+    fp16, or a value that contradicts --dtype / --max_grad_norm. DeepSpeed itself checks the
+    contents of zero_optimization when the engine is built.
+    """
+    path = Path(cfg.deepspeed)
+    where = f"--deepspeed {cfg.deepspeed}"
+    if not path.is_file():
+        raise ValueError(f"{where}: no such file")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object of DeepSpeed options")
+
+    for key, value in raw.items():
+        if key in REFUSED_KEYS:
+            raise ValueError(f"{where}: {key!r} is not taken: {REFUSED_KEYS[key]}")
+        if key in OWNED_KEYS:
+            clipping_agrees = key == "gradient_clipping" and _is_number(value) and value == cfg.max_grad_norm
+            if value != "auto" and not clipping_agrees:
+                raise ValueError(f"{where}: {key} must be \"auto\" or absent ({OWNED_KEYS[key]}), got {value!r}")
+        elif key == "fp16":
+            if not isinstance(value, dict) or value.get("enabled", False) not in (False, "auto"):
+                raise ValueError(f"{where}: fp16 is not supported (its loss scaling skips updates that r1vl would "
+                                 "count as bad steps); use bf16 (--dtype bfloat16) or float32")
+        elif key not in PASSED_KEYS:
+            raise ValueError(f"{where}: unknown or unsupported key {key!r}; allowed: "
+                             f"{sorted([*PASSED_KEYS, *OWNED_KEYS, 'fp16'])}")
+
+    zero = raw.get("zero_optimization")
+    if not isinstance(zero, dict) or zero.get("stage") not in ZERO_STAGES:
+        raise ValueError(f"{where}: zero_optimization.stage must be one of {ZERO_STAGES}")
+    for offload in ("offload_optimizer", "offload_param"):
+        if offload in zero and (zero[offload] or {}).get("device", "none") != "none":
+            raise ValueError(f"{where}: zero_optimization.{offload} is not supported by r1vl's engine")
+    if zero.get("elastic_checkpoint"):
+        raise ValueError(f"{where}: zero_optimization.elastic_checkpoint is not supported (r1vl saves each "
+                         "rank's shard of the optimizer state and resumes on as many ranks)")
+
+    bf16 = raw.get("bf16", {})
+    if not isinstance(bf16, dict):
+        raise ValueError(f"{where}: bf16 must be an object such as {{\"enabled\": \"auto\"}}")
+    if bf16.get("check_grad_overflow", True) is False:
+        raise ValueError(f"{where}: bf16.check_grad_overflow must stay true: it is how every rank skips an "
+                         "update with a non-finite gradient (--max_bad_steps)")
+    enabled = bf16.get("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise ValueError(f"{where}: bf16.enabled must be true, false or \"auto\", got {enabled!r}")
+    if cfg.dtype == "float16":
+        raise ValueError(f"--dtype float16 with {where}: fp16 is not supported; use bfloat16 or float32")
+    if enabled != "auto" and cfg.dtype != "auto" and enabled != (cfg.dtype == "bfloat16"):
+        raise ValueError(f"{where}: bf16.enabled is {str(enabled).lower()} but --dtype is {cfg.dtype}; set "
+                         "bf16.enabled to \"auto\" (it follows --dtype) or make them agree")
+    return raw
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def resolved_config(raw: dict, cfg: Config, dtype: torch.dtype, world_size: int) -> dict:
+    """The config handed to deepspeed.initialize: `raw` with r1vl's values filled in.
+
+    dtype: the model's (the resolved --dtype); bf16 is enabled exactly when it is bfloat16.
+    """
+    bf16 = raw.get("bf16", {}).get("enabled", "auto")
+    if bf16 != "auto" and bf16 != (dtype == torch.bfloat16):
+        raise ValueError(f"--deepspeed {cfg.deepspeed}: bf16.enabled is {str(bf16).lower()} but the model's dtype "
+                         f"is {dtype} (--dtype {cfg.dtype}); set bf16.enabled to \"auto\"")
+    if dtype == torch.float16:
+        raise ValueError(f"--deepspeed {cfg.deepspeed}: the model is float16; fp16 is not supported, use bfloat16")
+    out = copy.deepcopy(raw)
+    out.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size,
+               gradient_clipping=cfg.max_grad_norm, managed_gradient_accumulation=False)
+    out["bf16"] = {**raw.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    out["fp16"] = {"enabled": False}
+    out.setdefault("steps_per_print", 2**62)  # r1vl prints its own lines
+    return out
+
+
+# -------------------------------------------------------------------------------- the engine
+
+
+class _Forward(torch.nn.Module):
+    """The module DeepSpeed wraps: the policy as its child, and a forward that runs a function
+    of it. Under ZeRO-3, lm_head.weight is registered as this module's external parameter
+    (the fused loss reads it outside lm_head's forward), so DeepSpeed gathers it for this
+    forward and for its backward."""
+
+    def __init__(self, model: torch.nn.Module, sharded: bool):
+        super().__init__()
+        self.model = model
+        if sharded:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, model.lm_head.weight)
+
+    def forward(self, fn):
+        return fn(self.model)
+
+
+def _run(ds_engine, fn, args, kwargs):
+    """fn(model, *args, **kwargs) as the forward of the DeepSpeed engine's _Forward. A
+    dataclass result (GRPOLossOutput) goes out as a dict and is rebuilt: ZeRO-3 hooks its
+    pre-backward gathering onto the tensors it can find in the output, which must therefore
+    be a tensor, a tuple/list or a dict."""
+    kind = {}
+
+    def call(model):
+        out = fn(model, *args, **kwargs)
+        if dataclasses.is_dataclass(out):
+            kind["type"] = type(out)
+            return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        return out
+
+    out = ds_engine(call)
+    return kind["type"](**out) if kind else out
+
+
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, whose gradient becomes NaN when its value is not finite: 0 * loss is 0 for a
+    finite loss and NaN otherwise. DeepSpeed then sees a non-finite gradient norm on every
+    rank (gradients are reduced) and skips the update everywhere, with no extra host sync."""
+    return loss * (loss.detach() * 0 + 1)
+
+
+class DeepSpeedEngine(Engine):
+    """AdamW + LambdaLR on `model` inside a DeepSpeed ZeRO-2/3 engine; PlainEngine's interface.
+
+    Args:
+        model: the policy, on its device, identical on every rank (or already sharded by an
+            earlier stage's ZeRO-3 engine); it stays `model` (the engine wraps it, never copies it).
+        cfg: deepspeed (the JSON path), max_grad_norm, adam_beta1/2, weight_decay, warmup_steps,
+            lr_schedule, max_bad_steps, dtype.
+        lr: the base rate of this stage; total_steps: optimizer steps the schedule spans.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, dd: distributed.Dist):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != dd.device.type:
+            raise ValueError(f"--deepspeed: DeepSpeed's accelerator is {get_accelerator().device_name()!r} but the "
+                             f"run is on {dd.device}; set DS_ACCELERATOR={dd.device.type} or --device")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown r1vl's
+        self.model, self.dd = model, dd
+        self.max_bad_steps, self.skipped = cfg.max_bad_steps, 0
+        dtype = next(model.parameters()).dtype
+        self.config = resolved_config(read_deepspeed_config(cfg), cfg, dtype, dd.world_size)
+        self.stage = self.config["zero_optimization"]["stage"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+        self._ds, *_ = deepspeed.initialize(model=_Forward(model, sharded=self.stage == 3), optimizer=optimizer,
+                                            lr_scheduler=self.scheduler, config=self.config)
+
+    # ------------------------------------------------------------------ the update
+
+    def forward(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs) inside the engine's forward (see _Forward)."""
+        return _run(self._ds, fn, args, kwargs)
+
+    def lockstep(self, microbatches: list, filler) -> list:
+        """`microbatches` padded with (None, filler) to the largest count over ranks."""
+        most = int(distributed.all_reduce_max([len(microbatches)], self.dd.device)[0])
+        return microbatches + [(None, filler)] * (most - len(microbatches))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate d(loss)/d(params). DeepSpeed averages gradients over ranks; r1vl's losses
+        are shares of the global batch whose gradients must sum, hence the world size."""
+        self._ds.backward(_poisoned(loss) * self.dd.world_size, scale_wrt_gas=False)
+
+    def step(self, loss_finite: bool) -> float:
+        """Reduce, clip and apply the accumulated gradient, or skip the update on every rank
+        when its norm is not finite (a non-finite loss on any rank makes it so, see
+        _poisoned; `loss_finite` itself is therefore not needed). Returns the norm before
+        clipping. Raises NonFiniteUpdates after max_bad_steps skipped updates."""
+        self._ds.step()
+        norm = self._ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        if not self._ds.was_step_applied():
+            self._skip(norm)
+        return norm
+
+    def gathered(self):
+        """ZeRO-3: every parameter gathered and the per-module hooks lifted for the duration
+        (the rollout's KV-cache decoding calls the model's parts directly). ZeRO-2: a no-op."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        return _yielding_nothing(unwrap_model_for_generation(self._ds))
+
+    def frozen_copy(self):
+        """The policy as it is now, frozen: ZeRO-2 a plain copy on every rank (as PlainEngine),
+        ZeRO-3 a copy sharded like the policy (ShardedReference)."""
+        if self.stage != 3:
+            return Frozen(copy.deepcopy(self.model))
+        return ShardedReference(self.model, self.config)
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    def close(self) -> None:
+        """Remove DeepSpeed's hooks and free the optimizer state. Under ZeRO-3 the model stays
+        sharded: the next stage's engine takes it as it is, and distributed.gathered()
+        gathers it for the final save."""
+        if self._ds is not None:
+            self._ds.destroy()
+            self._ds = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_state(self, directory: Path) -> None:
+        """Each rank writes its shard of the optimizer state (fp32 master weights, AdamW
+        moments) as zero_rank{r}.pt, plain tensors and numbers only; rank 0 writes engine.json
+        (schedule, skipped count, stage, world size). The weights are saved by the caller."""
+        state = _plain_optimizer_state(self._ds.optimizer.state_dict())
+        torch.save(state, directory / f"zero_rank{self.dd.rank:05d}.pt")
+        if self.dd.is_main:
+            (directory / "engine.json").write_text(json.dumps(
+                {"scheduler": _jsonable_scheduler_state(self.scheduler), "skipped": self.skipped,
+                 "zero_stage": self.stage, "world_size": self.dd.world_size}, indent=1) + "\n")
+
+    def load_state(self, directory: Path) -> None:
+        """Inverse of save_state, on as many ranks with the same stage; each rank reads its own
+        file with torch.load(weights_only=True). Under ZeRO-3 this also sets the weights from
+        the saved fp32 master copy; under ZeRO-2 the caller loads the weights."""
+        extra = json.loads((directory / "engine.json").read_text())
+        if (extra["zero_stage"], extra["world_size"]) != (self.stage, self.dd.world_size):
+            raise ValueError(f"{directory}: saved by ZeRO-{extra['zero_stage']} on {extra['world_size']} ranks; "
+                             f"this run is ZeRO-{self.stage} on {self.dd.world_size} (resume needs the same)")
+        state = torch.load(directory / f"zero_rank{self.dd.rank:05d}.pt", map_location=self.dd.device,
+                           weights_only=True)
+        optimizer = self._ds.optimizer
+        state = _restored_optimizer_state(state, optimizer)
+        # DeepSpeed takes the list of every rank's state and reads its own entry; rigid
+        # (non-elastic) checkpoints on the same ranks read nothing else.
+        states = [None] * self.dd.world_size
+        states[self.dd.rank] = state
+        optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.skipped = extra["skipped"]
+
+
+@contextlib.contextmanager
+def _yielding_nothing(context):
+    with context:
+        yield
+
+
+# Entries of a ZeRO optimizer's state_dict that are not plain data: the loss scaler (static
+# 1 without fp16; the live one is put back on load) and the slice map that only DeepSpeed's
+# universal-checkpoint converter reads. zero_stage is an enum, saved as its int.
+_DROPPED = ("loss_scaler", "param_slice_mappings")
+
+
+def _plain_optimizer_state(state: dict) -> dict:
+    """A ZeRO optimizer's state_dict as tensors, numbers, strings and containers only, so that
+    torch.load(weights_only=True) reads it back. Raises TypeError on anything else."""
+    out = {k: v for k, v in state.items() if k not in _DROPPED}
+    if "zero_stage" in out:
+        out["zero_stage"] = int(out["zero_stage"])
+    _check_plain(out, "optimizer state")
+    return out
+
+
+def _check_plain(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, (torch.Tensor, int, float, bool, str, type(None))):
+        raise TypeError(f"{where} is a {type(value).__name__}; only plain data is saved")
+
+
+def _restored_optimizer_state(state: dict, optimizer) -> dict:
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    state = dict(state)
+    state["loss_scaler"] = optimizer.loss_scaler
+    if "zero_stage" in state:
+        state["zero_stage"] = ZeroStageEnum(state["zero_stage"])
+    return state
+
+
+# -------------------------------------------------------------------------------- the reference
+
+
+class ShardedReference:
+    """The KL reference under ZeRO-3: a frozen copy of the policy, sharded like it.
+
+    Built under deepspeed.zero.Init, which partitions every parameter as its module is
+    created (weight initialization skipped, as transformers does for ZeRO-3: the values are
+    copied next), and filled one parameter at a time from the policy's gathered weights, so
+    no rank ever holds a second full copy; then wrapped in a DeepSpeed inference engine
+    (ZeRO-3, no optimizer) whose hooks gather each layer in forward.
+    `forward(fn, *args)` is fn(copy, *args) without gradient, as Frozen.forward.
+    """
+
+    def __init__(self, policy: torch.nn.Module, config: dict):
+        import deepspeed
+        from transformers.initialization import no_init_weights
+
+        inference = {k: v for k, v in config.items()
+                     if k in ("zero_optimization", "bf16", "fp16", "train_batch_size", "steps_per_print",
+                              "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+        dtype = next(policy.parameters()).dtype
+        # Built with sdpa, then switched to the policy's attention (r1vl.attention registers
+        # its packed kernels under names transformers would try to resolve at construction).
+        config = copy.deepcopy(policy.config)
+        attention = {"text_config": config.text_config._attn_implementation,
+                     "vision_config": config.vision_config._attn_implementation}
+        config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
+        # zero.Init takes the dtype from the config's bf16 flag (its own dtype= argument is
+        # ignored on accelerators without fp16). mem_efficient_linear=False: its replacement of
+        # torch.nn.functional.linear would outlive the context, and a frozen copy needs no
+        # weight re-gathering in backward.
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=inference, mem_efficient_linear=False):
+            model = type(policy)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if next(model.parameters()).dtype != dtype:
+            raise RuntimeError(f"the sharded reference was built in {next(model.parameters()).dtype}, not {dtype}")
+        model.set_attn_implementation(attention)
+        _copy_sharded(policy, model)
+        model.eval().requires_grad_(False)
+        self._ds, *_ = deepspeed.initialize(model=_Forward(model, sharded=True), config=inference)
+        self._ds.eval()
+
+    @torch.no_grad()
+    def forward(self, fn, *args, **kwargs):
+        return _run(self._ds, fn, args, kwargs)
+
+    def close(self) -> None:
+        if self._ds is not None:
+            self._ds.destroy()
+            self._ds = None
+
+
+def _copy_sharded(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst's weights := src's, both ZeRO-3 sharded with the same structure: one parameter
+    gathered at a time, rank 0's copy broadcast into every shard of dst."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    src_params, dst_params = dict(src.named_parameters()), dict(dst.named_parameters())
+    if src_params.keys() != dst_params.keys():
+        raise RuntimeError("the reference's parameters differ from the policy's")
+    with torch.no_grad():
+        for name, target in dst_params.items():
+            with GatheredParameters([src_params[name]]), GatheredParameters([target], modifier_rank=0):
+                target.data.copy_(src_params[name].data)
+        # Buffers are never partitioned. zero.Init creates them in the model's dtype (RoPE's
+        # inv_freq in bf16 would lose precision), so they are replaced, not copied into.
+        for name, buffer in src.named_buffers():
+            module_name, _, leaf = name.rpartition(".")
+            dst.get_submodule(module_name)._buffers[leaf] = buffer.clone()
