@@ -358,7 +358,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    dd = distributed.init(cfg.device)
+    dd = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
     try:
         results = run(cfg, dd)
     except BaseException:

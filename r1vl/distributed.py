@@ -28,10 +28,12 @@ class Dist:
         return self.rank == 0
 
 
-def init(device: str = "auto") -> Dist:
+def init(device: str = "auto", always_group: bool = False) -> Dist:
     """Start the process group when launched by torchrun; pick this rank's device.
 
     device: "auto" (this rank's GPU if there is one, else the CPU), "cpu" or "cuda".
+    always_group: start a group even for a single process (`python train.py`): DeepSpeed
+        needs one and would otherwise look for MPI.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,9 +47,15 @@ def init(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    elif always_group and not dist.is_initialized():
+        # What torchrun would have set for a world of one (DeepSpeed reads LOCAL_RANK).
+        for name in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(name, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Dist(rank, world_size, local_rank, dev)
 
 
