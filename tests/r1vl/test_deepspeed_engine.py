@@ -8,9 +8,10 @@ machine compiles DeepSpeed's shared-memory comm op (about 45 s, cached in
 ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR).
 
 Tolerance: in float32 the ZeRO runs differ from plain data parallelism only in summation
-order (DeepSpeed's bucketed reductions and norm, scaled by the world size and averaged),
-so per-step losses and gradient norms agree to rtol 1e-5 and weights to 1e-5 after four
-updates (measured: about 1e-7 relative for losses and grad norms).
+order (DeepSpeed's bucketed reductions and its norm), so per-step losses and gradient norms
+must agree to rtol 1e-5 and weights to 5e-5 absolute. Measured on two CPU ranks: losses
+within 6e-8 relative, gradient norms within 7e-7, weights (scale 0.02, moved about 4e-3 by
+four updates at lr 1e-3) within 6e-7 (ZeRO-2) and 7e-6 (ZeRO-3).
 """
 import json
 import os
@@ -26,7 +27,7 @@ from r1vl.deepspeed_engine import _plain_optimizer_state, read_deepspeed_config,
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+RTOL, WEIGHT_ATOL = 1e-5, 5e-5
 
 
 def _torchrun(args, cwd, timeout=600):
@@ -181,14 +182,14 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
 
     The tiny random model earns no reward in two GRPO steps, so the GRPO updates themselves
     are zero here (the engine test above covers nonzero ones); the SFT steps, the KL
-    reference, the rollout under ZeRO-3 and the stage change from one engine to the next are
-    what this run checks."""
+    reference, the old log-probs (num_iterations 2), the rollout and evaluation under ZeRO-3
+    and the stage change from one engine to the next are what this run checks."""
     from safetensors.torch import load_file
 
     from r1vl.checkpoint import check_checkpoint_dir
 
     args = ["--progress", "false", "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "4",
-            "--max_completion_length", "24", "--beta", "0.04"]
+            "--max_completion_length", "24", "--beta", "0.04", "--num_iterations", "2"]
     runs = {}
     for kind in ("plain", "zero2", "zero3"):
         run_dir = tmp_path / kind
