@@ -397,6 +397,7 @@ class ShardedReference:
         # weight re-gathering in backward.
         with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=inference, mem_efficient_linear=False):
             model = type(policy)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.tie_weights()  # as transformers does after a ZeRO-3 construction (Qwen2-VL-2B ties lm_head)
         if next(model.parameters()).dtype != dtype:
             raise RuntimeError(f"the sharded reference was built in {next(model.parameters()).dtype}, not {dtype}")
         model.set_attn_implementation(attention)
@@ -422,7 +423,8 @@ def _copy_sharded(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
     src_params, dst_params = dict(src.named_parameters()), dict(dst.named_parameters())
     if src_params.keys() != dst_params.keys():
-        raise RuntimeError("the reference's parameters differ from the policy's")
+        raise RuntimeError("the reference's parameters differ from the policy's: "
+                           f"{sorted(src_params.keys() ^ dst_params.keys())}")
     with torch.no_grad():
         for name, target in dst_params.items():
             with GatheredParameters([src_params[name]]), GatheredParameters([target], modifier_rank=0):

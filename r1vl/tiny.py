@@ -41,9 +41,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0) -> torch.nn.Module:
+def build_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False) -> torch.nn.Module:
     """A random fp32 Qwen2-VL for the tokenizer's vocabulary: 4 text layers of width 128
-    (grouped-query attention, 4 query / 2 key-value heads), a one-block vision tower."""
+    (grouped-query attention, 4 query / 2 key-value heads), a one-block vision tower.
+    tie_word_embeddings: lm_head shares the input embedding's weight, as in Qwen2-VL-2B."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -57,7 +58,7 @@ def build_model(tokenizer, seed: int = 0) -> torch.nn.Module:
     config = Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config).float()
 

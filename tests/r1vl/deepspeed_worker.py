@@ -3,10 +3,11 @@ ZeRO-2 and ZeRO-3, written to a JSON file for the test to compare.
 
     torchrun --nproc_per_node 2 tests/r1vl/deepspeed_worker.py OUT_DIR
 
-Each engine trains a fresh copy of one tiny Qwen2-VL (same seed) for STEPS optimizer steps on
-random completions after blank images, with random advantages and a KL term to the engine's
-frozen copy, so that the fused loss's lm_head gradient, the reference and the sum over ranks
-all matter. Rank 0 has more micro-batches than rank 1, and none at all in one step: ZeRO
+Each engine trains a fresh copy of one tiny Qwen2-VL (same seed; lm_head tied to the input
+embedding, as in Qwen2-VL-2B, the untied case being train.py's built-in model) for STEPS
+optimizer steps on random completions after blank images, with random advantages and a KL
+term to the engine's frozen copy, so that the fused loss's lm_head gradient, the reference
+and the sum over ranks all matter. Rank 0 has more micro-batches than rank 1, and none at all in one step: ZeRO
 needs the ranks in lockstep (engine.lockstep). Before each step a rollout runs inside
 engine.gathered() with a different number of decode steps per rank. After step RESUME_AT the
 policy's weights and engine state are saved; a fresh model and engine load them and repeat
@@ -89,7 +90,7 @@ def main(out_dir: Path) -> None:
 
     processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=3136)
     prompt = blank_prompt(tokenizer, processor, 2, 3136)
-    initial = build_model(tokenizer, seed=0)
+    initial = build_model(tokenizer, seed=0, tie_word_embeddings=True)  # lm_head is the embedding, as in 2B
     results = {}
     for kind in ("plain", "zero2", "zero3"):
         deepspeed = "" if kind == "plain" else str(CONFIGS / f"{kind}.json")
