@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import logging
 from pathlib import Path
@@ -285,6 +286,8 @@ class DeepSpeedEngine(Engine):
         if self._ds is not None:
             self._ds.destroy()
             self._ds = None
+            self.scheduler.optimizer.state.clear()  # the AdamW moments of this rank's shard
+            gc.collect()  # DeepSpeed's engine holds reference cycles (hooks closing over it)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -215,3 +215,36 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
         assert final.keys() == final_plain.keys()
         for name, tensor in final.items():  # full weights, not ZeRO-3's empty placeholders
             torch.testing.assert_close(tensor, final_plain[name], rtol=0, atol=WEIGHT_ATOL, msg=f"{kind} {name}")
+
+
+def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path):
+    """As with the plain engine (test_train): a learning rate of 1e30 makes the next forward
+    overflow; ZeRO-3 skips those updates, counts them and stops at --max_bad_steps. Run as
+    one process (`python train.py`), which starts a process group of one for DeepSpeed."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--progress", "false", "--run_dir", str(run_dir), "--stage", "sft",
+           "--sft_steps", "6", "--sft_batch_size", "4", "--sft_lr", "1e30", "--max_bad_steps", "2",
+           "--max_grad_norm", "0", "--deepspeed", str(CONFIGS / "zero3.json")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert result.stdout.count("skipped an update") == 2, result.stdout[-2000:]
+    assert "updates skipped for non-finite values" in result.stderr
+    assert len(_records(run_dir, "sft")) < 6
+
+
+def test_plain_runs_never_import_deepspeed():
+    code = ("import sys, torch, train\n"
+            "from r1vl import distributed\n"
+            "from r1vl.config import make_config\n"
+            "from r1vl.tiny import build_model, build_tokenizer\n"
+            "model = build_model(build_tokenizer(['a b'] * 2, vocab_size=300))\n"
+            "dd = distributed.init('cpu')\n"
+            "engine = train.make_engine(model, make_config(), 1e-3, 1, dd)\n"
+            "engine.backward(model.lm_head.weight.sum()); engine.step(True)\n"
+            "with engine.gathered(), distributed.gathered(model):\n"
+            "    distributed.weight_digests(model)\n"
+            "assert 'deepspeed' not in sys.modules\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
