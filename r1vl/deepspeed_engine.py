@@ -26,6 +26,13 @@ lm_head.weight registered as its external parameter: DeepSpeed gathers it for th
 gathers it again before that forward's backward, and reduces its gradient like any other.
 The rollout calls the model's parts directly, so it runs inside `gathered()`: all weights
 gathered once and the per-module hooks lifted (deepspeed.runtime.zero.unwrap_model_for_generation).
+The KL reference is sharded too: a second, inference-only ZeRO-3 engine (ShardedReference).
+
+Checkpoints (save_state / load_state): each rank's shard of the ZeRO optimizer state, reduced
+to tensors and numbers, goes through torch.save and comes back through
+torch.load(weights_only=True). DeepSpeed's own save_checkpoint / load_checkpoint are not used:
+they pickle objects (the loss scaler, enums, slice maps), read everything back with
+torch.load(weights_only=False), and would write the weights a second time.
 
 deepspeed is imported only here, when an engine is built: plain runs never import it.
 """
@@ -105,8 +112,12 @@ def read_deepspeed_config(cfg: Config) -> dict:
     if not isinstance(zero, dict) or zero.get("stage") not in ZERO_STAGES:
         raise ValueError(f"{where}: zero_optimization.stage must be one of {ZERO_STAGES}")
     for offload in ("offload_optimizer", "offload_param"):
-        if offload in zero and (zero[offload] or {}).get("device", "none") != "none":
+        section = zero.get(offload)
+        if section is not None and not (isinstance(section, dict) and section.get("device", "none") == "none"):
             raise ValueError(f"{where}: zero_optimization.{offload} is not supported by r1vl's engine")
+    if zero.get("compute_grad_norm", True) is False:
+        raise ValueError(f"{where}: zero_optimization.compute_grad_norm must stay true: the norm is logged, and a "
+                         "non-finite norm is how every rank skips an update (--max_bad_steps)")
     if zero.get("elastic_checkpoint"):
         raise ValueError(f"{where}: zero_optimization.elastic_checkpoint is not supported (r1vl saves each "
                          "rank's shard of the optimizer state and resumes on as many ranks)")

@@ -80,6 +80,8 @@ ZERO2 = {"zero_optimization": {"stage": 2}}
     ({}, {}, "stage must be one of"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, {}, "offload_param"),
     ({**ZERO2, "managed_gradient_accumulation": True}, {}, "managed_gradient_accumulation"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, {}, "compute_grad_norm"),
+    ({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, {}, "elastic_checkpoint"),
 ])
 def test_bad_or_conflicting_configs_are_refused(tmp_path, content, options, message):
     with pytest.raises(ValueError, match=message) as info:
