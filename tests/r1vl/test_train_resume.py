@@ -25,13 +25,15 @@ ARGS = ["--sft_steps", "40", "--num_steps", "4", "--batch_size", "16", "--eval_p
         "--progress", "false"]
 
 
-def _train(run_dir: Path, *extra, kill_at: str | None = None):
+def _train(run_dir: Path, *extra, kill_at: str | None = None, ranks: int = 1):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("TRITON_INTERPRET", None)
     env.pop("R1VL_TEST_KILL_AT", None)
     if kill_at:
         env["R1VL_TEST_KILL_AT"] = kill_at
-    cmd = [sys.executable, str(ROOT / "train.py"), "--run_dir", str(run_dir), *ARGS, *extra]
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*launcher, str(ROOT / "train.py"), "--run_dir", str(run_dir), *ARGS, *extra]
     return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -96,6 +98,30 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path, uninterrupted):
         ("grpo", s) for s in range(1, 5)]
     plain = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in plain], rel=1e-5, abs=1e-7)
+
+
+def test_two_ranks_resume_to_the_same_weights(tmp_path):
+    """Each rank restores its own sampler state and data slice: killed after GRPO step 2
+    (both ranks), resumed under torchrun, the weights equal those of an uninterrupted run."""
+    per_rank = ["--sft_batch_size", "8", "--batch_size", "8"]
+    plain, run_dir = tmp_path / "plain", tmp_path / "run"
+    result = _train(plain, *per_rank, ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train(run_dir, *per_rank, ranks=2, kill_at="after_checkpoint:42")
+    assert result.returncode != 0 and _steps(run_dir) == [40, 42]
+    assert {p.name for p in (run_dir / "checkpoints" / "step_00000042").glob("rng_rank*.pt")} == {
+        "rng_rank0.pt", "rng_rank1.pt"}
+    result = _train(run_dir, *per_rank, "--resume", "auto", ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr and "Abort" not in result.stderr
+    expected, got = load_file(plain / "final" / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["weight_digests"][0] == results["weight_digests"][1]
+    # A different number of ranks cannot continue this run.
+    result = _train(run_dir, *per_rank, "--resume", "auto")
+    assert result.returncode != 0 and "was written by 2 rank(s), this run has 1" in result.stderr
 
 
 def test_resume_refuses_what_does_not_fit(tmp_path):
