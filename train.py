@@ -42,7 +42,8 @@ from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy, save_poli
 from r1vl.config import Config, parse_config, to_dict
 from r1vl.data import load_examples, load_sft
 from r1vl.engine import PlainEngine
-from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum
+from r1vl.losses import (completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum,
+                         step_advantages)
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
 from r1vl.plot import plot_run
@@ -50,7 +51,6 @@ from r1vl.prompts import encode_prompt, encode_sft, encode_solution
 from r1vl.resume import Checkpointer, find_resume_point, load_rng, read_trainer_state
 from r1vl.rewards import RewardConfig, score_groups
 from r1vl.rollout import generate
-from r1vl_kernels import group_advantages
 
 # -------------------------------------------------------------------------------- helpers
 
@@ -228,8 +228,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
                        for p, ids in zip([p for p in prompts for _ in range(G)], completions.ids)]
             reward_t = torch.as_tensor(rewards.total, dtype=torch.float32)
-            advantages = (group_advantages(reward_t, G, cfg.scale_rewards, impl="torch") if samples
-                          else torch.zeros(0))
+            advantages = step_advantages(reward_t, G, cfg.scale_rewards,
+                                         lambda values: distributed.all_reduce_sum(values, dd.device))
             micro = packed_microbatches(samples, [i // G for i in range(len(samples))], model, cfg, dd.device)
         S_local, N_local = len(samples), sum(len(ids) for ids in completions.ids)
         S_global, N_global = distributed.all_reduce_sum([S_local, N_local], dd.device)
