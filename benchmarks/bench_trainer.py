@@ -11,7 +11,9 @@ min_new_tokens, so every completion is exactly max_completion_length tokens on b
 Shared settings: G, completions per optimizer step, max_completion_length, beta, learning rate,
 temperature, loss_type, dtype, one optimizer step per rollout, pixel bounds, seed.
 
-Reported per trainer: the median step (by step time) after dropping the warm-up steps:
+Reported per trainer: the median step (by step time) of its measured steps, pooled over
+--rounds runs of each trainer taken in turn (ours, TRL, ours, TRL, ...), each run's warm-up
+steps dropped:
 - tokens_per_s: (prompt + completion tokens of the step's sequences, image placeholders
   included) / step seconds, train.py's own definition, computed the same way by the driver.
 - time_step, time_rollout (sampling, rewards, advantages; TRL's also its second pass of the
@@ -67,9 +69,9 @@ DRIVER = ROOT / "benchmarks" / "trl_trainer_driver.py"
 # Per shape: the model, the data and the step. Both trainers get exactly these.
 SHAPES = {
     "tiny": dict(device="cpu", dtype="float32", num_generations=4, batch_size=16, max_prompt_length=128,
-                 max_completion_length=128, image_size=56, steps=5, warmup=1, micro_batch_tokens=1024),
+                 max_completion_length=128, image_size=56, steps=3, warmup=1, rounds=2, micro_batch_tokens=1024),
     "2b": dict(device="cuda", dtype="bfloat16", num_generations=4, batch_size=16, max_prompt_length=512,
-               max_completion_length=512, image_size=448, steps=3, warmup=1, micro_batch_tokens=16384),
+               max_completion_length=512, image_size=448, steps=3, warmup=1, rounds=1, micro_batch_tokens=16384),
 }
 # micro_batch_tokens is r1vl's own knob (TRL runs the step's sequences as one padded batch):
 # on a CPU the packed attention is sdpa with a block-diagonal (T, T) mask, so the tiny shape
@@ -155,9 +157,9 @@ def _run(cmd: list[str], log: Path) -> None:
                            + "\n".join(log.read_text().splitlines()[-30:]))
 
 
-def run_ours(data: Path, model_dir: Path, settings: dict, workdir: Path) -> list[dict]:
-    """train.py's GRPO records (metrics.jsonl), one per step."""
-    run_dir = workdir / "r1vl-run"
+def run_ours(data: Path, model_dir: Path, settings: dict, workdir: Path, tag: str) -> list[dict]:
+    """train.py's GRPO records (metrics.jsonl), one per step, warm-up steps included."""
+    run_dir = workdir / f"r1vl-run{tag}"
     pixels = str(settings["image_size"] ** 2)
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(model_dir), "--data", str(data),
            "--run_dir", str(run_dir), "--stage", "grpo", "--num_steps", str(settings["warmup"] + settings["steps"]),
@@ -167,15 +169,16 @@ def run_ours(data: Path, model_dir: Path, settings: dict, workdir: Path) -> list
            "--lr", str(COMMON["lr"]), "--temperature", str(COMMON["temperature"]),
            "--loss_type", COMMON["loss_type"], "--dtype", settings["dtype"], "--seed", str(COMMON["seed"]),
            "--device", settings["device"], "--min_pixels", pixels, "--max_pixels", pixels, "--reward_symbolic", "false",
-           "--micro_batch_tokens", str(settings["micro_batch_tokens"]), "--eval_prompts", "0", "--save_final", "false", "--progress", "false"]
-    _run(cmd, workdir / "r1vl.log")
+           "--micro_batch_tokens", str(settings["micro_batch_tokens"]), "--eval_prompts", "0",
+           "--save_final", "false", "--progress", "false"]
+    _run(cmd, workdir / f"r1vl{tag}.log")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("stage") == "grpo"]
 
 
-def run_trl(data: Path, model_dir: Path, settings: dict, workdir: Path) -> list[dict]:
-    """The driver's per-step records."""
-    out = workdir / "trl-steps.jsonl"
+def run_trl(data: Path, model_dir: Path, settings: dict, workdir: Path, tag: str) -> list[dict]:
+    """The driver's per-step records, warm-up steps included."""
+    out = workdir / f"trl-steps{tag}.jsonl"
     out.unlink(missing_ok=True)
     pixels = str(settings["image_size"] ** 2)
     cmd = [sys.executable, str(DRIVER), "--model", str(model_dir), "--data", str(data), "--out", str(out),
@@ -185,18 +188,21 @@ def run_trl(data: Path, model_dir: Path, settings: dict, workdir: Path) -> list[
            "--lr", str(COMMON["lr"]), "--temperature", str(COMMON["temperature"]),
            "--loss_type", COMMON["loss_type"], "--dtype", settings["dtype"], "--seed", str(COMMON["seed"]),
            "--device", settings["device"], "--min_pixels", pixels, "--max_pixels", pixels]
-    _run(cmd, workdir / "trl.log")
+    _run(cmd, workdir / f"trl{tag}.log")
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def median_step(records: list[dict], warmup: int) -> dict:
-    """The step with the median step time among those after `warmup` (the lower middle for an
-    even count), so that its time split adds up."""
-    kept = records[warmup:]
-    if not kept:
+def after_warmup(records: list[dict], warmup: int) -> list[dict]:
+    """One run's records without its first `warmup` steps (compilation, allocator growth)."""
+    if len(records) <= warmup:
         raise ValueError(f"no steps left after dropping {warmup} warm-up step(s) of {len(records)}")
-    ordered = sorted(kept, key=lambda r: r["time_step"])
-    return ordered[(len(ordered) - 1) // 2]
+    return records[warmup:]
+
+
+def median_step(records: list[dict]) -> dict:
+    """The step with the median step time (the lower middle for an even count): one real step,
+    so that its time split adds up."""
+    return sorted(records, key=lambda r: r["time_step"])[(len(records) - 1) // 2]
 
 
 def our_reward_seconds(data: Path, model_dir: Path, settings: dict, reps: int = 3) -> float:
@@ -240,13 +246,13 @@ def _versions() -> dict:
 
 
 def timed(label: str, fn):
-    """fn() and a note with its wall time and the machine's load average before and after (the
-    CPU figures are only as quiet as the machine was)."""
+    """fn() and the machine's load average before -> after it (the CPU figures are only as
+    quiet as the machine was)."""
     before, t0 = os.getloadavg()[0], time.perf_counter()
     out = fn()
-    seconds, after = time.perf_counter() - t0, os.getloadavg()[0]
-    print(f"{label} done in {seconds:.0f} s", flush=True)
-    return out, f"load avg {before:.1f} -> {after:.1f}"
+    after = os.getloadavg()[0]
+    print(f"{label} done in {time.perf_counter() - t0:.0f} s (load average {before:.1f} -> {after:.1f})", flush=True)
+    return out, f"{before:.1f}->{after:.1f}"
 
 
 def make_row(env: dict, trainer: str, shape: str, settings: dict, step: dict, time_generate: str,
@@ -255,8 +261,9 @@ def make_row(env: dict, trainer: str, shape: str, settings: dict, step: dict, ti
     return dict(env, trainer=trainer, shape=shape, dtype=settings["dtype"], G=settings["num_generations"],
                 batch=settings["batch_size"], max_prompt_length=settings["max_prompt_length"],
                 completion_len=f"{step['completion_len']:.0f}", beta=COMMON["beta"], lr=COMMON["lr"],
-                temperature=COMMON["temperature"], loss_type=COMMON["loss_type"], warmup_steps=settings["warmup"],
-                measured_steps=settings["steps"], tokens_per_step=f"{tokens:.0f}",
+                temperature=COMMON["temperature"], loss_type=COMMON["loss_type"], rounds=settings["rounds"],
+                warmup_steps=settings["warmup"], measured_steps=settings["steps"] * settings["rounds"],
+                tokens_per_step=f"{tokens:.0f}",
                 tokens_per_s=f"{step['tokens_per_s']:.1f}", **{k: f"{step[k]:.3f}" for k in TIME_KEYS},
                 time_generate=time_generate, time_reward=f"{time_reward:.2g}",
                 peak_memory_gb=f"{step['peak_memory_gb']:.2f}", speedup_vs_trl="", note=note)
@@ -265,7 +272,10 @@ def make_row(env: dict, trainer: str, shape: str, settings: dict, step: dict, ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=tuple(SHAPES), default="tiny")
-    parser.add_argument("--steps", type=int, default=0, help="measured steps (default: the shape's)")
+    parser.add_argument("--steps", type=int, default=0, help="measured steps per run (default: the shape's)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="runs of each trainer, alternating, their measured steps pooled, so that a shared "
+                             "machine's load falls on both (default: the shape's)")
     parser.add_argument("--quick", action="store_true", help="one measured step")
     parser.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
     parser.add_argument("--skip-trl", action="store_true", help="run r1vl's trainer only")
@@ -274,6 +284,7 @@ def main() -> None:
 
     settings = dict(SHAPES[args.shape])
     settings["steps"] = 1 if args.quick else args.steps or settings["steps"]
+    settings["rounds"] = 1 if args.quick else args.rounds or settings["rounds"]
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         parser.error(f"--shape {args.shape} runs on a GPU and there is none")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trainer-"))
@@ -281,20 +292,29 @@ def main() -> None:
     print(f"shape {args.shape}: {settings}, {COMMON}; work dir {workdir}", flush=True)
     data, model_dir = prepare(args.shape, workdir, settings)
 
+    with_trl = not args.skip_trl and importlib.util.find_spec("trl") is not None
+    if not args.skip_trl and not with_trl:
+        print("trl is not installed: r1vl only (pip install -c constraints.txt trl)")
+    steps = {"r1vl": [], "trl": []}
+    loads = {"r1vl": [], "trl": []}
+    runners = {"r1vl": run_ours, "trl": run_trl} if with_trl else {"r1vl": run_ours}
+    for r in range(settings["rounds"]):
+        for name, runner in runners.items():
+            records, load = timed(f"{name} round {r + 1}",
+                                  lambda: runner(data, model_dir, settings, workdir, f"-{r + 1}"))
+            steps[name] += after_warmup(records, settings["warmup"])
+            loads[name].append(load)
+
     env = {**environment(), **_versions()}
     env["device"] = torch.cuda.get_device_name() if settings["device"] == "cuda" else "cpu"
-    records, load = timed("r1vl", lambda: run_ours(data, model_dir, settings, workdir))
-    ours = median_step(records, settings["warmup"])
+    ours = median_step(steps["r1vl"])
     rows = [make_row(env, "r1vl", args.shape, settings, ours, "", our_reward_seconds(data, model_dir, settings),
-                     f"{load}; time_reward estimated apart (rule-based rewards, exact matching), "
-                     "part of time_rollout")]
-    if importlib.util.find_spec("trl") is None:
-        print("trl is not installed: r1vl only (pip install -c constraints.txt trl)")
-    elif not args.skip_trl:
-        records, load = timed("TRL", lambda: run_trl(data, model_dir, settings, workdir))
-        trl = median_step(records, settings["warmup"])
+                     f"load avg {', '.join(loads['r1vl'])}; time_reward estimated apart (rule-based rewards, "
+                     "exact matching), part of time_rollout")]
+    if with_trl:
+        trl = median_step(steps["trl"])
         rows.append(make_row(env, "trl", args.shape, settings, trl, f"{trl['time_generate']:.3f}",
-                             trl["time_reward"], f"{load}; random reward"))
+                             trl["time_reward"], f"load avg {', '.join(loads['trl'])}; random reward"))
         rows[0]["speedup_vs_trl"] = f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}"
 
     if not args.no_save:

@@ -23,16 +23,17 @@ processor is the checkpoint's Qwen2VLImageProcessorPil with the same min/max_pix
 trainers see the same prompt tokens.
 
 One JSON line per optimizer step goes to --out:
-    step, time_step (s, from the previous step's end to this one's, optimizer step included),
-    time_generate (s, tokenizing, model.generate, decoding), time_reward (s, the reward call),
-    time_reference (s, the reference model's log-probs), time_rollout (s, the rest of TRL's
-    _generate_and_score_completions: generation, rewards, advantages, the second image pass),
-    time_update (s, time_step - time_rollout - time_reference: the policy forward + backward
-    and the optimizer step, plus the Trainer's batch fetch and logging), prompt_tokens and completion_tokens (the step's sequences,
-    image placeholders included), tokens_per_s ((prompt + completion tokens) / time_step, as
-    train.py computes it), completion_len (mean tokens per completion), peak_memory_gb
-    (r1vl.metrics.peak_memory_gb: torch.cuda.max_memory_allocated on GPU, the process's peak
-    resident set size on CPU, both since the process started).
+    step; time_step (s, from the previous step's end to this one's, optimizer step included);
+    time_generate (s: tokenizing, model.generate, decoding); time_reward (s, the reward call);
+    time_reference (s, the reference model's log-probs); time_rollout (s, the rest of TRL's
+    _generate_and_score_completions: generation, rewards, advantages, the second image pass);
+    time_update (s, time_step - time_rollout - time_reference: the policy forward + backward,
+    the optimizer step, the Trainer's batch fetch and logging); prompt_tokens and
+    completion_tokens (the step's sequences, image placeholders included); tokens_per_s
+    ((prompt + completion tokens) / time_step, as train.py computes it); completion_len (mean
+    tokens per completion); peak_memory_gb (r1vl.metrics.peak_memory_gb:
+    torch.cuda.max_memory_allocated on GPU, the process's peak resident set size on CPU, both
+    since the process started).
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def step_logger(trainer, out_path: Path):
                 "step": state.global_step, "time_step": seconds, "time_rollout": rollout,
                 "time_reference": reference, "time_update": seconds - rollout - reference,
                 "time_generate": phases.get("generate", 0.0), "time_reward": phases.get("reward", 0.0),
-                "prompt_tokens": counts.get("prompt_tokens", 0), "completion_tokens": counts.get("completion_tokens", 0),
+                "prompt_tokens": counts.get("prompt_tokens", 0),
+                "completion_tokens": counts.get("completion_tokens", 0),
                 "completion_len": counts.get("completion_tokens", 0) / max(counts.get("completions", 1), 1),
                 "tokens_per_s": tokens / seconds, "peak_memory_gb": peak_memory_gb(trainer.clock.device),
             }

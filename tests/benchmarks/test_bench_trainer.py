@@ -64,10 +64,10 @@ def test_2b_shape_is_qwen2_vl_2b():
 
 def test_median_step_is_a_real_step_after_the_warmup():
     records = [{"step": i, "time_step": t} for i, t in enumerate([9.0, 3.0, 1.0, 2.0, 5.0], start=1)]
-    assert bench_trainer.median_step(records, warmup=1)["step"] == 4  # 2.0 of 1, 2, 3, 5
-    assert bench_trainer.median_step(records, warmup=2)["step"] == 4  # 2.0 of 1, 2, 5
+    assert bench_trainer.median_step(bench_trainer.after_warmup(records, 1))["step"] == 4  # 2.0 of 1, 2, 3, 5
+    assert bench_trainer.median_step(bench_trainer.after_warmup(records, 2))["step"] == 4  # 2.0 of 1, 2, 5
     with pytest.raises(ValueError, match="warm-up"):
-        bench_trainer.median_step(records[:1], warmup=1)
+        bench_trainer.after_warmup(records[:1], 1)
 
 
 def test_trl_driver_forces_the_completion_length_and_times_every_phase(tiny, tmp_path):
