@@ -28,12 +28,14 @@ steps dropped:
 - peak_memory_gb: r1vl.metrics.peak_memory_gb in both processes: torch.cuda.max_memory_allocated
   on GPU, the process's peak resident set size (ru_maxrss) on CPU, since the process started
   (so on CPU it includes each side's imports).
+- tokens_per_s_best: at the fastest measured step (the least disturbed by anything else on the
+  machine); speedup_best is the ratio of those.
 Rows are appended to benchmarks/results/trainer_vs_trl.csv with the device, versions, commit,
 settings and the machine's load average around each run (a shared CPU makes the tiny figures
 noisy), and a table is printed last; speedup_vs_trl = our tokens/s over TRL's.
 
 --shape tiny: the built-in tiny Qwen2-VL (r1vl.tiny.write_tiny_checkpoint), fp32, on the CPU
-even where there is a GPU; 56 x 56 images (4 merged image tokens).
+even where there is a GPU, one thread per trainer; 56 x 56 images (4 merged image tokens).
 
 --shape 2b: Qwen2-VL-2B's architecture (Qwen/Qwen2-VL-2B-Instruct's config.json: text hidden
 1536, 28 layers, 12 query / 2 key-value heads, MLP 8960, vocabulary 151936, tied embeddings,
@@ -68,14 +70,17 @@ DRIVER = ROOT / "benchmarks" / "trl_trainer_driver.py"
 
 # Per shape: the model, the data and the step. Both trainers get exactly these.
 SHAPES = {
-    "tiny": dict(device="cpu", dtype="float32", num_generations=4, batch_size=16, max_prompt_length=128,
+    "tiny": dict(device="cpu", threads=1, dtype="float32", num_generations=4, batch_size=16, max_prompt_length=128,
                  max_completion_length=128, image_size=56, steps=3, warmup=1, rounds=2, micro_batch_tokens=1024),
-    "2b": dict(device="cuda", dtype="bfloat16", num_generations=4, batch_size=16, max_prompt_length=512,
+    "2b": dict(device="cuda", threads=0, dtype="bfloat16", num_generations=4, batch_size=16, max_prompt_length=512,
                max_completion_length=512, image_size=448, steps=3, warmup=1, rounds=1, micro_batch_tokens=16384),
 }
 # micro_batch_tokens is r1vl's own knob (TRL runs the step's sequences as one padded batch):
 # on a CPU the packed attention is sdpa with a block-diagonal (T, T) mask, so the tiny shape
 # uses the built-in demo's 1024 (TINY_DEFAULTS); on a GPU the varlen kernels take 16384.
+# threads: OMP/MKL threads of both trainers on a CPU (0 = torch's default). One: on a shared
+# machine, threads that wait on each other at every op's barrier turn someone else's load into
+# ten-fold slower steps, and one thread each keeps the comparison stable.
 COMMON = dict(beta=0.04, lr=1e-6, temperature=1.0, loss_type="grpo", seed=0)
 TIME_KEYS = ("time_step", "time_rollout", "time_reference", "time_update")
 
@@ -143,15 +148,18 @@ def prepare(shape: str, workdir: Path, settings: dict) -> tuple[Path, Path]:
 # -------------------------------------------------------------------------------- runs
 
 
-def _env() -> dict:
+def _env(threads: int) -> dict:
+    """The environment both trainers run in."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)  # each trainer picks its own kernels
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def _run(cmd: list[str], log: Path, threads: int) -> None:
     with open(log, "w") as f:
-        result = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        result = subprocess.run(cmd, cwd=ROOT, env=_env(threads), stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({result.returncode}); last lines of {log}:\n"
                            + "\n".join(log.read_text().splitlines()[-30:]))
@@ -171,7 +179,7 @@ def run_ours(data: Path, model_dir: Path, settings: dict, workdir: Path, tag: st
            "--device", settings["device"], "--min_pixels", pixels, "--max_pixels", pixels, "--reward_symbolic", "false",
            "--micro_batch_tokens", str(settings["micro_batch_tokens"]), "--eval_prompts", "0",
            "--save_final", "false", "--progress", "false"]
-    _run(cmd, workdir / f"r1vl{tag}.log")
+    _run(cmd, workdir / f"r1vl{tag}.log", settings["threads"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("stage") == "grpo"]
 
@@ -188,7 +196,7 @@ def run_trl(data: Path, model_dir: Path, settings: dict, workdir: Path, tag: str
            "--lr", str(COMMON["lr"]), "--temperature", str(COMMON["temperature"]),
            "--loss_type", COMMON["loss_type"], "--dtype", settings["dtype"], "--seed", str(COMMON["seed"]),
            "--device", settings["device"], "--min_pixels", pixels, "--max_pixels", pixels]
-    _run(cmd, workdir / f"trl{tag}.log")
+    _run(cmd, workdir / f"trl{tag}.log", settings["threads"])
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -255,18 +263,22 @@ def timed(label: str, fn):
     return out, f"{before:.1f}->{after:.1f}"
 
 
-def make_row(env: dict, trainer: str, shape: str, settings: dict, step: dict, time_generate: str,
+def make_row(env: dict, trainer: str, shape: str, settings: dict, steps: list[dict], time_generate: str,
              time_reward: float, note: str) -> dict:
+    step = median_step(steps)
     tokens = step["tokens_per_s"] * step["time_step"]
-    return dict(env, trainer=trainer, shape=shape, dtype=settings["dtype"], G=settings["num_generations"],
+    return dict(env, trainer=trainer, shape=shape, threads=settings["threads"] or "",
+                dtype=settings["dtype"], G=settings["num_generations"],
                 batch=settings["batch_size"], max_prompt_length=settings["max_prompt_length"],
                 completion_len=f"{step['completion_len']:.0f}", beta=COMMON["beta"], lr=COMMON["lr"],
                 temperature=COMMON["temperature"], loss_type=COMMON["loss_type"], rounds=settings["rounds"],
                 warmup_steps=settings["warmup"], measured_steps=settings["steps"] * settings["rounds"],
                 tokens_per_step=f"{tokens:.0f}",
-                tokens_per_s=f"{step['tokens_per_s']:.1f}", **{k: f"{step[k]:.3f}" for k in TIME_KEYS},
+                tokens_per_s=f"{step['tokens_per_s']:.1f}",
+                tokens_per_s_best=f"{max(s['tokens_per_s'] for s in steps):.1f}",
+                **{k: f"{step[k]:.3f}" for k in TIME_KEYS},
                 time_generate=time_generate, time_reward=f"{time_reward:.2g}",
-                peak_memory_gb=f"{step['peak_memory_gb']:.2f}", speedup_vs_trl="", note=note)
+                peak_memory_gb=f"{step['peak_memory_gb']:.2f}", speedup_vs_trl="", speedup_best="", note=note)
 
 
 def main() -> None:
@@ -307,20 +319,21 @@ def main() -> None:
 
     env = {**environment(), **_versions()}
     env["device"] = torch.cuda.get_device_name() if settings["device"] == "cuda" else "cpu"
-    ours = median_step(steps["r1vl"])
-    rows = [make_row(env, "r1vl", args.shape, settings, ours, "", our_reward_seconds(data, model_dir, settings),
+    rows = [make_row(env, "r1vl", args.shape, settings, steps["r1vl"], "",
+                     our_reward_seconds(data, model_dir, settings),
                      f"load avg {', '.join(loads['r1vl'])}; time_reward estimated apart (rule-based rewards, "
                      "exact matching), part of time_rollout")]
     if with_trl:
         trl = median_step(steps["trl"])
-        rows.append(make_row(env, "trl", args.shape, settings, trl, f"{trl['time_generate']:.3f}",
+        rows.append(make_row(env, "trl", args.shape, settings, steps["trl"], f"{trl['time_generate']:.3f}",
                              trl["time_reward"], f"load avg {', '.join(loads['trl'])}; random reward"))
-        rows[0]["speedup_vs_trl"] = f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}"
+        for column, key in (("speedup_vs_trl", "tokens_per_s"), ("speedup_best", "tokens_per_s_best")):
+            rows[0][column] = f"{float(rows[0][key]) / float(rows[1][key]):.2f}"
 
     if not args.no_save:
         print(f"appended {len(rows)} rows to {os.path.relpath(append_csv('trainer_vs_trl.csv', rows))}")
     print_table(rows, ["trainer", "shape", "device", "tokens_per_step", "tokens_per_s", *TIME_KEYS, "time_generate",
-                       "time_reward", "peak_memory_gb", "speedup_vs_trl"])
+                       "time_reward", "peak_memory_gb", "speedup_vs_trl", "tokens_per_s_best", "speedup_best"])
 
 
 if __name__ == "__main__":
