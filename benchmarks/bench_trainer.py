@@ -71,7 +71,7 @@ DRIVER = ROOT / "benchmarks" / "trl_trainer_driver.py"
 # Per shape: the model, the data and the step. Both trainers get exactly these.
 SHAPES = {
     "tiny": dict(device="cpu", threads=1, dtype="float32", num_generations=4, batch_size=16, max_prompt_length=128,
-                 max_completion_length=128, image_size=56, steps=3, warmup=1, rounds=2, micro_batch_tokens=1024),
+                 max_completion_length=128, image_size=56, steps=5, warmup=1, rounds=2, micro_batch_tokens=1024),
     "2b": dict(device="cuda", threads=0, dtype="bfloat16", num_generations=4, batch_size=16, max_prompt_length=512,
                max_completion_length=512, image_size=448, steps=3, warmup=1, rounds=1, micro_batch_tokens=16384),
 }
