@@ -270,6 +270,7 @@ def make_row(env: dict, trainer: str, shape: str, settings: dict, steps: list[di
     return dict(env, trainer=trainer, shape=shape, threads=settings["threads"] or "",
                 dtype=settings["dtype"], G=settings["num_generations"],
                 batch=settings["batch_size"], max_prompt_length=settings["max_prompt_length"],
+                micro_batch_tokens=settings["micro_batch_tokens"] if trainer == "r1vl" else "",
                 completion_len=f"{step['completion_len']:.0f}", beta=COMMON["beta"], lr=COMMON["lr"],
                 temperature=COMMON["temperature"], loss_type=COMMON["loss_type"], rounds=settings["rounds"],
                 warmup_steps=settings["warmup"], measured_steps=settings["steps"] * settings["rounds"],
