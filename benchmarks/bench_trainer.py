@@ -122,6 +122,8 @@ def write_2b_checkpoint(out_dir: Path, texts: list[str], min_pixels: int, max_pi
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(out_dir)
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the trainers run in other processes and need the memory back
     tokenizer.save_pretrained(out_dir)
     Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out_dir)
     return out_dir
