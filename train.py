@@ -99,7 +99,8 @@ def rollout(policy: Policy, examples, cfg: Config, dd: distributed.Dist, generat
             skipped += 1  # cutting would drop image tokens; skip and count instead
         else:
             prompts.append(prompt)
-    completions = generate(policy.model, prompts, cfg.num_generations, cfg.max_completion_length, eos_ids,
+    completions = generate(policy.model, prompts, cfg.num_generations, cfg.max_completion_length,
+                           [] if cfg.ignore_eos else eos_ids,
                            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
     texts = [policy.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions.ids]
     G = cfg.num_generations

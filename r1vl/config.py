@@ -47,6 +47,7 @@ class Config:
     max_completion_length: int = 1024  # tokens sampled per completion at most
     max_pixels: int = 400000  # images are resized to at most this many pixels
     min_pixels: int = 3136  # ... and at least this many (56 x 56)
+    ignore_eos: bool = False  # benchmarks: decode exactly max_completion_length tokens per completion (no stop at EOS)
 
     # --- StepGRPO objective
     num_steps: int = 500  # GRPO steps (one rollout each)
