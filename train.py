@@ -4,6 +4,7 @@
     python train.py --model PATH --data train.jsonl   # a local Qwen2-VL / Qwen2.5-VL checkpoint
     torchrun --nproc_per_node=4 train.py --model PATH --data train.jsonl
     python train.py --stage sft --model PATH --data train.jsonl   # the supervised warm-up only
+    python train.py --run_dir runs/a --resume auto    # continue a killed run from its newest checkpoint
     python train.py --help                            # every option, with the paper's defaults
     torchrun --nproc_per_node=8 train.py --deepspeed configs/zero3.json --model PATH --data train.jsonl
 
@@ -18,7 +19,8 @@ One GRPO step, per data-parallel rank:
   4. num_iterations optimizer steps, each over all packed micro-batches with the fused loss;
      each micro-batch's loss is weighted by its share of the global batch and gradients are
      summed over ranks, so the step's gradient is that of the whole batch.
-  5. metrics to the console and RUN_DIR/metrics.jsonl.
+  5. metrics to the console and RUN_DIR/metrics.jsonl; every save_every steps a checkpoint
+     (r1vl.resume) that --resume auto continues from exactly.
 The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions first
 (cross-entropy on the assistant tokens only), as the paper does.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,27 +42,32 @@ from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy, save_poli
 from r1vl.config import Config, parse_config, to_dict
 from r1vl.data import load_examples, load_sft
 from r1vl.engine import PlainEngine
-from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum
+from r1vl.losses import (completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum,
+                         step_advantages)
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
 from r1vl.plot import plot_run
 from r1vl.prompts import blank_prompt, encode_prompt, encode_sft, encode_solution
+from r1vl.resume import Checkpointer, find_resume_point, load_rng, read_trainer_state
 from r1vl.rewards import RewardConfig, score_groups
 from r1vl.rollout import generate
-from r1vl_kernels import group_advantages
 
 # -------------------------------------------------------------------------------- helpers
 
 
-def batches(items: list, per_rank: int, dd: distributed.Dist, seed: int):
+def batches(items: list, per_rank: int, dd: distributed.Dist, seed: int, skip: int = 0):
     """Endless per-rank batches: each epoch a seeded permutation of `items`, cut into global
-    batches of per_rank * world_size; rank r takes its own slice, so ranks see different items."""
+    batches of per_rank * world_size; rank r takes its own slice, so ranks see different items.
+    The first `skip` batches are passed over (a resumed run's data position)."""
     if len(items) < per_rank * dd.world_size:
         raise ValueError(f"{len(items)} examples cannot fill one global batch of {per_rank} x {dd.world_size} ranks")
     generator, step = torch.Generator().manual_seed(seed), per_rank * dd.world_size
     while True:
         order = torch.randperm(len(items), generator=generator).tolist()
         for start in range(0, len(order) - step + 1, step):
+            if skip > 0:
+                skip -= 1
+                continue
             mine = order[start + dd.rank * per_rank: start + (dd.rank + 1) * per_rank]
             yield [items[i] for i in mine]
 
@@ -105,7 +113,8 @@ def rollout(policy: Policy, examples, cfg: Config, dd: distributed.Dist, generat
             skipped += 1  # cutting would drop image tokens; skip and count instead
         else:
             prompts.append(prompt)
-    completions = generate(policy.model, prompts, cfg.num_generations, cfg.max_completion_length, eos_ids,
+    completions = generate(policy.model, prompts, cfg.num_generations, cfg.max_completion_length,
+                           [] if cfg.ignore_eos else eos_ids,
                            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
     texts = [policy.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions.ids]
     G = cfg.num_generations
@@ -131,8 +140,10 @@ def evaluate(policy: Policy, examples, cfg: Config, dd, eos_ids, reward_cfg, see
 # -------------------------------------------------------------------------------- stages
 
 
-def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) -> None:
-    """Supervised warm-up: cross-entropy on the assistant tokens of structured solutions."""
+def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog, saver: Checkpointer,
+              resume: Path | None = None) -> None:
+    """Supervised warm-up: cross-entropy on the assistant tokens of structured solutions.
+    resume: an SFT-stage checkpoint to continue from (its weights are already loaded)."""
     model = policy.model
     merge = model.config.vision_config.spatial_merge_size
     if cfg.sft_data:
@@ -145,9 +156,14 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
             return prompt, encode_solution(ex.solution, policy.tokenizer)
     engine = make_engine(model, cfg, cfg.sft_lr, cfg.sft_steps, dd)
     filler = filler_microbatch(policy, cfg, dd.device)
-    stream = batches(loaded, cfg.sft_batch_size, dd, cfg.seed + 1)
+    start = 0
+    if resume is not None:
+        engine.load_state(resume)
+        load_rng(resume, dd.rank)
+        start = read_trainer_state(resume)["step"]
+    stream = batches(loaded, cfg.sft_batch_size, dd, cfg.seed + 1, skip=start)
     engine.train()
-    for step in range(1, cfg.sft_steps + 1):
+    for step in range(start + 1, cfg.sft_steps + 1):
         t0 = time.perf_counter()
         samples = []
         for prompt, target in map(encode, next(stream)):
@@ -169,35 +185,61 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog) ->
         run_log.log(record)
         if step % cfg.log_every == 0 or step == cfg.sft_steps:
             distributed.print0(console_line(record))
+        if saver.due(step, cfg.sft_steps):
+            saver.save(policy, engine, "sft", step, {})
     engine.eval()
     engine.close()
 
 
-def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log: MetricsLog) -> dict:
-    """StepGRPO. Returns the evaluation before and after (empty without eval_prompts)."""
+def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log: MetricsLog, saver: Checkpointer,
+               reference_source: str | None, resume: Path | None = None) -> dict:
+    """StepGRPO. Returns the evaluation before and after (empty without eval_prompts).
+
+    reference_source: a checkpoint directory holding the weights the policy starts GRPO
+    with (the KL reference), recorded in checkpoints so that a resumed run can load it; None
+    = write them to RUN_DIR/reference first if checkpoints are on. resume: a GRPO-stage
+    checkpoint to continue from (its weights are already loaded)."""
     model = policy.model
     impl = kernel_impl(cfg.kernel_impl, dd.device)
     reward_cfg = RewardConfig(alpha=cfg.reward_alpha, normalize=cfg.reward_normalize, symbolic=cfg.reward_symbolic)
     eos_ids = sorted({policy.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
     G = cfg.num_generations
+    state = read_trainer_state(resume) if resume is not None else {"step": 0}
     engine = make_engine(model, cfg, cfg.lr, cfg.num_steps * cfg.num_iterations, dd)
-    # The KL reference: a frozen copy of the policy as it starts (after any warm-up).
-    reference = engine.frozen_copy() if cfg.beta > 0 else None
     filler = filler_microbatch(policy, cfg, dd.device)
+    reference = None
+    if cfg.beta > 0:  # the policy as it starts GRPO (after any warm-up), frozen (engine.reference)
+        if resume is not None:
+            reference_source = state["reference"]
+            loaded = load_policy(reference_source, next(model.parameters()).dtype, dd.device,
+                                 cfg.min_pixels, cfg.max_pixels).model
+            use_varlen_attention(loaded, None if cfg.attention == "auto" else cfg.attention)
+            reference = engine.reference(loaded)
+        else:
+            reference = engine.reference()
+            if reference_source is None and saver.save_every > 0:
+                reference_source = save_reference(policy, saver.run_dir, dd)
 
-    with engine.gathered():
-        results = {"before": evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)}
-    if results["before"]:
-        distributed.print0("before GRPO: " + json.dumps({k: round(v, 4) for k, v in results["before"].items()}))
+    if resume is not None:
+        results = {"before": state["before"]}
+    else:
+        with engine.gathered():
+            results = {"before": evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)}
+        if results["before"]:
+            distributed.print0("before GRPO: " + json.dumps({k: round(v, 4) for k, v in results["before"].items()}))
 
-    stream = batches(examples, cfg.prompts_per_step, dd, cfg.seed)
     generator = torch.Generator(dd.device).manual_seed(cfg.seed * 1000 + dd.rank)
+    if resume is not None:
+        engine.load_state(resume)
+        load_rng(resume, dd.rank, {"rollout": generator})
+    start = state["step"]
+    stream = batches(examples, cfg.prompts_per_step, dd, cfg.seed, skip=start)
     timer = Timer(dd.device)
     loss_options = dict(temperature=cfg.temperature, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                         max_completion_length=cfg.max_completion_length)
-    progress = _progress(cfg, dd, cfg.num_steps, "StepGRPO")
-    for step in range(1, cfg.num_steps + 1):
+    progress = _progress(cfg, dd, cfg.num_steps, "StepGRPO", initial=start)
+    for step in range(start + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
         # 1-2. rollout and rewards
         with timer("rollout"), engine.gathered():
@@ -206,8 +248,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
                        for p, ids in zip([p for p in prompts for _ in range(G)], completions.ids)]
             reward_t = torch.as_tensor(rewards.total, dtype=torch.float32)
-            advantages = (group_advantages(reward_t, G, cfg.scale_rewards, impl="torch") if samples
-                          else torch.zeros(0))
+            advantages = step_advantages(reward_t, G, cfg.scale_rewards,
+                                         lambda values: distributed.all_reduce_sum(values, dd.device))
             micro = packed_microbatches(samples, [i // G for i in range(len(samples))], model, cfg, dd.device)
         S_local, N_local = len(samples), sum(len(ids) for ids in completions.ids)
         S_global, N_global = distributed.all_reduce_sum([S_local, N_local], dd.device)
@@ -289,6 +331,9 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
         if dd.is_main and (step % cfg.log_every == 0 or step == cfg.num_steps):
             progress.write(console_line(record), file=sys.stdout)
+        if saver.due(step, cfg.num_steps):
+            saver.save(policy, engine, "grpo", step, {"before": results["before"], "reference": reference_source},
+                       {"rollout": generator})
     progress.close()
 
     with engine.gathered():
@@ -301,11 +346,25 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
     return results
 
 
-def _progress(cfg: Config, dd, total: int, desc: str):
+def _progress(cfg: Config, dd, total: int, desc: str, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not (cfg.progress and dd.is_main), file=sys.stdout,
-                dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (cfg.progress and dd.is_main),
+                file=sys.stdout, dynamic_ncols=True, leave=True)
+
+
+def save_reference(policy: Policy, run_dir: Path, dd) -> str:
+    """The policy as GRPO starts, in RUN_DIR/reference (written to a temporary name, then
+    renamed): the KL reference a resumed run loads. Returns its path. Every rank calls it."""
+    final, tmp = run_dir / "reference", run_dir / ".tmp-reference"
+    with distributed.gathered(policy.model):  # full weights if ZeRO-3 sharded them
+        if dd.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_policy(policy, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+    distributed.barrier()
+    return str(final.resolve())
 
 
 # -------------------------------------------------------------------------------- main
@@ -330,7 +389,8 @@ def prepare_tiny(cfg: Config, run_dir: Path, dd) -> tuple[str, str]:
 
     data = cfg.data or str(run_dir / "synthetic" / "data.jsonl")
     model_dir = run_dir / "tiny-init"
-    if dd.is_main:
+    written = Path(data).is_file() and (model_dir / "model.safetensors").is_file()
+    if dd.is_main and not written:  # a resumed run finds them in place
         if not cfg.data:
             write_dataset(run_dir / "synthetic", n=512, seed=cfg.seed)
         corpus = load_examples(data, cfg.image_root or None).items
@@ -344,6 +404,8 @@ def check_inputs(cfg: Config) -> None:
     """What can be checked before any process group or model exists."""
     if cfg.model != "tiny":
         check_checkpoint_dir(cfg.model)
+    if cfg.resume and cfg.resume != "auto":
+        find_resume_point(cfg.resume, Path(cfg.run_dir))
     for option in ("data", "sft_data"):
         path = getattr(cfg, option)
         if path and not Path(path).is_file():
@@ -376,7 +438,17 @@ def run(cfg: Config, dd: distributed.Dist) -> dict:
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     run_dir = setup_run_dir(cfg, dd)
+    resume = find_resume_point(cfg.resume, run_dir)
+    state = read_trainer_state(resume) if resume is not None else None
+    if state is not None and state["world_size"] != dd.world_size:
+        raise SystemExit(f"error: {resume} was written by {state['world_size']} rank(s), this run has "
+                         f"{dd.world_size}: the data order and every rank's random state depend on it")
     data, model_path = (prepare_tiny(cfg, run_dir, dd) if cfg.model == "tiny" else (cfg.data, cfg.model))
+    if resume is not None:
+        model_path = str(resume / "policy")
+        distributed.print0(f"resuming from {resume} ({state['stage']} step {state['step']})")
+    elif cfg.resume == "auto":
+        distributed.print0(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet; starting afresh")
     dtype = {"auto": torch.bfloat16 if dd.device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
     policy = load_policy(model_path, dtype, dd.device, cfg.min_pixels, cfg.max_pixels)
@@ -387,13 +459,22 @@ def run(cfg: Config, dd: distributed.Dist) -> dict:
     examples = load_examples(data, cfg.image_root or None).items if data else []
     eval_examples = examples[len(examples) - cfg.eval_prompts:] if cfg.eval_prompts else []
     examples = examples[:len(examples) - len(eval_examples)]
-    run_log = MetricsLog(run_dir, dd.is_main)
+    run_log = MetricsLog(run_dir, dd.is_main, resumed_at=(state["stage"], state["step"]) if state else None)
+    saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stage else 0, dd)
+    resumed_stage = state["stage"] if state else None
     results: dict = {"run_dir": str(run_dir)}
     try:
-        if cfg.stage in ("sft", "sft+grpo"):
-            train_sft(policy, cfg, dd, examples, run_log)
+        warmed_up = False
+        if cfg.stage in ("sft", "sft+grpo") and resumed_stage != "grpo":
+            train_sft(policy, cfg, dd, examples, run_log, saver, resume if resumed_stage == "sft" else None)
+            warmed_up = True
         if cfg.stage in ("grpo", "sft+grpo"):
-            results.update(train_grpo(policy, cfg, dd, examples, eval_examples, run_log))
+            # The KL reference is the policy as GRPO starts: the --model directory itself,
+            # unless a warm-up changed it or it came from a trainer checkpoint (which rotation
+            # deletes); then it is written to RUN_DIR/reference.
+            reference_source = None if warmed_up or resume is not None else str(Path(model_path).resolve())
+            results.update(train_grpo(policy, cfg, dd, examples, eval_examples, run_log, saver, reference_source,
+                                      resume if resumed_stage == "grpo" else None))
     finally:
         run_log.close()
     results["weight_digests"] = distributed.weight_digests(policy.model)

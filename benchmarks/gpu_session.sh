@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# On a GPU machine without network access (a borrowed one): the GPU tests, then the kernel
-# benchmark, results copied to $OUT when it is set. Uses the machine's own python3 with
-# torch and triton; packages it lacks (liger-kernel, pytest-timeout, ...) come as wheels in
-# .whl/ (pip download ... -d .whl) and are installed to /tmp/site.
+# On a GPU machine without network access (a borrowed one): the GPU tests, the kernel
+# benchmarks and the end-to-end trainer benchmark, results copied to $OUT when it is set. Uses
+# the machine's own python3 with torch and triton; packages it lacks (liger-kernel,
+# pytest-timeout, ...) come as wheels in .whl/ (pip download ... -d .whl) and are installed to
+# /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -16,6 +17,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 | tee /tmp/gpu_tests.log
 python3 benchmarks/bench_grpo_loss.py "$@" 2>&1 | tee /tmp/bench.log
 python3 benchmarks/bench_grpo_loss_from_hidden.py "$@" 2>&1 | tee /tmp/bench_hidden.log
+# End to end against TRL's GRPOTrainer, Qwen2-VL-2B-shaped in bf16 (TRL's side is skipped when
+# trl is missing). Its wheels in .whl/ besides the ones above: trl, accelerate, datasets and
+# what datasets needs (pyarrow, pandas, dill, multiprocess, xxhash, fsspec), plus
+# transformers, tokenizers, safetensors, huggingface-hub where the machine lacks them.
+python3 benchmarks/bench_trainer.py --shape 2b "$@" 2>&1 | tee /tmp/bench_trainer.log
 if [ -n "${OUT:-}" ]; then
-  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
+  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log /tmp/bench_trainer.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
 fi

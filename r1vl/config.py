@@ -34,6 +34,9 @@ class Config:
     run_dir: str = ""  # where metrics, the config and the final policy go; "" = runs/<time>
     seed: int = 0  # seeds data order, sampling and the tiny model
     save_final: bool = True  # save the final policy (safetensors) with its tokenizer and processor
+    save_every: int = 100  # trainer checkpoint every K optimizer steps of each stage and at its end; 0 = none
+    keep_last: int = 2  # trainer checkpoints kept in RUN_DIR/checkpoints (the newest)
+    resume: str = ""  # "auto" = the newest complete checkpoint in --run_dir (none: start afresh), or a checkpoint dir
 
     # --- rollout
     num_generations: int = 4  # G, completions per prompt
@@ -44,6 +47,7 @@ class Config:
     max_completion_length: int = 1024  # tokens sampled per completion at most
     max_pixels: int = 400000  # images are resized to at most this many pixels
     min_pixels: int = 3136  # ... and at least this many (56 x 56)
+    ignore_eos: bool = False  # benchmarks: decode exactly max_completion_length tokens per completion (no stop at EOS)
 
     # --- StepGRPO objective
     num_steps: int = 500  # GRPO steps (one rollout each)
@@ -119,7 +123,10 @@ class Config:
         for name in ("max_prompt_length", "max_completion_length", "num_iterations", "micro_batch_tokens",
                      "sft_batch_size", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "min_pixels"):
+        need(self.keep_last >= 1, f"--keep_last must be >= 1, got {self.keep_last}")
+        need(not (self.resume == "auto" and not self.run_dir),
+             "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
+        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "min_pixels", "save_every"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.max_pixels >= self.min_pixels,
              f"--max_pixels ({self.max_pixels}) must be >= --min_pixels ({self.min_pixels})")

@@ -277,12 +277,13 @@ class DeepSpeedEngine(Engine):
 
         return _yielding_nothing(unwrap_model_for_generation(self._ds))
 
-    def frozen_copy(self):
-        """The policy as it is now, frozen: ZeRO-2 a plain copy on every rank (as PlainEngine),
-        ZeRO-3 a copy sharded like the policy (ShardedReference)."""
+    def reference(self, model: torch.nn.Module | None = None):
+        """The KL reference, frozen: `model` (a plain copy the caller loaded) or, when None, a
+        copy of the policy as it is now. ZeRO-2 keeps it whole on every rank (as PlainEngine);
+        ZeRO-3 shards it like the policy (ShardedReference)."""
         if self.stage != 3:
-            return Frozen(copy.deepcopy(self.model))
-        return ShardedReference(self.model, self.config)
+            return Frozen(copy.deepcopy(self.model) if model is None else model)
+        return ShardedReference(sharded_copy(self.model, self.config) if model is None else model, self.config)
 
     def train(self) -> None:
         self._ds.train()
@@ -381,43 +382,20 @@ def _restored_optimizer_state(state: dict, optimizer) -> dict:
 
 
 class ShardedReference:
-    """The KL reference under ZeRO-3: a frozen copy of the policy, sharded like it.
+    """The KL reference under ZeRO-3: a frozen model inside a DeepSpeed inference engine
+    (ZeRO-3, no optimizer) whose hooks gather each layer for its forward.
+    `forward(fn, *args)` is fn(model, *args) without gradient, as Frozen.forward.
 
-    Built under deepspeed.zero.Init, which partitions every parameter as its module is
-    created (weight initialization skipped, as transformers does for ZeRO-3: the values are
-    copied next), and filled one parameter at a time from the policy's gathered weights, so
-    no rank ever holds a second full copy; then wrapped in a DeepSpeed inference engine
-    (ZeRO-3, no optimizer) whose hooks gather each layer in forward.
-    `forward(fn, *args)` is fn(copy, *args) without gradient, as Frozen.forward.
+    model: a plain model (DeepSpeed partitions it in place; every rank held it whole until
+        then, as at load time) or one already sharded (sharded_copy).
+    config: the policy engine's resolved config (only the ZeRO and precision keys are used).
     """
 
-    def __init__(self, policy: torch.nn.Module, config: dict):
+    def __init__(self, model: torch.nn.Module, config: dict):
         import deepspeed
-        from transformers.initialization import no_init_weights
 
-        inference = {k: v for k, v in config.items()
-                     if k in ("zero_optimization", "bf16", "fp16", "train_batch_size", "steps_per_print",
-                              "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
-        dtype = next(policy.parameters()).dtype
-        # Built with sdpa, then switched to the policy's attention (r1vl.attention registers
-        # its packed kernels under names transformers would try to resolve at construction).
-        config = copy.deepcopy(policy.config)
-        attention = {"text_config": config.text_config._attn_implementation,
-                     "vision_config": config.vision_config._attn_implementation}
-        config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
-        # zero.Init takes the dtype from the config's bf16 flag (its own dtype= argument is
-        # ignored on accelerators without fp16). mem_efficient_linear=False: its replacement of
-        # torch.nn.functional.linear would outlive the context, and a frozen copy needs no
-        # weight re-gathering in backward.
-        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=inference, mem_efficient_linear=False):
-            model = type(policy)._from_config(config, dtype=dtype, attn_implementation="sdpa")
-        model.tie_weights()  # as transformers does after a ZeRO-3 construction (Qwen2-VL-2B ties lm_head)
-        if next(model.parameters()).dtype != dtype:
-            raise RuntimeError(f"the sharded reference was built in {next(model.parameters()).dtype}, not {dtype}")
-        model.set_attn_implementation(attention)
-        _copy_sharded(policy, model)
         model.eval().requires_grad_(False)
-        self._ds, *_ = deepspeed.initialize(model=_Forward(model, sharded=True), config=inference)
+        self._ds, *_ = deepspeed.initialize(model=_Forward(model, sharded=True), config=_inference_config(config))
         self._ds.eval()
 
     @torch.no_grad()
@@ -428,6 +406,42 @@ class ShardedReference:
         if self._ds is not None:
             self._ds.destroy()
             self._ds = None
+
+
+def _inference_config(config: dict) -> dict:
+    return {k: v for k, v in config.items()
+            if k in ("zero_optimization", "bf16", "fp16", "train_batch_size", "steps_per_print",
+                     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+
+
+def sharded_copy(policy: torch.nn.Module, config: dict) -> torch.nn.Module:
+    """A copy of a ZeRO-3 sharded policy, sharded the same way, that no rank ever holds
+    whole: built under deepspeed.zero.Init, which partitions every parameter as its module is
+    created (weight initialization skipped, as transformers does for ZeRO-3: the values are
+    copied next), then filled one parameter at a time from the policy's gathered weights."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    dtype = next(policy.parameters()).dtype
+    # Built with sdpa, then switched to the policy's attention (r1vl.attention registers
+    # its packed kernels under names transformers would try to resolve at construction).
+    model_config = copy.deepcopy(policy.config)
+    attention = {"text_config": model_config.text_config._attn_implementation,
+                 "vision_config": model_config.vision_config._attn_implementation}
+    model_config.text_config._attn_implementation = model_config.vision_config._attn_implementation = "sdpa"
+    # zero.Init takes the dtype from the config's bf16 flag (its own dtype= argument is
+    # ignored on accelerators without fp16). mem_efficient_linear=False: its replacement of
+    # torch.nn.functional.linear would outlive the context, and a frozen copy needs no
+    # weight re-gathering in backward.
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=_inference_config(config),
+                                                mem_efficient_linear=False):
+        model = type(policy)._from_config(model_config, dtype=dtype, attn_implementation="sdpa")
+    model.tie_weights()  # as transformers does after a ZeRO-3 construction (Qwen2-VL-2B ties lm_head)
+    if next(model.parameters()).dtype != dtype:
+        raise RuntimeError(f"the sharded reference was built in {next(model.parameters()).dtype}, not {dtype}")
+    model.set_attn_implementation(attention)
+    _copy_sharded(policy, model)
+    return model
 
 
 def _copy_sharded(src: torch.nn.Module, dst: torch.nn.Module) -> None:

@@ -8,7 +8,7 @@ The training loop talks to an engine only:
     engine.backward(loss)                       # once per micro-batch
     grad_norm = engine.step(finite)             # once per optimizer step
     with engine.gathered(): ...                 # full weights for the rollout (a no-op unless sharded)
-    reference = engine.frozen_copy()            # the KL reference: the policy as it is now, frozen
+    reference = engine.reference()              # the KL reference: the policy as it is now, frozen
     engine.close()                              # end of a stage
 
 `PlainEngine` is torch's AdamW with a warm-up/decay schedule and data parallelism by hand
@@ -142,9 +142,10 @@ class PlainEngine(Engine):
         """fn(model, *args, **kwargs): a loss or log-probs of the policy (r1vl.losses)."""
         return fn(self.model, *args, **kwargs)
 
-    def frozen_copy(self) -> Frozen:
-        """The policy as it is now, frozen: the reference of the KL term."""
-        return Frozen(copy.deepcopy(self.model))
+    def reference(self, model: torch.nn.Module | None = None) -> Frozen:
+        """The KL reference, frozen: `model` (a copy the caller loaded, e.g. on resume) or,
+        when None, a copy of the policy as it is now."""
+        return Frozen(copy.deepcopy(self.model) if model is None else model)
 
     def gathered(self):
         """Context in which every parameter holds its full value (for the rollout); the

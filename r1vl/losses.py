@@ -7,12 +7,37 @@ projects its rows through the lm_head.
 """
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from r1vl.model import completion_hidden
 from r1vl.packing import PackedBatch
-from r1vl_kernels import GRPOLossOutput, grpo_loss_from_hidden, token_logprobs_from_hidden
+from r1vl_kernels import GRPOLossOutput, group_advantages, grpo_loss_from_hidden, token_logprobs_from_hidden
+
+
+def step_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
+                    sum_over_ranks: Callable[[list[float]], list[float]], eps: float = 1e-4) -> torch.Tensor:
+    """(S,) fp32 advantages of this rank's rewards (S,), groups of G consecutive completions.
+
+    "group" and "none" need only the rank's own groups. "batch" divides by the unbiased std
+    of the whole step's rewards, every rank's (as TRL does after gathering them), not this
+    rank's alone: sum_over_ranks (r1vl.distributed.all_reduce_sum) sums [count, sum, sum of
+    squares]. Every rank must call this, also one whose prompts were all skipped (S = 0).
+    """
+    if scale_rewards != "batch":
+        return group_advantages(rewards, group_size, scale_rewards, eps=eps, impl="torch") if rewards.numel() \
+            else torch.zeros(0)
+    r = rewards.double()
+    count, total, squares = sum_over_ranks([r.numel(), float(r.sum()), float((r * r).sum())])
+    mean = total / max(count, 1)
+    std = math.sqrt(max(squares - count * mean * mean, 0.0) / (count - 1)) if count > 1 else 0.0
+    if not rewards.numel():
+        return torch.zeros(0)
+    centered = group_advantages(rewards, group_size, "none", impl="torch")
+    return (centered / (std + eps)).float()
 
 
 def kernel_impl(option: str, device: torch.device) -> str:

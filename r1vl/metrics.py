@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -19,15 +20,28 @@ CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "kl", "entropy", "
                 "loss", "tokens_per_s", "time_rollout", "time_update")
 
 
-class MetricsLog:
-    """JSONL always; TensorBoard event files in RUN_DIR/tensorboard too when the tensorboard
-    package is installed (scalars tagged "<stage>/<name>")."""
+STAGE_ORDER = ("sft", "grpo")
 
-    def __init__(self, run_dir: str | Path, enabled: bool, name: str = "metrics.jsonl"):
+
+class MetricsLog:
+    """JSONL always; TensorBoard event files in RUN_DIR/tensorboard/<stage> too when the
+    tensorboard package is installed (one run per stage, since their steps restart at 1).
+
+    resumed_at: (stage, step) of the checkpoint a resumed run continues from. Records the
+    interrupted run wrote after it are dropped from the JSONL, and TensorBoard is told to
+    purge that stage's later events, so each step appears once.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool, name: str = "metrics.jsonl",
+                 resumed_at: tuple[str, int] | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / name
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+        self.resumed_at = resumed_at
+        if enabled and resumed_at is not None and self.path.is_file():
+            _rewind(self.path, *resumed_at)
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
-        self._tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled else None
+        self._writers: dict = {}
 
     def log(self, record: dict) -> None:
         """Append one record (a flat dict of str -> number/str) as a JSON line, flushed."""
@@ -35,27 +49,53 @@ class MetricsLog:
             return
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
         self._file.flush()
-        if self._tensorboard is not None and isinstance(record.get("step"), int):
-            stage = record.get("stage", "train")
+        writer = self._writer(record.get("stage", "train"))
+        if writer is not None and isinstance(record.get("step"), int):
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tensorboard.add_scalar(f"{stage}/{key}", value, record["step"])
+                    writer.add_scalar(key, value, record["step"])
+
+    def _writer(self, stage: str):
+        if stage not in self._writers:
+            purge = self.resumed_at[1] + 1 if self.resumed_at and self.resumed_at[0] == stage else None
+            self._writers[stage] = _tensorboard_writer(self.tensorboard_dir / stage, purge)
+        return self._writers[stage]
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+        for writer in self._writers.values():
+            if writer is not None:
+                writer.close()
+        self._writers = {}
 
 
-def _tensorboard_writer(log_dir: Path):
+def _rewind(path: Path, stage: str, step: int) -> None:
+    """Keep the records up to (stage, step); rewrite atomically."""
+    def before(record: dict) -> bool:
+        order = STAGE_ORDER.index(record.get("stage")) if record.get("stage") in STAGE_ORDER else -1
+        return order < STAGE_ORDER.index(stage) or (order == STAGE_ORDER.index(stage) and record["step"] <= step)
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            continue
+        if before(record):
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def console_line(record: dict) -> str:

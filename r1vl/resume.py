@@ -11,9 +11,11 @@ for optimizer and RNG tensors; nothing a user did not write is unpickled.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -96,8 +98,9 @@ def rng_file(checkpoint: Path, rank: int) -> Path:
     return Path(checkpoint) / f"rng_rank{rank}.pt"
 
 
-def save_rng(checkpoint: Path, rank: int) -> None:
-    """This process's Python, NumPy, torch and CUDA generator states, as tensors and numbers
+def save_rng(checkpoint: Path, rank: int, generators: dict[str, torch.Generator] | None = None) -> None:
+    """This process's Python, NumPy, torch and CUDA generator states, and those of the
+    trainer's own `generators` (e.g. the rollout sampler's), as tensors and numbers
     (loadable with weights_only=True)."""
     version, py_state, gauss = random.getstate()
     kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
@@ -106,11 +109,13 @@ def save_rng(checkpoint: Path, rank: int) -> None:
         "numpy": (kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
     torch.save(state, rng_file(checkpoint, rank))
 
 
-def load_rng(checkpoint: Path, rank: int) -> None:
+def load_rng(checkpoint: Path, rank: int, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what save_rng saved; each of `generators` gets the state saved under its name."""
     path = rng_file(checkpoint, rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: was the checkpoint written with another number of ranks?")
@@ -122,3 +127,102 @@ def load_rng(checkpoint: Path, rank: int) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in (generators or {}).items():
+        if name not in state["generators"]:
+            raise KeyError(f"{path} holds no state for the generator {name!r}")
+        generator.set_state(state["generators"][name])
+
+
+# ----------------------------------------------------------------------------- trainer state
+
+STATE_FILE = "trainer_state.json"
+
+
+def write_trainer_state(checkpoint: Path, state: dict) -> None:
+    (Path(checkpoint) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The trainer_state.json of a complete checkpoint; ValueError naming what is missing."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"--resume {checkpoint}: not a directory")
+    if not (checkpoint / STATE_FILE).is_file():
+        raise ValueError(f"--resume {checkpoint}: no {STATE_FILE}; not a complete trainer checkpoint")
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+KILL_ENV = "R1VL_TEST_KILL_AT"
+
+
+def fault_point(name: str, step: int) -> None:
+    """SIGKILL this process if R1VL_TEST_KILL_AT is "<name>:<step>": the resume tests kill a
+    run at an exact point (after a checkpoint, or halfway through writing one) the way a
+    scheduler or the OOM killer would, with no chance to clean up. Unset, it does nothing."""
+    if os.environ.get(KILL_ENV) == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- the trainer's checkpoints
+
+
+class Checkpointer:
+    """What one trainer checkpoint holds, and when it is written.
+
+    Every `save_every` optimizer steps of a stage and at the stage's last step (0 = never):
+      policy/              the policy in Hugging Face format (safetensors, tokenizer, processor)
+      optimizer.pt, ...    the engine's state (r1vl.engine: optimizer, schedule, skip count)
+      rng_rank{r}.pt       every rank's generator states, the rollout sampler's included
+      trainer_state.json   stage, step, world size, data position, the reference's location
+    Directories are named by the run's global step (warm-up steps, then GRPO steps), so the
+    newest is the one to resume from whatever stage it is in.
+    """
+
+    def __init__(self, run_dir: Path, save_every: int, keep_last: int, sft_steps: int, dd):
+        self.run_dir, self.save_every, self.keep_last, self.sft_steps, self.dd = (
+            Path(run_dir), save_every, keep_last, sft_steps, dd)
+
+    def global_step(self, stage: str, step: int) -> int:
+        return step if stage == "sft" else self.sft_steps + step
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.save_every > 0 and (step % self.save_every == 0 or step == last_step)
+
+    def save(self, policy, engine, stage: str, step: int, state: dict,
+             generators: dict[str, torch.Generator] | None = None) -> Path:
+        """Write the checkpoint of (stage, step) on every rank; `state` goes into
+        trainer_state.json (JSON-serializable: data position, evaluation results, ...)."""
+        from r1vl import distributed
+        from r1vl.checkpoint import save_policy
+
+        step_id = self.global_step(stage, step)
+
+        def write(tmp: Path) -> None:
+            with engine.gathered():  # full weights, also when ZeRO-3 shards them
+                if self.dd.is_main:
+                    save_policy(policy, tmp / "policy")
+            fault_point("checkpoint_write", step_id)
+            engine.save_state(tmp)
+            save_rng(tmp, self.dd.rank, generators)
+            if self.dd.is_main:
+                write_trainer_state(tmp, {"stage": stage, "step": step, "global_step": step_id,
+                                          "world_size": self.dd.world_size, **state})
+
+        path = save_checkpoint(self.run_dir, step_id, write, keep_last=self.keep_last, rank=self.dd.rank,
+                               barrier=distributed.barrier)
+        distributed.print0(f"checkpoint {path}")
+        fault_point("after_checkpoint", step_id)
+        return path
+
+
+def find_resume_point(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint directory --resume names: "" none, "auto" the newest complete one in
+    run_dir (None when there is none yet: a first launch of a job that always says auto)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    read_trainer_state(Path(resume))  # complete, or a ValueError saying what is missing
+    return Path(resume)

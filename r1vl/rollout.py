@@ -87,7 +87,8 @@ def generate(
     Args:
         model: Qwen2-VL / Qwen2.5-VL ForConditionalGeneration, on its device.
         prompts: encoded prompts (r1vl.prompts), each with one image.
-        eos_token_ids: tokens that end a completion (e.g. <|im_end|>, <|endoftext|>).
+        eos_token_ids: tokens that end a completion (e.g. <|im_end|>, <|endoftext|>); an empty list
+            never stops early: every completion is exactly max_new_tokens long (benchmarks).
         temperature, top_p: sampling from softmax(logits / temperature), nucleus top_p.
         generator: for reproducible draws, on the model's device.
 
@@ -102,7 +103,7 @@ def generate(
     G = num_generations
     banned = torch.tensor([config.image_token_id, config.video_token_id, config.vision_start_token_id,
                            config.vision_end_token_id], device=device)
-    eos = torch.tensor(eos_token_ids, device=device)
+    eos = torch.tensor(eos_token_ids, dtype=torch.int64, device=device)  # int64 even when empty (no stop)
 
     with sdpa_attention(model):
         # 1. Prefill each prompt alone: the image goes through the tower exactly once.

@@ -99,7 +99,7 @@ def main(out_dir: Path) -> None:
         model = copy.deepcopy(initial)
         engine = make_engine(model, cfg, cfg.lr, STEPS, dd)
         distributed.broadcast_parameters(model)  # sharded under ZeRO-3: gathered, rank 0's written back
-        reference = engine.frozen_copy()
+        reference = engine.reference()
         filler = pack([Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)], model)
         records = run_steps(engine, reference, model, range(RESUME_AT), prompt, filler, tokenizer, dd)
         saved = out_dir / kind

@@ -35,6 +35,11 @@ def test_bool_options_parse_words():
         parse_config(["--progress", "maybe"])
 
 
+def test_ignore_eos_is_off_unless_asked():
+    assert parse_config([]).ignore_eos is False  # training stops at EOS; only benchmarks turn it off
+    assert parse_config(["--ignore_eos", "true"]).ignore_eos is True
+
+
 def test_unknown_options_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--learning_rate", "1e-6"])

@@ -80,3 +80,30 @@ def test_reference_log_probs_see_the_image():
     same = completion_logprobs(model, pack(samples, model), 1.0, "torch")
     flipped = completion_logprobs(model, pack(other, model), 1.0, "torch")
     assert same.shape == flipped.shape and not torch.allclose(same, flipped)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_step_advantages_over_ranks_equal_the_whole_batch(scale):
+    """Rank 0 holds 3 groups of 4, rank 1 holds 2 and rank 2 none (all its prompts skipped):
+    each rank's advantages equal the slice of those of the whole batch in one process."""
+    from r1vl.losses import step_advantages
+    from r1vl_kernels import group_advantages
+
+    gen = torch.Generator().manual_seed(7)
+    shards = [torch.rand(12, generator=gen) * 2, torch.rand(8, generator=gen), torch.zeros(0)]
+    whole = group_advantages(torch.cat(shards), 4, scale, impl="torch")
+
+    def stats(r):
+        r = r.double()
+        return [r.numel(), float(r.sum()), float((r * r).sum())]
+
+    offset = 0
+    for shard in shards:
+        def sum_over_ranks(values):  # what all_reduce_sum returns: every rank's values summed
+            assert values == pytest.approx(stats(shard))
+            return [sum(column) for column in zip(*map(stats, shards))]
+
+        got = step_advantages(shard, 4, scale, sum_over_ranks)
+        assert got.dtype == torch.float32 and got.shape == shard.shape
+        torch.testing.assert_close(got, whole[offset: offset + shard.numel()], rtol=1e-6, atol=1e-6)
+        offset += shard.numel()

@@ -43,13 +43,16 @@ def test_a_write_that_dies_leaves_the_previous_checkpoint_intact(tmp_path):
 
 def test_rng_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.random(), np.random.rand(), torch.rand(1)
-    save_rng(tmp_path, rank=1)
-    expected = (random.random(), float(np.random.rand()), torch.rand(3))
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    load_rng(tmp_path, rank=1)
-    got = (random.random(), float(np.random.rand()), torch.rand(3))
-    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+    sampler = torch.Generator().manual_seed(4)
+    random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=sampler)
+    save_rng(tmp_path, rank=1, generators={"rollout": sampler})
+    expected = (random.random(), float(np.random.rand()), torch.rand(3), torch.rand(3, generator=sampler))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9), sampler.manual_seed(9)
+    load_rng(tmp_path, rank=1, generators={"rollout": sampler})
+    got = (random.random(), float(np.random.rand()), torch.rand(3), torch.rand(3, generator=sampler))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+    with pytest.raises(KeyError, match="no state for the generator 'eval'"):
+        load_rng(tmp_path, rank=1, generators={"eval": sampler})
     with pytest.raises(FileNotFoundError, match="rng_rank0.pt is missing"):
         load_rng(tmp_path, rank=0)
     with pytest.raises(ValueError, match="keep_last must be >= 1"):

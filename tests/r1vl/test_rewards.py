@@ -293,7 +293,9 @@ def _bounded_hang(verifier, answer):
 @pytest.mark.parametrize("answer", HANGS)
 def test_symbolic_hang_is_bounded_and_undecided(verifier, answer):
     b, elapsed = _bounded_hang(verifier, answer)
-    assert elapsed < 1.5
+    # Unbounded, each of these runs for minutes or forever. The margin over the 0.5 s
+    # timeout covers a worker restart on a loaded machine (CI runs tests two at a time).
+    assert elapsed < 4.0
     assert b.undecided.tolist() == [True] and b.accuracy[0] == 0.0
     assert b.step_rar[0] == pytest.approx(0.05)  # present but not shown correct: alpha * k
     # The worker that hung was replaced: the next check still works.
@@ -310,7 +312,7 @@ def test_symbolic_hang_is_bounded_off_the_main_thread(verifier):
     t.start()
     t.join(timeout=10)
     assert not t.is_alive()
-    assert result["elapsed"] < 1.5 and result["b"].undecided[0]
+    assert result["elapsed"] < 4.0 and result["b"].undecided[0]
 
 
 def test_deep_nesting_is_not_parsed(verifier):
@@ -327,7 +329,7 @@ def test_batch_budget_bounds_many_hangs():
         start = time.perf_counter()
         verdicts = v.check_many(pairs)
         # Started within the budget, each bounded by its timeout and a worker restart.
-        assert time.perf_counter() - start < 0.8 + 0.5 + 1.0
+        assert time.perf_counter() - start < 0.8 + 0.5 + 3.0
         assert verdicts[:8] == [None] * 8
 
 

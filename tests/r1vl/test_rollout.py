@@ -187,3 +187,13 @@ def test_image_tokens_are_never_sampled(setup, head):
     head(boost=image)
     out = generate(model, prompts[:1], 4, 4, [-1], generator=torch.Generator().manual_seed(0))
     assert not any((ids == image).any() for ids in out.ids)
+
+
+def test_empty_eos_list_decodes_every_completion_to_full_length(setup, head):
+    # --ignore_eos: even a model that always picks <|im_end|> must run to max_new_tokens.
+    model, prompts, eos = setup
+    head(boost=eos[0])
+    out = generate(model, prompts[:2], num_generations=3, max_new_tokens=5, eos_token_ids=[],
+                   generator=torch.Generator().manual_seed(0))
+    assert not out.stopped.any()
+    assert all(ids.tolist() == [eos[0]] * 5 for ids in out.ids)

@@ -59,7 +59,7 @@ def test_builtin_run_learns(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in grpo)
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert (run_dir / "metrics.png").stat().st_size > 10_000  # the curves, drawn at the end
-    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert any((run_dir / "tensorboard" / "grpo").glob("events.out.tfevents.*"))
 
 
 def test_torchrun_two_ranks_stay_identical(tmp_path):
