@@ -30,11 +30,18 @@ CONFIGS = ROOT / "configs"
 RTOL, WEIGHT_ATOL = 1e-5, 5e-5
 
 
-def _torchrun(args, cwd, timeout=600):
+def _torchrun(args, cwd, timeout=600, kill_at: str | None = None):
+    """torchrun with two ranks; kill_at: both ranks SIGKILL themselves there (r1vl.resume.fault_point)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("TRITON_INTERPRET", None)
+    env.pop("R1VL_TEST_KILL_AT", None)
+    if kill_at:
+        env["R1VL_TEST_KILL_AT"] = kill_at
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if kill_at:
+        assert result.returncode != 0, "the run was to be killed"
+        return result
     assert result.returncode == 0, result.stderr[-4000:]
     # A clean exit, not one that finished the work and then aborted in a destructor.
     assert "terminate called" not in result.stderr and "Abort" not in result.stderr, result.stderr[-3000:]
@@ -181,6 +188,9 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
     """`torchrun train.py` (SFT + StepGRPO with a KL reference, on the built-in tiny model)
     plain, with --deepspeed configs/zero2.json and configs/zero3.json: same per-step numbers,
     identical ranks, and a saved final policy that loads and equals plain's within tolerance.
+    Then a ZeRO-3 run killed after its checkpoint of GRPO step 1 and resumed (the policy and
+    the ZeRO-3 optimizer shards from the checkpoint, the KL reference loaded from
+    RUN_DIR/reference and sharded again) ends with exactly the uninterrupted run's weights.
 
     The tiny random model earns no reward in two GRPO steps, so the GRPO updates themselves
     are zero here (the engine test above covers nonzero ones); the SFT steps, the KL
@@ -192,10 +202,11 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
 
     args = ["--progress", "false", "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "4",
             "--max_completion_length", "24", "--beta", "0.04", "--num_iterations", "2"]
+    zero3 = ["--deepspeed", str(CONFIGS / "zero3.json"), "--save_every", "1", "--keep_last", "1"]
+    extras = {"plain": [], "zero2": ["--deepspeed", str(CONFIGS / "zero2.json")], "zero3": zero3}
     runs = {}
-    for kind in ("plain", "zero2", "zero3"):
+    for kind, extra in extras.items():
         run_dir = tmp_path / kind
-        extra = [] if kind == "plain" else ["--deepspeed", str(CONFIGS / f"{kind}.json")]
         result = _torchrun([str(ROOT / "train.py"), "--run_dir", str(run_dir), *args, *extra], cwd=tmp_path)
         if kind == "plain":
             assert "real_accelerator" not in result.stderr  # deepspeed was never imported
@@ -217,6 +228,19 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
         assert final.keys() == final_plain.keys()
         for name, tensor in final.items():  # full weights, not ZeRO-3's empty placeholders
             torch.testing.assert_close(tensor, final_plain[name], rtol=0, atol=WEIGHT_ATOL, msg=f"{kind} {name}")
+
+    # ZeRO-3, killed after the checkpoint of global step 3 (SFT 2 + GRPO 1), then resumed.
+    run_dir = tmp_path / "zero3-resumed"
+    train = [str(ROOT / "train.py"), "--run_dir", str(run_dir), *args, *zero3]
+    _torchrun(train, cwd=tmp_path, kill_at="after_checkpoint:3")
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step_00000003").glob("zero_rank*.pt")) == [
+        "zero_rank00000.pt", "zero_rank00001.pt"]
+    result = _torchrun([*train, "--resume", "auto"], cwd=tmp_path)
+    assert "step_00000003 (grpo step 1)" in result.stdout
+    expected = load_file(runs["zero3"] / "final" / "model.safetensors")
+    got = load_file(run_dir / "final" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
 
 
 def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path):
