@@ -43,7 +43,7 @@ import copy
 import dataclasses
 import gc
 import json
-import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -227,7 +227,9 @@ class DeepSpeedEngine(Engine):
         if get_accelerator().device_name() != dd.device.type:
             raise ValueError(f"--deepspeed: DeepSpeed's accelerator is {get_accelerator().device_name()!r} but the "
                              f"run is on {dd.device}; set DS_ACCELERATOR={dd.device.type} or --device")
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown r1vl's
+        # DeepSpeed calls collectives that this torch deprecates; the warning (one per call
+        # site and rank) is nothing a user of r1vl can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.model, self.dd = model, dd
         self.max_bad_steps, self.skipped = cfg.max_bad_steps, 0
         dtype = next(model.parameters()).dtype
