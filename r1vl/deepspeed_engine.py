@@ -321,6 +321,8 @@ class DeepSpeedEngine(Engine):
         file with torch.load(weights_only=True). Under ZeRO-3 this also sets the weights from
         the saved fp32 master copy; under ZeRO-2 the caller loads the weights."""
         extra = json.loads((directory / "engine.json").read_text())
+        if "zero_stage" not in extra:
+            raise ValueError(f"{directory}: written without --deepspeed; resume it without --deepspeed")
         if (extra["zero_stage"], extra["world_size"]) != (self.stage, self.dd.world_size):
             raise ValueError(f"{directory}: saved by ZeRO-{extra['zero_stage']} on {extra['world_size']} ranks; "
                              f"this run is ZeRO-{self.stage} on {self.dd.world_size} (resume needs the same)")

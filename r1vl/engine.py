@@ -170,6 +170,8 @@ class PlainEngine(Engine):
 
     def load_state(self, directory: Path) -> None:
         """Inverse of save_state; the optimizer file is read with torch.load(weights_only=True)."""
+        if not (directory / "optimizer.pt").is_file():
+            raise ValueError(f"{directory}: no optimizer.pt (written with --deepspeed?); resume with the same engine")
         state = torch.load(directory / "optimizer.pt", map_location=self.dd.device, weights_only=True)
         self.optimizer.load_state_dict(state)
         extra = json.loads((directory / "engine.json").read_text())

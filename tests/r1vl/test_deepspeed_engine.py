@@ -274,3 +274,14 @@ def test_plain_runs_never_import_deepspeed():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
+    from r1vl import distributed
+    from r1vl.engine import PlainEngine
+
+    (tmp_path / "engine.json").write_text(json.dumps({"zero_stage": 3, "world_size": 2}))
+    (tmp_path / "zero_rank00000.pt").write_bytes(b"")
+    engine = PlainEngine(torch.nn.Linear(2, 2), make_config(), 1e-3, 1, distributed.Dist(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(ValueError, match="no optimizer.pt"):
+        engine.load_state(tmp_path)
