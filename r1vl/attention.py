@@ -3,9 +3,8 @@
 Three backends compute the same thing, attention within each packed sequence only:
   - "flash_attn":  flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; optional package);
   - "varlen_attn": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
-  - "sdpa":        `scaled_dot_product_attention`, any device and dtype: on a CPU one call per
-                   sequence; elsewhere one call with a block-diagonal (T, T) mask (O(T^2)
-                   memory, but no host sync), the fallback and the reference.
+  - "sdpa":        `scaled_dot_product_attention` with a block-diagonal mask, any device and
+                   dtype; O(T^2) mask memory, so it is the CPU path and the reference.
 
 `use_varlen_attention(model)` picks one (or takes the one forced), registers it under its own
 name and switches the language model and the vision tower to it. Nothing is monkey-patched.
@@ -86,13 +85,6 @@ def varlen_attention(
 
 
 def _sdpa_block_diagonal(query, key, value, cu_seqlens, causal, scale, dropout):
-    if query.device.type == "cpu":
-        return _sdpa_per_sequence(query, key, value, cu_seqlens, causal, scale, dropout)
-    return _sdpa_masked(query, key, value, cu_seqlens, causal, scale, dropout)
-
-
-def _sdpa_masked(query, key, value, cu_seqlens, causal, scale, dropout):
-    """One SDPA call over the whole packed batch with a block-diagonal (T, T) mask."""
     total = query.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     # output_size keeps repeat_interleave free of a device sync.
@@ -108,24 +100,6 @@ def _sdpa_masked(query, key, value, cu_seqlens, causal, scale, dropout):
         enable_gqa=query.shape[1] != key.shape[1],
     )
     return out[0].transpose(0, 1)
-
-
-def _sdpa_per_sequence(query, key, value, cu_seqlens, causal, scale, dropout):
-    """The CPU form: one unmasked SDPA call per sequence. A (T, T) mask costs T^2 work
-    however short the sequences are (measured: half of a tiny model's update time with
-    1024-token micro-batches); here the work is the sum of the squared lengths. Reading
-    the boundaries on the host is free on a CPU, unlike on a GPU."""
-    gqa = query.shape[1] != key.shape[1]
-    bounds = cu_seqlens.tolist()
-    pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale,
-                                             enable_gqa=gqa)
-        pieces.append(out[0].transpose(0, 1))
-    return torch.cat(pieces) if pieces else query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

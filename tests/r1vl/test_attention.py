@@ -53,29 +53,6 @@ def test_sdpa_backend_matches_reference(causal, heads):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_masked_sdpa_form_matches_reference(causal):
-    """The single-call form with a (T, T) mask (what "sdpa" runs off the CPU), here on the
-    CPU, with a zero-length sequence, forward and backward against the per-sequence form."""
-    from r1vl.attention import _sdpa_masked, _sdpa_per_sequence
-
-    gen = torch.Generator().manual_seed(12)
-    lengths = [3, 0, 9, 1, 6]
-    T, D = sum(lengths), 16
-    q = torch.randn(T, 6, D, generator=gen, requires_grad=True)
-    k = torch.randn(T, 2, D, generator=gen, requires_grad=True)
-    v = torch.randn(T, 2, D, generator=gen, requires_grad=True)
-    masked = _sdpa_masked(q, k, v, _cu(lengths), causal, 0.25, 0.0)
-    torch.testing.assert_close(masked.double(), reference_attention(q, k, v, lengths, causal, 0.25),
-                               atol=1e-5, rtol=1e-5)
-    grads_masked = torch.autograd.grad(masked.square().sum(), (q, k, v))
-    looped = _sdpa_per_sequence(q, k, v, _cu(lengths), causal, 0.25, 0.0)
-    grads_looped = torch.autograd.grad(looped.square().sum(), (q, k, v))
-    torch.testing.assert_close(looped, masked, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads_looped, grads_masked):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 def test_unknown_backend():
     q = torch.randn(3, 2, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
