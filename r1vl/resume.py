@@ -22,6 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from r1vl import distributed
+from r1vl.checkpoint import save_policy
+
 PREFIX, TMP_PREFIX = "step_", ".tmp-step_"
 
 
@@ -194,9 +197,6 @@ class Checkpointer:
              generators: dict[str, torch.Generator] | None = None) -> Path:
         """Write the checkpoint of (stage, step) on every rank; `state` goes into
         trainer_state.json (JSON-serializable: data position, evaluation results, ...)."""
-        from r1vl import distributed
-        from r1vl.checkpoint import save_policy
-
         step_id = self.global_step(stage, step)
 
         def write(tmp: Path) -> None:
