@@ -129,7 +129,8 @@ class SymbolicVerifier:
             LaTeX parser is exponential in bare brace depth ("{{{{{1}}}}}" takes 0.2 s,
             depth 20 takes 2 s), while real answers nest a few levels.
         startup_timeout_s: how long to wait for a fresh worker to import math-verify and
-            warm up (about 0.5 s on an idle machine); not charged to any check.
+            warm up (about 0.5 s on an idle machine, 5 s or more on a crowded one); not
+            charged to any check, so generous: a worker that misses it makes a check undecided.
         cache_size: remembered (gold, pred) verdicts; the G completions of a prompt often
             share an answer, and so do successive steps.
 
@@ -144,7 +145,7 @@ class SymbolicVerifier:
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 0.5,
                  wall_timeout_s: float = 10.0, max_chars: int = 200, max_nesting: int = 10,
-                 startup_timeout_s: float = 10.0, cache_size: int = 65536) -> None:
+                 startup_timeout_s: float = 60.0, cache_size: int = 65536) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not 0 < timeout_s < float("inf"):
