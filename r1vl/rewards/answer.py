@@ -77,6 +77,9 @@ _TOKEN = re.compile(
     r"|(?P<other>.)",
     re.DOTALL,
 )
+# Only this much of a line is read: the answer leads it, and real answers are short. A
+# line whose answer runs past it states none (the scan is Python, ~3 s per MB).
+_MAX_LINE = 2000
 # Words that are mathematics, not prose.
 _FUNCTIONS = frozenset(
     "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp sqrt lim max "
@@ -142,6 +145,11 @@ def _classify(token: re.Match) -> str:
 
 
 def _scan(text: str, lead_in: bool) -> StatedAnswer | None:
+    if len(text) > _MAX_LINE:
+        text = text[:_MAX_LINE]
+        truncated = True
+    else:
+        truncated = False
     kept: list[str] = []  # the tokens of the answer so far
     depth = 0
     complete = False  # the kept tokens end with a complete value
@@ -225,6 +233,9 @@ def _scan(text: str, lead_in: bool) -> StatedAnswer | None:
             complete = role == "value"
         kept.append((" " if space_before and kept else "") + token.group())
         space_before = False
+    else:
+        if truncated:
+            return None  # the answer runs past the part read: no answer this long is real
     if prose_start is not None:
         return _text_answer(text, hedged)
     if pending_sep is not None:
@@ -246,7 +257,7 @@ def _text_answer(text: str, hedged: bool) -> StatedAnswer | None:
 
 def stated_answer(line: str) -> StatedAnswer | None:
     """The answer `line` states (see the module docstring); None when it states none."""
-    return _scan(_prepare(line), lead_in=True)
+    return _scan(_prepare(line[:4 * _MAX_LINE]), lead_in=True)
 
 
 # --------------------------------------------------------------------------- option letters

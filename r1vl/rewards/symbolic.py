@@ -210,6 +210,9 @@ class SymbolicVerifier:
     def _run(self, gold: str, pred: str) -> tuple[bool | None, bool]:
         """(verdict, whether the same input would surely give it again)."""
         w = self._idle.get()
+        while w.proc.poll() is not None and not self._closed:  # died while idle: not this check's fault
+            self._replace(w)
+            w = self._idle.get()
         try:
             if not w.wait_ready(time.monotonic() + self.startup_timeout_s):
                 self._replace(w)
