@@ -17,7 +17,8 @@ the line is read here first, and math-verify only ever sees the stated answer:
 The rules, in order, on a scan that tracks bracket depth (nothing inside brackets is cut):
 1. Markdown emphasis, math delimiters (`$`, `\\(`, `\\[`) and `\\text{..}`-like wrappers are
    dropped; `\\boxed{..}` contents replace the line (several boxes form a list, or hedge when
-   "or" stands between them); a leading "The (final) answer is" phrase is dropped.
+   "or" stands between them); a leading "So,", "Therefore," or "The (final) answer is" is
+   dropped.
 2. The answer ends, at depth 0, at a full stop followed by a space or the end, at a comma or
    semicolon followed by prose, at a parenthesis opened after a space once a value is
    complete, or at a prose word (one right after a value is taken as its unit and skipped
@@ -52,7 +53,7 @@ class StatedAnswer:
 _UNICODE = str.maketrans({
     "\u2212": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0": "\\pi ",
     "\u221e": "\\infty ", "\u00b0": "^\\circ ", "\u221a": "\\sqrt ", "\u2264": "\\le ",
-    "\u2265": "\\ge ", "\u00b2": "^2", "\u00b3": "^3", "\u222a": "\\cup ", "\u2229": "\\cap ",
+    "\u2265": "\\ge ", "\u2248": "\\approx ", "\u2260": "\\ne ", "\u00b2": "^2", "\u00b3": "^3", "\u222a": "\\cup ", "\u2229": "\\cap ",
 })
 _EMPHASIS = re.compile(r"\*\*|__|`")
 _DELIMITERS = re.compile(r"\\\$|\$|\\[()\[\]]")
@@ -60,8 +61,8 @@ _DELIMITERS = re.compile(r"\\\$|\$|\\[()\[\]]")
 _TEXT_WRAPPER = re.compile(r"\\(?:text(?:bf|it|rm|normal)?|mathrm|mbox|textsf)\s*+\{([^{}]*+)\}")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*+\{")
 _LEAD_PHRASE = re.compile(
-    r"(?:(?:so|thus|therefore|hence)\b,?\s*+)?(?:the\s++)?(?:final\s++|correct\s++)?"
-    r"(?:answer|option|choice)\b\s*+(?:is\b)?\s*+:?\s*+",
+    r"(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*+)?"
+    r"(?:(?:the\s++)?(?:final\s++|correct\s++)?(?:answer|option|choice)\b\s*+(?:is\b)?\s*+:?\s*+)?",
     re.IGNORECASE,
 )
 _TOKEN = re.compile(
@@ -69,6 +70,7 @@ _TOKEN = re.compile(
     r"|(?P<cmd>\\[A-Za-z]++|\\.)"
     r"|(?P<word>[A-Za-z]{2,}+)"
     r"|(?P<letter>[A-Za-z])"
+    r"|(?P<uword>[^\W\d_]++)"  # words in other scripts: prose (units such as "6 个")
     r"|(?P<number>\d++)"
     r"|(?P<open>[(\[{])"
     r"|(?P<close>[)\]}])"
@@ -135,6 +137,8 @@ def _classify(token: re.Match) -> str:
         if low in _CONSTANTS or (text.isupper() and len(text) <= 3):  # pi; segment names AB
             return "value"
         return "op" if low in _FUNCTIONS else "prose"
+    if kind == "uword":
+        return "prose"
     if kind in ("letter", "number"):
         return "value"
     if kind == "cmd":
@@ -240,7 +244,9 @@ def _scan(text: str, lead_in: bool) -> StatedAnswer | None:
         return _text_answer(text, hedged)
     if pending_sep is not None:
         del kept[pending_sep:]
-    answer = re.sub(r"\s+", " ", "".join(kept)).strip().rstrip(" ,;:=+-*/^<>")
+    while kept and kept[-1].strip().lower() in ("and", "or"):  # "6 and": nothing follows
+        kept.pop()
+    answer = re.sub(r"\s+", " ", "".join(kept)).strip().rstrip(" ,;:=+-*/^<>").lstrip(" ,;:")
     if not answer:
         return None
     kind = "math" if _MATH_MARK.search(answer) else "text"

@@ -5,7 +5,7 @@ import time
 import pytest
 from reward_cases import Ex, completion
 
-from r1vl.rewards import RewardConfig, score, stated_answer
+from r1vl.rewards import RewardConfig, StatedAnswer, score, stated_answer
 
 # (answer line, reference answer, correct now?, what the check said before this change).
 # "before" is documentation only: the verdict of the previous code, which handed the bare
@@ -100,15 +100,19 @@ def test_answer_line_table(verifier):
     ("Yes or no", "Yes or no", "text", True),
     ("the red car (the big one)", "the red car", "text", False),
     ("B. 45\u00b0", "B", "text", False),
+    ("Therefore, x = 6", "x = 6", "math", False),
+    ("Finally: 7", "7", "math", False),
+    ("6 \u4e2a", "6", "math", False),  # a unit in another script
+    ("\u03b8 = 30\u00b0", "30^\\circ", "math", False),
+    ("The area is 6, and the perimeter is 10", "6", "math", False),
 ])
 def test_stated_answer(line, text, kind, hedged):
-    assert stated_answer(line) == (text, kind, hedged) or (
-        (stated_answer(line).text, stated_answer(line).kind, stated_answer(line).hedged) == (text, kind, hedged))
+    assert stated_answer(line) == StatedAnswer(text, kind, hedged)
 
 
-@pytest.mark.parametrize("line", ["", "   ", "(because I said so)", "**", "$$"])
+@pytest.mark.parametrize("line", ["", "   ", "**", "$$", "The answer is", "\\boxed{}"])
 def test_no_stated_answer(line):
-    assert stated_answer(line) is None or stated_answer(line).kind == "text"
+    assert stated_answer(line) is None
 
 
 def test_symbolic_off_is_the_line_rule():

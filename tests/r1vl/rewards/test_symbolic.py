@@ -42,8 +42,9 @@ def test_hostile_completions_do_not_change_honest_verdicts(strict):
     assert not alone.undecided.any()
     n = len(hostile) + len(honest)
     # The time bound: each check at most BUDGET_S of CPU, the batch ceil(n / workers) of
-    # them plus ~0.1 s of fork and pipe traffic each; x4 for a crowded test machine.
-    bound = 4 * math.ceil(n / 2) * (BUDGET_S + 0.1)
+    # them plus ~0.1 s of fork and pipe traffic each; x8 for a crowded test machine (at a
+    # load of 11 on 2 cores it took 2.7 s of the 9.6 s allowed).
+    bound = 8 * math.ceil(n / 2) * (BUDGET_S + 0.1)
     for texts, examples, where in [
         (hostile + honest, hostile_ex + honest_ex, slice(len(hostile), None)),  # hostile first
         ([t for pair in zip(hostile, honest) for t in pair],  # interleaved
@@ -56,6 +57,7 @@ def test_hostile_completions_do_not_change_honest_verdicts(strict):
         assert not together.undecided[where].any()
         hostile_part = [i for i in range(n) if i not in range(n)[where]]
         assert together.undecided[hostile_part].all()
+        print(f"hostile + honest, {where}: {elapsed:.2f} s (bound {bound:.2f} s)")
         assert elapsed < bound, (elapsed, bound)
 
 
