@@ -53,7 +53,8 @@ class StatedAnswer:
 _UNICODE = str.maketrans({
     "\u2212": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0": "\\pi ",
     "\u221e": "\\infty ", "\u00b0": "^\\circ ", "\u221a": "\\sqrt ", "\u2264": "\\le ",
-    "\u2265": "\\ge ", "\u2248": "\\approx ", "\u2260": "\\ne ", "\u00b2": "^2", "\u00b3": "^3", "\u222a": "\\cup ", "\u2229": "\\cap ",
+    "\u2265": "\\ge ", "\u2248": "\\approx ", "\u2260": "\\ne ", "\u00b2": "^2", "\u00b3": "^3",
+    "\u222a": "\\cup ", "\u2229": "\\cap ",
 })
 _EMPHASIS = re.compile(r"\*\*|__|`")
 _DELIMITERS = re.compile(r"\\\$|\$|\\[()\[\]]")
@@ -91,7 +92,7 @@ _CONSTANTS = frozenset({"pi", "inf", "infinity", "infty"})
 _LEAD_VERBS = frozenset({"is", "are", "equals", "was", "be"})
 # LaTeX commands that complete a value (the others are operators or need an argument).
 _VALUE_COMMANDS = frozenset({"\\pi", "\\infty", "\\circ", "\\%", "\\degree", "\\}", "\\|"})
-_OPERATOR_CHARS = frozenset("=+-*/^<>|:")
+_OR_REMARK = re.compile(r"\(\s{0,8}or\b", re.IGNORECASE)
 _MATH_MARK = re.compile(r"[\d\\=+*/^<>]|(?<![A-Za-z])-")
 
 
@@ -144,7 +145,7 @@ def _classify(token: re.Match) -> str:
     if kind == "cmd":
         return "value" if text in _VALUE_COMMANDS else "op"
     if kind == "other":
-        return "op" if text in _OPERATOR_CHARS else ("value" if text in "%'!" else "op")
+        return "value" if text in "%'!" else "op"  # 5%, f', 3!; the rest are operators
     return kind
 
 
@@ -216,7 +217,7 @@ def _scan(text: str, lead_in: bool) -> StatedAnswer | None:
             break
         if role == "open" and complete and space_before:
             # "6 (because ...)": a remark after the answer; "5 (or 6)" offers another value.
-            hedged |= re.match(r"\(\s*or\b", text[token.start():token.start() + 16], re.I) is not None
+            hedged |= _OR_REMARK.match(text, token.start()) is not None
             break
         if role == "sep":
             if not complete:
