@@ -1,10 +1,13 @@
 """The opt-in lenient matcher: `normalize_math` and the option letters of `normalize_answer`."""
+import random
+import re
 import time
 
 import pytest
 from reward_cases import Ex, completion
 
 from r1vl.rewards import RewardConfig, answer_accuracy, normalize_answer, normalize_math, option_letter
+from r1vl.rewards import normalize as n
 
 
 @pytest.mark.parametrize("a, b", [
@@ -77,3 +80,20 @@ def test_exact_match_and_normalized_match():
     assert acc("$\\frac 1 2$", gold="\\frac{1}{2}", normalize=True) == 1.0
     assert acc("Left", gold="left") == 0.0 and acc("Left", gold="left", normalize=True) == 1.0
     assert acc("7", gold="6", normalize=True) == 0.0
+
+
+def test_fast_patterns_equal_their_plain_lookbehind_forms():
+    # The patterns start with a character class for speed; their plain forms, with the
+    # lookbehind first, are the reference: same matches on random strings.
+    rng = random.Random(0)
+    pairs = [
+        (n._DECIMAL, re.compile(r"(?<![\d.])\d++\.\d++")),
+        (n._THOUSANDS, re.compile(r"(?<![\d,.(\[{])\d{1,3}+(?:,\d{3})++(?![\d)\]}]|,\d)")),
+        (n._SPACE_AT_SYMBOL, re.compile(r"\s++(?=[^\w\s])|(?<=[^\w\s])\s++")),
+    ]
+    latex_thousands = re.compile(r"(?<=\d)\\,(?=\d{3}(?!\d))")
+    for _ in range(3000):
+        s = "".join(rng.choice("0123456789,. ()[]{}\\x=\t") for _ in range(rng.randrange(1, 30)))
+        for fast, plain in pairs:
+            assert fast.sub("#", s) == plain.sub("#", s), (fast.pattern, s)
+        assert n._LATEX_THOUSANDS.sub(r"\1", s) == latex_thousands.sub("", s), s
