@@ -8,59 +8,60 @@ from reward_cases import Ex, completion
 from r1vl.rewards import RewardConfig, StatedAnswer, score, stated_answer
 
 # (answer line, reference answer, correct now?, what the check said before this change).
-# "before" is documentation only: the verdict of the previous code, which handed the bare
-# line to math-verify and so graded the last number on it.
+# "before" is documentation only: the verdict of the previous code (commit 7f97ef9, run with
+# a 2 s budget per check and no batch deadline), which handed the bare line to math-verify
+# and so graded the last number on it.
 ANSWER_LINES = [
     # plain numbers
     ("6", "6", True, True),
     ("7", "6", False, False),
     ("6.0", "6", True, True),
     ("-3", "3", False, False),
-    ("12,345", "12345", True, False),
+    ("12,345", "12345", True, True),
     # trailing explanations: graded on the leading answer
     ("6 (because 2 + 2 = 4)", "6", True, False),
     ("6, which is 2 times 3", "6", True, False),
-    ("6 is the answer", "6", True, False),
+    ("6 is the answer", "6", True, True),
     ("6 apples, which is 2 dozen", "6", True, False),
     ("7 (not 6)", "6", False, True),
     ("7, not 6", "6", False, True),
-    ("7 \u2014 not 6", "6", False, False),
-    ("The length of BD is 6 cm.", "6", True, False),
+    ("7 \u2014 not 6", "6", False, True),
+    ("The length of BD is 6 cm.", "6", True, True),
     ("The answer is 7", "6", False, False),
     # hedges: several candidates for one answer are wrong, whichever is right
     ("5 or 6", "6", False, True),
     ("5 or 6", "5", False, False),
     ("5 (or 6)", "5", False, False),
-    ("6 or 6.0", "6", False, False),
+    ("6 or 6.0", "6", False, True),
     ("\\boxed{5} or \\boxed{6}", "6", False, False),
     # units
     ("6 cm", "6", True, True),
     ("7 cm", "6", False, False),
-    ("45\u00b0", "45^\\circ", True, False),
+    ("45\u00b0", "45^\\circ", True, True),
     ("45\u00b0", "30^\\circ", False, False),
     ("50\\%", "0.5", True, False),
     # fractions, LaTeX and plain
-    ("$\\frac{1}{2}$", "0.5", True, False),
-    ("1/2", "\\frac{1}{2}", True, False),
+    ("$\\frac{1}{2}$", "0.5", True, True),
+    ("1/2", "\\frac{1}{2}", True, True),
     ("\\frac{1}{3}", "1/2", False, False),
     ("2\\sqrt{3}", "\\sqrt{12}", True, False),
     # x = 6, \boxed{}
     ("x = 6", "6", True, True),
     ("x = 7", "6", False, False),
-    ("\\boxed{6}", "6", True, False),
+    ("\\boxed{6}", "6", True, True),
     # sets and intervals
     ("[1, 2)", "[1,2)", True, False),
-    ("(1, 2)", "[1, 2)", False, False),
+    ("(1, 2)", "[1, 2)", False, True),
     ("\\{1, 2\\}", "2, 1", True, False),
-    ("(-\\infty, 3]", "(-\\infty, 3)", False, False),
+    ("(-\\infty, 3]", "(-\\infty, 3)", False, True),
     # lists of several required values
     ("1, 3", "2, 3", False, True),
     ("3, 2", "2, 3", True, False),
     ("2 and 3", "2, 3", True, True),
     ("2", "2, 3", False, False),
-    ("x = 1, y = 2", "x=1, y=2", True, False),
+    ("x = 1, y = 2", "x=1, y=2", True, True),
     ("x = 2, y = 1", "x=1, y=2", False, False),
-    ("x=2 \\text{ or } x=3", "x = 2 or x = 3", True, False),  # the reference is a disjunction
+    ("x=2 \\text{ or } x=3", "x = 2 or x = 3", True, True),  # the reference is a disjunction
     ("x = 2", "x = 2 or x = 3", False, False),
     # multiple-choice letters and words (strings only; "(A)" needs normalize=True)
     ("A", "A", True, True),
@@ -81,7 +82,7 @@ def test_answer_line_table(verifier):
     assert got == want
     assert not b.undecided.any()
     changed = sum(right != before for *_, right, before in ANSWER_LINES)
-    assert len(ANSWER_LINES) >= 30 and changed >= 20
+    assert len(ANSWER_LINES) >= 30 and changed >= 15  # 18 of 49 verdicts changed
 
 
 @pytest.mark.parametrize("line, text, kind, hedged", [
