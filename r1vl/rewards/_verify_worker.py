@@ -5,7 +5,8 @@ never re-runs the parent's `__main__`). Protocol, one line each way, UTF-8:
 
     parent -> worker: a JSON array [gold, pred, cpu_seconds, wall_seconds]
     worker -> parent: "1" (equivalent), "0" (not), "t" (the check used up its CPU time),
-                      "w" (the check hit the wall-clock backstop), "e" (it raised or died)
+                      "w" (the check hit the wall-clock backstop), "e" (it raised or died),
+                      "f" (no check ran: a malformed request, or fork failed)
 
 and "ready" once, after the imports and a warm-up, before the first request ("noimport
 <reason>" instead, and exit, when math-verify is not installed). `gold` and `pred` are the
@@ -109,8 +110,8 @@ def main() -> None:
         try:
             gold, pred, cpu_s, wall_s = json.loads(line)
             reply = _run_isolated(check, gold, pred, float(cpu_s), float(wall_s))
-        except Exception:  # noqa: BLE001 - a malformed request is "could not decide"
-            reply = "e"
+        except Exception:  # noqa: BLE001 - a malformed request or no fork: "could not decide"
+            reply = "f"
         out.write(reply + "\n")
         out.flush()
 

@@ -210,8 +210,8 @@ class SymbolicVerifier:
     def _run(self, gold: str, pred: str) -> tuple[bool | None, bool]:
         """(verdict, whether the same input would surely give it again)."""
         w = self._idle.get()
-        while w.proc.poll() is not None and not self._closed:  # died while idle: not this check's fault
-            self._replace(w)
+        while w.proc.poll() is not None and not self._closed:
+            self._replace(w)  # it died while idle: not this check's fault
             w = self._idle.get()
         try:
             if not w.wait_ready(time.monotonic() + self.startup_timeout_s):
@@ -223,6 +223,8 @@ class SymbolicVerifier:
                 self._replace(w)
                 return None, False
             self._idle.put(w)
+            # "t" (out of CPU) and "e" (math-verify raised) depend on the input only; "w"
+            # (wall backstop) and "f" (no fork) may be the machine's state.
             return {"1": True, "0": False}.get(reply), reply in ("1", "0", "t", "e")
         except BaseException:
             self._replace(w)
