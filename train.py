@@ -44,7 +44,7 @@ from r1vl.data import load_examples, load_sft
 from r1vl.engine import PlainEngine
 from r1vl.losses import (completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum,
                          step_advantages)
-from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
+from r1vl.metrics import MetricsLog, Timer, UndecidedWarning, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
 from r1vl.plot import plot_run
 from r1vl.prompts import blank_prompt, encode_prompt, encode_sft, encode_solution
@@ -239,6 +239,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                         max_completion_length=cfg.max_completion_length)
     progress = _progress(cfg, dd, cfg.num_steps, "StepGRPO", initial=start)
+    warn_undecided = UndecidedWarning()
     for step in range(start + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
         # 1-2. rollout and rewards
@@ -301,19 +302,19 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         packed_tokens = [pb.num_tokens for _, pb in micro]
         keys = ["reward", "accuracy", "step_rar", "step_rvr", "key_step_match", "has_answer", "truncated",
                 "completion_len", "loss", "kl", "entropy", "clip_low", "clip_high", "skipped_prompts",
-                "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum", "decode_slots"]
+                "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum", "decode_slots", "undecided"]
         local = [r.total.sum(), r.accuracy.sum(), r.step_rar.sum(), r.step_rvr.sum(), r.key_step_match.sum(),
                  r.has_answer.sum(), float((~completions.stopped).sum()), N_local, stats["loss"], stats["kl"],
                  stats["entropy"], stats["clip_low"], stats["clip_high"], too_long, prompt_tokens + N_local,
                  len(micro), sum(packed_tokens), max(packed_tokens, default=0) * len(micro),
-                 S_local * max((len(ids) for ids in completions.ids), default=0)]
+                 S_local * max((len(ids) for ids in completions.ids), default=0), r.undecided.sum()]
         total = dict(zip(keys, distributed.all_reduce_sum(local, dd.device)))
         per_seq = 1.0 / max(S_global, 1)
         per_token = 1.0 / max(N_global, 1)
         record = {
             "stage": "grpo", "step": step, "lr": engine.lr, "grad_norm": grad_norm,
             **{k: total[k] * per_seq for k in ("reward", "accuracy", "step_rar", "step_rvr", "key_step_match",
-                                                "has_answer", "truncated", "completion_len")},
+                                                "has_answer", "truncated", "completion_len", "undecided")},
             "loss": total["loss"],
             **{k: total[k] * per_token for k in ("kl", "entropy", "clip_low", "clip_high")},
             "reward_std_in_group": float(rewards.total.reshape(-1, G).std(axis=1, ddof=1).mean()) if samples else 0.0,
@@ -327,6 +328,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             "skipped_updates": engine.skipped, **timer.pop(), "time_step": seconds,
         }
         run_log.log(record)
+        if dd.is_main:
+            warn_undecided(record["undecided"], step)
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
         if dd.is_main and (step % cfg.log_every == 0 or step == cfg.num_steps):

@@ -16,8 +16,12 @@ from pathlib import Path
 import torch
 
 # What the console line shows, in order, when present.
-CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "kl", "entropy", "completion_len",
-                "loss", "tokens_per_s", "time_rollout", "time_update")
+CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "undecided", "kl", "entropy",
+                "completion_len", "loss", "tokens_per_s", "time_rollout", "time_update")
+
+# Past this share of a step's completions with an undecided answer check, the verifier's
+# budget is likely too short for the answers (or the policy found hostile ones).
+UNDECIDED_WARN_FRACTION = 0.03
 
 
 STAGE_ORDER = ("sft", "grpo")
@@ -96,6 +100,30 @@ def _tensorboard_writer(log_dir: Path, purge_step: int | None):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+class UndecidedWarning:
+    """Warns once (on stderr) when a step's undecided fraction passes `threshold`.
+
+    `undecided` is the share of completions whose symbolic answer check ran out of its CPU
+    budget or failed (r1vl.rewards.RewardBreakdown.undecided); such answers count as wrong,
+    so a high share silently lowers the reward of right answers.
+    """
+
+    def __init__(self, threshold: float = UNDECIDED_WARN_FRACTION):
+        self.threshold = threshold
+        self.warned = False
+
+    def __call__(self, fraction: float, step: int) -> bool:
+        """Warn if this is the first step past the threshold; True when it warned."""
+        if self.warned or not fraction > self.threshold:
+            return False
+        self.warned = True
+        print(f"warning: step {step}: the answer check was undecided for {fraction:.1%} of the "
+              f"completions (> {self.threshold:.0%}); they count as wrong. The symbolic "
+              "verifier's CPU budget (SymbolicVerifier timeout_s) may be too short for these "
+              "answers. Shown once; the 'undecided' metric has every step.", file=sys.stderr)
+        return True
 
 
 def console_line(record: dict) -> str:

@@ -7,7 +7,7 @@ a Qwen2-VL vision tower sees 4x4 patches of 14 pixels, 2x2 tokens after merging)
 - "bars": two bars with heights in whole units (ticks every unit); "Which bar is taller?"
 - "add": two seven-segment digits side by side; "What is the sum of the two digits?"
 
-Answers are a small integer or one word. Solutions follow METHOD.md's output format
+Answers are a small integer or one word. Solutions follow docs/method.md's output format
 exactly, and every key step is a substring of the solution's step bodies, so each
 reference solution scores the maximal reward (2.1) against its own record.
 

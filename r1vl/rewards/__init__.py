@@ -3,10 +3,12 @@
     from r1vl.rewards import score, score_groups, RewardConfig
     breakdown = score_groups(completions_per_prompt, examples)   # arrays of P*G entries
 
-Modules: `rules` (the paper's rules on one completion's text), `normalize` (the opt-in
-lenient matcher), `symbolic` (math-verify in worker processes with a deadline), `score`
-(the batch entry point and the per-completion rewards).
+Modules: `rules` (the paper's rules on one completion's text), `answer` (the answer an
+answer line states), `normalize` (the opt-in lenient matcher), `symbolic` (math-verify in
+worker processes, each check on its own CPU budget), `score` (the batch entry point and the
+per-completion rewards). The method, in full: docs/method.md.
 """
+from r1vl.rewards.answer import StatedAnswer, normalize_answer, option_letter, stated_answer
 from r1vl.rewards.normalize import normalize_math
 from r1vl.rewards.rules import (
     final_answer,
@@ -31,8 +33,9 @@ from r1vl.rewards.score import (
 from r1vl.rewards.symbolic import SymbolicVerifier
 
 __all__ = [
-    "RewardBreakdown", "RewardConfig", "SymbolicVerifier", "answer_accuracy",
+    "RewardBreakdown", "RewardConfig", "StatedAnswer", "SymbolicVerifier", "answer_accuracy",
     "default_verifier", "final_answer", "is_complete", "is_logical", "key_step_match",
-    "normalize_math", "reference_answer", "score", "score_groups", "step_bodies", "step_rar",
-    "step_rvr", "step_text", "total_reward",
+    "normalize_answer", "normalize_math", "option_letter", "reference_answer", "score",
+    "score_groups", "stated_answer", "step_bodies", "step_rar", "step_rvr", "step_text",
+    "total_reward",
 ]

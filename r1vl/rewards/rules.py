@@ -4,7 +4,7 @@ Everything here is a pure function of strings, deterministic, and linear in the 
 the text: completions are untrusted model output, so every regex below is written so that
 a failed match cannot backtrack over a long run (checked by the 1 MB tests).
 
-The output format the model is trained to write (METHOD.md)::
+The output format the model is trained to write (docs/method.md)::
 
     ### Image Description:
     ...
@@ -36,8 +36,9 @@ FINAL_ANSWER = "### The final answer is:"
 _STEP_BODY = re.compile(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", re.DOTALL)
 # Step headers anywhere in the text, as the authors' logic check finds them.
 _STEP_HEADER = re.compile(r"### Step (\d+):")
-# Longer step numbers than this cannot be 1..N for any real completion; checking the
-# length first also keeps int() away from a megabyte of digits.
+# A step number with more significant digits than this (leading zeros aside: "Step 0002" is
+# step 2, as int() reads it) cannot be 1..N for any real completion; checking the length
+# before int() keeps int() away from a megabyte of digits.
 _MAX_STEP_DIGITS = 6
 
 
@@ -123,8 +124,8 @@ def is_logical(completion: str) -> bool:
     if not headers:
         return False
     for expected, m in enumerate(headers, start=1):
-        digits = m.group(1)
-        if len(digits) > _MAX_STEP_DIGITS or int(digits) != expected:
+        digits = m.group(1).lstrip("0")
+        if len(digits) > _MAX_STEP_DIGITS or int(digits or "0") != expected:
             return False
     return (
         completion.index(DESCRIPTION)
@@ -135,7 +136,7 @@ def is_logical(completion: str) -> bool:
 
 
 def step_rvr(completion: str) -> float:
-    """StepRVR: 1.0 if the completion is complete and logical (METHOD.md), else 0.0."""
+    """StepRVR: 1.0 if the completion is complete and logical (docs/method.md), else 0.0."""
     return 1.0 if is_complete(completion) and is_logical(completion) else 0.0
 
 

@@ -6,15 +6,26 @@
            = 0             no answer (missing header or empty answer line)
     r_val  = 1 if complete and logical else 0      (rules.step_rvr)
 
-The answer is correct when its final line equals the reference's (exact, or after
-`normalize_math` with `normalize=True`), else when math-verify finds them equivalent
-within the verifier's deadline. Checking the exact match first is only a shortcut: the
-verdict is the OR of both, as in the paper.
+The answer check (docs/method.md, "The answer check"), on the final-answer lines of the
+completion and of the reference:
+1. the lines are equal (exactly, or after `normalize_answer` with `normalize=True`): correct;
+2. with `symbolic=False` (the paper's exact rule alone), anything else is wrong;
+3. otherwise each line is read for the answer it states (`answer.stated_answer`): its
+   leading expression, without the explanation after it. A completion offering several
+   candidates for one answer ("5 or 6") is wrong unless the reference is itself a
+   disjunction; equal stated answers are correct; two mathematical ones go to math-verify
+   (`symbolic.SymbolicVerifier`), each check on its own CPU budget. A check that runs out
+   of it is wrong and flagged `undecided`.
 
-Where this differs from the authors' code (METHOD.md):
+Where this differs from the authors' code:
 - no answer section pays 0, not alpha*k (the paper's rule; their code paid alpha*k);
-- math-verify sees only the final-answer line, not the whole completion (their code let
-  a number anywhere in the text count as the answer, even with no answer section).
+- math-verify sees only the answer the final-answer line states, not the whole completion
+  (their code let a number anywhere in the text count as the answer, even with no answer
+  section, and math-verify without its anchor grades the last number of what it is given:
+  "7 (not 6)" passed for 6);
+- StepRVR checks that Image Description, Rationales, the steps and the final answer come in
+  that order and that each section header appears once (the paper's intent; their code
+  checked the presence of the headers and the step numbering, never the order).
 
 Alignment. `score` takes exactly one example per completion and checks the lengths:
 completions[i] is judged against examples[i]. The public trainer repeated the reward
@@ -32,7 +43,7 @@ from typing import Protocol
 import numpy as np
 
 from r1vl.rewards import rules
-from r1vl.rewards.normalize import normalize_math
+from r1vl.rewards.answer import StatedAnswer, normalize_answer, stated_answer
 from r1vl.rewards.symbolic import SymbolicVerifier
 
 
@@ -47,7 +58,7 @@ class Scorable(Protocol):
 class RewardConfig:
     alpha: float = 0.1  # weight of the key-step match k inside r_acc (the paper's alpha)
     normalize: bool = False  # lenient matcher for answers and key steps; the paper's is off
-    symbolic: bool = True  # math-verify equivalence; off = exact (or normalized) match only
+    symbolic: bool = True  # stated answers and math-verify; off = line match only (exact or normalized)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha < float("inf"):
@@ -64,7 +75,7 @@ class RewardBreakdown:
     step_rvr: np.ndarray  # float32, r_val in {0, 1}
     key_step_match: np.ndarray  # float32, k in [0, 1]
     has_answer: np.ndarray  # bool, a non-empty line follows "### The final answer is:"
-    undecided: np.ndarray  # bool, the symbolic check timed out or failed (counted wrong)
+    undecided: np.ndarray  # bool, the symbolic check ran out of budget or failed (counted wrong)
 
     def __len__(self) -> int:
         return len(self.total)
@@ -83,8 +94,25 @@ def default_verifier() -> SymbolicVerifier:
         return _default_verifier
 
 
-def _exact(pred: str, gold: str, normalize: bool) -> bool:
-    return normalize_math(pred) == normalize_math(gold) if normalize else pred == gold
+def _same(pred: str, gold: str, normalize: bool) -> bool:
+    return normalize_answer(pred) == normalize_answer(gold) if normalize else pred == gold
+
+
+def _judge(pred: str, gold: str, stated_gold: StatedAnswer | None,
+           config: RewardConfig) -> bool | tuple[str, str]:
+    """True/False when the lines decide it; (gold, pred) stated answers for math-verify."""
+    if _same(pred, gold, config.normalize):
+        return True
+    if not config.symbolic or stated_gold is None:
+        return False
+    stated = stated_answer(pred)
+    if stated is None or (stated.hedged and not stated_gold.hedged):
+        return False  # no answer stated, or several candidates offered for one
+    if _same(stated.text, stated_gold.text, config.normalize):
+        return True
+    if stated.kind == stated_gold.kind == "math":
+        return stated_gold.text, stated.text
+    return False  # words and option letters compare as strings only
 
 
 def score(
@@ -124,7 +152,7 @@ def score(
     has_answer = np.zeros(n, bool)
     undecided = np.zeros(n, bool)
     pending: list[tuple[int, tuple[str, str]]] = []  # (index, (gold, pred)) for math-verify
-    gold_cache: dict[str, str] = {}
+    gold_cache: dict[str, tuple[str, StatedAnswer | None]] = {}
     for i, (completion, example) in enumerate(zip(completions, examples)):
         k[i] = rules.key_step_match(completion, example.key_steps, normalize=config.normalize)
         rvr[i] = rules.step_rvr(completion)
@@ -132,13 +160,15 @@ def score(
         if pred is None:
             continue
         has_answer[i] = True
-        gold = gold_cache.get(example.solution)
-        if gold is None:
-            gold = gold_cache[example.solution] = rules.reference_answer(example.solution)
-        if _exact(pred, gold, config.normalize):
-            correct[i] = True
-        elif config.symbolic:
-            pending.append((i, (gold, pred)))
+        if example.solution not in gold_cache:
+            line = rules.reference_answer(example.solution)
+            gold_cache[example.solution] = line, stated_answer(line)
+        gold, stated_gold = gold_cache[example.solution]
+        verdict = _judge(pred, gold, stated_gold, config)
+        if isinstance(verdict, tuple):
+            pending.append((i, verdict))
+        else:
+            correct[i] = verdict
     if pending:
         verifier = verifier or default_verifier()
         for (i, _), verdict in zip(pending, verifier.check_many([p for _, p in pending])):

@@ -40,3 +40,13 @@ def test_other_ranks_write_nothing(tmp_path):
     log.log({"stage": "grpo", "step": 1})
     log.close()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_undecided_fraction_is_on_the_console_and_warned_once(capsys):
+    from r1vl.metrics import UndecidedWarning, console_line
+
+    assert "undecided 0.05" in console_line({"stage": "grpo", "step": 3, "reward": 1.0, "undecided": 0.05})
+    warn = UndecidedWarning(threshold=0.03)
+    assert [warn(f, step) for step, f in enumerate([0.0, 0.03, 0.05, 0.5], 1)] == [False, False, True, False]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "step 3" in err and "5.0%" in err and "timeout_s" in err

@@ -54,7 +54,7 @@ def test_builtin_run_learns(tmp_path):
     assert after["accuracy"] > before["accuracy"] + 0.05, results
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
                 "decode_efficiency", "peak_memory_gb", "time_rollout", "time_reference", "time_update",
-                "step_rar", "step_rvr", "key_step_match", "has_answer"):
+                "step_rar", "step_rvr", "key_step_match", "has_answer", "undecided"):
         assert key in grpo[0], key
     assert all(math.isfinite(r["loss"]) for r in grpo)
     assert (run_dir / "final" / "model.safetensors").is_file()
@@ -102,6 +102,7 @@ def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
     assert result.returncode == 0, result.stderr[-3000:]
     grpo = _records(run_dir, "grpo")
     assert len(grpo) == 1 and grpo[0]["sequences"] == 4
+    assert 0.0 <= grpo[0]["undecided"] <= 1.0  # the symbolic check's undecided share (on here)
     # The saved policy is itself a checkpoint directory that loads through --model.
     from r1vl.checkpoint import check_checkpoint_dir
 
