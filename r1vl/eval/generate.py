@@ -30,25 +30,30 @@ def encode_item(item: Item, question: str, policy: Policy, scratch: Path, max_pi
         raise EvalInputError(f"{item.where()}: unreadable image ({str(e).replace(str(path), 'image')})") from None
 
 
-def generate_benchmark(policy: Policy, bench: Benchmark, table: Table, bench_dir: Path, dd, *,
-                       prompt: str = "r1vl", batch_size: int = 8, max_new_tokens: int = 1024,
-                       max_pixels: int = 400000, min_pixels: int = 3136, skip_bad_rows: bool = False,
-                       progress: bool = True) -> int:
-    """Generate every missing prediction of `table` (this rank's share); returns how many
-    items this rank handled. Resumable: see r1vl.eval.predictions."""
+def shard(table: Table, bench_dir: Path, dd) -> list[Item]:
+    """This rank's share of the items that have no prediction on disk yet: item i of the
+    remaining ones goes to rank i mod world_size. Every rank reads the old parts before any
+    rank appends (a barrier), so all ranks agree on what remains."""
     done = predictions.read_all(bench_dir) if bench_dir.exists() else {}
     todo = [item for item in table.items if item.index not in done]
-    distributed.barrier()  # every rank has read the old parts before any rank appends
-    mine = todo[dd.rank::dd.world_size]
-    if not mine:
-        return 0
-    writer = predictions.Writer(bench_dir, dd.rank)
+    distributed.barrier()
+    return todo[dd.rank::dd.world_size]
+
+
+def generate_items(policy: Policy, bench: Benchmark, items: list[Item], bench_dir: Path, rank: int, *,
+                   prompt: str = "r1vl", batch_size: int = 8, max_new_tokens: int = 1024,
+                   max_pixels: int = 400000, min_pixels: int = 3136, skip_bad_rows: bool = False,
+                   progress: bool = True) -> None:
+    """Greedy predictions for `items`, appended to rank `rank`'s file after every batch."""
+    if not items:
+        return
+    writer = predictions.Writer(bench_dir, rank)
     eos = eos_ids(policy.tokenizer)
-    bar = _progress(len(mine), bench.name, enabled=progress and dd.is_main)
+    bar = _progress(len(items), bench.name, enabled=progress)
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            for start in range(0, len(mine), batch_size):
-                batch = mine[start:start + batch_size]
+            for start in range(0, len(items), batch_size):
+                batch = items[start:start + batch_size]
                 records, prompts, kept = [], [], []
                 for item in batch:
                     try:
@@ -70,7 +75,15 @@ def generate_benchmark(policy: Policy, bench: Benchmark, table: Table, bench_dir
     finally:
         writer.close()
         bar.close()
-    return len(mine)
+
+
+def generate_benchmark(policy: Policy, bench: Benchmark, table: Table, bench_dir: Path, dd, *,
+                       progress: bool = True, **options) -> int:
+    """Generate every missing prediction of `table` (this rank's share; options as in
+    generate_items); returns how many items this rank handled."""
+    items = shard(table, bench_dir, dd)
+    generate_items(policy, bench, items, bench_dir, dd.rank, progress=progress and dd.is_main, **options)
+    return len(items)
 
 
 def _progress(total: int, name: str, enabled: bool):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from r1vl import distributed  # noqa: F401  (init, barrier, destroy, print0)
+from r1vl import distributed  # noqa: F401  (init, barrier, destroy)
+from r1vl.distributed import Dist  # noqa: F401
 from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy  # noqa: F401
 from r1vl.data import Example, load_image  # noqa: F401
 from r1vl.prompts import Prompt, encode_prompt  # noqa: F401
