@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge_model", default="gpt-4o-mini")
     p.add_argument("--judge_api_key_env", default="OPENAI_API_KEY",
                    help="environment variable holding the judge's API key (sent only if set)")
+    p.add_argument("--last", type=int, metavar="N",
+                   help="R1VL records only: score the last N records (train.py's held-out --eval_prompts)")
     p.add_argument("--name", help="this model's row label in the table (default: the --model directory name)")
     p.add_argument("--progress", choices=("true", "false"), default="true")
     return p
@@ -98,7 +100,9 @@ def run(args) -> str | None:
     out = Path(args.out)
     if not args.score_only:
         check_checkpoint_dir(args.model)
-    tables = [benchmarks.load(bench, path, args.skip_bad_rows) for bench, path in benches]
+    if args.last is not None and args.last < 1:
+        raise ValueError("--last must be >= 1")
+    tables = [benchmarks.load(bench, path, args.skip_bad_rows, args.last) for bench, path in benches]
     dd = None
     if not args.score_only:
         import torch
@@ -118,7 +122,9 @@ def run(args) -> str | None:
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                max_pixels=args.max_pixels, min_pixels=args.min_pixels,
                                skip_bad_rows=args.skip_bad_rows, progress=args.progress == "true")
-        distributed.barrier()
+        # Scoring (and its judge calls) runs on rank 0 alone and may take long: the group
+        # is closed first, so that no rank waits for it in a collective that could time out.
+        distributed.destroy()
         if not dd.is_main:
             return None
     judge = None

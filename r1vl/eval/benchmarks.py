@@ -27,6 +27,7 @@ class Benchmark:
     instruction: str = ""  # appended with --prompt plain (VLMEvalKit's short-answer hints)
     aliases: tuple[str, ...] = ()
     check: Callable[[Item], None] = field(default=lambda item: None)  # extra row checks
+    layout: str = "tsv"  # tsv: VLMEvalKit's TSV; records: the trainer's JSONL (r1vl.eval.records)
 
     def question(self, item: Item, prompt: str = "r1vl") -> str:
         """The user turn's text (the image comes before it). r1vl: the question as the paper
@@ -86,6 +87,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               aliases=("MathVerse_MINI", "MathVerse_MINI_Vision_Only")),
     Benchmark("MME", "MME_sum", ("index", "question", "answer", "category"), metrics.match_yes_no,
               metrics.aggregate_mme, check=_check_mme),
+    # Not in the paper: the trainer's own data (e.g. the synthetic task's held-out prompts).
+    Benchmark("R1VL", "R1VL", (), metrics.match_reference, metrics.accuracy(("task",)),
+              aliases=("synthetic", "heldout"), layout="records"),
 )}
 
 
@@ -104,9 +108,16 @@ def get(name: str) -> Benchmark:
     return bench
 
 
-def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False) -> Table:
-    """The file's items, every row checked (module docstring). Raises EvalInputError."""
-    table = read_tsv(path, bench.columns)
+def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: int | None = None) -> Table:
+    """The file's items, every row checked (module docstring). Raises EvalInputError.
+
+    last: for the records layout, only the last `last` records (train.py's held-out ones)."""
+    if bench.layout == "records":
+        from r1vl.eval.records import read_records
+
+        table = read_records(path, last, skip_bad_rows)
+    else:
+        table = read_tsv(path, bench.columns)
     good = []
     for item in table.items:
         try:

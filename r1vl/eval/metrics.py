@@ -17,6 +17,7 @@ import string
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from r1vl.eval import extract
 from r1vl.eval.tsv import Item
@@ -191,6 +192,17 @@ def match_yes_no(item: Item, answer: str) -> Outcome:
     if said is None:
         return _WRONG
     return Outcome(True, said == extract.gold_yes_no(item.fields["answer"]), said)
+
+
+def match_reference(item: Item, answer: str) -> Outcome:
+    """The trainer's answer accuracy (r1vl.rewards: exact final line, then math-verify) against
+    the record's solution; used for the trainer's own data files (r1vl.eval.records)."""
+    if not answer:
+        return _WRONG
+    from r1vl.eval.trainer_api import FINAL_ANSWER, Example, answer_accuracy
+
+    gold = Example(image_path=Path(item.image_path), problem="", solution=item.fields["solution"])
+    return Outcome(True, answer_accuracy(f"{FINAL_ANSWER}\n{answer}", gold) == 1.0, answer)
 
 
 # --------------------------------------------------------------------------- aggregators

@@ -53,7 +53,8 @@ def table(results: list[dict], name: str) -> str:
         c = r["counts"]
         extra = [f"{k} {c[k]}" for k in ("bad_rows", "skipped", "missing", "unparsed", "judged", "judge_failed",
                                           "unknown_predictions") if c[k]]
-        notes.append(f"- {r['benchmark']} ({r['column']}): {c['scored']} of {c['items']} items scored"
+        score = _cell(r["score"], r["column"])
+        notes.append(f"- {r['benchmark']} ({r['column']}): {score}; {c['scored']} of {c['items']} items scored"
                      + (f"; {', '.join(extra)}" if extra else "") + (" (*incomplete)" if not r["complete"] else ""))
     hall = next((r for r in results if r["benchmark"] == "HallusionBench"), None)
     if hall is not None:

@@ -10,10 +10,11 @@ import torch
 from r1vl import distributed  # noqa: F401  (init, barrier, destroy)
 from r1vl.distributed import Dist  # noqa: F401
 from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy  # noqa: F401
-from r1vl.data import Example, load_image  # noqa: F401
+from r1vl.data import BadRecordError, Example, load_examples, load_image  # noqa: F401
 from r1vl.prompts import Prompt, encode_prompt  # noqa: F401
 from r1vl.rewards.normalize import normalize_math  # noqa: F401
-from r1vl.rewards.rules import final_answer  # noqa: F401
+from r1vl.rewards.rules import FINAL_ANSWER, final_answer, reference_answer  # noqa: F401
+from r1vl.rewards.score import answer_accuracy  # noqa: F401
 from r1vl.rollout import generate
 
 # The sampler draws from the nucleus of softmax(logits / T). With top_p this small the

@@ -111,6 +111,17 @@ def test_unreadable_image(tmp_path, files, capsys):
     assert "1 of 2 items scored; skipped 1" in capsys.readouterr().out
 
 
+def test_synthetic_held_out(tmp_path, files, capsys):
+    """The built-in run's policy is scored the same way on the synthetic task's held-out records."""
+    from r1vl.synthetic import write_dataset
+
+    model, _ = files
+    data = write_dataset(tmp_path / "syn", n=5, seed=3)
+    assert main(["--model", str(model), "--bench", f"R1VL={data}", "--last", "2", "--out", str(tmp_path / "o"),
+                 *ARGS]) == 0
+    assert "- R1VL (R1VL): 0.0; 2 of 2 items scored" in capsys.readouterr().out
+
+
 def test_bad_arguments(tmp_path, files, capsys):
     model, bench_args = files
     assert main(["--out", str(tmp_path), *bench_args]) == 2
