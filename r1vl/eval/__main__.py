@@ -89,6 +89,8 @@ def run(args) -> str | None:
     from r1vl.eval.score import score_benchmark
     from r1vl.eval.trainer_api import check_checkpoint_dir, distributed
 
+    if args.score_only and int(os.environ.get("RANK", "0")) > 0:
+        return None  # scoring is one process's work; under torchrun the other ranks leave
     if not args.score_only and not args.model:
         raise ValueError("--model is required (or --score-only to score existing predictions)")
     for name in ("batch_size", "max_new_tokens", "min_pixels"):

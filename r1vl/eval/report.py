@@ -75,8 +75,9 @@ def write_report(results: list[dict], out_dir: str | Path, name: str) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     values = {r["column"]: r["score"] for r in results}
+    avg = average(values) if all(r["complete"] for r in results) else None
     payload = {"model": name, "results": {r["benchmark"]: r for r in results},
-               "table": {c: values.get(c) for c in COLUMNS}, "avg": average(values),
+               "table": {c: values.get(c) for c in COLUMNS}, "avg": avg,
                "paper_quoted": {m: dict(zip((*COLUMNS, "AVG"), row)) for m, row in PAPER.items()}}
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False), encoding="utf-8")
     markdown = table(results, name)

@@ -39,7 +39,7 @@ class Item:
     fields: dict[str, str]  # every column but `image`, as text ('' for an empty cell)
     image_b64: str  # base64 image bytes ('' when image_path is used)
     image_path: str  # a file, when the TSV has no image column ('' otherwise)
-    image_key: str  # the index of the row that holds the image (MME pairs share one)
+    image_key: str  # what MME pairs questions by: image_path if given, else the row holding the image
 
     def where(self) -> str:
         return f"{self.source}: row {self.row} (index {self.index})"
@@ -138,6 +138,8 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
                 raise EvalInputError(f"{path}: row {row_no} (index {index}): empty image_path")
             image_path = str(path.parent / relative)
             key = relative
+        if fields.get("image_path", "").strip():  # MME pairs its questions by image_path when it has one
+            key = fields["image_path"].strip()
         rest = {k: v for k, v in fields.items() if k != "image"}
         items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key))
     return Table(path, items, [])

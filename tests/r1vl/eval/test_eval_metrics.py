@@ -180,3 +180,11 @@ def test_mme_pairs_acc_plus(tmp_path):
     assert m["category=code_reasoning"] == pytest.approx(50.0 + 0.0)
     assert (m["perception"], m["cognition"], r["score"]) == (125.0, 50.0, 175.0)
     assert "count" in m["missing_categories"] and "existence" not in m["missing_categories"]
+
+
+def test_mme_pairs_by_image_path(tmp_path):
+    """With an image_path column (VLMEvalKit's MME), questions pair by it, not by row."""
+    rows = [{"index": str(i), "image_path": f"{i // 2}.jpg", "question": "q", "answer": a, "category": "OCR"}
+            for i, a in enumerate(["Yes", "No", "Yes", "No"])]
+    r = _score(tmp_path, "MME", rows, {"0": "Yes", "1": "No", "2": "Yes", "3": "Yes"})
+    assert r["metrics"]["category=OCR"] == pytest.approx(75.0 + 50.0) and r["score"] == pytest.approx(125.0)
