@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m r1vl.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", action="append", required=True, metavar="NAME=FILE",
-                   help=f"a benchmark and its VLMEvalKit TSV; NAME one of {', '.join(benchmarks.BENCHMARKS)}")
+                   help=f"a benchmark and its VLMEvalKit TSV (R1VL: the trainer's JSONL); "
+                        f"NAME one of {', '.join(benchmarks.BENCHMARKS)}")
     p.add_argument("--out", required=True, help="output directory (predictions, scores, report)")
     p.add_argument("--model", help="a local Qwen2-VL / Qwen2.5-VL checkpoint directory (HF format)")
     p.add_argument("--score-only", "--score_only", dest="score_only", action="store_true",
