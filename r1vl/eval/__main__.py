@@ -17,7 +17,7 @@ from pathlib import Path
 
 from r1vl.eval import benchmarks
 from r1vl.eval.report import write_report
-from r1vl.eval.tsv import EvalInputError
+from r1vl.eval.tsv import EvalInputError, without_images
 
 # Options that change the predictions: a resumed run must keep them, or its files would mix two settings.
 _GENERATION_KEYS = ("prompt", "max_new_tokens", "max_pixels", "min_pixels")
@@ -105,7 +105,9 @@ def run(args) -> str | None:
         check_checkpoint_dir(args.model)
     if args.last is not None and args.last < 1:
         raise ValueError("--last must be >= 1")
-    tables = [benchmarks.load(bench, path, args.skip_bad_rows, args.last) for bench, path in benches]
+    # Every file is checked before anything is generated; images are read again per benchmark.
+    tables = [without_images(benchmarks.load(bench, path, args.skip_bad_rows, args.last))
+              for bench, path in benches]
     dd = None
     if not args.score_only:
         import torch
@@ -120,7 +122,8 @@ def run(args) -> str | None:
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
             args.dtype, torch.bfloat16 if dd.device.type == "cuda" else torch.float32)
         policy = load_policy(args.model, dtype, dd.device, args.min_pixels, args.max_pixels)
-        for (bench, _), table in zip(benches, tables):
+        for bench, path in benches:
+            table = benchmarks.load(bench, path, args.skip_bad_rows, args.last)
             generate_benchmark(policy, bench, table, out / bench.name, dd, prompt=args.prompt,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                max_pixels=args.max_pixels, min_pixels=args.min_pixels,

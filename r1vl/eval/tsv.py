@@ -19,7 +19,7 @@ import base64
 import binascii
 import csv
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _REFERENCE_MAX = 64  # VLMEvalKit's rule: an image field this short names another row
@@ -143,3 +143,9 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
         rest = {k: v for k, v in fields.items() if k != "image"}
         items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key))
     return Table(path, items, [])
+
+
+def without_images(table: Table) -> Table:
+    """The same items without their base64 images (scoring never reads them): the eight
+    benchmark files hold gigabytes of images, which need not stay in memory on every rank."""
+    return Table(table.path, [replace(item, image_b64="") for item in table.items], table.skipped)
