@@ -3,6 +3,7 @@
     python -m r1vl.eval --model PATH --bench MathVista=MathVista_MINI.tsv [--bench NAME=FILE ...] --out DIR
     torchrun --nproc_per_node 8 -m r1vl.eval --model PATH --bench ... --out DIR     # items split over ranks
     python -m r1vl.eval --score-only --bench NAME=FILE ... --out DIR [--judge URL]   # rescore DIR's predictions
+    python -m r1vl.eval --score-only --bench NAME=FILE --predictions NAME=preds.jsonl --out DIR
 
 Outputs under DIR: <Benchmark>/predictions.rank*.jsonl (as they come; a rerun resumes),
 <Benchmark>/scored.jsonl, metrics.json, results.md (the paper's table with its numbers beside).
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local Qwen2-VL / Qwen2.5-VL checkpoint directory (HF format)")
     p.add_argument("--score-only", "--score_only", dest="score_only", action="store_true",
                    help="score the predictions already in --out; no model is loaded")
+    p.add_argument("--predictions", action="append", default=[], metavar="NAME=FILE",
+                   help="with --score-only: score this JSONL ({index, prediction} per line) instead of "
+                        "the predictions in --out")
     p.add_argument("--prompt", choices=benchmarks.PROMPTS, default="r1vl",
                    help="r1vl: the question as in training; plain: plus the benchmark's short-answer hint")
     p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together per rank")
@@ -55,15 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _benches(specs: list[str]) -> list[tuple[benchmarks.Benchmark, Path]]:
+def _benches(specs: list[str], option: str = "--bench") -> list[tuple[benchmarks.Benchmark, Path]]:
     out, seen = [], set()
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
-            raise ValueError(f"--bench {spec!r}: expected NAME=FILE")
+            raise ValueError(f"{option} {spec!r}: expected NAME=FILE")
         bench = benchmarks.get(name)
         if bench.name in seen:
-            raise ValueError(f"--bench: {bench.name} given twice")
+            raise ValueError(f"{option}: {bench.name} given twice")
         seen.add(bench.name)
         out.append((bench, Path(file)))
     return out
@@ -136,7 +140,13 @@ def run(args) -> str | None:
     judge = None
     if args.judge:
         judge = Judge(args.judge, model=args.judge_model, api_key=os.environ.get(args.judge_api_key_env) or None)
-    results = [score_benchmark(bench, table, out / bench.name, judge, args.prompt)
+    sources = {bench.name: path for bench, path in _benches(args.predictions, "--predictions")}
+    if sources and not args.score_only:
+        raise ValueError("--predictions goes with --score-only")
+    unknown = set(sources) - {bench.name for bench, _ in benches}
+    if unknown:
+        raise ValueError(f"--predictions for {sorted(unknown)}, which no --bench names")
+    results = [score_benchmark(bench, table, out / bench.name, judge, args.prompt, sources.get(bench.name))
                for (bench, _), table in zip(benches, tables)]
     name = args.name or (Path(args.model).name if args.model else out.name)
     return write_report(results, out, name)

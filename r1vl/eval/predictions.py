@@ -19,10 +19,12 @@ def part_path(bench_dir: Path, rank: int) -> Path:
     return bench_dir / f"predictions.rank{rank}.jsonl"
 
 
-def read_all(bench_dir: str | Path) -> dict[str, dict]:
-    """index -> record, from every predictions*.jsonl under bench_dir (first line wins)."""
+def read_all(source: str | Path) -> dict[str, dict]:
+    """index -> record, from every predictions*.jsonl in a directory, or from one JSONL file
+    (first line wins)."""
+    source = Path(source)
     out: dict[str, dict] = {}
-    for path in sorted(Path(bench_dir).glob("predictions*.jsonl")):
+    for path in [source] if source.is_file() else sorted(source.glob("predictions*.jsonl")):
         lines = path.read_bytes().split(b"\n")
         for number, line in enumerate(lines, start=1):
             if not line.strip():

@@ -38,9 +38,13 @@ def _read_judged(path: Path) -> dict[str, str | None]:
 
 
 def score_benchmark(bench: Benchmark, table: Table, bench_dir: Path, judge: Judge | None = None,
-                    prompt: str = "r1vl") -> dict:
-    """The benchmark's result (module docstring); `score` is the paper's column, NaN if nothing scored."""
-    preds = predictions.read_all(bench_dir) if bench_dir.exists() else {}
+                    prompt: str = "r1vl", source: Path | None = None) -> dict:
+    """The benchmark's result (module docstring); `score` is the paper's column, NaN if nothing
+    scored. Predictions come from bench_dir, or from `source` (a JSONL file) when given."""
+    source = source or bench_dir
+    if source is not bench_dir and not source.is_file():
+        raise ValueError(f"--predictions {source}: no such file")
+    preds = predictions.read_all(source) if source.exists() else {}
     counts = dict(items=len(table.items) + len(table.skipped), scored=0, bad_rows=len(table.skipped),
                   skipped=0, missing=0, unparsed=0, judged=0, judge_failed=0, unknown_predictions=0)
     known = {item.index for item in table.items}

@@ -74,6 +74,15 @@ def test_end_to_end_resume_and_score_only(tmp_path, files, capsys):
     assert main(["--score-only", "--out", str(out), "--name", "model", *bench_args]) == 0
     assert capsys.readouterr().out == table
 
+    # A predictions file made elsewhere ({index, prediction} lines) is scored the same way.
+    elsewhere = tmp_path / "mmstar_preds.jsonl"
+    elsewhere.write_text("".join(json.dumps({"index": r["index"], "prediction": "### The final answer is:\nA"}) + "\n"
+                                 for r in ROWS["MMStar"]))
+    mmstar = next(b for b in bench_args if b.startswith("MMStar="))
+    assert main(["--score-only", "--out", str(tmp_path / "x"), "--bench", mmstar,
+                 "--predictions", f"MMStar={elsewhere}"]) == 0
+    assert "- MMStar (MMStar): 50.0; 2 of 2 items scored" in capsys.readouterr().out
+
     # Other generation settings in the same directory are refused.
     assert main(["--model", str(model), "--out", str(out), *bench_args, *ARGS[:-2], "--prompt", "plain"]) == 2
     assert "holds predictions made with other settings" in capsys.readouterr().err
