@@ -67,6 +67,13 @@ def _free_form(answer: str, gold: str, tolerance: float = 1e-6) -> Outcome:
     return Outcome(True, False, answer)
 
 
+def _gold_number(gold: str) -> float:
+    value = extract.to_number(gold)
+    if value is None:
+        raise ValueError(f"the gold answer {gold[:80]!r} is not a number")
+    return value
+
+
 def options_from_columns(item: Item) -> dict[str, str]:
     """{letter: text} from the columns A, B, ... that are present and non-empty (MMStar)."""
     return {c: item.fields[c].strip() for c in string.ascii_uppercase
@@ -97,13 +104,14 @@ def match_mathvista(item: Item, answer: str) -> Outcome:
         value = extract.to_number(answer)
         if value is None:
             return _WRONG
-        return Outcome(True, value == round(value) and round(value) == round(float(gold)), str(value))
+        return Outcome(True, value == round(value) and round(value) == round(_gold_number(gold)), str(value))
     if kind == "float":
         value = extract.to_number(answer)
         if value is None:
             return _WRONG
-        digits = int(float(f.get("precision", "") or 2))
-        return Outcome(True, round(value, digits) == round(float(gold), digits), str(round(value, digits)))
+        precision = f.get("precision", "").strip()
+        digits = int(float(precision)) if precision and precision.lower() != "nan" else 2
+        return Outcome(True, round(value, digits) == round(_gold_number(gold), digits), str(round(value, digits)))
     if kind == "list":
         values, golds = extract.number_list(answer), extract.number_list(gold)
         if values is None:
@@ -151,7 +159,7 @@ def match_dynamath(item: Item, answer: str) -> Outcome:
         value = extract.to_number(answer)
         if value is None:
             return _WRONG
-        return Outcome(True, abs(value - float(gold)) <= 1e-3, str(value))
+        return Outcome(True, abs(value - _gold_number(gold)) <= 1e-3, str(value))
     if not answer:
         return _WRONG
     return Outcome(True, answer.lower() in gold.lower(), answer)

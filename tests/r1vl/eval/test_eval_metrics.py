@@ -188,3 +188,11 @@ def test_mme_pairs_by_image_path(tmp_path):
             for i, a in enumerate(["Yes", "No", "Yes", "No"])]
     r = _score(tmp_path, "MME", rows, {"0": "Yes", "1": "No", "2": "Yes", "3": "Yes"})
     assert r["metrics"]["category=OCR"] == pytest.approx(75.0 + 50.0) and r["score"] == pytest.approx(125.0)
+
+
+def test_mathvista_number_forms(tmp_path):
+    free = {"question": "q", "question_type": "free_form", "choices": ""}
+    rows = [{"index": "0", **free, "answer_type": "integer", "answer": "1,000"},
+            {"index": "1", **free, "answer_type": "float", "precision": "nan", "answer": "2.25"}]  # 2 decimals
+    r = _score(tmp_path, "MathVista", rows, {"0": final("1000"), "1": final("2.251")})
+    assert r["score"] == pytest.approx(100.0)
