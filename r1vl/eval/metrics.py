@@ -91,8 +91,9 @@ def match_mcq(item: Item, answer: str) -> Outcome:
 def match_mathvista(item: Item, answer: str) -> Outcome:
     """MathVista: `question_type` multi_choice (choices list; gold `answer_option` or the
     choice equal to `answer`) or free_form by `answer_type`: integer (equal integers),
-    float (equal after rounding both to `precision` decimals, MathVista's own rule; VLMEvalKit
-    compares the judge's already rounded string), list (element-wise), text (normalized)."""
+    float (equal after rounding both to `precision` decimals, MathVista's own rule, or to the
+    gold answer's decimals without that column; VLMEvalKit compares the judge's already
+    rounded string), list (element-wise), text (normalized)."""
     f = item.fields
     gold = f["answer"].strip()
     if f["question_type"].strip() == "multi_choice":
@@ -109,8 +110,10 @@ def match_mathvista(item: Item, answer: str) -> Outcome:
         value = extract.to_number(answer)
         if value is None:
             return _WRONG
+        # The row's `precision` (decimals); without one, as many decimals as the gold answer has.
         precision = f.get("precision", "").strip()
-        digits = int(float(precision)) if precision and precision.lower() != "nan" else 2
+        digits = int(float(precision)) if precision and precision.lower() != "nan" else (
+            len(gold.rsplit(".", 1)[1]) if "." in gold else 0)
         return Outcome(True, round(value, digits) == round(_gold_number(gold), digits), str(round(value, digits)))
     if kind == "list":
         values, golds = extract.number_list(answer), extract.number_list(gold)

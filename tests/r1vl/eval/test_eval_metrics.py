@@ -193,6 +193,7 @@ def test_mme_pairs_by_image_path(tmp_path):
 def test_mathvista_number_forms(tmp_path):
     free = {"question": "q", "question_type": "free_form", "choices": ""}
     rows = [{"index": "0", **free, "answer_type": "integer", "answer": "1,000"},
-            {"index": "1", **free, "answer_type": "float", "precision": "nan", "answer": "2.25"}]  # 2 decimals
-    r = _score(tmp_path, "MathVista", rows, {"0": final("1000"), "1": final("2.251")})
+            {"index": "1", **free, "answer_type": "float", "precision": "nan", "answer": "2.25"},
+            {"index": "2", **free, "answer_type": "float", "answer": "0.7"}]  # no precision: the gold's 1 decimal
+    r = _score(tmp_path, "MathVista", rows, {"0": final("1000"), "1": final("2.251"), "2": final("0.66")})
     assert r["score"] == pytest.approx(100.0)
