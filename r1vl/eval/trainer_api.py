@@ -1,0 +1,39 @@
+"""Every use of the trainer's own modules, in one place.
+
+Checkpoint loading, prompt encoding, the sampler and the distributed helpers are imported
+here and nowhere else in r1vl.eval, so that a rename in the trainer is a one-line fix.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1vl import distributed  # noqa: F401  (init, barrier, destroy)
+from r1vl.distributed import Dist  # noqa: F401
+from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy  # noqa: F401
+from r1vl.data import BadRecordError, Example, load_examples, load_image  # noqa: F401
+from r1vl.prompts import Prompt, encode_prompt  # noqa: F401
+from r1vl.rewards.normalize import normalize_math  # noqa: F401
+from r1vl.rewards.rules import FINAL_ANSWER, final_answer, reference_answer  # noqa: F401
+from r1vl.rewards.score import answer_accuracy  # noqa: F401
+from r1vl.rollout import generate
+
+# The sampler draws from the nucleus of softmax(logits / T). With top_p this small the
+# nucleus is the single most likely token (the top token is always kept, and the next one
+# is dropped as soon as the mass before it, at least 1/V, reaches top_p), so the draw is
+# the argmax whatever the generator: greedy decoding through the unchanged sampler.
+GREEDY_TOP_P = 1e-9
+
+
+def greedy(model: torch.nn.Module, prompts: list[Prompt], max_new_tokens: int,
+           eos_token_ids: list[int]) -> list[torch.Tensor]:
+    """Greedy completions, one per prompt: (C_i,) int64 CPU tensors, EOS kept when reached.
+
+    All prompts decode together (the sampler left-pads their caches), each image encoded once.
+    """
+    out = generate(model, prompts, 1, max_new_tokens, eos_token_ids, temperature=1.0, top_p=GREEDY_TOP_P)
+    return list(out.ids)
+
+
+def eos_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant turn, as the trainer stops at them."""
+    return sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})

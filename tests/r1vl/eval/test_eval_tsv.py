@@ -1,0 +1,114 @@
+"""Reading benchmark files: VLMEvalKit's layout, and every bad input named by file, row, reason."""
+import json
+
+import pytest
+from evalkit_files import png_b64, write_tsv
+
+from r1vl.eval import benchmarks, predictions
+from r1vl.eval.tsv import EvalInputError, read_tsv
+
+MCQ = {"question": "How many?", "A": "3", "B": "4", "answer": "A"}
+
+
+def test_layout_quoting_references_and_image_path(tmp_path):
+    img = png_b64()
+    rows = [{"index": "1", "image": img, "question": 'tab\there "quoted"\nnew line', "answer": "Yes"},
+            {"index": "2", "image": "1", "question": "q", "answer": "No"}]
+    table = read_tsv(write_tsv(tmp_path / "a.tsv", rows))
+    first, second = table.items
+    assert first.fields["question"] == 'tab\there "quoted"\nnew line' and first.row == 1
+    assert second.image_b64 == img and second.image_key == "1" and first.image_key == "1"
+    assert second.image_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_bytes(first.image_bytes())
+    by_path = read_tsv(write_tsv(tmp_path / "b.tsv", [{"index": "1", "image_path": "imgs/x.png", "question": "q",
+                                                       "answer": "a"}], image=False))
+    assert by_path.items[0].image_bytes() == first.image_bytes()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"index": "1", "question": "q"}], r"missing column\(s\) \['answer'\]"),
+    ([{"index": "1", "question": "q", "answer": "a"}, {"index": "1", "question": "q", "answer": "b"}],
+     r"row 2: index '1' repeats row 1"),
+    ([{"index": "1", "image": "7", "question": "q", "answer": "a"}], r"row 1 \(index 1\): image refers to index '7'"),
+    ([{"index": "1", "image": "", "question": "q", "answer": "a"}], r"row 1 \(index 1\): empty image"),
+    ([{"index": "", "question": "q", "answer": "a"}], r"row 1: empty index"),
+])
+def test_bad_files(tmp_path, rows, message):
+    path = write_tsv(tmp_path / "bad.tsv", rows)
+    with pytest.raises(EvalInputError, match=f"bad.tsv: .*{message}"):
+        read_tsv(path)
+
+
+def test_bad_structure(tmp_path):
+    with pytest.raises(EvalInputError, match="no such file"):
+        read_tsv(tmp_path / "none.tsv")
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(EvalInputError, match="empty file"):
+        read_tsv(tmp_path / "empty.tsv")
+    (tmp_path / "short.tsv").write_text("index\timage\tquestion\tanswer\n1\tx\tq\n")
+    with pytest.raises(EvalInputError, match=r"short.tsv: row 1: 3 fields, the header has 4"):
+        read_tsv(tmp_path / "short.tsv")
+    (tmp_path / "noimg.tsv").write_text("index\tquestion\tanswer\n1\tq\ta\n")
+    with pytest.raises(EvalInputError, match="no image column"):
+        read_tsv(tmp_path / "noimg.tsv")
+
+
+def test_unknown_benchmark_and_row_checks(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark 'MMMU'"):
+        benchmarks.get("MMMU")
+    assert benchmarks.get("mathverse_mini").name == "MathVerse" and benchmarks.get("Math-V").name == "MathVision"
+    rows = [{"index": "0", **MCQ}, {"index": "1", **MCQ, "answer": "E"},  # E is no option
+            {"index": "2", **MCQ, "answer": ""}]
+    path = write_tsv(tmp_path / "mmstar.tsv", rows)
+    with pytest.raises(EvalInputError, match=r"mmstar.tsv: row 2 \(index 1\): its own answer 'E' does not score"):
+        benchmarks.load(benchmarks.get("MMStar"), path)
+    table = benchmarks.load(benchmarks.get("MMStar"), path, skip_bad_rows=True)
+    assert [i.index for i in table.items] == ["0"] and len(table.skipped) == 2
+    assert "row 3 (index 2)" in table.skipped[1]
+
+
+@pytest.mark.parametrize("name, row, message", [
+    ("MathVista", {"question_type": "multi_choice", "answer_type": "text", "choices": "os.system('x')",
+                   "answer": "a"}, "choices is not a list literal"),
+    ("MathVista", {"question_type": "free_form", "answer_type": "float", "answer": "abc"}, "its own answer 'abc' does not score"),
+    ("MathVista", {"question_type": "free_form", "answer_type": "integer"}, "missing column"),
+    ("DynaMath", {"answer_type": "float", "answer": "x"}, "its own answer 'x' does not score"),
+    ("HallusionBench", {"answer": "Yes"}, "no set_id/figure_id/question_id"),
+    ("HallusionBench", {"answer": "Maybe", "set_id": "0", "figure_id": "0", "question_id": "0"}, "does not score"),
+    ("MME", {"answer": "Yes", "category": ""}, "empty category"),
+    ("ChartQA", {"answer": "['a',"}, "not a list literal"),
+])
+def test_malformed_rows_name_the_row(tmp_path, name, row, message):
+    path = write_tsv(tmp_path / "x.tsv", [{"index": "5", "question": "q", **row}])
+    with pytest.raises(EvalInputError, match=f"x.tsv: .*{message}"):
+        benchmarks.load(benchmarks.get(name), path)
+
+
+def test_prompts(tmp_path):
+    rows = [{"index": "0", "hint": "Look.", **MCQ}]
+    item = benchmarks.load(benchmarks.get("MMStar"), write_tsv(tmp_path / "m.tsv", rows)).items[0]
+    assert benchmarks.get("MMStar").question(item) == "Hint: Look.\nQuestion: How many?\nOptions:\nA. 3\nB. 4\n"
+    assert benchmarks.get("MMStar").question(item, "plain").endswith(
+        "B. 4\nAnswer with the option's letter from the given choices directly.")
+    rows = [{"index": "0", "question": "Which?", "choices": "['1', '2']", "answer": "A"}]
+    item = benchmarks.load(benchmarks.get("MathVision"), write_tsv(tmp_path / "v.tsv", rows)).items[0]
+    assert benchmarks.get("MathVision").question(item) == "Which?\nChoices: (A) 1 (B) 2"
+
+
+def test_predictions_resume_and_bad_lines(tmp_path):
+    writer = predictions.Writer(tmp_path, rank=0)
+    writer.write([{"index": "1", "prediction": "a"}, {"index": "2", "skipped": "bad image"}])
+    writer.close()
+    with (tmp_path / "predictions.rank0.jsonl").open("a") as f:
+        f.write('{"index": "3", "predic')  # cut by a kill
+    assert set(predictions.read_all(tmp_path)) == {"1", "2"}
+    writer = predictions.Writer(tmp_path, rank=0)  # drops the partial line before appending
+    writer.write([{"index": "3", "prediction": "c"}])
+    writer.close()
+    (tmp_path / "predictions.rank1.jsonl").write_text(json.dumps({"index": "1", "prediction": "other"}) + "\n")
+    got = predictions.read_all(tmp_path)
+    assert {k: v.get("prediction") for k, v in got.items()} == {"1": "a", "2": None, "3": "c"}
+    (tmp_path / "predictions.rank2.jsonl").write_text('[1]\n{"index": "9", "prediction": "x"}\n')
+    with pytest.raises(ValueError, match=r"predictions.rank2.jsonl: line 1: unreadable prediction"):
+        predictions.read_all(tmp_path)
