@@ -18,8 +18,9 @@ out of the chunks (one host sync to count them); nothing is skipped on its value
 Flops: 6 C H V per chunk, 6NHV in all (8NHV with the forward), all on the tensor cores.
 Extra memory, beyond the gradients dhidden (N, H) and dweight (V, H) in the inputs' dtype
 and an fp32 dbias (V,): one logits chunk, at most CHUNK_BYTES (C = CHUNK_BYTES / (V *
-element size) tokens, 1 GiB: 3533 tokens at V = 151936 in bf16), plus the gathered hidden
-rows of the tokens with a gradient (at most N x H). dweight is accumulated in its own dtype
+element size) tokens rounded down to a multiple of 128, 512 MiB: 1664 tokens at
+V = 151936 in bf16), plus the gathered hidden rows of the tokens with a gradient (at most
+N x H: 117 MB at N = 16384, H = 3584 in bf16). dweight is accumulated in its own dtype
 by addmm (fp32 products and sums inside each matmul, one rounding per chunk): an fp32
 accumulator would add 4VH bytes, 2.2 GB at V = 151936, H = 3584. fp32 inputs multiply in
 fp32 unless torch.backends.cuda.matmul.allow_tf32 is set.
@@ -43,7 +44,7 @@ from ._env import LN2, LOG2E, interpreting
 # Forward tiles under the interpreter; tests lower them so that small shapes cross several.
 BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
 TARGET_PROGRAMS = 264  # about two programs per SM on an H100/H200
-CHUNK_BYTES = 1 << 30  # backward: bytes of one materialized logits chunk
+CHUNK_BYTES = 1 << 29  # backward: bytes of one materialized logits chunk (512 MiB)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -202,8 +203,7 @@ def token_chunk(V: int, element_size: int) -> int:
 
 def grad_from_hidden(hidden, weight, bias, target_ids, lse, dlogp, grad_out, temperature: float):
     """(dhidden (N, H), dweight (V, H)) in the inputs' dtypes (fp32 under the interpreter)
-    and dbias (V,) fp32 or None;
-    see the module docstring for the chunks and their memory bound."""
+    and dbias (V,) fp32 or None. The chunks and their memory bound: the module docstring."""
     N, H = hidden.shape
     V = weight.shape[0]
     if interpreting() and hidden.dtype != torch.float32:
