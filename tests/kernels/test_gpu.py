@@ -26,9 +26,17 @@ def _case(N, V, S, dtype, seed):
     target = torch.randint(0, V, (N,), device="cuda", generator=g)
     cu, adv = _sequences(N, S, g)
     logp = token_logprobs(logits, target, impl="torch")
-    old = logp + 0.2 * torch.randn(N, device="cuda", generator=g)
+    old = logp + _clip_safe_offsets(N, g)
     ref = logp + 0.2 * torch.randn(N, device="cuda", generator=g)
     return logits, target, cu, adv, old, ref
+
+
+def _clip_safe_offsets(N, g):
+    """old = logp + 0.5, 0.1, -0.05 or -0.5: ratios 0.61, 0.90, 1.05, 1.65, inside and outside
+    the clip ranges used here ([0.8, 1.2], [0.8, 1.28]) and far from their edges, where an fp32
+    log-prob error of 1e-6 could otherwise flip a token's clipping against the reference."""
+    offsets = torch.tensor([0.5, 0.1, -0.05, -0.5], device="cuda")
+    return offsets[torch.randint(0, 4, (N,), device="cuda", generator=g)]
 
 
 def _reference_from_logits(logits, target, cu, adv, old, ref, **kw):
@@ -126,10 +134,7 @@ def _hidden_case(dtype, seed, N=1201, H=1536, S=7):
     logits = hidden.double() @ weight.double().t() + bias.double()
     exact = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1)
     del logits
-    # Ratios exp(logp - old) of 1.65, 1.11, 0.95, 0.61: inside and outside the clip range
-    # [0.8, 1.28], far from its edges, where an fp32 log-prob error could flip a token.
-    offsets = torch.tensor([-0.5, -0.1, 0.05, 0.5], device="cuda", dtype=torch.float64)
-    old = (exact + offsets[torch.randint(0, 4, (N,), device="cuda", generator=g)]).float()
+    old = (exact + _clip_safe_offsets(N, g).double()).float()
     ref = (exact + 0.2 * torch.randn(N, device="cuda", generator=g, dtype=torch.float64)).float()
     return hidden, weight, bias, target, cu, adv, old, ref
 
