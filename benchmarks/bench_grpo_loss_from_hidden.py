@@ -8,8 +8,10 @@ LigerFusedLinearGRPOLoss (chunked torch).
 
 Per provider and shape: forward, backward and forward + backward (median ms), the TFLOP/s
 that time implies for the matmul work (forward 2NHV, backward with recomputed logits 6NHV
-more: 8NHV in all), as a share of a plain bf16 matmul measured in the same run, and the
-peak memory a forward + backward adds on top of its inputs. Appended to
+more: 8NHV in all), as a share of a plain bf16 matmul measured in the same run (target for
+r1vl_fused fwd+bwd: 0.75), and the peak memory a forward + backward adds on top of its
+inputs (target: at most 1.5 GB at N=16384, H=3584; r1vl_fused's backward holds one logits
+chunk of at most 512 MiB besides the gradients, its forward none). Appended to
 benchmarks/results/grpo_loss_from_hidden.csv; a table is printed last. Without a GPU it
 times the CPU paths at small sizes and says so.
 """

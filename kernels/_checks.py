@@ -1,17 +1,18 @@
 """Argument checks for the public functions: ValueError naming the argument, raised before
 any kernel runs (an out-of-range id would otherwise be an illegal memory access later)."""
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._env import interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_impl(impl: Optional[str], device: torch.device) -> str:
     """None: Triton for CUDA tensors, eager torch on CPU unless TRITON_INTERPRET=1."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    interpret = interpreting()
     if impl is None:
         return "triton" if device.type == "cuda" or interpret else "torch"
     if impl not in ("triton", "torch"):

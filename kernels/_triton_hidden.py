@@ -1,41 +1,50 @@
-"""Triton kernels for the log-probs and the GRPO loss gradient straight from hidden states:
-the lm_head matmul fused in, the (N, V) logits never written to memory.
+"""The log-probs and the GRPO loss gradient straight from hidden states (lm_head fused).
 
-Forward, one pass over the vocabulary: each program takes BLOCK_N tokens and one slice of
-the vocabulary, computes logit tiles hidden @ weight^T on chip (tl.dot, fp32 accumulation),
-and carries an online logsumexp (and the entropy's sum) over its slice; the target logit is
-picked up on the way. The slices' partial sums are merged per token afterwards (O(N) work).
-Splitting the vocabulary keeps the GPU busy when N is small.
+Forward, one fused pass over the vocabulary, the (N, V) logits never written to memory:
+each program takes BLOCK_N tokens and one slice of the vocabulary, computes logit tiles
+hidden @ weight^T on chip (tl.dot, fp32 accumulation), and carries an online logsumexp (and
+the entropy's sum) over its slice; the target logit is picked up on the way. The slices'
+partial sums are merged per token afterwards (O(N) work). Splitting the vocabulary keeps the
+GPU busy when N is small.
 
-Backward, one more pass: each program recomputes one (BLOCK_N, BLOCK_V) logit tile, forms
-dlogits = coef_t * (onehot - softmax) with the per-token coef_t = dLoss/dlogp_t * grad / T
-applied before any reduction over tokens (Liger #1298), and accumulates
-dhidden += dlogits @ weight and dweight += dlogits^T @ hidden (dbias += sum over tokens)
-with fp32 atomic adds. Memory: O(N) fp32 per-token buffers, fp32 accumulators for dhidden
-(N, H) and dweight (V, H), which are then cast to the inputs' dtype. Tiles whose tokens all
-have coef 0 (zero advantage, no KL) are skipped. Exact: no tile is skipped on its values.
+Backward, by token chunks, with no atomics: for each chunk of C tokens the logits
+hidden_c @ weight^T (+ bias) are materialized in the input dtype by a cuBLAS matmul, the
+vocabulary kernel of _triton_vocab overwrites them in place with
+dlogits = coef_t * (onehot - softmax(logits / T)), coef_t = dLoss/dlogp_t * grad / T (the
+per-token factor applied before any reduction over tokens, Liger #1298; the forward's lse),
+then dhidden_c = dlogits @ weight and dweight += dlogits^T @ hidden_c are two more matmuls.
+Tokens whose coef is exactly 0 (zero advantage, no KL) have zero gradient rows and are left
+out of the chunks (one host sync to count them); nothing is skipped on its values.
+Flops: 6 C H V per chunk, 6NHV in all (8NHV with the forward), all on the tensor cores.
+Extra memory, beyond the gradients dhidden (N, H) and dweight (V, H) in the inputs' dtype
+and an fp32 dbias (V,): one logits chunk, at most CHUNK_BYTES (C = CHUNK_BYTES / (V *
+element size) tokens rounded down to a multiple of 128, 512 MiB: 1664 tokens at
+V = 151936 in bf16), plus the gathered hidden rows of the tokens with a gradient (at most
+N x H: 117 MB at N = 16384, H = 3584 in bf16). dweight is accumulated in its own dtype
+by addmm (fp32 products and sums inside each matmul, one rounding per chunk): an fp32
+accumulator would add 4VH bytes, 2.2 GB at V = 151936, H = 3584. fp32 inputs multiply in
+fp32 unless torch.backends.cuda.matmul.allow_tf32 is set.
 
-Passes: every variant (token or sequence importance sampling, any loss type) makes one
-forward and one backward pass over hidden x weight (2NHV + 6NHV flops): the sequence-level
-ratio needs only the per-token log-probs, which the forward pass provides.
+The atomic design it replaces (one (BLOCK_N, BLOCK_V) tile per program, fp32 atomic adds
+into dhidden and dweight) moved 2.1e11 atomic adds, about 836 GB, per backward at
+N = 16384, H = 3584, V = 151936: traffic growing with N x V x H / tile. No GPU measurement
+has compared the two yet; the design argument alone decided.
 
 Interpreter (TRITON_INTERPRET=1): bf16 arithmetic is broken there, so UPCAST loads tiles as
-fp32 before tl.dot; on a GPU half-precision tiles go to the tensor cores as they are.
+fp32 before tl.dot, and the backward's chunks are fp32; on a GPU half-precision tiles and
+chunks go to the tensor cores as they are.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(LOG2E)
+from . import _triton_vocab
+from ._env import LN2, LOG2E, interpreting
 
-# Tile sizes; tests lower them so that small shapes still cross several tiles.
+# Forward tiles under the interpreter; tests lower them so that small shapes cross several.
 BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
 TARGET_PROGRAMS = 264  # about two programs per SM on an H100/H200
-
+CHUNK_BYTES = 1 << 29  # backward: bytes of one materialized logits chunk (512 MiB)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -111,65 +120,44 @@ def _hidden_fwd_kernel(
     tl.store(base + 3 * stride_part, y_target, mask=row_mask)
 
 
-@triton.jit
-def _hidden_bwd_kernel(
-    hidden_ptr, stride_h, weight_ptr, stride_w, bias_ptr,
-    target_ptr, lse_ptr, dlogp_ptr,   # (N,) int64, fp32, fp32
-    grad_out_ptr,                     # () fp32
-    dhidden_ptr, dweight_ptr, dbias_ptr,  # fp32 accumulators (N, H), (V, H), (V,), contiguous
-    N, V, H, scale, inv_temperature,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < N
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < V
-    # The per-token upstream factor, applied to every dlogits element before the reductions.
-    coef = tl.load(dlogp_ptr + rows, mask=row_mask, other=0.0) * tl.load(grad_out_ptr) * inv_temperature
-    if tl.max(tl.abs(coef), axis=0) > 0.0:
-        acc = _logit_tile(hidden_ptr, stride_h, weight_ptr, stride_w, bias_ptr, rows, row_mask, cols, col_mask,
-                          H, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
-        p = tl.exp2(acc * scale - lse2[:, None])
-        target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
-        d = coef[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - p)
-        d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
-        if HAS_BIAS:
-            tl.atomic_add(dbias_ptr + cols, tl.sum(d, axis=0), mask=col_mask)
-        if not UPCAST:
-            d = d.to(hidden_ptr.dtype.element_ty)  # half-precision operands for the tensor cores
-        ks = tl.arange(0, BLOCK_H)
-        for k0 in range(0, H, BLOCK_H):
-            k_mask = k0 + ks < H
-            w = tl.load(weight_ptr + cols[:, None] * stride_w + (k0 + ks)[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_V, BLOCK_H)
-            h = tl.load(hidden_ptr + rows[:, None] * stride_h + (k0 + ks)[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
-            if UPCAST:
-                w = w.to(tl.float32)
-                h = h.to(tl.float32)
-            dh = tl.dot(d, w, input_precision=DOT_PRECISION)                  # (BLOCK_N, BLOCK_H)
-            tl.atomic_add(dhidden_ptr + rows[:, None] * H + (k0 + ks)[None, :], dh,
-                          mask=row_mask[:, None] & k_mask[None, :])
-            dw = tl.dot(tl.trans(d), h, input_precision=DOT_PRECISION)        # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(dweight_ptr + cols[:, None] * H + (k0 + ks)[None, :], dw,
-                          mask=col_mask[:, None] & k_mask[None, :])
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# Forward launch configuration per (input dtype, GPU major version), checked by
+# tests/kernels/test_sm_compile.py against the register budget stated here (ptxas at the
+# real shapes, the bias + entropy variant included):
+#   (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, maxnreg), register budget
+# Half precision goes to the tensor cores. On sm_90 the tile needs 137 registers unbounded,
+# which allows only one CTA of 256 threads per SM (65536 registers); capped at 128 it fits
+# two without spilling. sm_80 stays at one (184 registers; capping spills 140-200 bytes).
+# fp32 uses exact fp32 FMA products ("ieee", to match the eager path) that Triton unrolls
+# completely: 32 x 64 x 32 tiles keep them in registers (64 x 128 x 64 spilled 6-9 KB of
+# stack per thread). Every shared memory footprint fits sm_86 / sm_89's 99 KB per block.
+FWD_CONFIGS = {
+    ("half", 9): ((64, 128, 64, 8, 3, 128), 128),
+    ("half", 8): ((64, 128, 64, 8, 3, None), 192),
+    ("fp32", 9): ((32, 64, 32, 8, 2, None), 128),
+    ("fp32", 8): ((32, 64, 32, 8, 2, None), 128),
+}
 
 
-def _dot_settings(dtype):
-    upcast = _interpreting() or dtype == torch.float32
-    # fp32 inputs: exact fp32 products, not TF32, so the result matches the eager path.
-    return upcast, "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
+def capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA device; the compile check substitutes its target's."""
+    return torch.cuda.get_device_capability(device)
+
+
+def _fwd_config(dtype, device):
+    """(BLOCK_N, BLOCK_V, BLOCK_H, upcast, launch options)."""
+    if interpreting():
+        # bf16 arithmetic is broken in the interpreter: everything upcast, exact fp32 dots.
+        return BLOCK_N, BLOCK_V, BLOCK_H, True, {"num_warps": 4}
+    major = min(max(capability(device)[0], 8), 9)
+    kind = "fp32" if dtype == torch.float32 else "half"
+    (block_n, block_v, block_h, warps, stages, maxnreg), _budget = FWD_CONFIGS[(kind, major)]
+    options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return block_n, block_v, block_h, kind == "fp32", options
 
 
 def logprob_fwd(hidden, weight, bias, target_ids, temperature: float, with_entropy: bool):
@@ -177,18 +165,18 @@ def logprob_fwd(hidden, weight, bias, target_ids, temperature: float, with_entro
     int64. Returns logp, lse, entropy: (N,) fp32 (entropy empty unless with_entropy)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    blocks_n = triton.cdiv(N, BLOCK_N)
-    splits = max(1, min(triton.cdiv(V, BLOCK_V), triton.cdiv(TARGET_PROGRAMS, max(blocks_n, 1))))
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), BLOCK_V) * BLOCK_V
+    block_n, block_v, block_h, upcast, options = _fwd_config(hidden.dtype, hidden.device)
+    blocks_n = triton.cdiv(N, block_n)
+    splits = max(1, min(triton.cdiv(V, block_v), triton.cdiv(TARGET_PROGRAMS, max(blocks_n, 1))))
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
     splits = triton.cdiv(V, v_per_split)
     part = torch.empty(4, splits, N, dtype=torch.float32, device=hidden.device)
-    upcast, precision = _dot_settings(hidden.dtype)
     if N > 0:
         _hidden_fwd_kernel[(blocks_n, splits)](
             hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
             target_ids, part, N, V, H, v_per_split, LOG2E / temperature,
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast, DOT_PRECISION=precision,
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=8 if not upcast else 4,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast, DOT_PRECISION="ieee",
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **options,
         )
     return merge_splits(part, with_entropy)
 
@@ -202,25 +190,49 @@ def merge_splits(part, with_entropy: bool):
     rescale = torch.exp2(m - m_safe)
     total = (s * rescale).sum(0)
     lse2 = m_safe + torch.log2(total)
-    logp = (y_target.sum(0) - lse2) * 0.6931471805599453
-    entropy = ((lse2 - (w * rescale).sum(0) / total) * 0.6931471805599453) if with_entropy else logp.new_empty(0)
-    return logp, lse2 * 0.6931471805599453, entropy
+    logp = (y_target.sum(0) - lse2) * LN2
+    entropy = ((lse2 - (w * rescale).sum(0) / total) * LN2) if with_entropy else logp.new_empty(0)
+    return logp, lse2 * LN2, entropy
+
+
+def token_chunk(V: int, element_size: int) -> int:
+    """Tokens per backward chunk: CHUNK_BYTES of logits, a multiple of 128 when that large."""
+    rows = max(1, CHUNK_BYTES // max(V * element_size, 1))
+    return rows // 128 * 128 if rows >= 128 else rows
 
 
 def grad_from_hidden(hidden, weight, bias, target_ids, lse, dlogp, grad_out, temperature: float):
-    """(dhidden (N, H), dweight (V, H), dbias (V,) or None), fp32 accumulators."""
+    """(dhidden (N, H), dweight (V, H)) in the inputs' dtypes (fp32 under the interpreter)
+    and dbias (V,) fp32 or None. The chunks and their memory bound: the module docstring."""
     N, H = hidden.shape
     V = weight.shape[0]
-    dhidden = torch.zeros(N, H, dtype=torch.float32, device=hidden.device)
-    dweight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+    if interpreting() and hidden.dtype != torch.float32:
+        # As UPCAST in the forward: the interpreter's fp32 -> bf16 casts truncate, so the CPU
+        # tests check the arithmetic in fp32; GPU tests check the half-precision chunks.
+        hidden, weight = hidden.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    dhidden = torch.zeros_like(hidden)
+    dweight = torch.zeros_like(weight)
     dbias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
-    upcast, precision = _dot_settings(hidden.dtype)
-    if N > 0:
-        _hidden_bwd_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))](
-            hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-            target_ids, lse, dlogp, grad_out.to(torch.float32), dhidden, dweight,
-            dbias if dbias is not None else dweight, N, V, H, LOG2E / temperature, 1.0 / temperature,
-            HAS_BIAS=bias is not None, UPCAST=upcast, DOT_PRECISION=precision,
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=8 if not upcast else 4,
-        )
+    active = (dlogp != 0).nonzero().squeeze(1)  # host sync: the tokens with a gradient
+    n_active = active.shape[0]
+    if n_active == 0:
+        return dhidden, dweight, dbias
+    if n_active < N:
+        hidden, target_ids, lse, dlogp = (x.index_select(0, active) for x in (hidden, target_ids, lse, dlogp))
+    grad_out = grad_out.to(torch.float32)
+    chunk = token_chunk(V, hidden.element_size())
+    dh = dhidden if n_active == N else hidden.new_empty(n_active, H)
+    for c0 in range(0, n_active, chunk):
+        c1 = min(c0 + chunk, n_active)
+        h = hidden[c0:c1]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+        _triton_vocab.logprob_bwd(logits, target_ids[c0:c1], lse[c0:c1], dlogp[c0:c1], grad_out, None, None,
+                                  temperature, out=logits)  # dlogits, in place
+        torch.mm(logits, weight, out=dh[c0:c1])
+        dweight.addmm_(logits.t(), h)
+        if dbias is not None:
+            dbias += logits.sum(0, dtype=torch.float32)
+    if n_active < N:
+        dhidden.index_copy_(0, active, dh)
     return dhidden, dweight, dbias

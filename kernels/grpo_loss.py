@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import _checks
 from ._setup import LossSetup, check_hyperparameters, check_temperature, id_range_checks, prepare_loss
+from . import ops_one_sweep  # noqa: F401  (registers the one-sweep op)
 from .ops import op
 
 
@@ -77,7 +78,9 @@ def grpo_loss(
     max_completion_length: Optional[int] = None, num_items_in_batch: Optional[float] = None,
     return_entropy: bool = False, inplace_backward: bool = False, impl: Optional[str] = None,
 ) -> GRPOLossOutput:
-    """The GRPO loss from logits: one sweep of the vocabulary forward, one backward.
+    """The GRPO loss from logits. Triton, token-level importance sampling: forward and
+    backward in one sweep (each row read twice while in L2, dlogits written in forward).
+    Otherwise one sweep of the vocabulary forward, one backward.
 
     Packed layout:
         logits      (N, V) fp32 / bf16 / fp16, unit stride along V: row t scores target_ids[t]
@@ -123,6 +126,15 @@ def grpo_loss(
         num_items_in_batch=num_items_in_batch, impl=impl)
     if inplace_backward and logits.dim() == 3 and not logits.is_contiguous():
         raise ValueError("inplace_backward needs contiguous padded logits (B, L, V)")
+    if (importance_sampling_level == "token" and not inplace_backward and setup.impl == "triton"
+            and logits.requires_grad and torch.is_grad_enabled()):
+        # One sweep: dlogits written in forward (ops_one_sweep; the two-sweep path below
+        # stays for the sequence level, the in-place option and the eager path).
+        loss, logp, _, _, kl, entropy, low, high, _ = op("grpo_loss_one_sweep")(
+            logits, setup.target, setup.flat_idx, setup.cu_seqlens, setup.advantages, setup.old_logp,
+            setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
+            None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo", return_entropy)
+        return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
     loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_fwd")(
         logits, setup.target, setup.flat_idx, setup.cu_seqlens, setup.advantages, setup.old_logp,
         setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),

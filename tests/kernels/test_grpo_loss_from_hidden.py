@@ -26,7 +26,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(_torch_hidden, "VOCAB_CHUNK", 29)
     if not torch.cuda.is_available():
         from r1vl_kernels import _triton_hidden
-        for name, value in (("BLOCK_N", 16), ("BLOCK_V", 32), ("BLOCK_H", 16), ("TARGET_PROGRAMS", 6)):
+        for name, value in (("BLOCK_N", 16), ("BLOCK_V", 32), ("BLOCK_H", 16), ("TARGET_PROGRAMS", 6),
+                            ("CHUNK_BYTES", 6 * V * 4 + 100)):  # backward chunks of 6 tokens
             monkeypatch.setattr(_triton_hidden, name, value)
 
 
@@ -78,6 +79,28 @@ def test_matches_float64_reference(impl, loss_type, level, delta, beta, temperat
     for name, leaf, grad in zip(("dhidden", "dweight", "dbias"), leaves, expected_grads):
         assert leaf.grad.dtype == dtype
         assert_close_scaled(leaf.grad, grad, dtype, name, seed)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("zero", ("some", "all"))
+def test_tokens_without_gradient(impl, zero, seed):
+    """Zero-advantage sequences without KL have zero gradient rows: the chunked backward
+    leaves their tokens out (and does nothing when no token has a gradient); the result is
+    still the reference's, in every row."""
+    hidden, weight, bias, target, cu, adv, old, ref = make_case(seed, torch.float32, 0.9)
+    adv[[0, 3, 4]] = 0.0
+    if zero == "all":
+        adv.zero_()
+    kw = dict(temperature=0.9, beta=0.0, epsilon_low=0.2, epsilon_high=0.28, delta=None, loss_type="bnpo",
+              importance_sampling_level="token")
+    _, expected_grads = reference_grads(hidden, weight, bias, target, cu, adv, old, None,
+                                        max_completion_length=max(LENS), **kw)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    out = grpo_loss_from_hidden(leaves[0], leaves[1], target, cu, adv, old, bias=leaves[2], impl=impl, **kw)
+    out.loss.backward()
+    for name, leaf, grad in zip(("dhidden", "dweight", "dbias"), leaves, expected_grads):
+        assert_close_scaled(leaf.grad, grad, torch.float32, name, seed)
+    assert bool((leaves[0].grad[: LENS[0]] == 0).all())
 
 
 @pytest.mark.parametrize("impl", IMPLS)

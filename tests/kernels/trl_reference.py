@@ -90,8 +90,8 @@ def pack_to_padded(x_packed, cu_seqlens, fill=0.0):
     """(N, ...) packed rows -> (S, L, ...) padded with `fill`, and the (S, L) 0/1 mask."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     S, L = len(lens), max(max(lens), 1)
-    out = torch.full((S, L) + tuple(x_packed.shape[1:]), fill, dtype=x_packed.dtype)
-    mask = torch.zeros(S, L, dtype=torch.long)
+    out = torch.full((S, L) + tuple(x_packed.shape[1:]), fill, dtype=x_packed.dtype, device=x_packed.device)
+    mask = torch.zeros(S, L, dtype=torch.long, device=x_packed.device)
     for s, (start, n) in enumerate(zip(cu_seqlens[:-1].tolist(), lens)):
         out[s, :n] = x_packed[start:start + n]
         mask[s, :n] = 1
