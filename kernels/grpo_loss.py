@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import _checks
 from ._setup import LossSetup, check_hyperparameters, check_temperature, id_range_checks, prepare_loss
+from ._terms import PER_SEQ_MEAN_LOSSES, POLICY_OF_LOSS
 from .ops import op
 
 
@@ -75,6 +76,9 @@ def grpo_loss(
     epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: Optional[float] = None,
     loss_type: str = "grpo", importance_sampling_level: str = "token",
     max_completion_length: Optional[int] = None, num_items_in_batch: Optional[float] = None,
+    policy_weight: Optional[Tensor] = None, off_policy_threshold: Optional[float] = None,
+    sampling_logp: Optional[Tensor] = None, bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
     return_entropy: bool = False, inplace_backward: bool = False, impl: Optional[str] = None,
 ) -> GRPOLossOutput:
     """The GRPO loss from logits: one sweep of the vocabulary forward, one backward.
@@ -93,12 +97,25 @@ def grpo_loss(
     ref_logp    (N,) float reference log-probs; required when beta != 0.
 
     Per token: ratio = exp(logp - old_logp), or at importance_sampling_level="sequence"
-    (GSPO) exp(mean over the sequence of logp - old_logp); clipped = clamp(ratio,
-    1 - epsilon_low, 1 + epsilon_high); ratio capped at delta if given (two-sided clipping);
-    loss_t = -min(ratio A, clipped A) + beta * (exp(ref - logp) - (ref - logp) - 1).
-    Reduction (TRL's loss_type): "grpo" mean over sequences of each sequence's token mean;
+    (GSPO) exp(mean over the sequence of logp - old_logp), and
+        loss_t = policy_weight_t * keep_s * policy_t + beta * KL_t
+    with TRL's (1.16) terms, by loss_type:
+        grpo, bnpo, dr_grpo, dapo, luspo: policy_t = -min(ratio A, clamp(ratio, 1 - epsilon_low,
+            1 + epsilon_high) A), ratio capped at delta if given (two-sided clipping);
+        cispo: policy_t = -sg(min(ratio, epsilon_high)) A logp_t (no gradient through the ratio);
+        sapo: policy_t = -sigmoid(tau (ratio - 1)) 4 / tau A, tau = sapo_temperature_pos if
+            A > 0 else sapo_temperature_neg;
+    KL_t = exp(ref - logp) - (ref - logp) - 1, times the ratio with bias_correction_kl.
+    policy_weight (N,) | (B, L) float, no gradient: TRL's vLLM importance-sampling
+    correction (token or sequence level, broadcast to tokens), its entropy mask, or any
+    product of them; default 1. keep_s, the off-policy sequence mask (DeepSeek-V3.2, TRL's
+    off_policy_mask_threshold), is 1 unless off_policy_threshold is given: then a sequence
+    with A < 0 is dropped when its mean of sampling_logp - logp (NaN counted as 0) exceeds
+    the threshold; sampling_logp (same shape as old_logp) defaults to old_logp.
+    Reduction: "grpo" and "sapo" mean over sequences of each sequence's token mean;
     "bnpo" sum / N; "dr_grpo" sum / (S * max_completion_length) (default: the longest
-    sequence, or L in the padded layout); "dapo" sum / num_items_in_batch (default N).
+    sequence, or L in the padded layout); "dapo" and "cispo" sum / num_items_in_batch
+    (default N); "luspo" sum / S.
 
     inplace_backward: the backward writes dlogits over the logits, saving one N x V buffer.
     Hazard: the logits tensor holds gradients afterwards; any other use of it must come
@@ -116,19 +133,39 @@ def grpo_loss(
         raise ValueError(f"logits must be (N, V) packed or (B, L, V) padded, got shape {tuple(logits.shape)}")
     check_hyperparameters(temperature, epsilon_low, epsilon_high, delta, beta, ref_logp, loss_type,
                           importance_sampling_level)
+    _checks.check_policy_options(loss_type, epsilon_high, sapo_temperature_pos, sapo_temperature_neg,
+                                 off_policy_threshold, sampling_logp)
     setup = prepare_loss(
         "logits", logits.shape[:-1], logits.shape[-1], logits.device, target_ids, cu_seqlens,
         completion_mask, advantages, old_logp, ref_logp, rewards=rewards, group_size=group_size,
         scale_rewards=scale_rewards, loss_type=loss_type, max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch, impl=impl)
+        num_items_in_batch=num_items_in_batch, impl=impl, policy_weight=policy_weight,
+        sampling_logp=sampling_logp)
     if inplace_backward and logits.dim() == 3 and not logits.is_contiguous():
         raise ValueError("inplace_backward needs contiguous padded logits (B, L, V)")
     loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_fwd")(
-        logits, setup.target, setup.flat_idx, setup.cu_seqlens, setup.advantages, setup.old_logp,
-        setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
-        None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo",
-        importance_sampling_level == "sequence", return_entropy, inplace_backward, setup.impl)
+        logits=logits, target_ids=setup.target, flat_idx=setup.flat_idx, temperature=float(temperature),
+        with_entropy=return_entropy, inplace_backward=inplace_backward,
+        **epilogue_arguments(setup, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high,
+                             delta, off_policy_threshold, bias_correction_kl, sapo_temperature_pos,
+                             sapo_temperature_neg))
     return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
+
+
+def epilogue_arguments(setup: LossSetup, loss_type, importance_sampling_level, beta, epsilon_low,
+                       epsilon_high, delta, off_policy_threshold, bias_correction_kl,
+                       sapo_temperature_pos, sapo_temperature_neg) -> dict:
+    """The arguments both forward ops share (see ops.grpo_loss_fwd), by name."""
+    return dict(
+        cu_seqlens=setup.cu_seqlens, advantages=setup.advantages, old_logp=setup.old_logp,
+        ref_logp=setup.ref_logp, policy_weight=setup.policy_weight, sampling_logp=setup.sampling_logp,
+        beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),
+        delta=None if delta is None else float(delta), inv_norm=setup.inv_norm,
+        per_seq_mean=loss_type in PER_SEQ_MEAN_LOSSES, seq_level=importance_sampling_level == "sequence",
+        policy=POLICY_OF_LOSS[loss_type], sapo_tau_pos=float(sapo_temperature_pos),
+        sapo_tau_neg=float(sapo_temperature_neg),
+        off_policy_threshold=None if off_policy_threshold is None else float(off_policy_threshold),
+        bias_correction_kl=bool(bias_correction_kl), impl=setup.impl)
 
 
 def make_output(setup: LossSetup, loss, logp, kl, entropy, low, high, return_entropy) -> GRPOLossOutput:
