@@ -50,6 +50,10 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
 class FusedGRPOTrainer(GRPOTrainer):
     """trl.GRPOTrainer whose loss never builds logits (see the module docstring)."""
 
+    # The kernels' implementation: None picks Triton for CUDA tensors and eager PyTorch on CPU
+    # (Triton there too under TRITON_INTERPRET=1), as r1vl_kernels' functions do.
+    kernel_impl: str | None = None
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         unsupported_options(self)
@@ -86,7 +90,8 @@ class FusedGRPOTrainer(GRPOTrainer):
             with torch.no_grad():
                 _, entropies = token_logprobs_from_hidden(hidden.detach(), weight.detach(), completion_ids,
                                                           bias=None if bias is None else bias.detach(),
-                                                          temperature=self.temperature, return_entropy=True)
+                                                          temperature=self.temperature, return_entropy=True,
+                                                          impl=self.kernel_impl)
             policy_weight = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).float()
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = inputs["importance_sampling_ratio"].float().expand(mask.shape)  # (B, T) or (B, 1)
@@ -115,7 +120,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                            else None),
             bias_correction_kl=self.args.use_bias_correction_kl,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
-            sapo_temperature_neg=self.args.sapo_temperature_neg, return_entropy=True)
+            sapo_temperature_neg=self.args.sapo_temperature_neg, return_entropy=True, impl=self.kernel_impl)
         loss = out.loss if loss_type in ("dapo", "cispo") else out.loss / accumulation
         self._log_loss_metrics(mode, out, inputs, mask, advantages)
         return loss
