@@ -30,9 +30,8 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-# trl is the end-to-end baseline only: installed here, never in requirements.txt (CI needs none).
+# trl (pinned in requirements.txt) is the end-to-end baseline of bench_trainer.py.
 bench: $(STAMP)
-	$(PIP) install -q -c constraints.txt trl
 	$(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_grpo_loss_from_hidden.py
 	$(PY) benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md

@@ -7,6 +7,8 @@ naming the option, of everything the fused loss cannot give exactly.
 TRL's loss is its own method called on the same trainer object (`GRPOTrainer._compute_loss`),
 so both sides see the same attributes, inputs and model."""
 import itertools
+import subprocess
+import sys
 import types
 
 import pytest
@@ -257,3 +259,11 @@ def test_per_token_advantages_are_refused(text_trainer, tokenizer):
     batch["advantages"] = batch["advantages"][:, None].expand(B, T)
     with pytest.raises(ValueError, match="advantages"):
         text_trainer._compute_loss(text_trainer.model, batch)
+
+
+def test_r1vl_kernels_alone_imports_neither_trl_nor_transformers():
+    """`import r1vl_kernels` needs only torch and triton; r1vl_kernels.trl is imported on request."""
+    code = ("import sys, r1vl_kernels; "
+            "print(sorted(m for m in ('trl', 'transformers', 'r1vl_kernels.trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
