@@ -22,7 +22,8 @@ class GRPOLossOutput:
     where the mask is 0); everything but `loss` is detached."""
     loss: Tensor                # () fp32, differentiable with respect to logits
     logp: Tensor                # (N,) | (B, L) fp32: log softmax(logits / T)[target]
-    kl: Optional[Tensor]        # (N,) | (B, L) fp32 k3 KL to the reference; None without ref_logp
+    kl: Optional[Tensor]        # (N,) | (B, L) fp32 k3 KL to the reference (times the importance
+                                # ratio with bias_correction_kl); None without ref_logp
     advantages: Tensor          # (S,) fp32, given or computed from rewards
     clip_low_frac: Tensor       # () fp32: share of tokens with ratio < 1 - eps_low and A < 0
     clip_high_frac: Tensor      # () fp32: share of tokens with ratio > 1 + eps_high and A > 0
