@@ -65,7 +65,7 @@ def test_from_logits_matches_reference(impl, loss_type, level, option, seed):
     leaf = logits.clone().requires_grad_()
     out = grpo_loss(leaf, target, cu, adv, old, ref, num_items_in_batch=num_items, impl=impl, **kw, **extra)
     out.loss.backward()
-    torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-5, atol=1e-7,
+    torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-4, atol=1e-6,
                                msg=lambda m: f"loss (seed={seed}): {m}")
     torch.testing.assert_close(out.kl.double(), padded_to_packed(expected.kl, mask), rtol=1e-4, atol=1e-5)
     assert out.clip_low_frac.item() == pytest.approx(expected.clip_low_frac, abs=1e-6)
@@ -86,7 +86,7 @@ def test_on_policy_new_loss_types(impl, loss_type, level, seed):
     leaf = logits.clone().requires_grad_()
     out = grpo_loss(leaf, target, cu, adv, None, ref, impl=impl, **kw, **extra)
     out.loss.backward()
-    torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-4, atol=1e-6)
     assert_close_scaled(leaf.grad, expected_grad, torch.float32, "dlogits", seed)
 
 
