@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_grpo_loss_from_hidden.py
 	$(PY) benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_trl_loss.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

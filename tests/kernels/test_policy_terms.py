@@ -91,8 +91,9 @@ def test_on_policy_new_loss_types(impl, loss_type, level, seed):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss_type,level,dtype", [("cispo", "token", torch.float32), ("sapo", "sequence", torch.bfloat16),
-                                                   ("luspo", "sequence", torch.float32), ("grpo", "token", torch.bfloat16)])
+@pytest.mark.parametrize("loss_type,level,dtype", [
+    ("cispo", "token", torch.float32), ("sapo", "sequence", torch.bfloat16),
+    ("luspo", "sequence", torch.float32), ("grpo", "token", torch.bfloat16)])
 def test_from_hidden_matches_reference(impl, loss_type, level, dtype, seed):
     hidden, weight, bias, target, cu, adv, old, ref = hidden_case.make_case(seed, dtype, 0.9)
     extra = option_kwargs("all", seed, cu, old)
