@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _checks
 from .ops import op
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 IS_LEVELS = ("token", "sequence")
 
 

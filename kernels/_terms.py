@@ -8,9 +8,13 @@ from typing import Optional
 #   "clip"  -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A), r capped at delta if given
 #   "cispo" -sg(min(r, eps_high)) A logp  (sg: no gradient through the ratio)
 #   "sapo"  -sigmoid(tau (r - 1)) 4 / tau A, tau = tau_pos if A > 0 else tau_neg
-POLICIES = ("clip", "cispo", "sapo")
+#   "vespo" -sg(phi_s) A logp, phi_s = exp(lam + k log w - lam w) of the sequence's
+#           w = exp(clamp(sum_t clamp(logp - old, -20, 20) + offset_s, log 1e-8, 20)),
+#           (k, lam) = (k_pos, lambda_pos) if A >= 0 else (k_neg, lambda_neg)
+POLICIES = ("clip", "cispo", "sapo", "vespo")
 POLICY_OF_LOSS = {"grpo": "clip", "bnpo": "clip", "dr_grpo": "clip", "dapo": "clip", "luspo": "clip",
-                  "cispo": "cispo", "sapo": "sapo"}
+                  "cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}
+VESPO_LOG_W_MIN = -18.420680743952367  # log(1e-8), TRL's lower clamp of vespo's log-weights
 PER_SEQ_MEAN_LOSSES = ("grpo", "sapo")  # each sequence's token mean, then the mean over sequences
 
 
@@ -30,3 +34,7 @@ class TermsConfig:
     sapo_tau_neg: float = 1.05
     off_policy_threshold: Optional[float] = None  # off-policy sequence mask (OPSM) if given
     bias_correction_kl: bool = False              # KL term multiplied by the importance ratio
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0

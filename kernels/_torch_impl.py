@@ -6,7 +6,7 @@ are bounded (about 64 MB a chunk) instead of N x V.
 """
 import torch
 
-from ._terms import TermsConfig
+from ._terms import VESPO_LOG_W_MIN, TermsConfig
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 elements of logits processed at once
 
@@ -86,7 +86,7 @@ def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
 
 
 def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp,
-               cfg: TermsConfig):
+               vespo_log_offset, cfg: TermsConfig):
     """Same contract as _triton_grpo.grpo_terms, vectorized over tokens."""
     N, S = logp.shape[0], advantages.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -133,12 +133,15 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, 
         capped = ratio.clamp(max=cfg.eps_high)  # no gradient through the ratio
         policy, d_policy = -capped * adv * logp, -capped * adv
         high = (ratio > cfg.eps_high) & (adv > 0)
+    elif cfg.policy == "vespo":
+        phi = _vespo_weights(logp, old_logp, advantages, vespo_log_offset, per_seq_sum, cfg)[seq_of_tok]
+        policy, d_policy = -phi * adv * logp, -phi * adv
     else:  # sapo
         tau = torch.where(adv > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
         sig = torch.sigmoid(tau * (ratio - 1))
         policy, d_policy = -sig * (4 / tau) * adv, -adv * 4 * sig * (1 - sig) * ratio
     tok_loss = weight * policy
-    if cfg.seq_level and cfg.policy != "cispo":
+    if cfg.seq_level and cfg.policy in ("clip", "sapo"):
         # The ratio is the sequence's: every token's gradient is the sequence mean of the weights.
         dlogp = d_policy * (per_seq_sum(weight) / n)[seq_of_tok]
     else:
@@ -158,3 +161,17 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, 
 
     seq_loss = per_seq_sum(tok_loss) * w_seq
     return dlogp * w_seq[seq_of_tok], kl, seq_loss, per_seq_sum(low.float()), per_seq_sum(high.float())
+
+
+def _vespo_weights(logp, old_logp, advantages, log_offset, per_seq_sum, cfg: TermsConfig):
+    """(S,) vespo's phi per sequence (see _terms), without gradient."""
+    log_w = torch.zeros_like(advantages)
+    if old_logp is not None:
+        log_w = per_seq_sum((logp - old_logp).clamp(-20.0, 20.0))
+    if log_offset is not None:
+        log_w = log_w + log_offset
+    log_w = log_w.clamp(VESPO_LOG_W_MIN, 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lam = torch.where(positive, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)

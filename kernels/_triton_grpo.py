@@ -8,7 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._terms import POLICIES, TermsConfig
+from ._terms import POLICIES, VESPO_LOG_W_MIN as _VESPO_LOG_W_MIN, TermsConfig
+
+VESPO_LOG_W_MIN = tl.constexpr(_VESPO_LOG_W_MIN)
 
 SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
 
@@ -54,20 +56,24 @@ def _grpo_terms_kernel(
     logp_ptr, old_ptr, ref_ptr,  # (N,) fp32; old used if HAS_OLD, ref if HAS_REF
     weight_ptr, samp_ptr,        # (N,) fp32: policy-term weight (HAS_WEIGHT), sampling logp (HAS_SAMP)
     adv_ptr, cu_ptr,             # (S,) fp32, (S+1,) int32
+    offset_ptr,                  # (S,) fp32 vespo's log-weight offset (HAS_OFFSET)
     dlogp_ptr, kl_ptr,           # (N,) fp32 out: dLoss/dlogp, KL term (if HAS_REF)
     seq_loss_ptr, seq_low_ptr, seq_high_ptr,  # (S,) fp32 out: weighted loss, clip counts
     eps_low, eps_high, delta, beta, inv_norm, tau_pos, tau_neg, opsm_threshold,
+    k_pos, lam_pos, k_neg, lam_neg,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
     HAS_DELTA: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
-    POLICY: tl.constexpr,        # 0 clip, 1 cispo, 2 sapo (see _terms.POLICIES)
-    HAS_WEIGHT: tl.constexpr, HAS_OPSM: tl.constexpr, HAS_SAMP: tl.constexpr,
+    POLICY: tl.constexpr,        # 0 clip, 1 cispo, 2 sapo, 3 vespo (see _terms.POLICIES)
+    DETACHED_RATIO: tl.constexpr,  # cispo, vespo: no gradient through the ratio
+    HAS_WEIGHT: tl.constexpr, HAS_OPSM: tl.constexpr, HAS_SAMP: tl.constexpr, HAS_OFFSET: tl.constexpr,
     BIAS_KL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Loss terms of one sequence, following TRL's GRPOTrainer._compute_loss (trl 1.16).
 
     r = exp(logp - old) (token) or exp(masked mean of logp - old) (sequence). Policy term:
     clip  -min(r1 A, r2 A), r2 = clamp(r, 1 - eps_low, 1 + eps_high), r1 = r capped at delta;
-    cispo -sg(min(r, eps_high)) A logp; sapo -sigmoid(tau (r - 1)) 4 / tau A. It is multiplied
+    cispo -sg(min(r, eps_high)) A logp; sapo -sigmoid(tau (r - 1)) 4 / tau A; vespo
+    -sg(phi) A logp with phi of the sequence's summed log-ratio (see _terms). It is multiplied
     by the token's weight (HAS_WEIGHT) and by the off-policy mask (HAS_OPSM: the sequence is
     kept if A >= 0 or the mean of sampling_logp - logp is <= opsm_threshold). Then
     + beta * KL, KL = k3 (times r with BIAS_KL). Reduction weight w = inv_norm / n (grpo)
@@ -93,14 +99,19 @@ def _grpo_terms_kernel(
     mean_weight = tl.full((), 1.0, tl.float32)
     mean_kl = tl.zeros((), tl.float32)
     keep = tl.full((), 1.0, tl.float32)
-    if SEQ_LEVEL or HAS_OPSM:
+    phi = tl.zeros((), tl.float32)
+    if SEQ_LEVEL or HAS_OPSM or POLICY == 3:
         acc_ratio = tl.zeros((BLOCK_T,), tl.float32)
         acc_weight = tl.zeros((BLOCK_T,), tl.float32)
         acc_kl = tl.zeros((BLOCK_T,), tl.float32)
         acc_drift = tl.zeros((BLOCK_T,), tl.float32)
+        acc_vespo = tl.zeros((BLOCK_T,), tl.float32)
         for off in range(start, end, BLOCK_T):
             mask = off + cols < end
             lp = tl.load(logp_ptr + off + cols, mask=mask, other=0.0)
+            if POLICY == 3 and HAS_OLD:
+                lr = lp - tl.load(old_ptr + off + cols, mask=mask, other=0.0)
+                acc_vespo += tl.minimum(tl.maximum(lr, -20.0), 20.0)
             if SEQ_LEVEL:
                 if HAS_OLD:
                     acc_ratio += lp - tl.load(old_ptr + off + cols, mask=mask, other=0.0)
@@ -124,6 +135,15 @@ def _grpo_terms_kernel(
         mean_kl = tl.sum(acc_kl, axis=0) / n
         if HAS_OPSM:
             keep = tl.where((adv >= 0.0) | (tl.sum(acc_drift, axis=0) / n <= opsm_threshold), 1.0, 0.0)
+        if POLICY == 3:
+            log_w = tl.sum(acc_vespo, axis=0)
+            if HAS_OFFSET:
+                log_w += tl.load(offset_ptr + seq)
+            log_w = tl.minimum(tl.maximum(log_w, VESPO_LOG_W_MIN), 20.0)
+            k = tl.where(adv >= 0.0, k_pos, k_neg)
+            lam = tl.maximum(tl.where(adv >= 0.0, lam_pos, lam_neg), 1e-4)
+            phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+            phi = tl.where((phi == phi) & (phi < float("inf")), phi, 0.0)  # TRL's nan_to_num(0)
     mean_weight = mean_weight * keep
     if POLICY == 2:
         tau = tl.where(adv > 0.0, tau_pos, tau_neg)
@@ -167,13 +187,16 @@ def _grpo_terms_kernel(
             policy = -capped * adv * lp
             d_policy = -capped * adv
             high_acc += tl.where(mask & (ratio > eps_high), 1.0, 0.0)
+        elif POLICY == 3:
+            policy = -phi * adv * lp
+            d_policy = tl.zeros((BLOCK_T,), tl.float32) - phi * adv
         else:
             sig = tl.sigmoid(tau * (ratio - 1.0))
             policy = -sig * (4.0 / tau) * adv
             d_policy = -adv * 4.0 * sig * (1.0 - sig) * ratio
         tok_loss = weight * policy
-        if POLICY == 1:
-            dlogp = weight * d_policy  # no gradient through cispo's ratio
+        if DETACHED_RATIO:
+            dlogp = weight * d_policy
         elif SEQ_LEVEL:
             dlogp = mean_weight * d_policy
         else:
@@ -217,11 +240,11 @@ def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
 
 
 def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp,
-               cfg: TermsConfig):
+               vespo_log_offset, cfg: TermsConfig):
     """Per-token dLoss/dlogp and KL term, per-sequence loss and clip counts; see the kernel.
 
     logp, old_logp, ref_logp, policy_weight, sampling_logp: (N,) fp32 (all but logp may be
-    None). advantages: (S,) fp32. cu_seqlens: (S+1,) int32. Returns dlogp (N,), kl (N,)
+    None). advantages, vespo_log_offset (or None): (S,) fp32. cu_seqlens: (S+1,) int32. Returns dlogp (N,), kl (N,)
     (empty without ref_logp), seq_loss (S,), seq_low (S,), seq_high (S,), all fp32.
     """
     N, S = logp.shape[0], advantages.shape[0]
@@ -235,14 +258,18 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, 
             ref_logp if ref_logp is not None else logp,
             policy_weight if policy_weight is not None else logp,
             sampling_logp if sampling_logp is not None else logp,
-            advantages, cu_seqlens, dlogp, kl if ref_logp is not None else dlogp,
+            advantages, cu_seqlens, vespo_log_offset if vespo_log_offset is not None else advantages,
+            dlogp, kl if ref_logp is not None else dlogp,
             seq_stats[0], seq_stats[1], seq_stats[2],
             cfg.eps_low, cfg.eps_high, cfg.delta if cfg.delta is not None else 0.0, cfg.beta, cfg.inv_norm,
             cfg.sapo_tau_pos, cfg.sapo_tau_neg, cfg.off_policy_threshold if opsm else 0.0,
+            cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg, cfg.vespo_lambda_neg,
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
             USE_KL=ref_logp is not None and cfg.beta != 0.0, HAS_DELTA=cfg.delta is not None,
             SEQ_LEVEL=cfg.seq_level, PER_SEQ_MEAN=cfg.per_seq_mean, POLICY=POLICIES.index(cfg.policy),
+            DETACHED_RATIO=cfg.policy in ("cispo", "vespo"),
             HAS_WEIGHT=policy_weight is not None, HAS_OPSM=opsm, HAS_SAMP=sampling_logp is not None,
+            HAS_OFFSET=vespo_log_offset is not None,
             BIAS_KL=cfg.bias_correction_kl, BLOCK_T=256,
         )
     return dlogp, kl, seq_stats[0], seq_stats[1], seq_stats[2]

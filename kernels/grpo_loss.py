@@ -80,6 +80,8 @@ def grpo_loss(
     policy_weight: Optional[Tensor] = None, off_policy_threshold: Optional[float] = None,
     sampling_logp: Optional[Tensor] = None, bias_correction_kl: bool = False,
     sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0, vespo_log_offset: Optional[Tensor] = None,
     return_entropy: bool = False, inplace_backward: bool = False, impl: Optional[str] = None,
 ) -> GRPOLossOutput:
     """The GRPO loss from logits: one sweep of the vocabulary forward, one backward.
@@ -113,9 +115,13 @@ def grpo_loss(
     off_policy_mask_threshold), is 1 unless off_policy_threshold is given: then a sequence
     with A < 0 is dropped when its mean of sampling_logp - logp (NaN counted as 0) exceeds
     the threshold; sampling_logp (same shape as old_logp) defaults to old_logp.
+        vespo: policy_t = -sg(phi_s) A logp_t, phi_s = exp(lam + k log w - lam w) with
+            log w = clamp(sum over the sequence of clamp(logp - old, -20, 20) + vespo_log_offset_s,
+            log 1e-8, 20) and (k, lam) = (vespo_k_pos, vespo_lambda_pos) if A >= 0 else the
+            _neg pair (TRL's vespo; vespo_log_offset (S,): its summed, clamped log vLLM ratios);
     Reduction: "grpo" and "sapo" mean over sequences of each sequence's token mean;
     "bnpo" sum / N; "dr_grpo" sum / (S * max_completion_length) (default: the longest
-    sequence, or L in the padded layout); "dapo" and "cispo" sum / num_items_in_batch
+    sequence, or L in the padded layout); "dapo", "cispo" and "vespo" sum / num_items_in_batch
     (default N); "luspo" sum / S.
 
     inplace_backward: the backward writes dlogits over the logits, saving one N x V buffer.
@@ -149,15 +155,23 @@ def grpo_loss(
         with_entropy=return_entropy, inplace_backward=inplace_backward,
         **epilogue_arguments(setup, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high,
                              delta, off_policy_threshold, bias_correction_kl, sapo_temperature_pos,
-                             sapo_temperature_neg))
+                             sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+                             vespo_log_offset))
     return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
 
 
 def epilogue_arguments(setup: LossSetup, loss_type, importance_sampling_level, beta, epsilon_low,
                        epsilon_high, delta, off_policy_threshold, bias_correction_kl,
-                       sapo_temperature_pos, sapo_temperature_neg) -> dict:
+                       sapo_temperature_pos, sapo_temperature_neg, vespo_params, vespo_log_offset) -> dict:
     """The arguments both forward ops share (see ops.grpo_loss_fwd), by name."""
+    S = setup.advantages.shape[0]
+    offset = _checks.check_float_vector("vespo_log_offset", vespo_log_offset, (S,), setup.advantages.device)
+    if offset is not None and loss_type != "vespo":
+        raise ValueError("vespo_log_offset is only read by loss_type='vespo'")
+    k_pos, lambda_pos, k_neg, lambda_neg = (float(x) for x in vespo_params)
     return dict(
+        vespo_log_offset=None if offset is None else offset.contiguous(), vespo_k_pos=k_pos,
+        vespo_lambda_pos=lambda_pos, vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg,
         cu_seqlens=setup.cu_seqlens, advantages=setup.advantages, old_logp=setup.old_logp,
         ref_logp=setup.ref_logp, policy_weight=setup.policy_weight, sampling_logp=setup.sampling_logp,
         beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),

@@ -47,6 +47,8 @@ def grpo_loss_from_hidden(
     policy_weight: Optional[Tensor] = None, off_policy_threshold: Optional[float] = None,
     sampling_logp: Optional[Tensor] = None, bias_correction_kl: bool = False,
     sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0, vespo_log_offset: Optional[Tensor] = None,
     return_entropy: bool = False, impl: Optional[str] = None,
 ) -> GRPOLossOutput:
     """grpo_loss (same semantics, options and output: loss types, policy_weight, the
@@ -86,5 +88,6 @@ def grpo_loss_from_hidden(
         with_entropy=return_entropy,
         **epilogue_arguments(setup, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high,
                              delta, off_policy_threshold, bias_correction_kl, sapo_temperature_pos,
-                             sapo_temperature_neg))
+                             sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+                             vespo_log_offset))
     return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)

@@ -94,10 +94,12 @@ def _(rewards, group_size, scale_rewards, eps, impl):
 def grpo_loss_fwd(
     logits: Tensor, target_ids: Tensor, flat_idx: Optional[Tensor], cu_seqlens: Tensor,
     advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
-    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor], temperature: float,
+    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor],
+    vespo_log_offset: Optional[Tensor], temperature: float,
     beta: float, eps_low: float, eps_high: float, delta: Optional[float], inv_norm: float,
     per_seq_mean: bool, seq_level: bool, policy: str, sapo_tau_pos: float, sapo_tau_neg: float,
-    off_policy_threshold: Optional[float], bias_correction_kl: bool, with_entropy: bool,
+    off_policy_threshold: Optional[float], bias_correction_kl: bool, vespo_k_pos: float,
+    vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float, with_entropy: bool,
     inplace_backward: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss (), logp (N,), lse (N,), dlogp (N,), kl (N,) or (0,), entropy (N,) or (0,),
@@ -109,7 +111,7 @@ def grpo_loss_fwd(
     logp, lse, entropy = backend.logprob_fwd(
         logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
     return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
-                      advantages, cu_seqlens, cfg)
+                      vespo_log_offset, advantages, cu_seqlens, cfg)
 
 
 grpo_loss_fwd_op = torch.library.custom_op(f"{_LIB}::grpo_loss_fwd", mutates_args=())(grpo_loss_fwd)
@@ -122,11 +124,11 @@ def terms_config(op_arguments: dict) -> TermsConfig:
 
 
 def loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
-               advantages, cu_seqlens, cfg: TermsConfig):
+               vespo_log_offset, advantages, cu_seqlens, cfg: TermsConfig):
     """The O(N) epilogue of a forward op, after the vocabulary pass gave logp, lse, entropy:
     the outputs of grpo_loss_fwd (see there)."""
     dlogp, kl, seq_loss, seq_low, seq_high = backend.grpo_terms(
-        logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp, cfg)
+        logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp, vespo_log_offset, cfg)
     n_tokens = max(logp.shape[0], 1)
     return (seq_loss.sum(), logp, lse, dlogp, kl, entropy,
             seq_low.sum() / n_tokens, seq_high.sum() / n_tokens)

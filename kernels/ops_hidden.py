@@ -38,17 +38,19 @@ def _(hidden, weight, bias, target_ids, temperature, with_entropy, impl):
 def grpo_loss_from_hidden_fwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, cu_seqlens: Tensor,
     advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
-    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor], temperature: float,
+    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor],
+    vespo_log_offset: Optional[Tensor], temperature: float,
     beta: float, eps_low: float, eps_high: float, delta: Optional[float], inv_norm: float,
     per_seq_mean: bool, seq_level: bool, policy: str, sapo_tau_pos: float, sapo_tau_neg: float,
-    off_policy_threshold: Optional[float], bias_correction_kl: bool, with_entropy: bool, impl: str,
+    off_policy_threshold: Optional[float], bias_correction_kl: bool, vespo_k_pos: float,
+    vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float, with_entropy: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The outputs of ops.grpo_loss_fwd, from hidden (N, H) and weight (V, H)."""
     cfg = terms_config(locals())  # first statement: locals() holds exactly the arguments
     backend = _backend(impl)
     logp, lse, entropy = backend.logprob_fwd(hidden, weight, bias, target_ids, temperature, with_entropy)
     return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
-                      advantages, cu_seqlens, cfg)
+                      vespo_log_offset, advantages, cu_seqlens, cfg)
 
 
 grpo_loss_from_hidden_fwd_op = torch.library.custom_op(

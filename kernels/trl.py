@@ -12,12 +12,11 @@ rewards, advantages, old and reference log-probs, logging, the optimizer) is TRL
 Written against trl 1.16 (imported only when this module is; `import r1vl_kernels` needs
 neither trl nor transformers). The loss is TRL's, term by term: the tests compare loss and
 every parameter's gradient with GRPOTrainer._compute_loss on the same weights and batch.
-Covered: loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo; token- and sequence-level
+Covered: loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo; token- and sequence-level
 importance sampling; epsilon / epsilon_high / delta; beta with use_bias_correction_kl; vLLM's
 importance-sampling correction (token or sequence modes); top_entropy_quantile;
 off_policy_mask_threshold; temperature; cast_lm_head_to_fp32; tool masks; text models and
-Qwen2-VL / Qwen2.5-VL. Refused at construction, by name: loss_type="vespo", the entropy
-bonus (entropy_coef, use_adaptive_entropy: it needs the entropy's gradient), MoE router
+Qwen2-VL / Qwen2.5-VL. Refused at construction, by name: the entropy bonus (entropy_coef, use_adaptive_entropy: it needs the entropy's gradient), MoE router
 auxiliary losses, PEFT models, ZeRO-3 and FSDP (the lm_head weight is sharded), and models
 whose logits are soft-capped or scaled or whose inputs are another VLM's.
 
@@ -26,6 +25,7 @@ gradient) to know the entropies before the loss, as TRL needs them for its quant
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from trl.trainer.utils import nanmax, nanmin
 
 from .grpo_loss_from_hidden import grpo_loss_from_hidden, token_logprobs_from_hidden
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 # Model inputs the backbone gets besides input_ids and attention_mask (text and Qwen2-VL).
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -93,14 +93,21 @@ class FusedGRPOTrainer(GRPOTrainer):
                                                           temperature=self.temperature, return_entropy=True,
                                                           impl=self.kernel_impl)
             policy_weight = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).float()
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        vespo_log_offset = None
+        if self.loss_type == "vespo":
+            # vespo reads the vLLM ratios (whenever the batch has them, as TRL does) inside its
+            # weight phi, as a per-sequence offset of the summed log-ratio; they are no factor.
+            ratio = inputs.get("importance_sampling_ratio")
+            if ratio is not None:
+                vespo_log_offset = torch.log(ratio.float()).clamp(math.log(1e-8), 20.0).sum(-1)
+        elif self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = inputs["importance_sampling_ratio"].float().expand(mask.shape)  # (B, T) or (B, 1)
             policy_weight = ratio if policy_weight is None else policy_weight * ratio
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         loss_type, num_items = self.loss_type, None
-        if loss_type in ("dapo", "cispo"):
+        if loss_type in ("dapo", "cispo", "vespo"):
             # num_items_in_batch spans the generation batch: TRL rescales it to one accumulation window.
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -120,8 +127,11 @@ class FusedGRPOTrainer(GRPOTrainer):
                            else None),
             bias_correction_kl=self.args.use_bias_correction_kl,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
-            sapo_temperature_neg=self.args.sapo_temperature_neg, return_entropy=True, impl=self.kernel_impl)
-        loss = out.loss if loss_type in ("dapo", "cispo") else out.loss / accumulation
+            sapo_temperature_neg=self.args.sapo_temperature_neg, vespo_k_pos=self.args.vespo_k_pos,
+            vespo_lambda_pos=self.args.vespo_lambda_pos, vespo_k_neg=self.args.vespo_k_neg,
+            vespo_lambda_neg=self.args.vespo_lambda_neg, vespo_log_offset=vespo_log_offset, return_entropy=True,
+            impl=self.kernel_impl)
+        loss = out.loss if loss_type in ("dapo", "cispo", "vespo") else out.loss / accumulation
         self._log_loss_metrics(mode, out, inputs, mask, advantages)
         return loss
 
@@ -169,6 +179,14 @@ class FusedGRPOTrainer(GRPOTrainer):
 
         old = inputs.get("old_per_token_logps")
         log_ratio = torch.zeros_like(out.logp) if old is None else out.logp - old
+        if self.loss_type == "vespo":
+            phi = self.get_gamma_weights(
+                advantages=adv, log_ratio_per_token=log_ratio, mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                k_pos=self.args.vespo_k_pos, lambda_pos=self.args.vespo_lambda_pos,
+                k_neg=self.args.vespo_k_neg, lambda_neg=self.args.vespo_lambda_neg)
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            return
         if self.importance_sampling_level == "sequence":
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         coef_1 = torch.exp(log_ratio)

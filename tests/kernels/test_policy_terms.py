@@ -16,11 +16,11 @@ from .test_grpo_loss import LENS, assert_close_scaled, make_case, reference
 from .trl_reference import pack_to_padded, padded_to_packed
 
 IMPLS = ("torch", "triton")
-NEW_LOSS_TYPES = ("cispo", "sapo", "luspo")
+NEW_LOSS_TYPES = ("cispo", "sapo", "luspo", "vespo")
 OPTIONS = ("none", "weight", "off_policy_mask", "bias_correction_kl", "all")
 
 
-def option_kwargs(option, seed, cu, old):
+def option_kwargs(option, seed, cu, old, loss_type=None):
     """Keyword arguments of one option on a packed case: policy_weight like TRL's vLLM
     importance ratio times its entropy mask (zeros included), an off-policy mask whose
     threshold drops some negative-advantage sequences and keeps others."""
@@ -36,12 +36,15 @@ def option_kwargs(option, seed, cu, old):
         kw["sampling_logp"] = sampling
     if option in ("bias_correction_kl", "all"):
         kw["bias_correction_kl"] = True
+    if loss_type == "vespo" and option in ("weight", "all"):  # TRL: the summed log vLLM ratios
+        kw["vespo_log_offset"] = torch.rand(cu.shape[0] - 1, generator=g) - 0.5
     return kw
 
 
 def padded(kw, cu):
     """The option vectors in the reference's padded layout."""
-    return {k: pack_to_padded(v, cu)[0] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return {k: pack_to_padded(v, cu)[0] if isinstance(v, torch.Tensor) and k != "vespo_log_offset" else v
+            for k, v in kw.items()}
 
 
 CASES = [(lt, lv, op) for lt, lv, op in itertools.product(NEW_LOSS_TYPES + ("grpo",), ("token", "sequence"), OPTIONS)
@@ -55,11 +58,11 @@ MATRIX = [("torch",) + case for case in CASES] + [
 @pytest.mark.parametrize("impl,loss_type,level,option", MATRIX)
 def test_from_logits_matches_reference(impl, loss_type, level, option, seed):
     logits, target, cu, adv, old, ref = make_case(seed, torch.float32, 0.8)
-    extra = option_kwargs(option, seed, cu, old)
+    extra = option_kwargs(option, seed, cu, old, loss_type)
     kw = dict(temperature=0.8, beta=0.04, epsilon_low=0.2, epsilon_high=1.3 if loss_type == "cispo" else 0.28,
               delta=None, loss_type=loss_type, importance_sampling_level=level,
               sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)
-    num_items = 61.0 if loss_type == "cispo" else None
+    num_items = 61.0 if loss_type in ("cispo", "vespo") else None
     expected, expected_grad, mask = reference(logits, target, cu, adv, old, ref, max_completion_length=max(LENS),
                                               num_items_in_batch=num_items, **kw, **padded(extra, cu))
     leaf = logits.clone().requires_grad_()
@@ -78,7 +81,7 @@ def test_from_logits_matches_reference(impl, loss_type, level, option, seed):
 def test_on_policy_new_loss_types(impl, loss_type, level, seed):
     """old_logp None (ratio 1, gradient still through the ratio) with every option on."""
     logits, target, cu, adv, _, ref = make_case(seed, torch.float32, 1.0)
-    extra = option_kwargs("all", seed, cu, torch.zeros(int(cu[-1])))
+    extra = option_kwargs("all", seed, cu, torch.zeros(int(cu[-1])), loss_type)
     kw = dict(beta=0.04, epsilon_high=5.0 if loss_type == "cispo" else 0.28, loss_type=loss_type,
               importance_sampling_level=level, temperature=1.0, epsilon_low=0.2, delta=None)
     expected, expected_grad, _ = reference(logits, target, cu, adv, None, ref, max_completion_length=max(LENS),
@@ -93,10 +96,10 @@ def test_on_policy_new_loss_types(impl, loss_type, level, seed):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("loss_type,level,dtype", [
     ("cispo", "token", torch.float32), ("sapo", "sequence", torch.bfloat16),
-    ("luspo", "sequence", torch.float32), ("grpo", "token", torch.bfloat16)])
+    ("luspo", "sequence", torch.float32), ("vespo", "token", torch.float32), ("grpo", "token", torch.bfloat16)])
 def test_from_hidden_matches_reference(impl, loss_type, level, dtype, seed):
     hidden, weight, bias, target, cu, adv, old, ref = hidden_case.make_case(seed, dtype, 0.9)
-    extra = option_kwargs("all", seed, cu, old)
+    extra = option_kwargs("all", seed, cu, old, loss_type)
     kw = dict(temperature=0.9, beta=0.04, epsilon_low=0.2, epsilon_high=2.0 if loss_type == "cispo" else 0.28,
               delta=None, loss_type=loss_type, importance_sampling_level=level)
     expected, expected_grads = hidden_case.reference_grads(
@@ -112,7 +115,8 @@ def test_from_hidden_matches_reference(impl, loss_type, level, dtype, seed):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(loss_type="vespo"), "loss_type"),
+    (dict(loss_type="ppo"), "loss_type"),
+    (dict(vespo_log_offset=torch.zeros(1)), "vespo_log_offset"),
     (dict(loss_type="cispo", epsilon_high=0.0), "epsilon_high"),
     (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_temperature_neg"),
     (dict(sampling_logp=torch.zeros(LENS[1])), "off_policy_threshold"),

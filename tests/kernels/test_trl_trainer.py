@@ -20,7 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 from r1vl.tiny import SPECIAL_TOKENS, build_tokenizer
 from r1vl_kernels.trl import FusedGRPOTrainer, unsupported_options
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 OPTIONS = ("none", "vllm_token_is", "vllm_sequence_is", "entropy_mask", "off_policy_mask", "bias_correction_kl", "all")
 B, P, T = 4, 9, 7                 # sequences (2 groups of 2), prompt and completion lengths
 COMPLETION_LENS = [7, 3, 5, 1]
@@ -137,15 +137,15 @@ def gradients(trainer, loss_fn, batch):
 def assert_same_step(trainer, batch, what):
     """TRL's loss and ours: the same value and gradient of every parameter (1e-4 of its largest
     entry), and the same logged metrics. The loss to 1e-5 relative, or, where terms of both
-    signs cancel to a loss near 0, to 1e-6 of one token's term (|A|, times |logp| for cispo,
-    whose term is A logp: a logp of -20 carries an fp32 rounding of about 2e-6)."""
+    signs cancel to a loss near 0, to 1e-6 of one token's term (|A|, times |logp| for cispo and
+    vespo, whose term is A logp: a logp of -20 carries an fp32 rounding of about 2e-6)."""
     expected_loss, expected = gradients(trainer, GRPOTrainer._compute_loss, batch)
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     loss, grads = gradients(trainer, FusedGRPOTrainer._compute_loss, batch)
     ours = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     mask = batch["completion_mask"].bool()
     term = batch["advantages"].abs().mean().item()
-    if trainer.loss_type == "cispo":
+    if trainer.loss_type in ("cispo", "vespo"):
         term *= batch["old_per_token_logps"][mask].abs().mean().item()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6 * term, msg=lambda m: f"{what} loss: {m}")
     assert set(grads) == set(expected), what
@@ -211,11 +211,11 @@ def test_a_training_step_matches_trl(text_trainer, tokenizer, seed):
 # ----------------------------------------------------------------------------- refusals
 
 
-def test_construction_refuses_vespo(tokenizer, tmp_path_factory):
+def test_construction_refuses_the_entropy_bonus(tokenizer, tmp_path_factory):
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    with pytest.raises(ValueError, match="loss_type='vespo'"):
-        make_trainer(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory, loss_type="vespo")
+    with pytest.raises(ValueError, match="entropy_coef"):
+        make_trainer(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory, entropy_coef=0.01)
 
 
 def _stub(trainer, **changes):
@@ -231,7 +231,7 @@ def _stub(trainer, **changes):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    (dict(loss_type="ppo"), "loss_type='ppo'"),
     (dict(entropy_coef=0.01), "entropy_coef"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(aux_loss_enabled=True), "router_aux_loss_coef"),

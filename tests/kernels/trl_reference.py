@@ -3,6 +3,7 @@
 Dense and padded: (B, L, V) logits, a (B, L) mask, autograd for the gradient. It shares no
 code with r1vl_kernels; tests compare both implementations of the package against it.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,8 @@ def grpo_loss_like_trl(
     policy_weight: Optional[torch.Tensor] = None, off_policy_threshold: Optional[float] = None,
     sampling_logp: Optional[torch.Tensor] = None, bias_correction_kl: bool = False,
     sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0, vespo_log_offset: Optional[torch.Tensor] = None,
 ) -> Reference:
     """logits (B, L, V) float64 leaf; target_ids (B, L); mask (B, L) 0/1; advantages (B,);
     policy_weight, sampling_logp (B, L) or None. Follows trl 1.16's _compute_loss."""
@@ -63,6 +66,17 @@ def grpo_loss_like_trl(
         per_token_loss = -torch.clamp(coef_1, max=epsilon_high).detach() * adv * logp
         low = torch.zeros_like(logp, dtype=torch.bool)
         high = (coef_1 > epsilon_high) & (adv > 0)
+    elif loss_type == "vespo":
+        with torch.no_grad():
+            log_w = ((logp - old).clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+            if vespo_log_offset is not None:
+                log_w = log_w + vespo_log_offset.double().unsqueeze(1)
+            log_w = log_w.clamp(math.log(1e-8), 20.0)
+            k = torch.where(adv >= 0, vespo_k_pos, vespo_k_neg)
+            lam = torch.where(adv >= 0, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi * adv * logp
+        low = high = torch.zeros_like(logp, dtype=torch.bool)
     elif loss_type == "sapo":
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
@@ -92,7 +106,7 @@ def grpo_loss_like_trl(
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
     elif loss_type == "luspo":
         loss = (per_token_loss * mask).sum(-1).mean()
-    elif loss_type in ("dapo", "cispo"):
+    elif loss_type in ("dapo", "cispo", "vespo"):
         normalizer = mask.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
         loss = (per_token_loss * mask).sum() / normalizer
     else:
