@@ -16,9 +16,10 @@ Covered: loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo; token- 
 importance sampling; epsilon / epsilon_high / delta; beta with use_bias_correction_kl; vLLM's
 importance-sampling correction (token or sequence modes); top_entropy_quantile;
 off_policy_mask_threshold; temperature; cast_lm_head_to_fp32; tool masks; text models and
-Qwen2-VL / Qwen2.5-VL. Refused at construction, by name: the entropy bonus (entropy_coef, use_adaptive_entropy: it needs the entropy's gradient), MoE router
-auxiliary losses, PEFT models, ZeRO-3 and FSDP (the lm_head weight is sharded), and models
-whose logits are soft-capped or scaled or whose inputs are another VLM's.
+Qwen2-VL / Qwen2.5-VL. Refused at construction, by name: the entropy bonus (entropy_coef,
+use_adaptive_entropy: it needs the entropy's gradient), MoE router auxiliary losses, PEFT
+models, ZeRO-3 and FSDP (the lm_head weight is sharded), and models whose logits are
+soft-capped or scaled or whose inputs are another VLM's.
 
 top_entropy_quantile < 1 costs one more forward pass over hidden x lm_head (without
 gradient) to know the entropies before the loss, as TRL needs them for its quantile.
