@@ -30,13 +30,13 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-# trl is the end-to-end baseline only: installed here, never in requirements.txt (CI needs none).
+# trl (pinned in requirements.txt) is the end-to-end baseline of bench_trainer.py.
 bench: $(STAMP)
-	$(PIP) install -q -c constraints.txt trl
 	$(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_grpo_loss_from_hidden.py
 	$(PY) benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_trl_loss.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

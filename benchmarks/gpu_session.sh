@@ -22,6 +22,8 @@ python3 benchmarks/bench_grpo_loss_from_hidden.py "$@" 2>&1 | tee /tmp/bench_hid
 # what datasets needs (pyarrow, pandas, dill, multiprocess, xxhash, fsspec), plus
 # transformers, tokenizers, safetensors, huggingface-hub where the machine lacks them.
 python3 benchmarks/bench_trainer.py --shape 2b "$@" 2>&1 | tee /tmp/bench_trainer.log
+# TRL's loss step with and without r1vl_kernels.trl (peak memory; needs trl like the above).
+python3 benchmarks/bench_trl_loss.py 2>&1 | tee /tmp/bench_trl_loss.log
 if [ -n "${OUT:-}" ]; then
-  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log /tmp/bench_trainer.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
+  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log /tmp/bench_trainer.log /tmp/bench_trl_loss.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
 fi

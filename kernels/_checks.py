@@ -117,3 +117,17 @@ def check_logits_like(name: str, x) -> None:
         raise ValueError(f"{name} must have at least 2 dimensions and a non-empty last one, got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride along its last dimension; call .contiguous() first")
+
+
+def check_policy_options(loss_type: str, epsilon_high: float, sapo_temperature_pos: float,
+                         sapo_temperature_neg: float, off_policy_threshold, sampling_logp) -> None:
+    """The options of the policy term that check_hyperparameters does not cover."""
+    if loss_type == "cispo" and not epsilon_high > 0:
+        raise ValueError(f"loss_type='cispo' caps the ratio at epsilon_high, which must be > 0, got {epsilon_high}")
+    for name, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        if not tau > 0:
+            raise ValueError(f"{name} must be > 0, got {tau}")
+    if off_policy_threshold is not None and not isinstance(off_policy_threshold, (int, float)):
+        raise ValueError(f"off_policy_threshold must be None or a float, got {off_policy_threshold!r}")
+    if sampling_logp is not None and off_policy_threshold is None:
+        raise ValueError("sampling_logp is only read by the off-policy mask: give off_policy_threshold too")

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _checks
 from .ops import op
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -23,6 +23,8 @@ class LossSetup:
     advantages: Tensor            # (S,) fp32
     old_logp: Optional[Tensor]    # (N,) fp32
     ref_logp: Optional[Tensor]    # (N,) fp32
+    policy_weight: Optional[Tensor]  # (N,) fp32 weight of each token's policy term
+    sampling_logp: Optional[Tensor]  # (N,) fp32 log-probs of the sampler (off-policy mask)
     token_shape: tuple            # (N,) packed or (B, L) padded: the shape of token outputs
     inv_norm: float               # the loss type's 1 / normalizer (grpo: 1 / S, per sequence mean)
     impl: str                     # "triton" | "torch"
@@ -58,7 +60,7 @@ def check_temperature(temperature) -> None:
 def prepare_loss(
     what: str, lead_shape: tuple, V: int, device, target_ids, cu_seqlens, completion_mask,
     advantages, old_logp, ref_logp, *, rewards, group_size, scale_rewards, loss_type,
-    max_completion_length, num_items_in_batch, impl,
+    max_completion_length, num_items_in_batch, impl, policy_weight=None, sampling_logp=None,
 ) -> LossSetup:
     """what: "logits" or "hidden", for messages. lead_shape: (N,) packed or (B, L) padded."""
     impl = _checks.resolve_impl(impl, device)
@@ -70,6 +72,8 @@ def prepare_loss(
         S, N, checks, longest = lead_shape[0], batch.n_tokens, batch.checks, lead_shape[1]
         old_logp = batch.pack("old_logp", old_logp)
         ref_logp = batch.pack("ref_logp", ref_logp)
+        policy_weight = batch.pack("policy_weight", policy_weight)
+        sampling_logp = batch.pack("sampling_logp", sampling_logp)
     elif len(lead_shape) == 1:
         if completion_mask is not None:
             raise ValueError(f"packed {what} (N, ...) take cu_seqlens, not completion_mask")
@@ -78,6 +82,8 @@ def prepare_loss(
         cu, S = _check_cu_seqlens(what, cu_seqlens, device)
         old_logp = _checks.check_float_vector("old_logp", old_logp, (N,), device)
         ref_logp = _checks.check_float_vector("ref_logp", ref_logp, (N,), device)
+        policy_weight = _checks.check_float_vector("policy_weight", policy_weight, (N,), device)
+        sampling_logp = _checks.check_float_vector("sampling_logp", sampling_logp, (N,), device)
         checks, longest = _cu_seqlens_checks(what, cu, N), None
     else:
         raise ValueError(f"{what} must be (N, ...) packed or (B, L, ...) padded, got leading shape {tuple(lead_shape)}")
@@ -100,7 +106,7 @@ def prepare_loss(
     if loss_type == "dr_grpo" and max_completion_length is None and longest is None:
         wanted["longest"] = (cu[1:] - cu[:-1]).max()
     host = _checks.device_checks(checks, wanted)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo", "luspo"):  # sapo: a mean per sequence; luspo: a sum
         inv_norm = 1.0 / S
     elif loss_type == "bnpo":
         inv_norm = 1.0 / max(N, 1)
@@ -118,7 +124,8 @@ def prepare_loss(
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
         inv_norm = 1.0 / num_items
     return LossSetup(target=target, flat_idx=flat_idx, cu_seqlens=cu, advantages=advantages,
-                     old_logp=old_logp, ref_logp=ref_logp, token_shape=tuple(lead_shape),
+                     old_logp=old_logp, ref_logp=ref_logp, policy_weight=_contiguous(policy_weight),
+                     sampling_logp=_contiguous(sampling_logp), token_shape=tuple(lead_shape),
                      inv_norm=inv_norm, impl=impl)
 
 
@@ -148,6 +155,10 @@ class _PaddedBatch:
     def pack(self, name: str, x: Optional[Tensor]) -> Optional[Tensor]:
         x = _checks.check_float_vector(name, x, self.token_shape, self.flat_idx.device)
         return None if x is None else x.reshape(-1)[self.flat_idx].contiguous()
+
+
+def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.contiguous()
 
 
 def _check_cu_seqlens(what, cu_seqlens, device):

@@ -6,6 +6,8 @@ are bounded (about 64 MB a chunk) instead of N x V.
 """
 import torch
 
+from ._terms import VESPO_LOG_W_MIN, TermsConfig
+
 _CHUNK_ELEMENTS = 1 << 24  # fp32 elements of logits processed at once
 
 
@@ -83,49 +85,93 @@ def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
     return adv
 
 
-def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, *, eps_low, eps_high, delta,
-               beta, inv_norm, per_seq_mean, seq_level):
+def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp,
+               vespo_log_offset, cfg: TermsConfig):
     """Same contract as _triton_grpo.grpo_terms, vectorized over tokens."""
     N, S = logp.shape[0], advantages.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq_of_tok = torch.repeat_interleave(torch.arange(S, device=logp.device), lengths, output_size=N)
     n = lengths.clamp(min=1).float()
-    w_seq = inv_norm / n if per_seq_mean else torch.full_like(n, inv_norm)
+    w_seq = cfg.inv_norm / n if cfg.per_seq_mean else torch.full_like(n, cfg.inv_norm)
     adv = advantages[seq_of_tok]
+
+    def per_seq_sum(x):
+        return torch.zeros(S, device=logp.device).index_add_(0, seq_of_tok, x)
 
     if old_logp is None:
         log_ratio = torch.zeros_like(logp)  # old = logp.detach(): ratio 1
-    elif seq_level:
-        per_seq = torch.zeros(S, device=logp.device).index_add_(0, seq_of_tok, logp - old_logp) / n
-        log_ratio = per_seq[seq_of_tok]
+    elif cfg.seq_level:
+        log_ratio = (per_seq_sum(logp - old_logp) / n)[seq_of_tok]
     else:
         log_ratio = logp - old_logp
-    coef_raw = torch.exp(log_ratio)
-    coef_2 = coef_raw.clamp(1 - eps_low, 1 + eps_high)
-    d_coef_2 = ((coef_raw >= 1 - eps_low) & (coef_raw <= 1 + eps_high)).float()
-    if delta is not None:
-        coef_1 = coef_raw.clamp(max=delta)
-        d_coef_1 = (coef_raw <= delta).float()
+    ratio = torch.exp(log_ratio)
+
+    # The per-token weight of the policy term: the caller's, times the off-policy mask.
+    weight = torch.ones_like(logp) if policy_weight is None else policy_weight
+    if cfg.off_policy_threshold is not None:
+        sampling = sampling_logp if sampling_logp is not None else old_logp if old_logp is not None else logp
+        drift = torch.nan_to_num(sampling - logp, nan=0.0)  # unscored tokens give no evidence
+        keep = (advantages >= 0) | (per_seq_sum(drift) / n <= cfg.off_policy_threshold)
+        weight = weight * keep.float()[seq_of_tok]
+
+    # policy term per token and its derivative with respect to the ratio, times the ratio
+    # (d ratio / d logp = ratio per token; at sequence level see the Triton kernel's docstring).
+    low = high = torch.zeros_like(logp, dtype=torch.bool)
+    if cfg.policy == "clip":
+        coef_2 = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+        d_coef_2 = ((ratio >= 1 - cfg.eps_low) & (ratio <= 1 + cfg.eps_high)).float()
+        if cfg.delta is not None:
+            coef_1, d_coef_1 = ratio.clamp(max=cfg.delta), (ratio <= cfg.delta).float()
+        else:
+            coef_1, d_coef_1 = ratio, torch.ones_like(ratio)
+        u1, u2 = coef_1 * adv, coef_2 * adv
+        # torch.minimum's gradient: to the smaller argument, split evenly on a tie.
+        d_pick = torch.where(u1 < u2, d_coef_1, torch.where(u2 < u1, d_coef_2, 0.5 * (d_coef_1 + d_coef_2)))
+        policy, d_policy = -torch.minimum(u1, u2), -adv * d_pick * ratio
+        low, high = (coef_1 < 1 - cfg.eps_low) & (adv < 0), (coef_1 > 1 + cfg.eps_high) & (adv > 0)
+    elif cfg.policy == "cispo":
+        capped = ratio.clamp(max=cfg.eps_high)  # no gradient through the ratio
+        policy, d_policy = -capped * adv * logp, -capped * adv
+        high = (ratio > cfg.eps_high) & (adv > 0)
+    elif cfg.policy == "vespo":
+        phi = _vespo_weights(logp, old_logp, advantages, vespo_log_offset, per_seq_sum, cfg)[seq_of_tok]
+        policy, d_policy = -phi * adv * logp, -phi * adv
+    else:  # sapo
+        tau = torch.where(adv > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
+        sig = torch.sigmoid(tau * (ratio - 1))
+        policy, d_policy = -sig * (4 / tau) * adv, -adv * 4 * sig * (1 - sig) * ratio
+    tok_loss = weight * policy
+    if cfg.seq_level and cfg.policy in ("clip", "sapo"):
+        # The ratio is the sequence's: every token's gradient is the sequence mean of the weights.
+        dlogp = d_policy * (per_seq_sum(weight) / n)[seq_of_tok]
     else:
-        coef_1, d_coef_1 = coef_raw, torch.ones_like(coef_raw)
-    u1, u2 = coef_1 * adv, coef_2 * adv
-    # torch.minimum's gradient: to the smaller argument, split evenly on a tie.
-    d_pick = torch.where(u1 < u2, d_coef_1, torch.where(u2 < u1, d_coef_2, 0.5 * (d_coef_1 + d_coef_2)))
-    tok_loss = -torch.minimum(u1, u2)
-    dlogp = -adv * d_pick * coef_raw
+        dlogp = weight * d_policy
 
     kl = logp.new_empty(0)
     if ref_logp is not None:
         diff = ref_logp - logp
         kl = torch.exp(diff) - diff - 1
-        if beta != 0.0:
-            tok_loss = tok_loss + beta * kl
-            dlogp = dlogp + beta * (1 - torch.exp(diff))
-
-    def per_seq_sum(x):
-        return torch.zeros(S, device=logp.device).index_add_(0, seq_of_tok, x)
+        d_kl = 1 - torch.exp(diff)
+        if cfg.bias_correction_kl:  # kl * ratio: the product rule, ratio's gradient as above
+            d_ratio_kl = kl * ratio if not cfg.seq_level else (per_seq_sum(kl) / n)[seq_of_tok] * ratio
+            kl, d_kl = kl * ratio, d_kl * ratio + d_ratio_kl
+        if cfg.beta != 0.0:
+            tok_loss = tok_loss + cfg.beta * kl
+            dlogp = dlogp + cfg.beta * d_kl
 
     seq_loss = per_seq_sum(tok_loss) * w_seq
-    seq_low = per_seq_sum(((coef_1 < 1 - eps_low) & (adv < 0)).float())
-    seq_high = per_seq_sum(((coef_1 > 1 + eps_high) & (adv > 0)).float())
-    return dlogp * w_seq[seq_of_tok], kl, seq_loss, seq_low, seq_high
+    return dlogp * w_seq[seq_of_tok], kl, seq_loss, per_seq_sum(low.float()), per_seq_sum(high.float())
+
+
+def _vespo_weights(logp, old_logp, advantages, log_offset, per_seq_sum, cfg: TermsConfig):
+    """(S,) vespo's phi per sequence (see _terms), without gradient."""
+    log_w = torch.zeros_like(advantages)
+    if old_logp is not None:
+        log_w = per_seq_sum((logp - old_logp).clamp(-20.0, 20.0))
+    if log_offset is not None:
+        log_w = log_w + log_offset
+    log_w = log_w.clamp(VESPO_LOG_W_MIN, 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lam = torch.where(positive, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)

@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _checks
 from ._setup import LossSetup, check_hyperparameters, check_temperature, id_range_checks, prepare_loss
 from . import ops_one_sweep  # noqa: F401  (registers the one-sweep op)
+from ._terms import PER_SEQ_MEAN_LOSSES, POLICY_OF_LOSS
 from .ops import op
 
 
@@ -22,7 +23,8 @@ class GRPOLossOutput:
     where the mask is 0); everything but `loss` is detached."""
     loss: Tensor                # () fp32, differentiable with respect to logits
     logp: Tensor                # (N,) | (B, L) fp32: log softmax(logits / T)[target]
-    kl: Optional[Tensor]        # (N,) | (B, L) fp32 k3 KL to the reference; None without ref_logp
+    kl: Optional[Tensor]        # (N,) | (B, L) fp32 k3 KL to the reference (times the importance
+                                # ratio with bias_correction_kl); None without ref_logp
     advantages: Tensor          # (S,) fp32, given or computed from rewards
     clip_low_frac: Tensor       # () fp32: share of tokens with ratio < 1 - eps_low and A < 0
     clip_high_frac: Tensor      # () fp32: share of tokens with ratio > 1 + eps_high and A > 0
@@ -76,6 +78,11 @@ def grpo_loss(
     epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: Optional[float] = None,
     loss_type: str = "grpo", importance_sampling_level: str = "token",
     max_completion_length: Optional[int] = None, num_items_in_batch: Optional[float] = None,
+    policy_weight: Optional[Tensor] = None, off_policy_threshold: Optional[float] = None,
+    sampling_logp: Optional[Tensor] = None, bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0, vespo_log_offset: Optional[Tensor] = None,
     return_entropy: bool = False, inplace_backward: bool = False, impl: Optional[str] = None,
 ) -> GRPOLossOutput:
     """The GRPO loss from logits. Triton, token-level importance sampling: forward and
@@ -96,12 +103,29 @@ def grpo_loss(
     ref_logp    (N,) float reference log-probs; required when beta != 0.
 
     Per token: ratio = exp(logp - old_logp), or at importance_sampling_level="sequence"
-    (GSPO) exp(mean over the sequence of logp - old_logp); clipped = clamp(ratio,
-    1 - epsilon_low, 1 + epsilon_high); ratio capped at delta if given (two-sided clipping);
-    loss_t = -min(ratio A, clipped A) + beta * (exp(ref - logp) - (ref - logp) - 1).
-    Reduction (TRL's loss_type): "grpo" mean over sequences of each sequence's token mean;
+    (GSPO) exp(mean over the sequence of logp - old_logp), and
+        loss_t = policy_weight_t * keep_s * policy_t + beta * KL_t
+    with TRL's (1.16) terms, by loss_type:
+        grpo, bnpo, dr_grpo, dapo, luspo: policy_t = -min(ratio A, clamp(ratio, 1 - epsilon_low,
+            1 + epsilon_high) A), ratio capped at delta if given (two-sided clipping);
+        cispo: policy_t = -sg(min(ratio, epsilon_high)) A logp_t (no gradient through the ratio);
+        sapo: policy_t = -sigmoid(tau (ratio - 1)) 4 / tau A, tau = sapo_temperature_pos if
+            A > 0 else sapo_temperature_neg;
+    KL_t = exp(ref - logp) - (ref - logp) - 1, times the ratio with bias_correction_kl.
+    policy_weight (N,) | (B, L) float, no gradient: TRL's vLLM importance-sampling
+    correction (token or sequence level, broadcast to tokens), its entropy mask, or any
+    product of them; default 1. keep_s, the off-policy sequence mask (DeepSeek-V3.2, TRL's
+    off_policy_mask_threshold), is 1 unless off_policy_threshold is given: then a sequence
+    with A < 0 is dropped when its mean of sampling_logp - logp (NaN counted as 0) exceeds
+    the threshold; sampling_logp (same shape as old_logp) defaults to old_logp.
+        vespo: policy_t = -sg(phi_s) A logp_t, phi_s = exp(lam + k log w - lam w) with
+            log w = clamp(sum over the sequence of clamp(logp - old, -20, 20) + vespo_log_offset_s,
+            log 1e-8, 20) and (k, lam) = (vespo_k_pos, vespo_lambda_pos) if A >= 0 else the
+            _neg pair (TRL's vespo; vespo_log_offset (S,): its summed, clamped log vLLM ratios);
+    Reduction: "grpo" and "sapo" mean over sequences of each sequence's token mean;
     "bnpo" sum / N; "dr_grpo" sum / (S * max_completion_length) (default: the longest
-    sequence, or L in the padded layout); "dapo" sum / num_items_in_batch (default N).
+    sequence, or L in the padded layout); "dapo", "cispo" and "vespo" sum / num_items_in_batch
+    (default N); "luspo" sum / S.
 
     inplace_backward: the backward writes dlogits over the logits, saving one N x V buffer.
     Hazard: the logits tensor holds gradients afterwards; any other use of it must come
@@ -119,15 +143,19 @@ def grpo_loss(
         raise ValueError(f"logits must be (N, V) packed or (B, L, V) padded, got shape {tuple(logits.shape)}")
     check_hyperparameters(temperature, epsilon_low, epsilon_high, delta, beta, ref_logp, loss_type,
                           importance_sampling_level)
+    _checks.check_policy_options(loss_type, epsilon_high, sapo_temperature_pos, sapo_temperature_neg,
+                                 off_policy_threshold, sampling_logp)
     setup = prepare_loss(
         "logits", logits.shape[:-1], logits.shape[-1], logits.device, target_ids, cu_seqlens,
         completion_mask, advantages, old_logp, ref_logp, rewards=rewards, group_size=group_size,
         scale_rewards=scale_rewards, loss_type=loss_type, max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch, impl=impl)
+        num_items_in_batch=num_items_in_batch, impl=impl, policy_weight=policy_weight,
+        sampling_logp=sampling_logp)
     if inplace_backward and logits.dim() == 3 and not logits.is_contiguous():
         raise ValueError("inplace_backward needs contiguous padded logits (B, L, V)")
     if (importance_sampling_level == "token" and not inplace_backward and setup.impl == "triton"
-            and logits.requires_grad and torch.is_grad_enabled()):
+            and logits.requires_grad and torch.is_grad_enabled() and _one_sweep_covers(
+                loss_type, setup, off_policy_threshold, bias_correction_kl)):
         # One sweep: dlogits written in forward (ops_one_sweep; the two-sweep path below
         # stays for the sequence level, the in-place option and the eager path).
         loss, logp, _, _, kl, entropy, low, high, _ = op("grpo_loss_one_sweep")(
@@ -136,11 +164,44 @@ def grpo_loss(
             None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo", return_entropy)
         return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
     loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_fwd")(
-        logits, setup.target, setup.flat_idx, setup.cu_seqlens, setup.advantages, setup.old_logp,
-        setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
-        None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo",
-        importance_sampling_level == "sequence", return_entropy, inplace_backward, setup.impl)
+        logits=logits, target_ids=setup.target, flat_idx=setup.flat_idx, temperature=float(temperature),
+        with_entropy=return_entropy, inplace_backward=inplace_backward,
+        **epilogue_arguments(setup, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high,
+                             delta, off_policy_threshold, bias_correction_kl, sapo_temperature_pos,
+                             sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+                             vespo_log_offset))
     return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
+
+
+def _one_sweep_covers(loss_type, setup: LossSetup, off_policy_threshold, bias_correction_kl) -> bool:
+    """Whether the one-sweep op computes this loss: the clipped policy term of the four
+    original loss types with no per-token weight, sampling log-probs, off-policy mask or
+    bias-corrected KL (those options go through the two-sweep epilogue)."""
+    return (loss_type in ("grpo", "bnpo", "dr_grpo", "dapo") and setup.policy_weight is None
+            and setup.sampling_logp is None and off_policy_threshold is None and not bias_correction_kl)
+
+
+def epilogue_arguments(setup: LossSetup, loss_type, importance_sampling_level, beta, epsilon_low,
+                       epsilon_high, delta, off_policy_threshold, bias_correction_kl,
+                       sapo_temperature_pos, sapo_temperature_neg, vespo_params, vespo_log_offset) -> dict:
+    """The arguments both forward ops share (see ops.grpo_loss_fwd), by name."""
+    S = setup.advantages.shape[0]
+    offset = _checks.check_float_vector("vespo_log_offset", vespo_log_offset, (S,), setup.advantages.device)
+    if offset is not None and loss_type != "vespo":
+        raise ValueError("vespo_log_offset is only read by loss_type='vespo'")
+    k_pos, lambda_pos, k_neg, lambda_neg = (float(x) for x in vespo_params)
+    return dict(
+        vespo_log_offset=None if offset is None else offset.contiguous(), vespo_k_pos=k_pos,
+        vespo_lambda_pos=lambda_pos, vespo_k_neg=k_neg, vespo_lambda_neg=lambda_neg,
+        cu_seqlens=setup.cu_seqlens, advantages=setup.advantages, old_logp=setup.old_logp,
+        ref_logp=setup.ref_logp, policy_weight=setup.policy_weight, sampling_logp=setup.sampling_logp,
+        beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),
+        delta=None if delta is None else float(delta), inv_norm=setup.inv_norm,
+        per_seq_mean=loss_type in PER_SEQ_MEAN_LOSSES, seq_level=importance_sampling_level == "sequence",
+        policy=POLICY_OF_LOSS[loss_type], sapo_tau_pos=float(sapo_temperature_pos),
+        sapo_tau_neg=float(sapo_temperature_neg),
+        off_policy_threshold=None if off_policy_threshold is None else float(off_policy_threshold),
+        bias_correction_kl=bool(bias_correction_kl), impl=setup.impl)
 
 
 def make_output(setup: LossSetup, loss, logp, kl, entropy, low, high, return_entropy) -> GRPOLossOutput:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import _checks
 from ._setup import check_hyperparameters, check_temperature, id_range_checks, prepare_loss
-from .grpo_loss import GRPOLossOutput, make_output
+from .grpo_loss import GRPOLossOutput, epilogue_arguments, make_output
 from .ops import op
 from . import ops_hidden  # noqa: F401  (registers the ops)
 
@@ -44,9 +44,15 @@ def grpo_loss_from_hidden(
     beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
     delta: Optional[float] = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
     max_completion_length: Optional[int] = None, num_items_in_batch: Optional[float] = None,
+    policy_weight: Optional[Tensor] = None, off_policy_threshold: Optional[float] = None,
+    sampling_logp: Optional[Tensor] = None, bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0, vespo_log_offset: Optional[Tensor] = None,
     return_entropy: bool = False, impl: Optional[str] = None,
 ) -> GRPOLossOutput:
-    """grpo_loss (same semantics, options and output) with logits = hidden @ weight^T + bias.
+    """grpo_loss (same semantics, options and output: loss types, policy_weight, the
+    off-policy mask, bias_correction_kl) with logits = hidden @ weight^T + bias.
 
     hidden      (N, H) packed, or (B, L, H) padded with completion_mask (B, L): the final
                 hidden states at the completion positions; fp32 / bf16 / fp16
@@ -66,17 +72,22 @@ def grpo_loss_from_hidden(
         raise ValueError(f"hidden must be (N, H) packed or (B, L, H) padded, got shape {tuple(hidden.shape)}")
     check_hyperparameters(temperature, epsilon_low, epsilon_high, delta, beta, ref_logp, loss_type,
                           importance_sampling_level)
+    _checks.check_policy_options(loss_type, epsilon_high, sapo_temperature_pos, sapo_temperature_neg,
+                                 off_policy_threshold, sampling_logp)
     setup = prepare_loss(
         "hidden", hidden.shape[:-1], weight.shape[0], hidden.device, target_ids, cu_seqlens,
         completion_mask, advantages, old_logp, ref_logp, rewards=rewards, group_size=group_size,
         scale_rewards=scale_rewards, loss_type=loss_type, max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch, impl=impl)
+        num_items_in_batch=num_items_in_batch, impl=impl, policy_weight=policy_weight,
+        sampling_logp=sampling_logp)
     rows = hidden
     if setup.flat_idx is not None:  # padded: gather the completion rows (N x H, small next to N x V)
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, setup.flat_idx)
     loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_from_hidden_fwd")(
-        rows, weight, bias, setup.target, setup.cu_seqlens, setup.advantages, setup.old_logp,
-        setup.ref_logp, float(temperature), float(beta), float(epsilon_low), float(epsilon_high),
-        None if delta is None else float(delta), setup.inv_norm, loss_type == "grpo",
-        importance_sampling_level == "sequence", return_entropy, setup.impl)
+        hidden=rows, weight=weight, bias=bias, target_ids=setup.target, temperature=float(temperature),
+        with_entropy=return_entropy,
+        **epilogue_arguments(setup, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high,
+                             delta, off_policy_threshold, bias_correction_kl, sapo_temperature_pos,
+                             sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+                             vespo_log_offset))
     return make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)

@@ -9,6 +9,8 @@ Rows of the logits are addressed either directly (logits (N, V), row t = token t
 padded (B, L, V) layouts, through `flat_idx` (N,) int64: the position b * L + l of each
 token, so strided views such as logits[:, :-1] are read in place without a copy.
 """
+import dataclasses
+import inspect
 import types
 from typing import Optional
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_impl
+from ._terms import TermsConfig
 
 _LIB = "r1vl_kernels"
 
@@ -88,31 +91,44 @@ def _(rewards, group_size, scale_rewards, eps, impl):
 # ----------------------------------------------------------------------------- GRPO loss
 
 
-@torch.library.custom_op(f"{_LIB}::grpo_loss_fwd", mutates_args=())
-def grpo_loss_fwd_op(
+def grpo_loss_fwd(
     logits: Tensor, target_ids: Tensor, flat_idx: Optional[Tensor], cu_seqlens: Tensor,
     advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
-    temperature: float, beta: float, eps_low: float, eps_high: float, delta: Optional[float],
-    inv_norm: float, per_seq_mean: bool, seq_level: bool, with_entropy: bool,
+    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor],
+    vespo_log_offset: Optional[Tensor], temperature: float,
+    beta: float, eps_low: float, eps_high: float, delta: Optional[float], inv_norm: float,
+    per_seq_mean: bool, seq_level: bool, policy: str, sapo_tau_pos: float, sapo_tau_neg: float,
+    off_policy_threshold: Optional[float], bias_correction_kl: bool, vespo_k_pos: float,
+    vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float, with_entropy: bool,
     inplace_backward: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss (), logp (N,), lse (N,), dlogp (N,), kl (N,) or (0,), entropy (N,) or (0,),
-    clip_low_frac (), clip_high_frac (), all fp32. inplace_backward is read by the autograd
-    rule only."""
+    clip_low_frac (), clip_high_frac (), all fp32. The epilogue's scalars (beta ...
+    bias_correction_kl) are those of _terms.TermsConfig. inplace_backward is read by the
+    autograd rule only."""
+    cfg = terms_config(locals())  # first statement: locals() holds exactly the arguments
     backend = _backend(impl)
     logp, lse, entropy = backend.logprob_fwd(
         logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
-    return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, advantages, cu_seqlens,
-                      eps_low, eps_high, delta, beta, inv_norm, per_seq_mean, seq_level)
+    return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
+                      vespo_log_offset, advantages, cu_seqlens, cfg)
 
 
-def loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, advantages, cu_seqlens, eps_low,
-               eps_high, delta, beta, inv_norm, per_seq_mean, seq_level):
+grpo_loss_fwd_op = torch.library.custom_op(f"{_LIB}::grpo_loss_fwd", mutates_args=())(grpo_loss_fwd)
+
+
+def terms_config(op_arguments: dict) -> TermsConfig:
+    """The epilogue's options from a forward op's arguments (its parameters carry the names
+    of TermsConfig's fields)."""
+    return TermsConfig(**{f.name: op_arguments[f.name] for f in dataclasses.fields(TermsConfig)})
+
+
+def loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
+               vespo_log_offset, advantages, cu_seqlens, cfg: TermsConfig):
     """The O(N) epilogue of a forward op, after the vocabulary pass gave logp, lse, entropy:
     the outputs of grpo_loss_fwd (see there)."""
     dlogp, kl, seq_loss, seq_low, seq_high = backend.grpo_terms(
-        logp, old_logp, ref_logp, advantages, cu_seqlens, eps_low=eps_low, eps_high=eps_high,
-        delta=delta, beta=beta, inv_norm=inv_norm, per_seq_mean=per_seq_mean, seq_level=seq_level)
+        logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp, vespo_log_offset, cfg)
     n_tokens = max(logp.shape[0], 1)
     return (seq_loss.sum(), logp, lse, dlogp, kl, entropy,
             seq_low.sum() / n_tokens, seq_high.sum() / n_tokens)
@@ -127,11 +143,25 @@ def fake_loss_outputs(like: Tensor, n: int, with_kl: bool, with_entropy: bool):
             vec(()), vec(()))
 
 
+def named_inputs(fn, args, kwargs=None) -> dict:
+    """An op's inputs by parameter name, so that the fake kernels and autograd rules never
+    depend on the position of an argument."""
+    return inspect.signature(fn).bind(*args, **(kwargs or {})).arguments
+
+
+def input_grads(fn, **grads) -> tuple:
+    """The tuple an autograd rule returns: the given gradients by name, None for the rest."""
+    names = list(inspect.signature(fn).parameters)
+    unknown = set(grads) - set(names)
+    if unknown:
+        raise TypeError(f"{fn.__name__} has no inputs named {sorted(unknown)}")
+    return tuple(grads.get(name) for name in names)
+
+
 @grpo_loss_fwd_op.register_fake
-def _(logits, target_ids, flat_idx, cu_seqlens, advantages, old_logp, ref_logp, temperature,
-      beta, eps_low, eps_high, delta, inv_norm, per_seq_mean, seq_level, with_entropy,
-      inplace_backward, impl):
-    return fake_loss_outputs(logits, target_ids.shape[0], ref_logp is not None, with_entropy)
+def _(*args, **kwargs):
+    x = named_inputs(grpo_loss_fwd, args, kwargs)
+    return fake_loss_outputs(x["logits"], x["target_ids"].shape[0], x["ref_logp"] is not None, x["with_entropy"])
 
 
 def _write_grad(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl, out2d):
@@ -179,11 +209,10 @@ def _(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target_ids, flat_idx = inputs[:3]
+    x = named_inputs(grpo_loss_fwd, inputs)
     _, _, lse, dlogp, *_ = output
-    ctx.save_for_backward(logits, target_ids, flat_idx, lse, dlogp)
-    ctx.temperature = inputs[7]
-    ctx.inplace, ctx.impl = inputs[16], inputs[17]
+    ctx.save_for_backward(x["logits"], x["target_ids"], x["flat_idx"], lse, dlogp)
+    ctx.temperature, ctx.inplace, ctx.impl = x["temperature"], x["inplace_backward"], x["impl"]
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
@@ -194,7 +223,7 @@ def _backward(ctx, grad_loss, *_unused_grads):
         dlogits = logits
     else:
         dlogits = op("grpo_loss_bwd")(*args)
-    return (dlogits,) + (None,) * 17
+    return input_grads(grpo_loss_fwd, logits=dlogits)
 
 
 grpo_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)

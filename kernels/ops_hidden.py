@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_hidden, _torch_impl
-from .ops import _LIB, fake_loss_outputs, loss_terms, op
+from .ops import _LIB, fake_loss_outputs, input_grads, loss_terms, named_inputs, op, terms_config
 
 
 def _backend(impl: str):
@@ -35,24 +35,32 @@ def _(hidden, weight, bias, target_ids, temperature, with_entropy, impl):
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_LIB}::grpo_loss_from_hidden_fwd", mutates_args=())
-def grpo_loss_from_hidden_fwd_op(
+def grpo_loss_from_hidden_fwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, cu_seqlens: Tensor,
     advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
-    temperature: float, beta: float, eps_low: float, eps_high: float, delta: Optional[float],
-    inv_norm: float, per_seq_mean: bool, seq_level: bool, with_entropy: bool, impl: str,
+    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor],
+    vespo_log_offset: Optional[Tensor], temperature: float,
+    beta: float, eps_low: float, eps_high: float, delta: Optional[float], inv_norm: float,
+    per_seq_mean: bool, seq_level: bool, policy: str, sapo_tau_pos: float, sapo_tau_neg: float,
+    off_policy_threshold: Optional[float], bias_correction_kl: bool, vespo_k_pos: float,
+    vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float, with_entropy: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The outputs of ops.grpo_loss_fwd, from hidden (N, H) and weight (V, H)."""
+    cfg = terms_config(locals())  # first statement: locals() holds exactly the arguments
     backend = _backend(impl)
     logp, lse, entropy = backend.logprob_fwd(hidden, weight, bias, target_ids, temperature, with_entropy)
-    return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, advantages, cu_seqlens,
-                      eps_low, eps_high, delta, beta, inv_norm, per_seq_mean, seq_level)
+    return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
+                      vespo_log_offset, advantages, cu_seqlens, cfg)
+
+
+grpo_loss_from_hidden_fwd_op = torch.library.custom_op(
+    f"{_LIB}::grpo_loss_from_hidden_fwd", mutates_args=())(grpo_loss_from_hidden_fwd)
 
 
 @grpo_loss_from_hidden_fwd_op.register_fake
-def _(hidden, weight, bias, target_ids, cu_seqlens, advantages, old_logp, ref_logp, temperature,
-      beta, eps_low, eps_high, delta, inv_norm, per_seq_mean, seq_level, with_entropy, impl):
-    return fake_loss_outputs(hidden, target_ids.shape[0], ref_logp is not None, with_entropy)
+def _(*args, **kwargs):
+    x = named_inputs(grpo_loss_from_hidden_fwd, args, kwargs)
+    return fake_loss_outputs(x["hidden"], x["target_ids"].shape[0], x["ref_logp"] is not None, x["with_entropy"])
 
 
 @torch.library.custom_op(f"{_LIB}::grpo_loss_from_hidden_bwd", mutates_args=())
@@ -75,17 +83,18 @@ def _(grad_loss, hidden, weight, bias, target_ids, lse, dlogp, temperature, impl
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target_ids = inputs[:4]
+    x = named_inputs(grpo_loss_from_hidden_fwd, inputs)
     _, _, lse, dlogp, *_ = output
-    ctx.save_for_backward(hidden, weight, bias, target_ids, lse, dlogp)
-    ctx.temperature, ctx.impl = inputs[8], inputs[17]
+    ctx.save_for_backward(x["hidden"], x["weight"], x["bias"], x["target_ids"], lse, dlogp)
+    ctx.temperature, ctx.impl = x["temperature"], x["impl"]
 
 
 def _backward(ctx, grad_loss, *_unused_grads):
     hidden, weight, bias, target_ids, lse, dlogp = ctx.saved_tensors
     dhidden, dweight, dbias = op("grpo_loss_from_hidden_bwd")(
         grad_loss, hidden, weight, bias, target_ids, lse, dlogp, ctx.temperature, ctx.impl)
-    return (dhidden, dweight, dbias if bias is not None else None) + (None,) * 15
+    return input_grads(grpo_loss_from_hidden_fwd, hidden=dhidden, weight=dweight,
+                       bias=dbias if bias is not None else None)
 
 
 grpo_loss_from_hidden_fwd_op.register_autograd(_backward, setup_context=_setup_context)
