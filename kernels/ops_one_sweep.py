@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import _LIB, _row_offsets, fake_loss_outputs, loss_terms
+from ._terms import TermsConfig
+from .ops import _LIB, _row_offsets, fake_loss_outputs, input_grads, loss_terms
 
 
 def _per_token(cu_seqlens: Tensor, advantages: Tensor, n_tokens: int, inv_norm: float, per_seq_mean: bool):
@@ -29,8 +30,7 @@ def _per_token(cu_seqlens: Tensor, advantages: Tensor, n_tokens: int, inv_norm: 
     return advantages[seq].contiguous(), weight[seq].contiguous()
 
 
-@torch.library.custom_op(f"{_LIB}::grpo_loss_one_sweep", mutates_args=())
-def grpo_loss_one_sweep_op(
+def grpo_loss_one_sweep(
     logits: Tensor, target_ids: Tensor, flat_idx: Optional[Tensor], cu_seqlens: Tensor,
     advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
     temperature: float, beta: float, eps_low: float, eps_high: float, delta: Optional[float],
@@ -52,10 +52,17 @@ def grpo_loss_one_sweep_op(
     logp, lse, entropy, dlogp = _triton_vocab.logprob_fwd_bwd(
         rows, target_ids, row_off, tok_of_row, old_logp, ref_logp, adv_tok, weight_tok, temperature,
         with_entropy, eps_low=eps_low, eps_high=eps_high, delta=delta, beta=beta, out=out2d)
-    outputs = loss_terms(_triton_grpo, logp, lse, entropy, old_logp, ref_logp, advantages, cu_seqlens,
-                         eps_low, eps_high, delta, beta, inv_norm, per_seq_mean, False)
+    # The clipped policy term only (grpo_loss sends the other options to the two-sweep op).
+    cfg = TermsConfig(eps_low=eps_low, eps_high=eps_high, delta=delta, beta=beta, inv_norm=inv_norm,
+                      per_seq_mean=per_seq_mean, seq_level=False)
+    outputs = loss_terms(_triton_grpo, logp, lse, entropy, old_logp, ref_logp, None, None, None, advantages,
+                         cu_seqlens, cfg)
     loss, logp, lse, _, kl, entropy, low, high = outputs
     return loss, logp, lse, dlogp, kl, entropy, low, high, dlogits
+
+
+grpo_loss_one_sweep_op = torch.library.custom_op(f"{_LIB}::grpo_loss_one_sweep", mutates_args=())(
+    grpo_loss_one_sweep)
 
 
 @grpo_loss_one_sweep_op.register_fake
@@ -75,7 +82,7 @@ def _backward(ctx, grad_loss, *_unused_grads):
         scaled = dlogits
     else:
         scaled = dlogits * grad_loss.to(dlogits.dtype)
-    return (scaled,) + (None,) * 14
+    return input_grads(grpo_loss_one_sweep, logits=scaled)
 
 
 grpo_loss_one_sweep_op.register_autograd(_backward, setup_context=_setup_context)

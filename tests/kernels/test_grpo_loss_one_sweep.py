@@ -15,8 +15,13 @@ from .trl_reference import pack_to_padded
 def _two_sweeps(logits, target, cu, adv, old, ref, grad_scale, **kw):
     """The two-sweep op on the same inputs (what grpo_loss runs at the sequence level)."""
     leaf = logits.clone().requires_grad_()
-    out = op("grpo_loss_fwd")(leaf, target, None, cu, adv, old, ref, kw["temperature"], kw["beta"], 0.2, 0.28,
-                              kw["delta"], 1.0 / (len(cu) - 1), True, False, True, False, "triton")
+    out = op("grpo_loss_fwd")(
+        logits=leaf, target_ids=target, flat_idx=None, cu_seqlens=cu, advantages=adv, old_logp=old, ref_logp=ref,
+        policy_weight=None, sampling_logp=None, vespo_log_offset=None, temperature=kw["temperature"],
+        beta=kw["beta"], eps_low=0.2, eps_high=0.28, delta=kw["delta"], inv_norm=1.0 / (len(cu) - 1),
+        per_seq_mean=True, seq_level=False, policy="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+        off_policy_threshold=None, bias_correction_kl=False, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+        vespo_k_neg=3.0, vespo_lambda_neg=2.0, with_entropy=True, inplace_backward=False, impl="triton")
     (out[0] * grad_scale).backward()
     return out, leaf.grad
 
