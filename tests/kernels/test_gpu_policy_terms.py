@@ -1,5 +1,5 @@
-"""GPU check of the epilogue's options (cispo, sapo, luspo; the per-token policy weight, the
-off-policy mask, the bias-corrected KL): the compiled Triton kernels against the eager torch
+"""GPU check of the epilogue's options (cispo, sapo, luspo, vespo; the per-token policy weight,
+the off-policy mask, the bias-corrected KL): the compiled Triton kernels against the eager torch
 implementation on the same device, from hidden states at a real shape. Skipped without a GPU."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("loss_type,level", [("cispo", "token"), ("sapo", "sequence"), ("luspo", "sequence"),
-                                             ("grpo", "token")])
+                                             ("vespo", "token"), ("grpo", "token")])
 def test_triton_matches_torch_with_every_option(loss_type, level, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     N, H, V, S = 4099, 1024, 32771, 29
