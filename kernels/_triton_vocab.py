@@ -72,6 +72,26 @@ def _write_dlogits(src, dst, V, scale, lse2, coef, target, BLOCK_V: tl.constexpr
 
 
 @triton.jit
+def _output_row_source(row, logits_ptr, stride_row, row_off_ptr, tok_of_row_ptr, INDIRECT: tl.constexpr,
+                       ROW_ALIGN: tl.constexpr):
+    """(tok, has_tok, src) of an output row of dlogits. Direct: row r is token r, read at
+    r * stride_row. Indirect (padded layouts): row r holds token tok_of_row[r] (or nothing,
+    -1: a zero row; tok is then 0 so that loads stay in bounds), read at row_off[tok]."""
+    if INDIRECT:
+        tok = tl.load(tok_of_row_ptr + row)
+    else:
+        tok = row
+    has_tok = tok >= 0
+    tok = tl.maximum(tok, 0)
+    if INDIRECT:
+        # The hint lets the compiler issue 16-byte vector loads from a row it cannot see.
+        src = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + tok), ROW_ALIGN)
+    else:
+        src = logits_ptr + tok * stride_row
+    return tok, has_tok, src
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     logits_ptr, stride_row,     # rows of V logits, any float dtype, unit stride along V
     target_ptr,                 # (N,) int64
@@ -117,16 +137,8 @@ def _logprob_fwd_bwd_kernel(
     dlogits = dlogp / T * (onehot(target) - softmax(logits / T)) for an upstream gradient
     of 1. Rows are as in _logprob_bwd_kernel (direct, or INDIRECT with -1 for a zero row)."""
     row = tl.program_id(0).to(tl.int64)
-    if INDIRECT:
-        tok = tl.load(tok_of_row_ptr + row)
-    else:
-        tok = row
-    has_tok = tok >= 0
-    tok = tl.maximum(tok, 0)  # keep the loads below in bounds for rows without a token
-    if INDIRECT:
-        src = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + tok), ROW_ALIGN)
-    else:
-        src = logits_ptr + tok * stride_row
+    tok, has_tok, src = _output_row_source(row, logits_ptr, stride_row, row_off_ptr, tok_of_row_ptr, INDIRECT,
+                                           ROW_ALIGN)
     dst = dlogits_ptr + row * stride_drow
     coef = tl.zeros((), tl.float32)
     lse2 = tl.zeros((), tl.float32)
@@ -163,16 +175,8 @@ def _logprob_bwd_kernel(
     output row r holds token tok_of_row[r] (or nothing, -1: a zero row), read at row_off[tok].
     """
     row = tl.program_id(0).to(tl.int64)
-    if INDIRECT:
-        tok = tl.load(tok_of_row_ptr + row)
-    else:
-        tok = row
-    has_tok = tok >= 0
-    tok = tl.maximum(tok, 0)  # keep the loads below in bounds for rows without a token
-    if INDIRECT:
-        src = logits_ptr + tl.multiple_of(tl.load(row_off_ptr + tok), ROW_ALIGN)
-    else:
-        src = logits_ptr + tok * stride_row
+    tok, has_tok, src = _output_row_source(row, logits_ptr, stride_row, row_off_ptr, tok_of_row_ptr, INDIRECT,
+                                           ROW_ALIGN)
     coef = tl.load(grad_out_ptr).to(tl.float32) * tl.load(dlogp_ptr + tok) * inv_temperature
     coef = tl.where(has_tok, coef, 0.0)
     lse2 = tl.load(lse_ptr + tok) * _LOG2E

@@ -6,7 +6,9 @@ dLoss/dlogp is known as soon as its logsumexp is, so _triton_vocab.logprob_fwd_b
 its dlogits row in forward, reading the row a second time while it is still in L2: one
 read from memory and one write. Backward only scales the saved dlogits by the upstream
 gradient; when that is exactly 1 (loss.backward() on this loss) it hands them over as they
-are (one scalar host sync; under torch.compile it always multiplies).
+are (one scalar host sync; under torch.compile it always multiplies). Any other upstream
+gradient rounds the gradient twice in the logits' dtype (stored, then scaled): up to one
+ulp instead of half of one.
 
 Memory: the dlogits buffer (logits' shape and dtype) exists from forward to backward
 instead of during backward only. grpo_loss takes this path only when the logits need a

@@ -4,10 +4,10 @@ elementwise tolerances that one wrong row would break. Skipped without a GPU."""
 import pytest
 import torch
 
-from r1vl_kernels import grpo_loss, grpo_loss_from_hidden, token_logprobs
+from r1vl_kernels import group_advantages, grpo_loss, grpo_loss_from_hidden, token_logprobs
 
 from .test_grpo_loss import DTYPE_EPS, assert_close_scaled
-from .trl_reference import grpo_loss_like_trl, pack_to_padded, padded_to_packed
+from .trl_reference import advantages_like_trl, grpo_loss_like_trl, pack_to_padded, padded_to_packed
 
 pytestmark = pytest.mark.gpu
 
@@ -80,6 +80,16 @@ def test_grpo_loss_matches_float64_at_qwen_vocabulary(dtype, level, layout, seed
     torch.testing.assert_close(logp.double(), padded_to_packed(expected.logp, mask), rtol=0, atol=2e-5)
     torch.testing.assert_close(entropy.double(), padded_to_packed(expected.entropy, mask), rtol=0, atol=1e-4)
     assert_close_scaled(grad, expected_grad, dtype, "dlogits", seed)
+
+
+@pytest.mark.parametrize("scale_rewards", ("group", "batch", "none"))
+def test_group_advantages_match_float64(scale_rewards, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rewards = torch.randint(0, 4, (4096,), device="cuda", generator=g).float() + 0.1 * torch.rand(
+        4096, device="cuda", generator=g)
+    adv = group_advantages(rewards, 16, scale_rewards, impl="triton")
+    expected = advantages_like_trl(rewards.double(), 16, scale_rewards)
+    torch.testing.assert_close(adv.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_million_tokens_on_grid_axis_0(seed):
@@ -163,12 +173,14 @@ def test_from_hidden_matches_float64_at_qwen2vl_2b_shapes(dtype, level, seed):
     expected.loss.backward()
 
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    out = grpo_loss_from_hidden(leaves[0], leaves[1], target, cu, adv, old, ref, bias=leaves[2], impl="triton", **kw)
+    out = grpo_loss_from_hidden(leaves[0], leaves[1], target, cu, adv, old, ref, bias=leaves[2], return_entropy=True,
+                                impl="triton", **kw)
     out.loss.backward()
     torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-5, atol=1e-7)
     LP_ERR = 2e-5
     exact_logp = padded_to_packed(expected.logp, mask)
     torch.testing.assert_close(out.logp.double(), exact_logp, rtol=0, atol=LP_ERR)
+    torch.testing.assert_close(out.entropy.double(), padded_to_packed(expected.entropy, mask), rtol=0, atol=1e-4)
 
     with torch.no_grad():
         d = z.grad                                         # exact dLoss/dlogits (N, V)
