@@ -5,7 +5,7 @@
 
 Modules: `rules` (the paper's rules on one completion's text), `normalize` (the opt-in
 lenient matcher), `symbolic` (math-verify in worker processes with a deadline), `score`
-(the batch entry point and the per-completion rewards).
+(the batch entry point).
 """
 from r1vl.rewards.normalize import normalize_math
 from r1vl.rewards.rules import (
@@ -21,18 +21,15 @@ from r1vl.rewards.rules import (
 from r1vl.rewards.score import (
     RewardBreakdown,
     RewardConfig,
-    answer_accuracy,
     default_verifier,
     score,
     score_groups,
-    step_rar,
-    total_reward,
 )
 from r1vl.rewards.symbolic import SymbolicVerifier
 
 __all__ = [
-    "RewardBreakdown", "RewardConfig", "SymbolicVerifier", "answer_accuracy",
+    "RewardBreakdown", "RewardConfig", "SymbolicVerifier",
     "default_verifier", "final_answer", "is_complete", "is_logical", "key_step_match",
-    "normalize_math", "reference_answer", "score", "score_groups", "step_bodies", "step_rar",
-    "step_rvr", "step_text", "total_reward",
+    "normalize_math", "reference_answer", "score", "score_groups", "step_bodies",
+    "step_rvr", "step_text",
 ]

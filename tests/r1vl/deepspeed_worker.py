@@ -22,12 +22,12 @@ import torch
 
 from r1vl import distributed
 from r1vl.config import make_config
+from r1vl.engine import make_engine
 from r1vl.losses import completion_logprobs, policy_loss
 from r1vl.packing import Sample, pack
 from r1vl.prompts import blank_prompt
 from r1vl.rollout import generate
 from r1vl.tiny import build_model, build_tokenizer
-from train import make_engine
 
 STEPS, RESUME_AT = 4, 2
 MICROBATCHES = {0: [2, 3, 2, 2], 1: [1, 0, 1, 2]}  # per rank, per step; rank 1 idles in step 2

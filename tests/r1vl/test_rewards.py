@@ -9,18 +9,32 @@ import pytest
 from r1vl.rewards import (
     RewardConfig,
     SymbolicVerifier,
-    answer_accuracy,
     final_answer,
     key_step_match,
     normalize_math,
     reference_answer,
     score,
     score_groups,
-    step_rar,
     step_rvr,
     step_text,
-    total_reward,
 )
+
+
+def _one(field: str, text: str, example, config=RewardConfig(), verifier=None) -> float:
+    """One completion's `field` of the batch score (accuracy, step_rar, total, ...)."""
+    return float(getattr(score([text], [example], config, verifier), field)[0])
+
+
+def answer_accuracy(text, example, config=RewardConfig(), verifier=None):
+    return _one("accuracy", text, example, config, verifier)
+
+
+def step_rar(text, example, config=RewardConfig(), verifier=None):
+    return _one("step_rar", text, example, config, verifier)
+
+
+def total_reward(text, example, config=RewardConfig(), verifier=None):
+    return _one("total", text, example, config, verifier)
 
 
 @dataclass(frozen=True)
