@@ -25,18 +25,6 @@ def _one(field: str, text: str, example, config=RewardConfig(), verifier=None) -
     return float(getattr(score([text], [example], config, verifier), field)[0])
 
 
-def answer_accuracy(text, example, config=RewardConfig(), verifier=None):
-    return _one("accuracy", text, example, config, verifier)
-
-
-def step_rar(text, example, config=RewardConfig(), verifier=None):
-    return _one("step_rar", text, example, config, verifier)
-
-
-def total_reward(text, example, config=RewardConfig(), verifier=None):
-    return _one("total", text, example, config, verifier)
-
-
 @dataclass(frozen=True)
 class Ex:
     solution: str
@@ -98,19 +86,19 @@ def test_key_step_match_normalized_is_opt_in():
 
 def test_step_rar_values():
     k = 0.5
-    assert step_rar(SOLUTION, EXAMPLE, NO_SYMBOLIC) == pytest.approx(1 + 0.1 * k)
+    assert _one("step_rar", SOLUTION, EXAMPLE, NO_SYMBOLIC) == pytest.approx(1 + 0.1 * k)
     wrong = completion(answer="7")
-    assert step_rar(wrong, EXAMPLE, NO_SYMBOLIC) == pytest.approx(0.1 * k)
+    assert _one("step_rar", wrong, EXAMPLE, NO_SYMBOLIC) == pytest.approx(0.1 * k)
     # No answer section: 0 by the paper's rule (the authors' code paid 0.1 k here).
     no_answer = SOLUTION.split("### The final answer is:")[0]
-    assert step_rar(no_answer, EXAMPLE, NO_SYMBOLIC) == 0.0
-    assert step_rar(SOLUTION, EXAMPLE, RewardConfig(alpha=0.5, symbolic=False)) == pytest.approx(1.25)
+    assert _one("step_rar", no_answer, EXAMPLE, NO_SYMBOLIC) == 0.0
+    assert _one("step_rar", SOLUTION, EXAMPLE, RewardConfig(alpha=0.5, symbolic=False)) == pytest.approx(1.25)
 
 
 def test_empty_answer_line_is_no_answer():
     empty = completion(answer="   \n\n")
     assert final_answer(empty) is None
-    assert step_rar(empty, EXAMPLE, NO_SYMBOLIC) == 0.0
+    assert _one("step_rar", empty, EXAMPLE, NO_SYMBOLIC) == 0.0
     assert step_rvr(empty) == 1.0  # the header is there and in order
     b = score([empty], [EXAMPLE], NO_SYMBOLIC)
     assert not b.has_answer[0] and b.total[0] == pytest.approx(1.0)
@@ -165,8 +153,8 @@ def test_multiple_final_answers_judged_on_the_first():
 
 def test_exact_match_and_normalized_match():
     def acc(answer, gold="6", **cfg):
-        return answer_accuracy(completion(answer=answer), Ex(completion(answer=gold)),
-                               RewardConfig(symbolic=False, **cfg))
+        return _one("accuracy", completion(answer=answer), Ex(completion(answer=gold)),
+                    RewardConfig(symbolic=False, **cfg))
     assert acc("6") == 1.0
     assert acc("6.0") == 0.0 and acc("6.0", normalize=True) == 1.0
     assert acc("\u22123", gold="-3") == 0.0 and acc("\u22123", gold="-3", normalize=True) == 1.0
@@ -178,8 +166,7 @@ def test_exact_match_and_normalized_match():
 
 def test_symbolic_equivalence(verifier):
     def acc(answer, gold):
-        return answer_accuracy(completion(answer=answer), Ex(completion(answer=gold)),
-                               verifier=verifier)
+        return _one("accuracy", completion(answer=answer), Ex(completion(answer=gold)), verifier=verifier)
     assert acc("6.0", "6") == 1.0
     assert acc("\\frac{1}{2}", "0.5") == 1.0
     assert acc("$x = 3$", "3") == 1.0
@@ -189,8 +176,8 @@ def test_symbolic_equivalence(verifier):
 
 def test_total_reward_maximum_and_minimum(verifier):
     full = Ex(SOLUTION, ("bd", ["x = 6"]))
-    assert total_reward(SOLUTION, full, verifier=verifier) == pytest.approx(2.1)
-    assert total_reward("", full, verifier=verifier) == 0.0
+    assert _one("total", SOLUTION, full, verifier=verifier) == pytest.approx(2.1)
+    assert _one("total", "", full, verifier=verifier) == 0.0
 
 
 # --------------------------------------------------------------------------- batches
@@ -313,7 +300,7 @@ def test_symbolic_hang_is_bounded_and_undecided(verifier, answer):
     assert b.undecided.tolist() == [True] and b.accuracy[0] == 0.0
     assert b.step_rar[0] == pytest.approx(0.05)  # present but not shown correct: alpha * k
     # The worker that hung was replaced: the next check still works.
-    assert answer_accuracy(completion(answer="6.0"), EXAMPLE, verifier=verifier) == 1.0
+    assert _one("accuracy", completion(answer="6.0"), EXAMPLE, verifier=verifier) == 1.0
 
 
 def test_symbolic_hang_is_bounded_off_the_main_thread(verifier):
