@@ -49,7 +49,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from r1vl.data import load_examples
+from r1vl.data import load_examples, load_image
 from r1vl.metrics import peak_memory_gb
 from r1vl.prompts import SYSTEM
 
@@ -95,7 +95,7 @@ def build_processor(model_dir: str, min_pixels: int, max_pixels: int) -> ImageOn
 def trl_records(data: str, min_pixels: int, max_pixels: int) -> list[dict]:
     """r1vl RL records -> TRL's conversational VLM rows; images loaded (and resized) by r1vl."""
     return [{"prompt": [{"role": "user", "content": ex.problem}],
-             "image": ex.load_image(max_pixels=max_pixels, min_pixels=min_pixels)}
+             "image": load_image(ex.image_path, max_pixels=max_pixels, min_pixels=min_pixels)}
             for ex in load_examples(data).items]
 
 

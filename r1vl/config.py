@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from r1vl.deepspeed_config import read_deepspeed_config
 
 STAGES = ("grpo", "sft", "sft+grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -23,72 +26,80 @@ SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
+def option(default, help: str):
+    """A Config field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # --- what to train, on what
-    model: str = "tiny"  # "tiny" (built-in Qwen2-VL from a config) or a local Qwen2-VL / Qwen2.5-VL HF directory
-    stage: str = "grpo"  # "grpo", "sft" (warm-up only) or "sft+grpo"
-    data: str = ""  # RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task
-    sft_data: str = ""  # SFT data, chat form (r1vl.data.load_sft); "" = the RL data's solutions
-    image_root: str = ""  # directory image paths are relative to; "" = the data file's directory
-    run_dir: str = ""  # where metrics, the config and the final policy go; "" = runs/<time>
-    seed: int = 0  # seeds data order, sampling and the tiny model
-    save_final: bool = True  # save the final policy (safetensors) with its tokenizer and processor
-    save_every: int = 100  # trainer checkpoint every K optimizer steps of each stage and at its end; 0 = none
-    keep_last: int = 2  # trainer checkpoints kept in RUN_DIR/checkpoints (the newest)
-    resume: str = ""  # "auto" = the newest complete checkpoint in --run_dir (none: start afresh), or a checkpoint dir
+    model: str = option(
+        "tiny", '"tiny" (built-in Qwen2-VL from a config) or a local Qwen2-VL / Qwen2.5-VL HF directory')
+    stage: str = option("grpo", '"grpo", "sft" (warm-up only) or "sft+grpo"')
+    data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
+    sft_data: str = option("", "SFT data, chat form (r1vl.data.load_sft); \"\" = the RL data's solutions")
+    image_root: str = option("", "directory image paths are relative to; \"\" = the data file's directory")
+    run_dir: str = option("", 'where metrics, the config and the final policy go; "" = runs/<time>')
+    seed: int = option(0, "seeds data order, sampling and the tiny model")
+    save_final: bool = option(True, "save the final policy (safetensors) with its tokenizer and processor")
+    save_every: int = option(100, "trainer checkpoint every K optimizer steps of each stage and at its end; 0 = none")
+    keep_last: int = option(2, "trainer checkpoints kept in RUN_DIR/checkpoints (the newest)")
+    resume: str = option(
+        "", '"auto" = the newest complete checkpoint in --run_dir (none: start afresh), or a checkpoint dir')
 
     # --- rollout
-    num_generations: int = 4  # G, completions per prompt
-    batch_size: int = 4  # completions per rank per optimizer step, a multiple of G
-    temperature: float = 1.2  # sampling temperature, also the loss's logit temperature
-    top_p: float = 1.0  # nucleus sampling; 1.0 = off
-    max_prompt_length: int = 512  # tokens incl. image tokens; longer prompts are skipped, never cut
-    max_completion_length: int = 1024  # tokens sampled per completion at most
-    max_pixels: int = 400000  # images are resized to at most this many pixels
-    min_pixels: int = 3136  # ... and at least this many (56 x 56)
-    ignore_eos: bool = False  # benchmarks: decode exactly max_completion_length tokens per completion (no stop at EOS)
+    num_generations: int = option(4, "G, completions per prompt")
+    batch_size: int = option(4, "completions per rank per optimizer step, a multiple of G")
+    temperature: float = option(1.2, "sampling temperature, also the loss's logit temperature")
+    top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
+    max_prompt_length: int = option(512, "tokens incl. image tokens; longer prompts are skipped, never cut")
+    max_completion_length: int = option(1024, "tokens sampled per completion at most")
+    max_pixels: int = option(400000, "images are resized to at most this many pixels")
+    min_pixels: int = option(3136, "... and at least this many (56 x 56)")
+    ignore_eos: bool = option(
+        False, "benchmarks: decode exactly max_completion_length tokens per completion (no stop at EOS)")
 
     # --- StepGRPO objective
-    num_steps: int = 500  # GRPO steps (one rollout each)
-    beta: float = 0.04  # KL coefficient (k3 estimator) to the frozen reference
-    reference: str = "initial"  # "initial" (frozen copy of the starting policy) or "none"
-    epsilon_low: float = 0.2  # clip range below 1
-    epsilon_high: float = 0.2  # clip range above 1
-    loss_type: str = "grpo"  # grpo / bnpo / dr_grpo / dapo (TRL's reductions)
-    scale_rewards: str = "group"  # advantage scaling: group / batch / none
-    num_iterations: int = 1  # optimizer steps per rollout; > 1 computes old log-probs
-    reward_alpha: float = 0.1  # weight of the key-step match in StepRAR
-    reward_normalize: bool = False  # lenient answer / key-step matching (off = the paper's rule)
-    reward_symbolic: bool = True  # math-verify equivalence of answers
+    num_steps: int = option(500, "GRPO steps (one rollout each)")
+    beta: float = option(0.04, "KL coefficient (k3 estimator) to the frozen reference")
+    epsilon_low: float = option(0.2, "clip range below 1")
+    epsilon_high: float = option(0.2, "clip range above 1")
+    loss_type: str = option("grpo", "grpo / bnpo / dr_grpo / dapo (TRL's reductions)")
+    scale_rewards: str = option("group", "advantage scaling: group / batch / none")
+    num_iterations: int = option(1, "optimizer steps per rollout; > 1 computes old log-probs")
+    reward_alpha: float = option(0.1, "weight of the key-step match in StepRAR")
+    reward_normalize: bool = option(False, "lenient answer / key-step matching (off = the paper's rule)")
+    reward_symbolic: bool = option(True, "math-verify equivalence of answers")
 
     # --- optimisation
-    lr: float = 1e-6  # AdamW learning rate of the GRPO stage
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9  # AdamW first-moment decay
-    adam_beta2: float = 0.999  # AdamW second-moment decay
-    lr_schedule: str = "constant"  # constant / linear / cosine decay after warm-up
-    warmup_steps: int = 0  # optimizer steps of linear warm-up
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
-    micro_batch_tokens: int = 16384  # token budget of one packed micro-batch (forward + backward)
-    max_bad_steps: int = 3  # stop after this many updates skipped for a non-finite loss or gradient
+    lr: float = option(1e-6, "AdamW learning rate of the GRPO stage")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = option(0.9, "AdamW first-moment decay")
+    adam_beta2: float = option(0.999, "AdamW second-moment decay")
+    lr_schedule: str = option("constant", "constant / linear / cosine decay after warm-up")
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm; 0 = off")
+    micro_batch_tokens: int = option(16384, "token budget of one packed micro-batch (forward + backward)")
+    max_bad_steps: int = option(3, "stop after this many updates skipped for a non-finite loss or gradient")
 
     # --- SFT warm-up (stage sft / sft+grpo)
-    sft_steps: int = 200  # optimizer steps
-    sft_batch_size: int = 8  # examples per rank per step
-    sft_lr: float = 2e-5  # the paper's warm-up rate for the 2B model
+    sft_steps: int = option(200, "optimizer steps")
+    sft_batch_size: int = option(8, "examples per rank per step")
+    sft_lr: float = option(2e-5, "the paper's warm-up rate for the 2B model")
 
     # --- hardware
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    kernel_impl: str = "auto"  # r1vl_kernels impl: auto = triton on CUDA, torch on CPU
-    attention: str = "auto"  # packed attention backend: auto / flash_attn / varlen_attn / sdpa
-    deepspeed: str = ""  # a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism
+    device: str = option("auto", '"auto" (cuda if available), "cpu", "cuda"')
+    dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU")
+    kernel_impl: str = option("auto", "r1vl_kernels impl: auto = triton on CUDA, torch on CPU")
+    attention: str = option("auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa")
+    deepspeed: str = option(
+        "", 'a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism')
 
     # --- logging and evaluation
-    eval_prompts: int = 0  # held-out prompts scored before and after training; 0 = none
-    log_every: int = 1  # console line every N steps (the JSONL gets every step)
-    progress: bool = True  # tqdm progress bars on rank 0
+    eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
+    log_every: int = option(1, "console line every N steps (the JSONL gets every step)")
+    progress: bool = option(True, "tqdm progress bars on rank 0")
 
     def validate(self) -> None:
         """Raise ValueError naming the option for anything unusable or contradictory."""
@@ -107,16 +118,12 @@ class Config:
              f"--kernel_impl must be auto, torch or triton, got {self.kernel_impl!r}")
         need(self.attention in ("auto", "flash_attn", "varlen_attn", "sdpa"),
              f"--attention must be auto, flash_attn, varlen_attn or sdpa, got {self.attention!r}")
-        need(self.reference in ("initial", "none"), f"--reference must be initial or none, got {self.reference!r}")
         need(self.num_generations >= 2,
              f"--num_generations must be >= 2 (advantages are relative within a group), got {self.num_generations}")
         need(self.batch_size >= 1 and self.batch_size % self.num_generations == 0,
              f"--batch_size ({self.batch_size}) must be a positive multiple of --num_generations "
              f"({self.num_generations}): every prompt brings all G of its completions")
         need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
-        need(not (self.beta > 0 and self.reference == "none"),
-             f"--beta {self.beta} needs a reference model for the KL term, but --reference is none; "
-             "use --reference initial or --beta 0")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
         need(self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low and --epsilon_high must be >= 0")
@@ -141,9 +148,20 @@ class Config:
         if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
             need(self.device != "cpu", f"--kernel_impl {self.kernel_impl} / --attention {self.attention} need a GPU")
         if self.deepspeed:
-            from r1vl.deepspeed_engine import read_deepspeed_config
+            self.deepspeed_json  # read and checked here, at start-up; kept for the engines
 
-            read_deepspeed_config(self)  # the file's own checks, and its keys against these options
+    @functools.cached_property
+    def deepspeed_json(self) -> dict | None:
+        """The --deepspeed file's JSON, read and checked against these options once (None
+        without --deepspeed); r1vl.deepspeed_config says what it may hold."""
+        if not self.deepspeed:
+            return None
+        return read_deepspeed_config(self.deepspeed, self.dtype, self.max_grad_norm)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages to run, in order: ("sft",), ("grpo",) or ("sft", "grpo")."""
+        return tuple(self.stage.split("+"))
 
     @property
     def prompts_per_step(self) -> int:
@@ -175,18 +193,6 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _field_comments() -> dict[str, str]:
-    """The comment after each field in this file, as its --help text."""
-    comments = {}
-    for line in Path(__file__).read_text(encoding="utf-8").splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
-            name = stripped.split(":", 1)[0]
-            if name.isidentifier():
-                comments[name] = stripped.split("#", 1)[1].strip()
-    return comments
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="StepGRPO (R1-VL) for Qwen2-VL. Run with torchrun for data parallelism. With "
@@ -194,13 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "defaults shown below for the options it sets, unless given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML or JSON file of options (the command line wins)")
-    comments = _field_comments()
     for f in dataclasses.fields(Config):
         kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type]
         # default=SUPPRESS: only options actually given appear in the namespace, so that
         # the file and TINY_DEFAULTS can fill the rest.
         parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=f"{comments.get(f.name, '')} (default: {f.default})")
+                            help=f"{f.metadata['help']} (default: {f.default})")
     return parser
 
 

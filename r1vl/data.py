@@ -52,15 +52,6 @@ class Example:
     key_steps: tuple[tuple[str, ...], ...] = ()  # each entry: equivalent alternatives
     source: str = ""  # "<file>:<record index>", for error messages and logs
 
-    def prompt(self) -> list[dict]:
-        """The paper's prompt: one user turn, the image then the question."""
-        return [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": self.problem}]}]
-
-    def load_image(self, max_pixels: int | None = None, min_pixels: int = MIN_PIXELS):
-        """The image as RGB, resized the way Qwen2-VL's processor would when max_pixels is set."""
-        return load_image(self.image_path, max_pixels=max_pixels, min_pixels=min_pixels)
-
 
 @dataclass(frozen=True)
 class SFTExample:

@@ -42,126 +42,15 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
 from r1vl import distributed
-from r1vl.config import Config
-from r1vl.engine import Engine, Frozen, _jsonable_scheduler_state, lr_factor
-
-# -------------------------------------------------------------------------------- the JSON
-
-# Top-level keys passed to DeepSpeed as they are (it validates their contents itself).
-PASSED_KEYS = ("zero_optimization", "bf16", "steps_per_print", "wall_clock_breakdown", "memory_breakdown",
-               "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "data_types",
-               "comms_logger")
-# Keys r1vl sets itself: "auto" or absent (gradient_clipping may also equal --max_grad_norm).
-OWNED_KEYS = {
-    "train_batch_size": "the global batch is --batch_size completions per rank, packed into micro-batches of "
-                        "--micro_batch_tokens",
-    "train_micro_batch_size_per_gpu": "micro-batches are packed by tokens (--micro_batch_tokens)",
-    "gradient_accumulation_steps": "a step accumulates all of a rank's packed micro-batches, however many",
-    "gradient_clipping": "it is --max_grad_norm",
-}
-REFUSED_KEYS = {
-    "optimizer": "r1vl's AdamW is used; set --lr, --sft_lr, --weight_decay, --adam_beta1, --adam_beta2",
-    "scheduler": "r1vl's schedule is used; set --lr_schedule and --warmup_steps",
-    "managed_gradient_accumulation": "r1vl sets it to false (engine.step() is the accumulation boundary)",
-}
-ZERO_STAGES = (2, 3)
-
-
-def read_deepspeed_config(cfg: Config) -> dict:
-    """The JSON of --deepspeed, checked against r1vl's options without importing deepspeed.
-
-    Raises ValueError naming --deepspeed (and the conflicting option) for a missing or
-    unparsable file, an unknown or refused key, a ZeRO stage other than 2/3, offloading,
-    fp16, or a value that contradicts --dtype / --max_grad_norm. DeepSpeed itself checks the
-    contents of zero_optimization when the engine is built.
-    """
-    path = Path(cfg.deepspeed)
-    where = f"--deepspeed {cfg.deepspeed}"
-    if not path.is_file():
-        raise ValueError(f"{where}: no such file")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a JSON object of DeepSpeed options")
-
-    for key, value in raw.items():
-        if key in REFUSED_KEYS:
-            raise ValueError(f"{where}: {key!r} is not taken: {REFUSED_KEYS[key]}")
-        if key in OWNED_KEYS:
-            clipping_agrees = key == "gradient_clipping" and _is_number(value) and value == cfg.max_grad_norm
-            if value != "auto" and not clipping_agrees:
-                raise ValueError(f"{where}: {key} must be \"auto\" or absent ({OWNED_KEYS[key]}), got {value!r}")
-        elif key == "fp16":
-            if not isinstance(value, dict) or value.get("enabled", False) not in (False, "auto"):
-                raise ValueError(f"{where}: fp16 is not supported (its loss scaling skips updates that r1vl would "
-                                 "count as bad steps); use bf16 (--dtype bfloat16) or float32")
-        elif key not in PASSED_KEYS:
-            raise ValueError(f"{where}: unknown or unsupported key {key!r}; allowed: "
-                             f"{sorted([*PASSED_KEYS, *OWNED_KEYS, 'fp16'])}")
-
-    zero = raw.get("zero_optimization")
-    if not isinstance(zero, dict) or zero.get("stage") not in ZERO_STAGES:
-        raise ValueError(f"{where}: zero_optimization.stage must be one of {ZERO_STAGES}")
-    for offload in ("offload_optimizer", "offload_param"):
-        section = zero.get(offload)
-        if section is not None and not (isinstance(section, dict) and section.get("device", "none") == "none"):
-            raise ValueError(f"{where}: zero_optimization.{offload} is not supported by r1vl's engine")
-    if zero.get("compute_grad_norm", True) is False:
-        raise ValueError(f"{where}: zero_optimization.compute_grad_norm must stay true: the norm is logged, and a "
-                         "non-finite norm is how every rank skips an update (--max_bad_steps)")
-    if zero.get("elastic_checkpoint"):
-        raise ValueError(f"{where}: zero_optimization.elastic_checkpoint is not supported (r1vl saves each "
-                         "rank's shard of the optimizer state and resumes on as many ranks)")
-
-    bf16 = raw.get("bf16", {})
-    if not isinstance(bf16, dict):
-        raise ValueError(f"{where}: bf16 must be an object such as {{\"enabled\": \"auto\"}}")
-    if bf16.get("check_grad_overflow", True) is False:
-        raise ValueError(f"{where}: bf16.check_grad_overflow must stay true: it is how every rank skips an "
-                         "update with a non-finite gradient (--max_bad_steps)")
-    enabled = bf16.get("enabled", "auto")
-    if enabled not in ("auto", True, False):
-        raise ValueError(f"{where}: bf16.enabled must be true, false or \"auto\", got {enabled!r}")
-    if cfg.dtype == "float16":
-        raise ValueError(f"--dtype float16 with {where}: fp16 is not supported; use bfloat16 or float32")
-    if enabled != "auto" and cfg.dtype != "auto" and enabled != (cfg.dtype == "bfloat16"):
-        raise ValueError(f"{where}: bf16.enabled is {str(enabled).lower()} but --dtype is {cfg.dtype}; set "
-                         "bf16.enabled to \"auto\" (it follows --dtype) or make them agree")
-    return raw
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def resolved_config(raw: dict, cfg: Config, dtype: torch.dtype, world_size: int) -> dict:
-    """The config handed to deepspeed.initialize: `raw` with r1vl's values filled in.
-
-    dtype: the model's (the resolved --dtype); bf16 is enabled exactly when it is bfloat16.
-    """
-    bf16 = raw.get("bf16", {}).get("enabled", "auto")
-    if bf16 != "auto" and bf16 != (dtype == torch.bfloat16):
-        raise ValueError(f"--deepspeed {cfg.deepspeed}: bf16.enabled is {str(bf16).lower()} but the model's dtype "
-                         f"is {dtype} (--dtype {cfg.dtype}); set bf16.enabled to \"auto\"")
-    if dtype == torch.float16:
-        raise ValueError(f"--deepspeed {cfg.deepspeed}: the model is float16; fp16 is not supported, use bfloat16")
-    out = copy.deepcopy(raw)
-    out.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size,
-               gradient_clipping=cfg.max_grad_norm, managed_gradient_accumulation=False)
-    out["bf16"] = {**raw.get("bf16", {}), "enabled": dtype == torch.bfloat16}
-    out["fp16"] = {"enabled": False}
-    out.setdefault("steps_per_print", 2**62)  # r1vl prints its own lines
-    return out
-
+from r1vl.deepspeed_config import resolved_config
+from r1vl.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
+from r1vl.model import attention_implementations
 
 # -------------------------------------------------------------------------------- the engine
 
@@ -215,30 +104,27 @@ class DeepSpeedEngine(Engine):
     Args:
         model: the policy, on its device, identical on every rank (or already sharded by an
             earlier stage's ZeRO-3 engine); it stays `model` (the engine wraps it, never copies it).
-        cfg: deepspeed (the JSON path), max_grad_norm, adam_beta1/2, weight_decay, warmup_steps,
-            lr_schedule, max_bad_steps, dtype.
-        lr: the base rate of this stage; total_steps: optimizer steps the schedule spans.
+        settings: the rate, its schedule, AdamW's, clipping, the skip limit.
+        path, raw: the --deepspeed file and its JSON (r1vl.deepspeed_config.read_deepspeed_config).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, dd: distributed.Dist):
+    def __init__(self, model: torch.nn.Module, settings: UpdateSettings, path: str, raw: dict,
+                 world: distributed.Dist):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        if get_accelerator().device_name() != dd.device.type:
+        if get_accelerator().device_name() != world.device.type:
             raise ValueError(f"--deepspeed: DeepSpeed's accelerator is {get_accelerator().device_name()!r} but the "
-                             f"run is on {dd.device}; set DS_ACCELERATOR={dd.device.type} or --device")
+                             f"run is on {world.device}; set DS_ACCELERATOR={world.device.type} or --device")
         # DeepSpeed calls collectives that this torch deprecates; the warning (one per call
         # site and rank) is nothing a user of r1vl can act on.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        self.model, self.dd = model, dd
-        self.max_bad_steps, self.skipped = cfg.max_bad_steps, 0
+        self.model, self.world = model, world
+        self.max_bad_steps, self.skipped = settings.max_bad_steps, 0
         dtype = next(model.parameters()).dtype
-        self.config = resolved_config(read_deepspeed_config(cfg), cfg, dtype, dd.world_size)
+        self.config = resolved_config(raw, path, dtype, settings.max_grad_norm, world.world_size)
         self.stage = self.config["zero_optimization"]["stage"]
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+        optimizer, self.scheduler = adamw_with_schedule([p for p in model.parameters() if p.requires_grad], settings)
         self._ds, *_ = deepspeed.initialize(model=_Forward(model, sharded=self.stage == 3), optimizer=optimizer,
                                             lr_scheduler=self.scheduler, config=self.config)
 
@@ -250,13 +136,13 @@ class DeepSpeedEngine(Engine):
 
     def lockstep(self, microbatches: list, filler) -> list:
         """`microbatches` padded with (None, filler) to the largest count over ranks."""
-        most = int(distributed.all_reduce_max([len(microbatches)], self.dd.device)[0])
+        most = int(distributed.all_reduce_max([len(microbatches)], self.world.device)[0])
         return microbatches + [(None, filler)] * (most - len(microbatches))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate d(loss)/d(params). DeepSpeed averages gradients over ranks; r1vl's losses
         are shares of the global batch whose gradients must sum, hence the world size."""
-        self._ds.backward(_poisoned(loss) * self.dd.world_size, scale_wrt_gas=False)
+        self._ds.backward(_poisoned(loss) * self.world.world_size, scale_wrt_gas=False)
 
     def step(self, loss_finite: bool) -> float:
         """Reduce, clip and apply the accumulated gradient, or skip the update on every rank
@@ -310,33 +196,31 @@ class DeepSpeedEngine(Engine):
         moments) as zero_rank{r}.pt, plain tensors and numbers only; rank 0 writes engine.json
         (schedule, skipped count, stage, world size). The weights are saved by the caller."""
         state = _plain_optimizer_state(self._ds.optimizer.state_dict())
-        torch.save(state, directory / f"zero_rank{self.dd.rank:05d}.pt")
-        if self.dd.is_main:
-            (directory / "engine.json").write_text(json.dumps(
-                {"scheduler": _jsonable_scheduler_state(self.scheduler), "skipped": self.skipped,
-                 "zero_stage": self.stage, "world_size": self.dd.world_size}, indent=1) + "\n")
+        torch.save(state, directory / f"zero_rank{self.world.rank:05d}.pt")
+        if self.world.is_main:
+            write_engine_json(directory, self.scheduler, self.skipped, zero_stage=self.stage,
+                              world_size=self.world.world_size)
 
     def load_state(self, directory: Path) -> None:
         """Inverse of save_state, on as many ranks with the same stage; each rank reads its own
         file with torch.load(weights_only=True). Under ZeRO-3 this also sets the weights from
         the saved fp32 master copy; under ZeRO-2 the caller loads the weights."""
-        extra = json.loads((directory / "engine.json").read_text())
+        extra = read_engine_json(directory)
         if "zero_stage" not in extra:
             raise ValueError(f"{directory}: written without --deepspeed; resume it without --deepspeed")
-        if (extra["zero_stage"], extra["world_size"]) != (self.stage, self.dd.world_size):
+        if (extra["zero_stage"], extra["world_size"]) != (self.stage, self.world.world_size):
             raise ValueError(f"{directory}: saved by ZeRO-{extra['zero_stage']} on {extra['world_size']} ranks; "
-                             f"this run is ZeRO-{self.stage} on {self.dd.world_size} (resume needs the same)")
-        state = torch.load(directory / f"zero_rank{self.dd.rank:05d}.pt", map_location=self.dd.device,
+                             f"this run is ZeRO-{self.stage} on {self.world.world_size} (resume needs the same)")
+        state = torch.load(directory / f"zero_rank{self.world.rank:05d}.pt", map_location=self.world.device,
                            weights_only=True)
         optimizer = self._ds.optimizer
         state = _restored_optimizer_state(state, optimizer)
         # DeepSpeed takes the list of every rank's state and reads its own entry; rigid
         # (non-elastic) checkpoints on the same ranks read nothing else.
-        states = [None] * self.dd.world_size
-        states[self.dd.rank] = state
+        states = [None] * self.world.world_size
+        states[self.world.rank] = state
         optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.skipped = extra["skipped"]
+        self.skipped = read_engine_json(directory, self.scheduler)["skipped"]
 
 
 @contextlib.contextmanager
@@ -429,9 +313,8 @@ def sharded_copy(policy: torch.nn.Module, config: dict) -> torch.nn.Module:
     dtype = next(policy.parameters()).dtype
     # Built with sdpa, then switched to the policy's attention (r1vl.attention registers
     # its packed kernels under names transformers would try to resolve at construction).
+    attention = attention_implementations(policy)
     model_config = copy.deepcopy(policy.config)
-    attention = {"text_config": model_config.text_config._attn_implementation,
-                 "vision_config": model_config.vision_config._attn_implementation}
     model_config.text_config._attn_implementation = model_config.vision_config._attn_implementation = "sdpa"
     # zero.Init takes the dtype from the config's bf16 flag (its own dtype= argument is
     # ignored on accelerators without fp16). mem_efficient_linear=False: its replacement of

@@ -1,6 +1,8 @@
 """What turns losses into updates: backward, gradient reduction, clipping, the optimizer and
 its schedule, and their state in a checkpoint.
 
+    engine = make_engine(model, cfg, lr, total_steps, world)   # PlainEngine, or DeepSpeed's with --deepspeed
+
 The training loop talks to an engine only:
 
     steps = engine.lockstep(micro, filler)      # the micro-batches this rank runs
@@ -21,6 +23,7 @@ import contextlib
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,19 +32,58 @@ from r1vl import distributed
 from r1vl.config import Config
 
 
-def lr_factor(cfg: Config, total_steps: int):
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What an engine needs of the options: AdamW, its schedule, clipping, the skip limit."""
+
+    lr: float  # the base rate of this stage
+    total_steps: int  # optimizer steps the schedule spans
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant / linear / cosine
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_bad_steps: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: Config, lr: float, total_steps: int) -> UpdateSettings:
+        return cls(lr, total_steps, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, cfg.warmup_steps,
+                   cfg.lr_schedule, cfg.max_grad_norm, cfg.max_bad_steps)
+
+
+def make_engine(model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, world: distributed.Dist):
+    """The engine that turns a stage's losses into updates: DeepSpeed's with --deepspeed
+    (imported only then), else plain data parallelism. lr: the stage's base rate;
+    total_steps: the optimizer steps its schedule spans."""
+    settings = UpdateSettings.from_config(cfg, lr, total_steps)
+    if cfg.deepspeed:
+        from r1vl.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, settings, cfg.deepspeed, cfg.deepspeed_json, world)
+    return PlainEngine(model, settings, world)
+
+
+def lr_factor(settings: UpdateSettings):
     """step -> multiplier of the base rate: linear warm-up over warmup_steps, then constant,
     linear or cosine decay to zero at total_steps."""
+    warmup, total = settings.warmup_steps, settings.total_steps
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if settings.lr_schedule == "linear":
             return max(0.0, 1.0 - progress)
-        if cfg.lr_schedule == "cosine":
+        if settings.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return factor
+
+
+def adamw_with_schedule(params: list[torch.nn.Parameter], settings: UpdateSettings):
+    """(AdamW over `params`, its LambdaLR warm-up/decay schedule): every engine's update rule."""
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings))
 
 
 class NonFiniteUpdates(RuntimeError):
@@ -100,19 +142,16 @@ class PlainEngine(Engine):
 
     Args:
         model: the policy (any nn.Module), already on its device, identical on every rank.
-        cfg: max_grad_norm, adam_beta1/2, weight_decay, warmup_steps, lr_schedule, max_bad_steps.
-        lr: the base rate of this stage; total_steps: optimizer steps the schedule spans.
+        settings: the rate, its schedule, AdamW's, clipping, the skip limit.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, dd: distributed.Dist):
-        self.model, self.dd = model, dd
-        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        self.max_bad_steps = cfg.max_bad_steps
+    def __init__(self, model: torch.nn.Module, settings: UpdateSettings, world: distributed.Dist):
+        self.model, self.world = model, world
+        self.max_grad_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+        self.max_bad_steps = settings.max_bad_steps
         self.skipped = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, total_steps))
+        self.optimizer, self.scheduler = adamw_with_schedule(self.params, settings)
 
     # ------------------------------------------------------------------ the update
 
@@ -127,7 +166,7 @@ class PlainEngine(Engine):
         before clipping. Raises NonFiniteUpdates after max_bad_steps skipped updates."""
         distributed.all_reduce_grads(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        any_bad = distributed.all_reduce_max([0.0 if loss_finite else 1.0], self.dd.device)[0] > 0
+        any_bad = distributed.all_reduce_max([0.0 if loss_finite else 1.0], self.world.device)[0] > 0
         # Every rank holds the same summed gradient and flag, so they all take the same decision.
         if any_bad or not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -163,20 +202,32 @@ class PlainEngine(Engine):
     def save_state(self, directory: Path) -> None:
         """Optimizer and schedule into `directory` (every rank calls this; the state is the
         same on every rank, so rank 0 writes it). The weights are saved by the caller."""
-        if self.dd.is_main:
+        if self.world.is_main:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-            (directory / "engine.json").write_text(json.dumps(
-                {"scheduler": _jsonable_scheduler_state(self.scheduler), "skipped": self.skipped}, indent=1) + "\n")
+            write_engine_json(directory, self.scheduler, self.skipped)
 
     def load_state(self, directory: Path) -> None:
         """Inverse of save_state; the optimizer file is read with torch.load(weights_only=True)."""
         if not (directory / "optimizer.pt").is_file():
             raise ValueError(f"{directory}: no optimizer.pt (written with --deepspeed?); resume with the same engine")
-        state = torch.load(directory / "optimizer.pt", map_location=self.dd.device, weights_only=True)
+        state = torch.load(directory / "optimizer.pt", map_location=self.world.device, weights_only=True)
         self.optimizer.load_state_dict(state)
-        extra = json.loads((directory / "engine.json").read_text())
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.skipped = extra["skipped"]
+        self.skipped = read_engine_json(directory, self.scheduler)["skipped"]
+
+
+def write_engine_json(directory: Path, scheduler, skipped: int, **extra) -> None:
+    """engine.json: the schedule's state, the skipped-update count and an engine's `extra`
+    (rank 0 writes it; JSON keeps it out of pickle)."""
+    state = {"scheduler": _jsonable_scheduler_state(scheduler), "skipped": skipped, **extra}
+    (directory / "engine.json").write_text(json.dumps(state, indent=1) + "\n")
+
+
+def read_engine_json(directory: Path, scheduler=None) -> dict:
+    """engine.json as write_engine_json wrote it; restores `scheduler`'s state when given."""
+    state = json.loads((directory / "engine.json").read_text())
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return state
 
 
 def _jsonable_scheduler_state(scheduler) -> dict:

@@ -34,13 +34,13 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1vl import files
 from r1vl.rewards.normalize import normalize_math
 from r1vl.rewards.rules import FINAL_ANSWER, step_bodies
 
@@ -312,23 +312,6 @@ def _reference_text(record: dict) -> str | None:
     return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader sees the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def fill_key_steps(path: str | Path, out: str | Path | None = None, *,
                    llm: LLMExtractor | None = None, on_llm_error: str = "rule",
                    overwrite: bool = False, checkpoint_every: int = 100) -> FillReport:
@@ -405,13 +388,13 @@ def fill_key_steps(path: str | Path, out: str | Path | None = None, *,
                                "using the rule-based extractor" if on_llm_error == "rule"
                                else "left unchanged")
             if calls % checkpoint_every == 0:
-                _atomic_write(out, render())
+                files.write_text(out, render(), durable=True)
             if changed[i] or on_llm_error == "keep":
                 continue
         record["key_steps"] = {"Steps": extract_rule_based(reference)}
         report.rule += 1
         changed[i] = True
-    _atomic_write(out, render())
+    files.write_text(out, render(), durable=True)
     return report
 
 

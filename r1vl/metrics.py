@@ -1,19 +1,20 @@
 """Metrics: one JSON line per step in RUN_DIR/metrics.jsonl and a short console line.
 
 Only rank 0 writes; other ranks get a logger that does nothing, so the loop never branches
-on rank. Values are plain floats already reduced over ranks by the caller.
+on rank. Values are plain floats, reduced over ranks by `reduce_over_ranks` first.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from r1vl import distributed, files
 
 # What the console line shows, in order, when present.
 CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "undecided", "kl", "entropy",
@@ -89,9 +90,7 @@ def _rewind(path: Path, stage: str, step: int) -> None:
             continue
         if before(record):
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _tensorboard_writer(log_dir: Path, purge_step: int | None):
@@ -124,6 +123,14 @@ class UndecidedWarning:
               "verifier's CPU budget (SymbolicVerifier timeout_s) may be too short for these "
               "answers. Shown once; the 'undecided' metric has every step.", file=sys.stderr)
         return True
+
+
+def reduce_over_ranks(values: dict[str, float], device: torch.device, op: str = "sum") -> dict[str, float]:
+    """{name: value} summed (op="sum") or maxed (op="max") over ranks, in one collective.
+    Names stay bound to their values: the list a collective needs is built and read here only."""
+    reduce = {"sum": distributed.all_reduce_sum, "max": distributed.all_reduce_max}[op]
+    names = list(values)
+    return dict(zip(names, reduce([float(values[k]) for k in names], device)))
 
 
 def console_line(record: dict) -> str:

@@ -1,5 +1,8 @@
-"""One forward of a packed batch through Qwen2-VL, down to the completion rows only."""
+"""One forward of a packed batch through Qwen2-VL, down to the completion rows only; the
+switch to plain sdpa attention for what cannot run packed."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -54,3 +57,22 @@ def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tens
         max_length_k=packed.max_seqlen,
     )
     return out.last_hidden_state[0].index_select(0, packed.completion_index)
+
+
+def attention_implementations(model: torch.nn.Module) -> dict[str, str]:
+    """The model's attention implementation per sub-config, as set_attn_implementation takes it."""
+    return {"text_config": model.config.text_config._attn_implementation,
+            "vision_config": model.config.vision_config._attn_implementation}
+
+
+@contextlib.contextmanager
+def sdpa_attention(model: torch.nn.Module):
+    """Plain sdpa for the duration, the packed implementation (r1vl.attention) restored after:
+    for KV-cache decoding, which the packed attention cannot do, and for saving a config
+    that must load where r1vl's attention names are not registered."""
+    saved = attention_implementations(model)
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)

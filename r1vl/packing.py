@@ -74,7 +74,6 @@ class PackedBatch:
     completion_index: torch.Tensor  # (N,) int64, rows in [0, T) whose next token is a target
     target_ids: torch.Tensor  # (N,) int64, == input_ids[0, completion_index + 1]
     completion_cu_seqlens: torch.Tensor  # (S+1,) int32, sequence boundaries over the N rows
-    max_completion_len: int
 
     @property
     def num_sequences(self) -> int:
@@ -172,7 +171,6 @@ def pack(samples: Sequence[Sample], model: torch.nn.Module) -> PackedBatch:
         completion_index=torch.cat(index_parts),
         target_ids=torch.cat(target_parts),
         completion_cu_seqlens=_cumulative(completion_lens),
-        max_completion_len=max(completion_lens),
     )
 
 

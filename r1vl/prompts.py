@@ -37,6 +37,11 @@ def _image_block(image_processor, image, merge: int) -> tuple[str, torch.Tensor,
     return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>", out["pixel_values"].float(), grid
 
 
+def _token_ids(tokenizer, text: str) -> torch.Tensor:
+    """(L,) int64: `text` tokenized as it stands (the chat markers are in it already)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
 def _turn(role: str, text: str) -> str:
     return f"<|im_start|>{role}\n{text}{END}\n"
 
@@ -47,7 +52,7 @@ def encode_prompt(example: Example, tokenizer, image_processor, merge: int, max_
     image = load_image(example.image_path, max_pixels=max_pixels, min_pixels=min_pixels)
     block, pixels, grid = _image_block(image_processor, image, merge)
     text = _turn("system", SYSTEM) + _turn("user", block + example.problem) + "<|im_start|>assistant\n"
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    ids = _token_ids(tokenizer, text)
     return Prompt(ids, pixels, grid, example)
 
 
@@ -60,13 +65,13 @@ def blank_prompt(tokenizer, image_processor, merge: int, min_pixels: int) -> Pro
     side = max(1, int(min_pixels ** 0.5))
     block, pixels, grid = _image_block(image_processor, Image.new("RGB", (side, side)), merge)
     text = _turn("system", SYSTEM) + _turn("user", block) + "<|im_start|>assistant\n"
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    ids = _token_ids(tokenizer, text)
     return Prompt(ids, pixels, grid, None)
 
 
 def encode_solution(solution: str, tokenizer) -> torch.Tensor:
     """(C,) int64: the assistant's answer followed by <|im_end|>, the SFT target."""
-    return torch.tensor(tokenizer(solution + END, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    return _token_ids(tokenizer, solution + END)
 
 
 def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_pixels: int,
@@ -87,5 +92,32 @@ def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_
         text += _turn(message["role"], "".join(parts))
     text += "<|im_start|>assistant\n"
     answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    ids = _token_ids(tokenizer, text)
     return Prompt(ids, pixels, grid, None), encode_solution(answer, tokenizer)
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """The functions above bound to one policy's tokenizer and image processor and the run's
+    image size limits: what the trainer passes around instead of five arguments."""
+
+    tokenizer: object
+    image_processor: object
+    merge: int  # the vision tower's spatial merge size (config.vision_config.spatial_merge_size)
+    max_pixels: int
+    min_pixels: int
+
+    def prompt(self, example: Example) -> Prompt:
+        return encode_prompt(example, self.tokenizer, self.image_processor, self.merge, self.max_pixels,
+                             self.min_pixels)
+
+    def sft(self, example: SFTExample) -> tuple[Prompt, torch.Tensor]:
+        return encode_sft(example, self.tokenizer, self.image_processor, self.merge, self.max_pixels,
+                          self.min_pixels)
+
+    def solution(self, example: Example) -> tuple[Prompt, torch.Tensor]:
+        """An RL example as an SFT pair: its prompt and its reference solution."""
+        return self.prompt(example), encode_solution(example.solution, self.tokenizer)
+
+    def blank(self) -> Prompt:
+        return blank_prompt(self.tokenizer, self.image_processor, self.merge, self.min_pixels)

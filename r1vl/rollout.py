@@ -13,13 +13,13 @@ prompt's rope offset (images make the M-RoPE positions lag the token count).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from r1vl.model import sdpa_attention
 from r1vl.prompts import Prompt
 
 
@@ -29,19 +29,6 @@ class Completions:
 
     ids: list[torch.Tensor]  # P*G tensors (C_i,) int64 on the CPU, 1 <= C_i <= max_new_tokens
     stopped: torch.Tensor  # (P*G,) bool: ended with an EOS token (False: cut at max_new_tokens)
-
-
-@contextlib.contextmanager
-def sdpa_attention(model: torch.nn.Module):
-    """Plain sdpa for the duration: the packed varlen attention cannot decode with a cache."""
-    config = model.config
-    text_impl = config.text_config._attn_implementation
-    vision_impl = config.vision_config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation({"text_config": text_impl, "vision_config": vision_impl})
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -112,30 +112,30 @@ def run(args) -> str | None:
     # Every file is checked before anything is generated; images are read again per benchmark.
     tables = [without_images(benchmarks.load(bench, path, args.skip_bad_rows, args.last))
               for bench, path in benches]
-    dd = None
+    world = None
     if not args.score_only:
         import torch
 
         from r1vl.eval.generate import generate_benchmark
         from r1vl.eval.trainer_api import load_policy
 
-        dd = distributed.init(args.device)
-        if dd.is_main:
+        world = distributed.init(args.device)
+        if world.is_main:
             _check_settings(args, out)
         distributed.barrier()
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
-            args.dtype, torch.bfloat16 if dd.device.type == "cuda" else torch.float32)
-        policy = load_policy(args.model, dtype, dd.device, args.min_pixels, args.max_pixels)
+            args.dtype, torch.bfloat16 if world.device.type == "cuda" else torch.float32)
+        policy = load_policy(args.model, dtype, world.device, args.min_pixels, args.max_pixels)
         for bench, path in benches:
             table = benchmarks.load(bench, path, args.skip_bad_rows, args.last)
-            generate_benchmark(policy, bench, table, out / bench.name, dd, prompt=args.prompt,
+            generate_benchmark(policy, bench, table, out / bench.name, world, prompt=args.prompt,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                max_pixels=args.max_pixels, min_pixels=args.min_pixels,
                                skip_bad_rows=args.skip_bad_rows, progress=args.progress == "true")
         # Scoring (and its judge calls) runs on rank 0 alone and may take long: the group
         # is closed first, so that no rank waits for it in a collective that could time out.
         distributed.destroy()
-        if not dd.is_main:
+        if not world.is_main:
             return None
     judge = None
     if args.judge:

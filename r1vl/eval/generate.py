@@ -30,14 +30,14 @@ def encode_item(item: Item, question: str, policy: Policy, scratch: Path, max_pi
         raise EvalInputError(f"{item.where()}: unreadable image ({str(e).replace(str(path), 'image')})") from None
 
 
-def shard(table: Table, bench_dir: Path, dd) -> list[Item]:
+def shard(table: Table, bench_dir: Path, world) -> list[Item]:
     """This rank's share of the items that have no prediction on disk yet: item i of the
     remaining ones goes to rank i mod world_size. Every rank reads the old parts before any
     rank appends (a barrier), so all ranks agree on what remains."""
     done = predictions.read_all(bench_dir) if bench_dir.exists() else {}
     todo = [item for item in table.items if item.index not in done]
     distributed.barrier()
-    return todo[dd.rank::dd.world_size]
+    return todo[world.rank::world.world_size]
 
 
 def generate_items(policy: Policy, bench: Benchmark, items: list[Item], bench_dir: Path, rank: int, *,
@@ -77,12 +77,12 @@ def generate_items(policy: Policy, bench: Benchmark, items: list[Item], bench_di
         bar.close()
 
 
-def generate_benchmark(policy: Policy, bench: Benchmark, table: Table, bench_dir: Path, dd, *,
+def generate_benchmark(policy: Policy, bench: Benchmark, table: Table, bench_dir: Path, world, *,
                        progress: bool = True, **options) -> int:
     """Generate every missing prediction of `table` (this rank's share; options as in
     generate_items); returns how many items this rank handled."""
-    items = shard(table, bench_dir, dd)
-    generate_items(policy, bench, items, bench_dir, dd.rank, progress=progress and dd.is_main, **options)
+    items = shard(table, bench_dir, world)
+    generate_items(policy, bench, items, bench_dir, world.rank, progress=progress and world.is_main, **options)
     return len(items)
 
 

@@ -9,12 +9,12 @@ import torch
 
 from r1vl import distributed  # noqa: F401  (init, barrier, destroy)
 from r1vl.distributed import Dist  # noqa: F401
-from r1vl.checkpoint import Policy, check_checkpoint_dir, load_policy  # noqa: F401
+from r1vl.policy import Policy, check_checkpoint_dir, load_policy  # noqa: F401
 from r1vl.data import BadRecordError, Example, load_examples, load_image  # noqa: F401
 from r1vl.prompts import Prompt, encode_prompt  # noqa: F401
 from r1vl.rewards.normalize import normalize_math  # noqa: F401
 from r1vl.rewards.rules import FINAL_ANSWER, final_answer, reference_answer  # noqa: F401
-from r1vl.rewards.score import answer_accuracy  # noqa: F401
+from r1vl.rewards import RewardConfig, score
 from r1vl.rollout import generate
 
 # The sampler draws from the nucleus of softmax(logits / T). With top_p this small the
@@ -32,6 +32,12 @@ def greedy(model: torch.nn.Module, prompts: list[Prompt], max_new_tokens: int,
     """
     out = generate(model, prompts, 1, max_new_tokens, eos_token_ids, temperature=1.0, top_p=GREEDY_TOP_P)
     return list(out.ids)
+
+
+def answer_accuracy(completion: str, example) -> float:
+    """1.0 if the completion's final answer is right for `example` under the trainer's own
+    rule (r1vl.rewards with its default RewardConfig), else 0.0."""
+    return float(score([completion], [example], RewardConfig()).accuracy[0])
 
 
 def eos_ids(tokenizer) -> list[int]:

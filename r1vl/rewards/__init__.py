@@ -5,8 +5,8 @@
 
 Modules: `rules` (the paper's rules on one completion's text), `answer` (the answer an
 answer line states), `normalize` (the opt-in lenient matcher), `symbolic` (math-verify in
-worker processes, each check on its own CPU budget), `score` (the batch entry point and the
-per-completion rewards). The method, in full: docs/method.md.
+worker processes, each check on its own CPU budget), `score` (the batch entry point). The
+method, in full: docs/method.md.
 """
 from r1vl.rewards.answer import StatedAnswer, normalize_answer, option_letter, stated_answer
 from r1vl.rewards.normalize import normalize_math
@@ -23,19 +23,15 @@ from r1vl.rewards.rules import (
 from r1vl.rewards.score import (
     RewardBreakdown,
     RewardConfig,
-    answer_accuracy,
     default_verifier,
     score,
     score_groups,
-    step_rar,
-    total_reward,
 )
 from r1vl.rewards.symbolic import SymbolicVerifier
 
 __all__ = [
-    "RewardBreakdown", "RewardConfig", "StatedAnswer", "SymbolicVerifier", "answer_accuracy",
+    "RewardBreakdown", "RewardConfig", "StatedAnswer", "SymbolicVerifier",
     "default_verifier", "final_answer", "is_complete", "is_logical", "key_step_match",
     "normalize_answer", "normalize_math", "option_letter", "reference_answer", "score",
-    "score_groups", "stated_answer", "step_bodies", "step_rar", "step_rvr", "step_text",
-    "total_reward",
+    "score_groups", "stated_answer", "step_bodies", "step_rvr", "step_text",
 ]

@@ -204,23 +204,3 @@ def score_groups(
     flat = [c for group in completions for c in group]
     repeated = [ex for ex, group in zip(examples, completions) for _ in group]
     return score(flat, repeated, config, verifier)
-
-
-# --------------------------------------------------------------------------- one completion
-
-def answer_accuracy(completion: str, example: Scorable, config: RewardConfig = RewardConfig(),
-                    verifier: SymbolicVerifier | None = None) -> float:
-    """1.0 if the completion's final answer is correct for `example`, else 0.0."""
-    return float(score([completion], [example], config, verifier).accuracy[0])
-
-
-def step_rar(completion: str, example: Scorable, config: RewardConfig = RewardConfig(),
-             verifier: SymbolicVerifier | None = None) -> float:
-    """StepRAR, r_acc in {0} U [0, alpha] U [1, 1 + alpha] (see the module docstring)."""
-    return float(score([completion], [example], config, verifier).step_rar[0])
-
-
-def total_reward(completion: str, example: Scorable, config: RewardConfig = RewardConfig(),
-                 verifier: SymbolicVerifier | None = None) -> float:
-    """r = StepRAR + StepRVR for one completion, in [0, 2 + alpha]."""
-    return float(score([completion], [example], config, verifier).total[0])

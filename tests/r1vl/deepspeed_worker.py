@@ -22,12 +22,12 @@ import torch
 
 from r1vl import distributed
 from r1vl.config import make_config
+from r1vl.engine import make_engine
 from r1vl.losses import completion_logprobs, policy_loss
 from r1vl.packing import Sample, pack
 from r1vl.prompts import blank_prompt
 from r1vl.rollout import generate
 from r1vl.tiny import build_model, build_tokenizer
-from train import make_engine
 
 STEPS, RESUME_AT = 4, 2
 MICROBATCHES = {0: [2, 3, 2, 2], 1: [1, 0, 1, 2]}  # per rank, per step; rank 1 idles in step 2
@@ -47,21 +47,21 @@ def make_batches(step: int, rank: int, prompt, vocab: int, device) -> list:
     return micro
 
 
-def run_steps(engine, reference, model, steps, prompt, filler, tokenizer, dd) -> list[dict]:
+def run_steps(engine, reference, model, steps, prompt, filler, tokenizer, world) -> list[dict]:
     records = []
     for step in steps:
         with engine.gathered():  # ranks decode different numbers of tokens: no collective may run here
-            generate(model, [prompt], 2, 3 + 5 * dd.rank, [tokenizer.convert_tokens_to_ids("<|im_end|>")],
+            generate(model, [prompt], 2, 3 + 5 * world.rank, [tokenizer.convert_tokens_to_ids("<|im_end|>")],
                      generator=torch.Generator().manual_seed(step))
-        micro = [(idx, pack(s, model).to(dd.device))
-                 for idx, s in make_batches(step, dd.rank, prompt, len(tokenizer), dd.device)]
+        micro = [(idx, pack(s, model).to(world.device))
+                 for idx, s in make_batches(step, world.rank, prompt, len(tokenizer), world.device)]
         total = sum(MICROBATCHES[r][step] for r in MICROBATCHES)
         work = engine.lockstep(micro, filler)
         ref = [reference.forward(completion_logprobs, pb, TEMPERATURE, "torch") for _, pb in work]
         engine.train()
         loss_sum = 0.0
         for k, (idx, pb) in enumerate(work):
-            g = torch.Generator().manual_seed(7 * step + 3 * dd.rank + k)
+            g = torch.Generator().manual_seed(7 * step + 3 * world.rank + k)
             adv = torch.zeros(pb.num_sequences) if idx is None else torch.randn(pb.num_sequences, generator=g)
             out = engine.forward(policy_loss, pb, adv, None, ref[k], impl="torch", temperature=TEMPERATURE,
                                  beta=BETA, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
@@ -71,7 +71,7 @@ def run_steps(engine, reference, model, steps, prompt, filler, tokenizer, dd) ->
             loss_sum += float(loss)
         grad_norm = engine.step(True)
         engine.eval()
-        records.append({"step": step, "loss": distributed.all_reduce_sum([loss_sum], dd.device)[0],
+        records.append({"step": step, "loss": distributed.all_reduce_sum([loss_sum], world.device)[0],
                         "grad_norm": grad_norm, "lr": engine.lr,
                         "digests": distributed.weight_digests(model)})
     return records
@@ -83,7 +83,7 @@ def full_state(model) -> dict:
 
 
 def main(out_dir: Path) -> None:
-    dd = distributed.init("cpu")
+    world = distributed.init("cpu")
     torch.manual_seed(0)
     tokenizer = build_tokenizer(["How many shapes are there? Three red circles."] * 4, vocab_size=300)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -97,21 +97,21 @@ def main(out_dir: Path) -> None:
         cfg = make_config(model="tiny", deepspeed=deepspeed, lr=1e-3, warmup_steps=1, lr_schedule="linear",
                           max_grad_norm=1.0, dtype="float32", device="cpu")
         model = copy.deepcopy(initial)
-        engine = make_engine(model, cfg, cfg.lr, STEPS, dd)
+        engine = make_engine(model, cfg, cfg.lr, STEPS, world)
         distributed.broadcast_parameters(model)  # sharded under ZeRO-3: gathered, rank 0's written back
         reference = engine.reference()
         filler = pack([Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)], model)
-        records = run_steps(engine, reference, model, range(RESUME_AT), prompt, filler, tokenizer, dd)
+        records = run_steps(engine, reference, model, range(RESUME_AT), prompt, filler, tokenizer, world)
         saved = out_dir / kind
-        if dd.is_main:
+        if world.is_main:
             saved.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         weights = full_state(model)
         engine.save_state(saved)
         distributed.barrier()
-        records += run_steps(engine, reference, model, range(RESUME_AT, STEPS), prompt, filler, tokenizer, dd)
+        records += run_steps(engine, reference, model, range(RESUME_AT, STEPS), prompt, filler, tokenizer, world)
         final = full_state(model)
-        if dd.is_main:
+        if world.is_main:
             torch.save(final, out_dir / f"{kind}_final.pt")
         engine.close()
 
@@ -119,13 +119,13 @@ def main(out_dir: Path) -> None:
         # the same frozen reference (the reference is not part of the engine's state).
         resumed = copy.deepcopy(initial)
         resumed.load_state_dict(weights)
-        engine = make_engine(resumed, cfg, cfg.lr, STEPS, dd)
+        engine = make_engine(resumed, cfg, cfg.lr, STEPS, world)
         engine.load_state(saved)
-        again = run_steps(engine, reference, resumed, range(RESUME_AT, STEPS), prompt, filler, tokenizer, dd)
+        again = run_steps(engine, reference, resumed, range(RESUME_AT, STEPS), prompt, filler, tokenizer, world)
         engine.close()
         reference.close()
         results[kind] = {"records": records, "resumed": again}
-    if dd.is_main:
+    if world.is_main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     distributed.destroy()
 

@@ -57,8 +57,6 @@ def test_jsonl_and_json_list_give_the_same_examples(root):
     assert first == Example(root / "img/0.png", "q0", SOLUTION, (("12/2=6",), ("x = 3", "x=3")),
                             source=f"{root / 'd.jsonl'}:0")
     assert second.key_steps == ()  # optional
-    assert first.prompt() == [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "q0"}]}]
     assert a.bad == [] and "loaded 2 records, skipped 0" in a.summary()
 
 
@@ -67,7 +65,7 @@ def test_image_root_and_blank_lines(root, tmp_path_factory):
     path = _jsonl(other / "d.jsonl", ["", json.dumps(_record(2)), "   "])
     loaded = load_examples(path, image_root=root)
     assert [e.image_path for e in loaded.items] == [root / "img/2.png"]
-    assert loaded.items[0].load_image().size == (30, 20)
+    assert load_image(loaded.items[0].image_path).size == (30, 20)
 
 
 @pytest.mark.parametrize("record, reason", [
@@ -120,7 +118,7 @@ def test_check_images_off_defers_image_errors(root):
     path = _jsonl(root / "d.jsonl", [_record(0, image_path="img/missing.png")])
     example = load_examples(path, check_images=False).items[0]
     with pytest.raises(ValueError, match="cannot read image .*missing.png"):
-        example.load_image()
+        load_image(example.image_path)
 
 
 def test_broken_json_list_is_an_error_naming_the_file(root):

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from r1vl.config import make_config
-from r1vl.deepspeed_engine import _plain_optimizer_state, read_deepspeed_config, resolved_config
+from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
+from r1vl.deepspeed_engine import _plain_optimizer_state
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -31,7 +32,7 @@ RTOL, WEIGHT_ATOL = 1e-5, 5e-5
 
 
 def _torchrun(args, cwd, timeout=600, kill_at: str | None = None):
-    """torchrun with two ranks; kill_at: both ranks SIGKILL themselves there (r1vl.resume.fault_point)."""
+    """torchrun with two ranks; kill_at: both ranks SIGKILL themselves there (r1vl.checkpoints.fault_point)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("TRITON_INTERPRET", None)
     env.pop("R1VL_TEST_KILL_AT", None)
@@ -63,7 +64,7 @@ def _config_file(tmp_path, content) -> str:
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json"])
 def test_shipped_configs_are_accepted(name):
-    raw = read_deepspeed_config(make_config(deepspeed=str(CONFIGS / name)))
+    raw = make_config(deepspeed=str(CONFIGS / name)).deepspeed_json
     assert raw["zero_optimization"]["stage"] == int(name[4])
 
 
@@ -108,20 +109,20 @@ def test_values_that_agree_are_accepted(tmp_path):
 
 def test_resolved_config_fills_what_r1vl_owns():
     cfg = make_config(deepspeed=str(CONFIGS / "zero3.json"), max_grad_norm=0.7)
-    raw = read_deepspeed_config(cfg)
-    out = resolved_config(raw, cfg, torch.bfloat16, world_size=16)
+    raw = read_deepspeed_config(cfg.deepspeed, cfg.dtype, cfg.max_grad_norm)
+    out = resolved_config(raw, cfg.deepspeed, torch.bfloat16, cfg.max_grad_norm, world_size=16)
     assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) \
         == (16, 1, 1)
     assert out["gradient_clipping"] == 0.7 and out["managed_gradient_accumulation"] is False
     assert out["bf16"]["enabled"] is True and out["fp16"] == {"enabled": False}
-    assert resolved_config(raw, cfg, torch.float32, world_size=2)["bf16"]["enabled"] is False
+    assert resolved_config(raw, cfg.deepspeed, torch.float32, 0.7, world_size=2)["bf16"]["enabled"] is False
     assert raw["bf16"]["enabled"] == "auto"  # the file's values are not modified
 
 
 def test_resolved_config_refuses_a_dtype_against_the_file(tmp_path):
     cfg = make_config(deepspeed=_config_file(tmp_path, {**ZERO2, "bf16": {"enabled": True}}))  # --dtype auto
     with pytest.raises(ValueError, match="bf16.enabled is true but the model's dtype is torch.float32"):
-        resolved_config(read_deepspeed_config(cfg), cfg, torch.float32, world_size=2)
+        resolved_config(cfg.deepspeed_json, cfg.deepspeed, torch.float32, cfg.max_grad_norm, world_size=2)
 
 
 def test_saved_optimizer_state_is_plain_data():
@@ -198,7 +199,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
     and the stage change from one engine to the next are what this run checks."""
     from safetensors.torch import load_file
 
-    from r1vl.checkpoint import check_checkpoint_dir
+    from r1vl.policy import check_checkpoint_dir
 
     args = ["--progress", "false", "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "4",
             "--max_completion_length", "24", "--beta", "0.04", "--num_iterations", "2"]
@@ -262,11 +263,12 @@ def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path
 def test_plain_runs_never_import_deepspeed():
     code = ("import sys, torch, train\n"
             "from r1vl import distributed\n"
+            "from r1vl.engine import make_engine\n"
             "from r1vl.config import make_config\n"
             "from r1vl.tiny import build_model, build_tokenizer\n"
             "model = build_model(build_tokenizer(['a b'] * 2, vocab_size=300))\n"
-            "dd = distributed.init('cpu')\n"
-            "engine = train.make_engine(model, make_config(), 1e-3, 1, dd)\n"
+            "world = distributed.init('cpu')\n"
+            "engine = make_engine(model, make_config(), 1e-3, 1, world)\n"
             "engine.backward(model.lm_head.weight.sum()); engine.step(True)\n"
             "with engine.gathered(), distributed.gathered(model):\n"
             "    distributed.weight_digests(model)\n"
@@ -278,10 +280,10 @@ def test_plain_runs_never_import_deepspeed():
 
 def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
     from r1vl import distributed
-    from r1vl.engine import PlainEngine
+    from r1vl.engine import make_engine
 
     (tmp_path / "engine.json").write_text(json.dumps({"zero_stage": 3, "world_size": 2}))
     (tmp_path / "zero_rank00000.pt").write_bytes(b"")
-    engine = PlainEngine(torch.nn.Linear(2, 2), make_config(), 1e-3, 1, distributed.Dist(0, 1, 0, torch.device("cpu")))
+    engine = make_engine(torch.nn.Linear(2, 2), make_config(), 1e-3, 1, distributed.Dist(0, 1, 0, torch.device("cpu")))
     with pytest.raises(ValueError, match="no optimizer.pt"):
         engine.load_state(tmp_path)

@@ -55,7 +55,7 @@ def test_layout_by_hand(model):
     assert packed.completion_index.tolist() == [9, 10, 14, 25, 26, 27]
     assert packed.target_ids.tolist() == [7, 8, 12, 13, 14, 15]
     assert torch.equal(packed.target_ids, packed.input_ids[0, packed.completion_index + 1])
-    assert packed.completion_cu_seqlens.tolist() == [0, 2, 3, 6] and packed.max_completion_len == 3
+    assert packed.completion_cu_seqlens.tolist() == [0, 2, 3, 6]
 
     # The shared image is encoded once and its 6 feature rows serve both sequences.
     assert torch.equal(packed.pixel_values, pixels)

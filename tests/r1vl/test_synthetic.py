@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import r1vl
-from r1vl.data import load_examples, smart_resize
+from r1vl.data import load_examples, load_image, smart_resize
 from r1vl.rewards import RewardConfig, score
 from r1vl.synthetic import BAR_UNIT, COLOURS, TASKS, main, make_example, write_dataset
 
@@ -46,7 +46,7 @@ def test_loader_round_trip(dataset):
     assert {r["task"] for r in records} == set(TASKS)
     for example, record in zip(loaded.items, records):
         assert example.problem == record["problem"] and example.solution == record["solution"]
-        image = example.load_image(max_pixels=400_000)
+        image = load_image(example.image_path, max_pixels=400_000)
         assert image.mode == "RGB" and image.size == (56, 56)
         assert smart_resize(56, 56) == (56, 56)  # the processor will not resize it
 

@@ -104,7 +104,7 @@ def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
     assert len(grpo) == 1 and grpo[0]["sequences"] == 4
     assert 0.0 <= grpo[0]["undecided"] <= 1.0  # the symbolic check's undecided share (on here)
     # The saved policy is itself a checkpoint directory that loads through --model.
-    from r1vl.checkpoint import check_checkpoint_dir
+    from r1vl.policy import check_checkpoint_dir
 
     assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
     assert (run_dir / "final" / "tokenizer.json").is_file()
@@ -138,8 +138,8 @@ def test_not_a_checkpoint_fails_at_startup(tmp_path, checkpoint):
 def test_contradictory_options_fail_at_startup(tmp_path):
     result = _train(["--batch_size", "6"], tmp_path, timeout=120)
     assert result.returncode == 2 and "multiple of --num_generations" in result.stderr
-    result = _train(["--beta", "0.1", "--reference", "none"], tmp_path, timeout=120)
-    assert result.returncode == 2 and "needs a reference model" in result.stderr
+    result = _train(["--beta", "-0.1"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "--beta must be >= 0" in result.stderr
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, checkpoint):
@@ -182,7 +182,7 @@ def test_qwen2_5_vl_checkpoint_loads_and_samples(tmp_path, checkpoint):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from r1vl.checkpoint import load_policy
+    from r1vl.policy import load_policy
     from r1vl.data import load_examples
     from r1vl.prompts import encode_prompt
     from r1vl.rollout import generate

@@ -3,7 +3,7 @@ or halfway through writing one, and resumed ends with the same weights as a run 
 interrupted.
 
 The kills are real SIGKILLs at exact points, requested through R1VL_TEST_KILL_AT
-(r1vl.resume.fault_point), so the tests do not race the trainer.
+(r1vl.checkpoints.fault_point), so the tests do not race the trainer.
 """
 import hashlib
 import json

@@ -1,7 +1,7 @@
 """Shared completions and examples for the reward tests (docs/method.md's output format)."""
 from dataclasses import dataclass
 
-from r1vl.rewards import RewardConfig
+from r1vl.rewards import RewardConfig, score
 
 
 @dataclass(frozen=True)
@@ -27,3 +27,17 @@ SOLUTION = completion()
 KEY_STEPS = ("bd", ["\\frac{12}{2}=6", "12/2 = 6"], "triangle abc", "median")
 EXAMPLE = Ex(SOLUTION, KEY_STEPS)
 NO_SYMBOLIC = RewardConfig(symbolic=False)
+
+
+# One completion's reward components, through the batch entry point (the package has no
+# per-completion wrappers).
+def answer_accuracy(text, example, config=RewardConfig(), verifier=None) -> float:
+    return float(score([text], [example], config, verifier).accuracy[0])
+
+
+def step_rar(text, example, config=RewardConfig(), verifier=None) -> float:
+    return float(score([text], [example], config, verifier).step_rar[0])
+
+
+def total_reward(text, example, config=RewardConfig(), verifier=None) -> float:
+    return float(score([text], [example], config, verifier).total[0])

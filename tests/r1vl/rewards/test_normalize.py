@@ -4,9 +4,9 @@ import re
 import time
 
 import pytest
-from reward_cases import Ex, completion
+from reward_cases import Ex, answer_accuracy, completion
 
-from r1vl.rewards import RewardConfig, answer_accuracy, normalize_answer, normalize_math, option_letter
+from r1vl.rewards import RewardConfig, normalize_answer, normalize_math, option_letter
 from r1vl.rewards import normalize as n
 
 

@@ -3,9 +3,9 @@ import time
 
 import numpy as np
 import pytest
-from reward_cases import EXAMPLE, KEY_STEPS, NO_SYMBOLIC, SOLUTION, Ex, completion
+from reward_cases import EXAMPLE, KEY_STEPS, NO_SYMBOLIC, SOLUTION, Ex, completion, step_rar, total_reward
 
-from r1vl.rewards import RewardConfig, normalize_math, score, score_groups, step_rar, total_reward
+from r1vl.rewards import RewardConfig, normalize_math, score, score_groups
 
 
 def test_step_rar_values():

@@ -5,9 +5,9 @@ import threading
 import time
 
 import pytest
-from reward_cases import EXAMPLE, Ex, completion
+from reward_cases import EXAMPLE, Ex, answer_accuracy, completion
 
-from r1vl.rewards import RewardConfig, SymbolicVerifier, answer_accuracy, score
+from r1vl.rewards import RewardConfig, SymbolicVerifier, score
 
 # Answers within the size and nesting caps on which math-verify runs for seconds or more
 # (measured: the integral 7 s; the towers did not finish in 8 s).

@@ -1,4 +1,7 @@
-"""Load a local Qwen2-VL / Qwen2.5-VL checkpoint in Hugging Face format; save the policy.
+"""The policy: a local Qwen2-VL / Qwen2.5-VL checkpoint in Hugging Face format, loaded and saved.
+
+(Trainer checkpoints, which hold a policy next to the optimizer and the random states, are
+r1vl.checkpoints.)
 
 Nothing is fetched: every from_pretrained runs with local_files_only, so a path that is
 not a checkpoint fails here, at start-up, with a message saying what is missing.
@@ -10,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from r1vl import distributed, files
+from r1vl.model import sdpa_attention
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -70,16 +76,24 @@ def load_policy(path: str | Path, dtype: torch.dtype, device: torch.device,
 def save_policy(policy: Policy, out_dir: str | Path) -> Path:
     """The policy in Hugging Face format (safetensors), with tokenizer and image processor."""
     out_dir = Path(out_dir)
-    model = policy.model
     # Packed training switched attention to a name registered at run time; a saved config
     # must load anywhere, so it is written with sdpa and switched back afterwards.
-    text_impl = model.config.text_config._attn_implementation
-    vision_impl = model.config.vision_config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        model.set_attn_implementation({"text_config": text_impl, "vision_config": vision_impl})
+    with sdpa_attention(policy.model):
+        policy.model.save_pretrained(out_dir, safe_serialization=True)
     policy.tokenizer.save_pretrained(out_dir)
     policy.image_processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_full_policy(policy: Policy, out_dir: str | Path, world: distributed.Dist) -> Path:
+    """save_policy of the full weights (gathered first if ZeRO-3 shards them) by rank 0, under
+    a temporary name then renamed (r1vl.files); every rank calls it and returns once it is
+    written."""
+    out_dir = Path(out_dir)
+    with distributed.gathered(policy.model):
+        if world.is_main:
+            tmp = files.temporary(out_dir)
+            save_policy(policy, tmp)
+            files.publish(tmp, out_dir)
+    distributed.barrier()
     return out_dir

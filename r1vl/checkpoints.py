@@ -16,16 +16,17 @@ import os
 import random
 import shutil
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from r1vl import distributed
-from r1vl.checkpoint import save_policy
+from r1vl import distributed, files
+from r1vl.policy import save_full_policy
 
-PREFIX, TMP_PREFIX = "step_", ".tmp-step_"
+PREFIX = "step_"
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
@@ -58,40 +59,19 @@ def save_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    root = checkpoints_root(run_dir)
-    tmp, final = root / f"{TMP_PREFIX}{step:08d}", root / f"{PREFIX}{step:08d}"
+    final = checkpoints_root(run_dir) / f"{PREFIX}{step:08d}"
+    tmp = files.temporary(final, clear=rank == 0)  # rank 0 clears what a run killed while writing left
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     barrier()
     write(tmp)
     barrier()
     if rank == 0:
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        files.publish(tmp, final, durable=True)  # replaces the same step saved again after a resume
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -183,9 +163,9 @@ class Checkpointer:
     newest is the one to resume from whatever stage it is in.
     """
 
-    def __init__(self, run_dir: Path, save_every: int, keep_last: int, sft_steps: int, dd):
-        self.run_dir, self.save_every, self.keep_last, self.sft_steps, self.dd = (
-            Path(run_dir), save_every, keep_last, sft_steps, dd)
+    def __init__(self, run_dir: Path, save_every: int, keep_last: int, sft_steps: int, world):
+        self.run_dir, self.save_every, self.keep_last, self.sft_steps, self.world = (
+            Path(run_dir), save_every, keep_last, sft_steps, world)
 
     def global_step(self, stage: str, step: int) -> int:
         return step if stage == "sft" else self.sft_steps + step
@@ -200,21 +180,47 @@ class Checkpointer:
         step_id = self.global_step(stage, step)
 
         def write(tmp: Path) -> None:
-            with engine.gathered():  # full weights, also when ZeRO-3 shards them
-                if self.dd.is_main:
-                    save_policy(policy, tmp / "policy")
+            save_full_policy(policy, tmp / "policy", self.world)
             fault_point("checkpoint_write", step_id)
             engine.save_state(tmp)
-            save_rng(tmp, self.dd.rank, generators)
-            if self.dd.is_main:
+            save_rng(tmp, self.world.rank, generators)
+            if self.world.is_main:
                 write_trainer_state(tmp, {"stage": stage, "step": step, "global_step": step_id,
-                                          "world_size": self.dd.world_size, **state})
+                                          "world_size": self.world.world_size, **state})
 
-        path = save_checkpoint(self.run_dir, step_id, write, keep_last=self.keep_last, rank=self.dd.rank,
+        path = save_checkpoint(self.run_dir, step_id, write, keep_last=self.keep_last, rank=self.world.rank,
                                barrier=distributed.barrier)
         distributed.print0(f"checkpoint {path}")
         fault_point("after_checkpoint", step_id)
         return path
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to continue from, and its trainer_state.json, read once."""
+
+    path: Path
+    stage: str  # "sft" or "grpo": the stage the checkpoint was written in
+    step: int  # that stage's optimizer steps done
+    world_size: int  # ranks that wrote it (the data order and rng files depend on it)
+    before: dict = field(default_factory=dict)  # GRPO: the evaluation before training
+    reference: str | None = None  # GRPO: the directory of the KL reference's weights
+
+    @classmethod
+    def read(cls, path: Path) -> ResumePoint:
+        state = read_trainer_state(path)
+        return cls(Path(path), state["stage"], state["step"], state["world_size"], state.get("before", {}),
+                   state.get("reference"))
+
+    def of_stage(self, stage: str) -> ResumePoint | None:
+        """Itself if it was written in `stage`, else None (that stage starts afresh or is done)."""
+        return self if self.stage == stage else None
+
+
+def open_resume_point(resume: str, run_dir: Path) -> ResumePoint | None:
+    """find_resume_point, read."""
+    path = find_resume_point(resume, run_dir)
+    return ResumePoint.read(path) if path is not None else None
 
 
 def find_resume_point(resume: str, run_dir: Path) -> Path | None:

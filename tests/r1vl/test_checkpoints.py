@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from r1vl.resume import latest_checkpoint, list_checkpoints, load_rng, save_checkpoint, save_rng
+from r1vl.checkpoints import latest_checkpoint, list_checkpoints, load_rng, save_checkpoint, save_rng
 
 
 def write_state(step):
