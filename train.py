@@ -45,7 +45,7 @@ from r1vl.engine import PlainEngine
 from r1vl.losses import (completion_logprobs, kernel_impl, microbatch_weight, policy_loss, sft_loss_sum,
                          step_advantages)
 from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
-from r1vl.packing import Sample, pack, plan_microbatches
+from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatches
 from r1vl.plot import plot_run
 from r1vl.prompts import blank_prompt, encode_prompt, encode_sft, encode_solution
 from r1vl.resume import Checkpointer, find_resume_point, load_rng, read_trainer_state
@@ -72,12 +72,18 @@ def batches(items: list, per_rank: int, dd: distributed.Dist, seed: int, skip: i
             yield [items[i] for i in mine]
 
 
-def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Config, device) -> list:
-    """The rank's sequences as packed micro-batches of at most micro_batch_tokens tokens; the
-    G siblings of a prompt stay together where they fit, so their image is encoded once."""
+def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Config, device) -> tuple[list, int]:
+    """The rank's sequences as packed micro-batches of at most micro_batch_tokens tokens, and
+    how many prompt groups did not fit one micro-batch whole. With share_prompts the G
+    completions of a prompt share one copy of it (r1vl.packing); otherwise the siblings stay
+    together where they fit, so that their image is encoded once."""
+    if cfg.share_prompts:
+        shared = plan_shared_microbatches(samples, cfg.micro_batch_tokens)
+        return [(idx, pack([samples[i] for i in idx], model, share_prompts=True).to(device))
+                for idx in shared.microbatches], shared.split_groups
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     plan = plan_microbatches(lengths, cfg.micro_batch_tokens, world_size=1, groups=groups)[0]
-    return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx]
+    return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx], 0
 
 
 def filler_microbatch(policy: Policy, cfg: Config, device):
@@ -172,7 +178,7 @@ def train_sft(policy: Policy, cfg: Config, dd, examples, run_log: MetricsLog, sa
         n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], dd.device)[0]
         # Summed on the device and read back once per step: no host sync per micro-batch.
         loss_sum = torch.zeros((), device=dd.device)
-        micro = packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device)
+        micro, _ = packed_microbatches(samples, list(range(len(samples))), model, cfg, dd.device)
         for idx, packed in engine.lockstep(micro, filler):
             loss = engine.forward(sft_loss_sum, packed) / n_tokens * (0.0 if idx is None else 1.0)
             engine.backward(loss)
@@ -250,7 +256,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             reward_t = torch.as_tensor(rewards.total, dtype=torch.float32)
             advantages = step_advantages(reward_t, G, cfg.scale_rewards,
                                          lambda values: distributed.all_reduce_sum(values, dd.device))
-            micro = packed_microbatches(samples, [i // G for i in range(len(samples))], model, cfg, dd.device)
+            micro, split_groups = packed_microbatches(samples, [i // G for i in range(len(samples))], model, cfg,
+                                                      dd.device)
         S_local, N_local = len(samples), sum(len(ids) for ids in completions.ids)
         S_global, N_global = distributed.all_reduce_sum([S_local, N_local], dd.device)
         steps = engine.lockstep(micro, filler)  # micro, plus zero-weighted fillers where ranks must keep pace
@@ -301,12 +308,12 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         packed_tokens = [pb.num_tokens for _, pb in micro]
         keys = ["reward", "accuracy", "step_rar", "step_rvr", "key_step_match", "has_answer", "truncated",
                 "completion_len", "loss", "kl", "entropy", "clip_low", "clip_high", "skipped_prompts",
-                "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum", "decode_slots"]
+                "tokens", "microbatches", "packed_tokens", "longest_microbatch_sum", "decode_slots", "split_groups"]
         local = [r.total.sum(), r.accuracy.sum(), r.step_rar.sum(), r.step_rvr.sum(), r.key_step_match.sum(),
                  r.has_answer.sum(), float((~completions.stopped).sum()), N_local, stats["loss"], stats["kl"],
                  stats["entropy"], stats["clip_low"], stats["clip_high"], too_long, prompt_tokens + N_local,
                  len(micro), sum(packed_tokens), max(packed_tokens, default=0) * len(micro),
-                 S_local * max((len(ids) for ids in completions.ids), default=0)]
+                 S_local * max((len(ids) for ids in completions.ids), default=0), split_groups]
         total = dict(zip(keys, distributed.all_reduce_sum(local, dd.device)))
         per_seq = 1.0 / max(S_global, 1)
         per_token = 1.0 / max(N_global, 1)
@@ -318,6 +325,8 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             **{k: total[k] * per_token for k in ("kl", "entropy", "clip_low", "clip_high")},
             "reward_std_in_group": float(rewards.total.reshape(-1, G).std(axis=1, ddof=1).mean()) if samples else 0.0,
             "skipped_prompts": total["skipped_prompts"], "sequences": S_global,
+            # Prompt groups over micro_batch_tokens: split, the prompt computed once per part.
+            "split_prompt_groups": total["split_groups"],
             "tokens_per_s": total["tokens"] / seconds,
             # Lockstep micro-batches cost as much as the largest one: useful share of that.
             "pack_efficiency": total["packed_tokens"] / max(total["longest_microbatch_sum"], 1),

@@ -71,6 +71,7 @@ class Config:
     warmup_steps: int = 0  # optimizer steps of linear warm-up
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = off
     micro_batch_tokens: int = 16384  # token budget of one packed micro-batch (forward + backward)
+    share_prompts: bool = True  # pack each prompt once per group [prompt, c1..cG] in the update and log-prob forwards
     max_bad_steps: int = 3  # stop after this many updates skipped for a non-finite loss or gradient
 
     # --- SFT warm-up (stage sft / sft+grpo)
