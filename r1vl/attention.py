@@ -272,6 +272,11 @@ def implementation_name(backend: str) -> str:
     return _NAME_PREFIX + backend
 
 
+def is_varlen_implementation(name: str | None) -> bool:
+    """Whether an attention-implementation name is one of r1vl's (any backend)."""
+    return bool(name) and name.startswith(_NAME_PREFIX)
+
+
 def register(backend: str) -> str:
     """Register `backend` with transformers (idempotent); return its implementation name."""
     name = implementation_name(backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from r1vl.attention import implementation_name
+from r1vl.attention import is_varlen_implementation
 from r1vl.packing import PackedBatch
 
 
@@ -38,8 +38,8 @@ def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tens
     base = model.model if hasattr(model, "lm_head") else model  # skip the head: never all T rows
     shared = {}
     if packed.shares_prompts:
-        text_attention = getattr(base.config.get_text_config(), "_attn_implementation", None) or ""
-        if not text_attention.startswith(implementation_name("sdpa")[: -len("sdpa")]):
+        text_attention = getattr(base.config.get_text_config(), "_attn_implementation", None)
+        if not is_varlen_implementation(text_attention):
             raise ValueError(
                 f"completion_hidden: a shared-prompt batch needs r1vl's varlen attention "
                 f"(r1vl.attention.use_varlen_attention), the model uses {text_attention!r}"
