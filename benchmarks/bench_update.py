@@ -16,8 +16,10 @@ Providers:
   - shared:   plan_shared_microbatches + pack(..., share_prompts=True): [prompt, c1..c4].
 
 The machine may be shared with other work, so the providers alternate within one run
-(round r runs unshared then shared on even r, the other order on odd r) on the same steps,
-and the median over rounds of each step's time is reported. Completion lengths come from two
+(round r runs unshared then shared on even r, the other order on odd r) on the same steps;
+each step's median over rounds is taken, and their mean reported, both as wall time and as
+the process's CPU time (time.process_time: with one thread, the time this process itself
+ran, which other processes' load disturbs far less than the wall clock). Completion lengths come from two
 spreads: "uniform" (50-1024, as the issue states the range) and "loguniform" (50-1024,
 log-uniform: most completions short, a few long, closer to real rollouts).
 
@@ -134,17 +136,20 @@ def main() -> None:
                 prepared[shared] = (micro, ref)
             steps.append((samples, N, advantages, prepared))
         times = {False: [[] for _ in steps], True: [[] for _ in steps]}
+        cpu = {False: [[] for _ in steps], True: [[] for _ in steps]}
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
             for k, (samples, N, advantages, prepared) in enumerate(steps):
                 for shared in order:
                     micro, ref = prepared[shared]
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     update(model, micro, advantages, ref, len(samples), N)
                     times[shared][k].append(time.perf_counter() - t0)
+                    cpu[shared][k].append(time.process_time() - c0)
         prompt_tokens = len(steps[0][0][0].prompt_ids)
         for shared in (False, True):
             per_step = [statistics.median(t) for t in times[shared]]
+            cpu_per_step = [statistics.median(t) for t in cpu[shared]]
             computed = sum(pb.num_tokens for _, _, _, p in steps for _, pb in p[shared][0])
             useful = sum(prompt_tokens + N for _, N, _, _ in steps)  # prompts once + completions
             rows.append({**env, "transformers": _version("transformers"), "provider": "shared" if shared else "unshared",
@@ -153,14 +158,17 @@ def main() -> None:
                          "completion_tokens": sum(N for _, N, _, _ in steps), "tokens_computed": computed,
                          "computed_over_prompts_plus_completions": round(computed / useful, 4),
                          "update_s_per_step": round(statistics.mean(per_step), 4),
-                         "speedup": ""})
+                         "update_cpu_s_per_step": round(statistics.mean(cpu_per_step), 4),
+                         "speedup": "", "speedup_cpu": ""})
         unshared_row, shared_row = rows[-2], rows[-1]
-        shared_row["speedup"] = round(unshared_row["update_s_per_step"] / shared_row["update_s_per_step"], 3)
+        for key, time_key in (("speedup", "update_s_per_step"), ("speedup_cpu", "update_cpu_s_per_step")):
+            shared_row[key] = round(unshared_row[time_key] / shared_row[time_key], 3)
     note = f"load avg {load_before} -> {_load()}; providers alternate within the run; {platform.processor() or 'cpu'}"
     for row in rows:
         row["note"] = note
     print_table(rows, ["provider", "spread", "completion_tokens", "tokens_computed",
-                       "computed_over_prompts_plus_completions", "update_s_per_step", "speedup"])
+                       "computed_over_prompts_plus_completions", "update_s_per_step", "speedup",
+                       "update_cpu_s_per_step", "speedup_cpu"])
     print(note)
     if not args.no_save:
         print("appended to", append_csv("update_cpu.csv" if env["device"] == "cpu" else "update_gpu.csv", rows))
