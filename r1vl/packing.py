@@ -439,20 +439,28 @@ def plan_shared_microbatches(samples: Sequence[Sample], max_tokens: int) -> Shar
             continue
         split += 1
         longest_first = sorted(members, key=lambda i: (-clen[i], i))
-        parts = _first_fit([[i] for i in longest_first], lambda u: clen[u[0]], max_tokens - p)
-        units += [(p + sum(clen[i] for u in part for i in u), [i for u in part for i in u]) for part in parts]
+        parts, _ = _first_fit_sized([(clen[i], [i]) for i in longest_first], max_tokens - p)
+        units += [(p + sum(clen[i] for i in part), part) for part in parts]
     units.sort(key=lambda u: (-u[0], min(u[1])))
-    bins, room = [], []
+    bins, room = _first_fit_sized(units, max_tokens)
+    order = sorted(range(len(bins)), key=lambda j: (room[j], min(bins[j])))  # fullest first
+    return SharedPlan([sorted(bins[j]) for j in order], split, sum(max_tokens - r for r in room))
+
+
+def _first_fit_sized(units: list[tuple[int, list[int]]], capacity: int) -> tuple[list[list[int]], list[int]]:
+    """First fit, in the given order, of (size, members) units into bins of `capacity`;
+    returns each bin's members and its room left."""
+    bins: list[list[int]] = []
+    room: list[int] = []
     for size, members in units:
         j = next((j for j, free in enumerate(room) if free >= size), None)
         if j is None:
             bins.append([])
-            room.append(max_tokens)
+            room.append(capacity)
             j = len(bins) - 1
         bins[j] += members
         room[j] -= size
-    order = sorted(range(len(bins)), key=lambda j: (room[j], min(bins[j])))  # fullest first
-    return SharedPlan([sorted(bins[j]) for j in order], split, sum(max_tokens - r for r in room))
+    return bins, room
 
 
 # --------------------------------------------------------------------------------------------
