@@ -2,6 +2,7 @@
 
     python benchmarks/bench_update.py                      # small Qwen2-VL, CPU, paper's shape
     python benchmarks/bench_update.py --rounds 1 --steps 1 --no-save   # a quick look
+    python benchmarks/bench_update.py --model 2b           # Qwen2-VL-2B's shape on a CUDA GPU, bf16
 
 One "step" is what one rank updates on in one optimizer step at R1-VL's setting
 (batch_size 4 = one prompt x G = 4 completions): a prompt of 512 tokens holding one image
@@ -26,7 +27,9 @@ log-uniform: most completions short, a few long, closer to real rollouts).
 The model is a small Qwen2-VL built from a config (no download): by default 2 text layers of
 width 512 (intermediate 3072, 8 query / 2 key-value heads of 64, vocabulary 4096), or with
 --width 256 4 layers of width 256 (4 query heads); a one-block vision tower of width 128; in
-float32 on the CPU with --threads threads (default 1). What sharing saves is the prompt
+float32 on the CPU with --threads threads (default 1). --model 2b: Qwen2-VL-2B's architecture
+(random weights) in bf16 on a CUDA GPU with the varlen kernels (flash-attn, else
+torch's varlen_attn) and the Triton loss; CPU time is then meaningless, wall time counts. What sharing saves is the prompt
 copies' linear layers and their causal self-attention; a completion's attention over the
 prompt stays. At these contexts (~1000 tokens) attention is a larger share of a narrow
 model's work than of Qwen2-VL-2B's (width 1536: about 6% of a layer's FLOPs, against about
@@ -53,7 +56,7 @@ from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatch
 
 G, PROMPT_TOKENS, GRID = 4, 512, (1, 40, 40)  # 40 x 40 patches -> 400 image tokens
 MIN_COMPLETION, MAX_COMPLETION, MICRO_BATCH_TOKENS = 50, 1024, 16384
-VOCAB, IMAGE, VIDEO, VISION_START, VISION_END = 4096, 4090, 4091, 4092, 4093
+VOCAB, IMAGE, VIDEO, VISION_START, VISION_END = 4096, 4090, 4091, 4092, 4093  # the small model's
 
 
 # text width -> (layers, query heads): head dim 64, 2 key-value heads, intermediate 6 x width.
@@ -73,9 +76,26 @@ def small_model(width: int) -> torch.nn.Module:
     config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).float()
-    use_varlen_attention(model, "sdpa")
-    return model
+    return Qwen2VLForConditionalGeneration(config).float()
+
+
+def qwen2_vl_2b() -> torch.nn.Module:
+    """Qwen2-VL-2B's architecture, randomly initialised (timing only), the small model's
+    special-token ids (4090-4093) inside its vocabulary."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                num_attention_heads=12, num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6,
+                max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu",
+                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+                           tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config)
 
 
 def completion_lengths(rng: random.Random, spread: str) -> list[int]:
@@ -109,11 +129,11 @@ def microbatches(samples: list[Sample], model, shared: bool) -> list:
     return [(idx, pack([samples[i] for i in idx], model, share_prompts=shared)) for idx in plan]
 
 
-def update(model, micro, advantages, ref_logps, S: int, N: int) -> None:
+def update(model, micro, advantages, ref_logps, S: int, N: int, impl: str) -> None:
     """Forward + backward of every micro-batch of one step, weighted as the trainer does."""
     model.zero_grad(set_to_none=True)
     for (idx, packed), ref in zip(micro, ref_logps):
-        out = policy_loss(model, packed, advantages[idx], None, ref, impl="torch", temperature=1.2, beta=0.04,
+        out = policy_loss(model, packed, advantages[idx], None, ref, impl=impl, temperature=1.2, beta=0.04,
                           loss_type="grpo", max_completion_length=MAX_COMPLETION, num_items_in_batch=N)
         (out.loss * microbatch_weight("grpo", len(idx), packed.target_ids.numel(), S, N)).backward()
 
@@ -125,11 +145,21 @@ def main() -> None:
     parser.add_argument("--spreads", default="uniform,loguniform", help="completion-length spreads, comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--width", type=int, choices=tuple(WIDTHS), default=512, help="text width of the small model")
+    parser.add_argument("--model", choices=("small", "2b"), default="small",
+                        help="small (CPU) or Qwen2-VL-2B's architecture (random weights; a CUDA GPU, bf16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = small_model(args.width)
+    device = torch.device("cuda" if args.model == "2b" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--model 2b needs a CUDA GPU")
+    if args.model == "2b":
+        model = qwen2_vl_2b().to(device, torch.bfloat16)
+    else:
+        model = small_model(args.width)
+    backend = use_varlen_attention(model, None if device.type == "cuda" else "sdpa")
+    impl = "triton" if device.type == "cuda" else "torch"
     env = environment()
     load_before = _load()
     rows = []
@@ -139,11 +169,11 @@ def main() -> None:
         for _ in range(args.steps):
             samples = step_samples(rng, spread)
             N = sum(len(s.completion_ids) for s in samples)
-            advantages = torch.randn(len(samples))
+            advantages = torch.randn(len(samples), device=device)
             prepared = {}
             for shared in (False, True):
-                micro = microbatches(samples, model, shared)
-                ref = [completion_logprobs(model, pb, 1.2, "torch") for _, pb in micro]  # stands in for the reference
+                micro = [(idx, pb.to(device)) for idx, pb in microbatches(samples, model, shared)]
+                ref = [completion_logprobs(model, pb, 1.2, impl) for _, pb in micro]  # stands in for the reference
                 prepared[shared] = (micro, ref)
             steps.append((samples, N, advantages, prepared))
         times = {False: [[] for _ in steps], True: [[] for _ in steps]}
@@ -153,8 +183,10 @@ def main() -> None:
             for k, (samples, N, advantages, prepared) in enumerate(steps):
                 for shared in order:
                     micro, ref = prepared[shared]
+                    _sync(device)
                     t0, c0 = time.perf_counter(), time.process_time()
-                    update(model, micro, advantages, ref, len(samples), N)
+                    update(model, micro, advantages, ref, len(samples), N, impl)
+                    _sync(device)
                     times[shared][k].append(time.perf_counter() - t0)
                     cpu[shared][k].append(time.process_time() - c0)
         prompt_tokens = len(steps[0][0][0].prompt_ids)
@@ -164,7 +196,9 @@ def main() -> None:
             computed = sum(pb.num_tokens for _, _, _, p in steps for _, pb in p[shared][0])
             useful = sum(prompt_tokens + N for _, N, _, _ in steps)  # prompts once + completions
             rows.append({**env, "transformers": _version("transformers"), "provider": "shared" if shared else "unshared",
-                         "text_width": args.width, "text_layers": WIDTHS[args.width][0],
+                         "model": args.model, "attention": backend,
+                         "text_width": args.width if args.model == "small" else 1536,
+                         "text_layers": WIDTHS[args.width][0] if args.model == "small" else 28,
                          "spread": spread, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
                          "G": G, "prompt_tokens": prompt_tokens,
                          "completion_tokens": sum(N for _, N, _, _ in steps), "tokens_computed": computed,
@@ -184,6 +218,11 @@ def main() -> None:
     print(note)
     if not args.no_save:
         print("appended to", append_csv("update_cpu.csv" if env["device"] == "cpu" else "update_gpu.csv", rows))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _load() -> str:
