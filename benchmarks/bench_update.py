@@ -20,18 +20,21 @@ The machine may be shared with other work, so the providers alternate within one
 (round r runs unshared then shared on even r, the other order on odd r) on the same steps;
 each step's median over rounds is taken, and their mean reported, both as wall time and as
 the process's CPU time (time.process_time: with one thread, the time this process itself
-ran, which other processes' load disturbs far less than the wall clock). Completion lengths come from two
-spreads: "uniform" (50-1024, as the issue states the range) and "loguniform" (50-1024,
-log-uniform: most completions short, a few long, closer to real rollouts).
+ran, which other processes' load disturbs far less than the wall clock). Completion
+lengths come from two spreads: "uniform" (50-1024, as the issue states the range) and
+"loguniform" (50-1024, log-uniform: most completions short, a few long, closer to real
+rollouts). With P = 512 and G = 4 the prompt copies are 34% of the unshared tokens at the
+uniform spread's mean completion (537), so no update can gain more than 1.51x there.
 
 The model is a small Qwen2-VL built from a config (no download): by default 2 text layers of
 width 512 (intermediate 3072, 8 query / 2 key-value heads of 64, vocabulary 4096), or with
 --width 256 4 layers of width 256 (4 query heads); a one-block vision tower of width 128; in
 float32 on the CPU with --threads threads (default 1). --model 2b: Qwen2-VL-2B's architecture
-(random weights) in bf16 on a CUDA GPU with the varlen kernels (flash-attn, else
-torch's varlen_attn) and the Triton loss; CPU time is then meaningless, wall time counts. What sharing saves is the prompt
-copies' linear layers and their causal self-attention; a completion's attention over the
-prompt stays. At these contexts (~1000 tokens) attention is a larger share of a narrow
+(random weights) in bf16 on a CUDA GPU with the varlen kernels (flash-attn, else torch's
+varlen_attn) and the Triton loss; CPU time is then meaningless, wall time counts.
+
+What sharing saves is the prompt copies' linear layers and their causal self-attention; a
+completion's attention over the prompt stays, and so do the lm_head and loss. At these contexts (~1000 tokens) attention is a larger share of a narrow
 model's work than of Qwen2-VL-2B's (width 1536: about 6% of a layer's FLOPs, against about
 16% at width 512 and 27% at width 256), so the narrower the model, the further its speedup
 falls below the ratio of tokens computed.
@@ -195,7 +198,8 @@ def main() -> None:
             cpu_per_step = [statistics.median(t) for t in cpu[shared]]
             computed = sum(pb.num_tokens for _, _, _, p in steps for _, pb in p[shared][0])
             useful = sum(prompt_tokens + N for _, N, _, _ in steps)  # prompts once + completions
-            rows.append({**env, "transformers": _version("transformers"), "provider": "shared" if shared else "unshared",
+            rows.append({**env, "transformers": _version("transformers"),
+                         "provider": "shared" if shared else "unshared",
                          "model": args.model, "attention": backend,
                          "text_width": args.width if args.model == "small" else 1536,
                          "text_layers": WIDTHS[args.width][0] if args.model == "small" else 28,

@@ -271,8 +271,8 @@ def _prompt_groups(checked: Sequence[_Checked]) -> list[list[int]]:
     for i, s in enumerate(checked):
         key = (tuple(s.prompt.tolist()), tuple((tuple(g.tolist()), tuple(px.shape)) for px, g in s.images))
         candidates = by_key.setdefault(key, [])
-        same = lambda g: all(_same_pixels(a, b) for (a, _), (b, _) in zip(checked[groups[g][0]].images, s.images))  # noqa: E731
-        g = next((g for g in candidates if same(g)), None)
+        g = next((g for g in candidates if all(
+            _same_pixels(a, b) for (a, _), (b, _) in zip(checked[groups[g][0]].images, s.images))), None)
         if g is None:
             candidates.append(len(groups))
             groups.append([i])
