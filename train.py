@@ -45,7 +45,7 @@ from r1vl.engine import make_engine
 from r1vl.grpo import Rollout, grpo_update
 from r1vl.losses import kernel_impl, sft_loss_sum, step_advantages
 from r1vl.metrics import MetricsLog, Timer, UndecidedWarning, console_line, peak_memory_gb, reduce_over_ranks
-from r1vl.packing import Sample, pack, plan_microbatches
+from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatches
 from r1vl.plot import plot_run
 from r1vl.policy import Policy, check_checkpoint_dir, load_policy, save_full_policy
 from r1vl.prompts import Prompt, PromptEncoder
@@ -72,12 +72,18 @@ def batches(items: list, per_rank: int, world: distributed.Dist, seed: int, skip
             yield [items[i] for i in mine]
 
 
-def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Config, device) -> list:
-    """The rank's sequences as packed micro-batches of at most micro_batch_tokens tokens; the
-    G siblings of a prompt stay together where they fit, so their image is encoded once."""
+def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Config, device) -> tuple[list, int]:
+    """The rank's sequences as packed micro-batches of at most micro_batch_tokens tokens, and
+    how many prompt groups did not fit one micro-batch whole. With share_prompts the G
+    completions of a prompt share one copy of it (r1vl.packing); otherwise the siblings stay
+    together where they fit, so that their image is encoded once."""
+    if cfg.share_prompts:
+        shared = plan_shared_microbatches(samples, cfg.micro_batch_tokens)
+        return [(idx, pack([samples[i] for i in idx], model, share_prompts=True).to(device))
+                for idx in shared.microbatches], shared.split_groups
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     plan = plan_microbatches(lengths, cfg.micro_batch_tokens, world_size=1, groups=groups)[0]
-    return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx]
+    return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx], 0
 
 
 def filler_microbatch(policy: Policy, encoder: PromptEncoder, device):
@@ -140,9 +146,10 @@ def rollout(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world
                for p, ids in zip([p for p in scored.prompts for _ in range(G)], scored.completions.ids)]
     advantages = step_advantages(torch.as_tensor(scored.rewards.total, dtype=torch.float32), G, cfg.scale_rewards,
                                  lambda values: distributed.all_reduce_sum(values, world.device))
-    micro = packed_microbatches(samples, [i // G for i in range(len(samples))], policy.model, cfg, world.device)
+    micro, split_groups = packed_microbatches(samples, [i // G for i in range(len(samples))], policy.model, cfg,
+                                              world.device)
     return Rollout(scored.prompts, samples, scored.completions.stopped, scored.rewards, advantages, scored.skipped,
-                   micro)
+                   micro, split_groups)
 
 
 def evaluate(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world, eos_ids, reward_cfg,
@@ -176,7 +183,7 @@ def grpo_metrics(batch: Rollout, update: dict, G: int, seconds: float, world) ->
                       "truncated": (~batch.stopped).sum(),
                       "completion_len": sum(lengths)}
     per_token = {k: update[k] for k in ("kl", "entropy", "clip_low", "clip_high")}
-    totals = {"loss": update["loss"], "skipped_prompts": batch.skipped,
+    totals = {"loss": update["loss"], "skipped_prompts": batch.skipped, "split_prompt_groups": batch.split_groups,
               "tokens": sum(len(p.ids) for p in batch.prompts) * G + sum(lengths),
               "groups": len(batch.prompts),
               "reward_std_in_group": groups.std(axis=1, ddof=1).sum() if groups is not None else 0.0,
@@ -193,7 +200,8 @@ def grpo_metrics(batch: Rollout, update: dict, G: int, seconds: float, world) ->
         "loss": total["loss"],
         **{k: total[k] / max(N, 1) for k in per_token},
         "reward_std_in_group": total["reward_std_in_group"] / total["groups"] if total["groups"] else 0.0,
-        "skipped_prompts": total["skipped_prompts"], "sequences": S,
+        "skipped_prompts": total["skipped_prompts"], "split_prompt_groups": total["split_prompt_groups"],
+        "sequences": S,
         "tokens_per_s": total["tokens"] / seconds,
         "pack_efficiency": total["packed_tokens"] / max(total["longest_microbatch_sum"], 1),
         "decode_efficiency": N / max(total["decode_slots"], 1),
@@ -231,7 +239,7 @@ def train_sft(policy: Policy, cfg: Config, world, examples, run_log: MetricsLog,
         n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], world.device)[0]
         # Summed on the device and read back once per step: no host sync per micro-batch.
         loss_sum = torch.zeros((), device=world.device)
-        micro = packed_microbatches(samples, list(range(len(samples))), policy.model, cfg, world.device)
+        micro, _ = packed_microbatches(samples, list(range(len(samples))), policy.model, cfg, world.device)
         for idx, packed in engine.lockstep(micro, filler):
             loss = engine.forward(sft_loss_sum, packed) / n_tokens * (0.0 if idx is None else 1.0)
             engine.backward(loss)

@@ -1,10 +1,16 @@
 """Varlen attention for packed Qwen2-VL batches, plugged in through transformers' AttentionInterface.
 
-Three backends compute the same thing, attention within each packed sequence only:
+Three backends compute the same thing, attention within each packed segment only, a
+segment being a sequence or, in the shared-prompt layout, a prompt or one completion that
+also sees its group's prompt (r1vl.packing.PackedBatch):
   - "flash_attn":  flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; optional package);
   - "varlen_attn": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
-  - "sdpa":        `scaled_dot_product_attention` with a block-diagonal mask, any device and
-                   dtype; O(T^2) mask memory, so it is the CPU path and the reference.
+  - "sdpa":        `scaled_dot_product_attention`, any device and dtype: on a CPU one call per
+                   segment; elsewhere one call with a segment-diagonal (T, T_k) mask (O(T^2)
+                   memory, but no host sync), the fallback and the reference.
+A shared prompt's keys and values are gathered once per completion that sees them (key_index)
+and each completion's segment is one varlen batch entry [prompt keys, own keys] with the
+causal mask aligned to the bottom right: one exact kernel call, plain autograd.
 
 `use_varlen_attention(model)` picks one (or takes the one forced), registers it under its own
 name and switches the language model and the vision tower to it. Nothing is monkey-patched.
@@ -46,27 +52,49 @@ def varlen_attention(
     scale: float | None = None,
     dropout: float = 0.0,
     backend: str = "sdpa",
+    key_index: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """Self-attention within each packed sequence.
+    """Self-attention within each packed segment, optionally over a shared prefix too.
 
     Args:
-        query: (T, Hq, D), all sequences' rows concatenated.
+        query: (T, Hq, D), all segments' rows concatenated.
         key, value: (T, Hkv, D), Hq a multiple of Hkv (grouped-query attention).
-        cu_seqlens: (S+1,) int32, sequence boundaries, starting at 0 and ending at T.
-        max_seqlen: longest sequence, a Python int.
+        cu_seqlens: (K+1,) int32, segment boundaries, starting at 0 and ending at T.
+        max_seqlen: longest segment, a Python int.
         causal: mask future rows (language model) or not (vision tower).
         scale: softmax scale, default D**-0.5.
         dropout: attention dropout probability (not supported by "varlen_attn").
         backend: one of BACKENDS.
+        key_index: None (each segment attends to its own rows), or (T_k,) int64 rows of
+            key/value: segment k attends to rows key_index[cu_seqlens_k[k]:cu_seqlens_k[k+1]],
+            which end with its own rows (r1vl.packing's shared-prompt layout: the group's
+            prompt, then the completion itself). The causal mask is then aligned to the
+            bottom right, as flash-attn aligns it: the i-th of Lq queries sees the first
+            Lk - Lq + i + 1 of its Lk keys.
+        cu_seqlens_k: (K+1,) int32 over key_index; required with it.
+        max_seqlen_k: longest key range, a Python int; required with key_index.
 
     Returns:
         (T, Hq, D), same dtype as `query`.
     """
+    if key_index is None:
+        cu_k, max_k = cu_seqlens, max_seqlen
+    else:
+        if cu_seqlens_k is None or max_seqlen_k is None:
+            raise ValueError("varlen_attention: key_index needs cu_seqlens_k and max_seqlen_k")
+        # One gather of the shared rows' keys and values per segment that sees them: the
+        # backward sums each prompt key's gradient over its completions (index_select's
+        # backward), which is what G unshared copies of the prompt would have received.
+        key, value = key.index_select(0, key_index), value.index_select(0, key_index)
+        cu_k, max_k = cu_seqlens_k, max_seqlen_k
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
+        # flash-attn >= 2.1 aligns causal masks to the bottom right when Lq != Lk.
         return flash_attn_varlen_func(
-            query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            query, key, value, cu_seqlens, cu_k, max_seqlen, max_k,
             dropout_p=dropout, softmax_scale=scale, causal=causal,
         )
     if backend == "varlen_attn":
@@ -74,26 +102,58 @@ def varlen_attention(
 
         if dropout > 0.0:
             raise ValueError("varlen_attention: backend 'varlen_attn' has no dropout; use 0.0")
+        # window (-1, 0) is flash's causal window, aligned to the bottom right like flash-attn's.
         return varlen_attn(
-            query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            query, key, value, cu_seqlens, cu_k, max_seqlen, max_k,
             scale=scale, window_size=(-1, 0) if causal else (-1, -1),
             enable_gqa=query.shape[1] != key.shape[1],
         )
     if backend == "sdpa":
-        return _sdpa_block_diagonal(query, key, value, cu_seqlens, causal, scale, dropout)
+        if query.device.type == "cpu":
+            return _sdpa_per_segment(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
+        return _sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
     raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _sdpa_block_diagonal(query, key, value, cu_seqlens, causal, scale, dropout):
-    total = query.shape[0]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    # output_size keeps repeat_interleave free of a device sync.
-    seq_id = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=query.device), lengths, output_size=total
-    )
-    mask = seq_id[:, None] == seq_id[None, :]  # (T, T) bool, True = may attend
-    if causal:
-        mask = mask.tril()
+def _sdpa_per_segment(query, key, value, cu_q, cu_k, causal, scale, dropout):
+    """The CPU form: one SDPA call per segment, its keys already gathered. A (T, T) mask
+    costs T^2 work however short the segments are (measured: half of a tiny model's update
+    with 1024-token micro-batches); here the work is the sum of Lq * Lk. Reading the
+    boundaries on the host is free on a CPU, unlike on a GPU."""
+    gqa = query.shape[1] != key.shape[1]
+    pieces = []
+    for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        if q1 == q0:
+            continue
+        q = query[q0:q1].transpose(0, 1)[None]
+        k, v = (t[k0:k1].transpose(0, 1)[None] for t in (key, value))
+        lq, lk = q1 - q0, k1 - k0
+        mask = None
+        if causal and lk != lq:  # bottom-right causal: SDPA's is_causal is top-left
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                             is_causal=causal and mask is None, scale=scale, enable_gqa=gqa)
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces) if pieces else query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
+
+
+def _sdpa_masked(query, key, value, cu_q, cu_k, causal, scale, dropout):
+    """One SDPA call over the whole packed batch with a (T, T_k) mask: segment-diagonal,
+    causal aligned to each segment's bottom right. O(T * T_k) memory but no host sync: the
+    form for GPUs without a varlen kernel (fp32 on CUDA), and a reference for the others."""
+    def segments(cu, total):
+        lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+        # output_size keeps repeat_interleave free of a device sync.
+        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
+        # Rows left to the segment's end, 1 for its last row.
+        to_end = cu[1:].to(torch.int64)[seg] - torch.arange(total, device=cu.device)
+        return seg, to_end
+
+    seg_q, end_q = segments(cu_q, query.shape[0])
+    seg_k, end_k = segments(cu_k, key.shape[0])
+    mask = seg_q[:, None] == seg_k[None, :]  # (T, T_k) bool, True = may attend
+    if causal:  # bottom-right: a key may be seen by queries no further from the end than it
+        mask &= end_k[None, :] >= end_q[:, None]
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
         attn_mask=mask, dropout_p=dropout, scale=scale,
@@ -139,17 +199,22 @@ def _interface_function(backend: str):
         cu_seq_lens_q: torch.Tensor | None = None,
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
-        max_length_k: int | None = None,  # == max_length_q: self-attention only
+        max_length_k: int | None = None,
+        r1vl_key_index: torch.Tensor | None = None,  # shared-prompt layout (r1vl.packing)
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         _check_call(
-            type(module).__name__, query, key, attention_mask, sliding_window, cu_seq_lens_q, cu_seq_lens_k
+            type(module).__name__, query, key, attention_mask, sliding_window, cu_seq_lens_q, cu_seq_lens_k,
+            r1vl_key_index, max_length_k,
         )
         cu, max_len = _boundaries(query, cu_seq_lens_q, max_length_q, position_ids)
         causal = module.is_causal if is_causal is None else is_causal
+        shared = r1vl_key_index is not None
         out = varlen_attention(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
             cu, max_len, causal=causal, scale=scaling, dropout=dropout, backend=backend,
+            key_index=r1vl_key_index, cu_seqlens_k=cu_seq_lens_k.to(torch.int32) if shared else None,
+            max_seqlen_k=int(max_length_k) if shared else None,
         )
         return out[None], None  # (1, T, Hq, D), no attention weights
 
@@ -157,7 +222,7 @@ def _interface_function(backend: str):
     return attention_forward
 
 
-def _check_call(name, query, key, attention_mask, sliding_window, cu_q, cu_k) -> None:
+def _check_call(name, query, key, attention_mask, sliding_window, cu_q, cu_k, key_index, max_k) -> None:
     where = f"r1vl varlen attention ({name})"
     if attention_mask is not None:
         raise ValueError(
@@ -173,8 +238,11 @@ def _check_call(name, query, key, attention_mask, sliding_window, cu_q, cu_k) ->
         )
     if sliding_window is not None:
         raise ValueError(f"{where}: sliding-window layers are not supported")
-    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
-        raise ValueError(f"{where}: cu_seq_lens_k must equal cu_seq_lens_q (self-attention)")
+    if key_index is not None:
+        if cu_q is None or cu_k is None or max_k is None:
+            raise ValueError(f"{where}: r1vl_key_index needs cu_seq_lens_q, cu_seq_lens_k and max_length_k")
+    elif cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        raise ValueError(f"{where}: cu_seq_lens_k must equal cu_seq_lens_q (self-attention) without r1vl_key_index")
 
 
 def _boundaries(query, cu_q, max_q, position_ids) -> tuple[torch.Tensor, int]:
@@ -202,6 +270,11 @@ def implementation_name(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return _NAME_PREFIX + backend
+
+
+def is_varlen_implementation(name: str | None) -> bool:
+    """Whether an attention-implementation name is one of r1vl's (any backend)."""
+    return bool(name) and name.startswith(_NAME_PREFIX)
 
 
 def register(backend: str) -> str:

@@ -81,6 +81,8 @@ class Config:
     warmup_steps: int = option(0, "optimizer steps of linear warm-up")
     max_grad_norm: float = option(1.0, "clip the global gradient norm; 0 = off")
     micro_batch_tokens: int = option(16384, "token budget of one packed micro-batch (forward + backward)")
+    share_prompts: bool = option(
+        True, "pack each prompt once per group [prompt, c1..cG] in the update and log-prob forwards")
     max_bad_steps: int = option(3, "stop after this many updates skipped for a non-finite loss or gradient")
 
     # --- SFT warm-up (stage sft / sft+grpo)

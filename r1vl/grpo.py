@@ -37,6 +37,7 @@ class Rollout:
     advantages: torch.Tensor  # (P*G,) fp32, normalized within each group (r1vl.losses.step_advantages)
     skipped: int  # prompts skipped for their length
     microbatches: list[tuple[list[int], PackedBatch]]  # (indices into samples, packed batch on the device)
+    split_groups: int = 0  # prompt groups over micro_batch_tokens, packed in parts that each recompute the prompt
 
     @property
     def num_tokens(self) -> int:

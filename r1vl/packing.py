@@ -2,8 +2,12 @@
 
 `pack` lays the sequences of a micro-batch end to end in a single row, with the positions
 restarting for each sequence, so that varlen attention (r1vl.attention) never mixes two
-sequences and no compute is spent on padding. `plan_microbatches` decides which sequences go
-into which micro-batch on which data-parallel rank.
+sequences and no compute is spent on padding. With share_prompts=True the G completions of a
+prompt share one copy of it: [prompt, c1, ..., cG], each completion attending to the prompt
+and to itself only, so the prompt and its image tokens run through the model once per group.
+`plan_shared_microbatches` cuts one rank's samples into micro-batches for that layout;
+`plan_microbatches` decides which sequences go into which micro-batch on which data-parallel
+rank for the unshared one.
 """
 from __future__ import annotations
 
@@ -41,10 +45,13 @@ class Sample:
 class PackedBatch:
     """S sequences packed into one row of T tokens; N of them are completion targets.
 
-    Example, S = 3: A = prompt with one image of 4 merged patches + completion of 2 tokens,
-    B = text-only prompt + completion of 1 token, C = a GRPO sibling of A (same prompt and
-    image) + completion of 3 tokens. p = prompt text, v/e = vision start/end, I = image
-    token, c = completion token:
+    Two layouts, both read by r1vl.model.completion_hidden:
+
+    Unshared (share_prompts=False, as before): each sequence is [prompt, completion], one
+    attention segment, causal within itself. Example, S = 3: A = prompt with one image of 4
+    merged patches + completion of 2 tokens, B = text-only prompt + completion of 1 token,
+    C = a GRPO sibling of A (same prompt and image) + completion of 3 tokens. p = prompt
+    text, v/e = vision start/end, I = image token, c = completion token:
 
         token             p v I I I I e p c c | p p p c | p v I I I I e p c c c
         row index         0 1 2 3 4 5 6 7 8 9 |10 ...13 |14 ...             24
@@ -56,32 +63,61 @@ class PackedBatch:
         target_ids        [c, c | c  | c,  c,  c ]              completion token: the last
         completion_cu_seqlens [0, 2, 3, 6]                      prompt token and all
                                                                 completion tokens but the last)
+        key_index, cu_seqlens_k  None (every segment attends to itself only)
 
-    The image of A and C is encoded once: `pixel_values` / `image_grid_thw` hold the distinct
-    images only (here one), and `image_token_source` maps each of the 8 image-token rows to a
-    row of the vision tower's output ([0, 1, 2, 3, 0, 1, 2, 3]). Without repeated images they
-    are the images in order and `image_token_source` is arange.
+    Shared (share_prompts=True): the completions of one prompt (same ids, same images) form a
+    group [prompt, c1, ..., cG], the prompt computed once. A completion attends to the whole
+    prompt and causally to itself, never to a sibling; its positions continue from the
+    prompt's end exactly as in its unshared sequence. The same S = 3 (A and C are one group):
+
+        token             p v I I I I e p c c c c c | p p p c
+        row index         0 1 2 3 4 5 6 7 8 9 ...12 |13 ...16
+        segments          [prompt 0-7] [A 8-9] [C 10-12] | [B 13-16]
+        position_ids[0]   0 1 2 3 4 5 6 7 8 9 8 9 10 | 0 1 2 3
+        cu_seqlens        [0, 8, 10, 13, 17]                   (attention segments, K = 4)
+        key_index         [0..7 | 0..7, 8, 9 | 0..7, 10, 11, 12 | 13..16]
+        cu_seqlens_k      [0, 8, 18, 29, 33]                   max_seqlen_k = 11
+        completion_index  [7, 8 | 16 | 7, 10, 11]              (sample order; row 7 serves
+        completion_cu_seqlens [0, 2, 3, 6]                      both A and C)
+
+    Segment k's queries are rows cu_seqlens[k]:cu_seqlens[k+1]; its keys are rows
+    key_index[cu_seqlens_k[k]:cu_seqlens_k[k+1]], a prefix it sees whole followed by its own
+    rows, which it sees causally (the causal mask aligned to the bottom right, as flash-attn
+    does for unequal query and key lengths).
+
+    Images are encoded once: `pixel_values` / `image_grid_thw` hold the distinct images
+    only, and `image_token_source` maps each image-token row to a row of the vision tower's
+    output (unshared example: [0, 1, 2, 3, 0, 1, 2, 3]).
     """
 
     input_ids: torch.Tensor  # (1, T) int64
     position_ids: torch.Tensor  # (4, 1, T) int64; row 0 text positions, rows 1-3 M-RoPE t/h/w
     mm_token_type_ids: torch.Tensor  # (1, T) int32; 1 at image tokens, else 0
-    cu_seqlens: torch.Tensor  # (S+1,) int32, starts at 0, ends at T
-    max_seqlen: int  # longest sequence, a Python int so that no kernel needs a device sync
+    cu_seqlens: torch.Tensor  # (K+1,) int32, attention segments' query rows, 0 .. T
+    max_seqlen: int  # longest segment, a Python int so that no kernel needs a device sync
     pixel_values: torch.Tensor | None  # (P_u, C*T*p*p) float, patches of the distinct images
     image_grid_thw: torch.Tensor | None  # (U, 3) int64, grids of the distinct images
     image_token_source: torch.Tensor | None  # (n_image_tokens,) int64, rows of tower output
     completion_index: torch.Tensor  # (N,) int64, rows in [0, T) whose next token is a target
-    target_ids: torch.Tensor  # (N,) int64, == input_ids[0, completion_index + 1]
+    target_ids: torch.Tensor  # (N,) int64, the completion tokens, sample by sample
     completion_cu_seqlens: torch.Tensor  # (S+1,) int32, sequence boundaries over the N rows
+    key_index: torch.Tensor | None = None  # (T_k,) int64, each segment's key rows; None: its own
+    cu_seqlens_k: torch.Tensor | None = None  # (K+1,) int32 over key_index; None: = cu_seqlens
+    max_seqlen_k: int = 0  # longest key range (== max_seqlen when key_index is None)
 
     @property
     def num_sequences(self) -> int:
-        return self.cu_seqlens.numel() - 1
+        """S, the packed completions (one advantage each)."""
+        return self.completion_cu_seqlens.numel() - 1
 
     @property
     def num_tokens(self) -> int:
+        """T, the rows the model computes."""
         return self.input_ids.shape[1]
+
+    @property
+    def shares_prompts(self) -> bool:
+        return self.key_index is not None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """Copy of the batch with every tensor on `device` (the Python ints stay as they are)."""
@@ -99,13 +135,27 @@ class PackedBatch:
 # --------------------------------------------------------------------------------------------
 
 
-def pack(samples: Sequence[Sample], model: torch.nn.Module) -> PackedBatch:
+@dataclass
+class _Checked:
+    """One sample after the checks of `pack`: CPU int64 ids and its images."""
+
+    prompt: torch.Tensor
+    completion: torch.Tensor
+    images: list[tuple[torch.Tensor, torch.Tensor]]  # (pixel rows, grid (3,)) per image
+
+
+def pack(samples: Sequence[Sample], model: torch.nn.Module, share_prompts: bool = False) -> PackedBatch:
     """Pack `samples` into one padding-free row for `model` (a Qwen2-VL or Qwen2.5-VL model).
 
     The model gives the image token id, the vision merge size and its own rope-index function
-    (`get_rope_index`), which is run on each sequence alone so that the M-RoPE positions
-    restart per sequence exactly as in an unpacked forward. All tensors are built on the CPU;
-    move the result with `.to(device)`.
+    (`get_rope_index`), which is run on each prompt (with a completion) alone so that the
+    M-RoPE positions are exactly those of an unpacked forward. All tensors are built on the
+    CPU; move the result with `.to(device)`.
+
+    share_prompts: lay the completions of one prompt out as one group [prompt, c1, ..., cG]
+    (see PackedBatch); samples belong to a group when their prompt ids and images are equal.
+    The loss-side fields (completion_index, target_ids, completion_cu_seqlens) keep the
+    samples' order either way, so losses and advantages need no change.
 
     Raises ValueError naming the sample and the problem for: an empty prompt or completion,
     image tokens in a completion, image runs that do not match `image_grid_thw`, pixel rows
@@ -116,62 +166,117 @@ def pack(samples: Sequence[Sample], model: torch.nn.Module) -> PackedBatch:
         raise ValueError("pack: samples is empty")
     config = model.config
     image_token_id = int(config.image_token_id)
-    video_token_id = getattr(config, "video_token_id", None)
     merge = int(config.vision_config.spatial_merge_size)
     rope_index = _rope_index_fn(model)
+    checked = [_check_sample(s, i, image_token_id, getattr(config, "video_token_id", None), merge)
+               for i, s in enumerate(samples)]
+    groups = _prompt_groups(checked) if share_prompts else [[i] for i in range(len(checked))]
 
-    ids_parts, pos_parts, type_parts, seq_lens = [], [], [], []
-    index_parts, target_parts, completion_lens = [], [], []
-    images: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pixel rows, grid (3,)) per image
+    ids_parts, pos_parts, seg_lens = [], [], []
+    key_parts, key_lens = [], []
+    completion_rows: dict[int, torch.Tensor] = {}
+    images: list[tuple[torch.Tensor, torch.Tensor]] = []
     offset = 0
-    for i, sample in enumerate(samples):
-        prompt = _as_ids(sample.prompt_ids, i, "prompt_ids")
-        completion = _as_ids(sample.completion_ids, i, "completion_ids")
-        if prompt.numel() == 0:
-            raise ValueError(f"pack: sample {i} has an empty prompt")
-        if completion.numel() == 0:
-            raise ValueError(f"pack: sample {i} has an empty completion (nothing to score)")
-        if (completion == image_token_id).any():
-            raise ValueError(
-                f"pack: sample {i}: the completion contains the image token {image_token_id}; "
-                "ban it when sampling, it has no image features to stand for"
-            )
-        if video_token_id is not None and (prompt == video_token_id).any():
-            raise ValueError(f"pack: sample {i}: the prompt holds video tokens; videos are not supported")
-        sample_images = _split_images(sample, prompt, i, image_token_id, merge)
-
-        ids = torch.cat([prompt, completion])
+    for members in groups:
+        prompt, group_images = checked[members[0]].prompt, checked[members[0]].images
+        completions = [checked[i].completion for i in members]
+        grid = torch.stack([g for _, g in group_images]) if group_images else None
+        # Positions of [prompt, longest completion]: a shorter completion's are a prefix of
+        # them (the rope index runs left to right, and completions are all text).
+        longest = max(completions, key=len)
+        ids = torch.cat([prompt, longest])
         types = (ids == image_token_id).to(torch.int32)
-        grid = torch.stack([g for _, g in sample_images]) if sample_images else None
         mrope, _ = rope_index(ids[None], mm_token_type_ids=types[None], image_grid_thw=grid)
-        text = torch.arange(ids.numel(), dtype=torch.int64)
-        pos_parts.append(torch.cat([text[None], mrope[:, 0].to(torch.int64)]))  # (4, L)
+        positions = torch.cat([torch.arange(ids.numel(), dtype=torch.int64)[None], mrope[:, 0].to(torch.int64)])
+        p = prompt.numel()
+        images.extend(group_images)
+        if len(members) == 1:  # one sequence, one segment: the unshared layout
+            c = completions[0].numel()
+            ids_parts += [prompt, completions[0]]
+            pos_parts.append(positions[:, : p + c])
+            seg_lens.append(p + c)
+            key_parts.append(torch.arange(offset, offset + p + c))
+            key_lens.append(p + c)
+            # The row before each completion token predicts it: rows P-1 .. P+C-2.
+            completion_rows[members[0]] = torch.arange(offset + p - 1, offset + p + c - 1)
+            offset += p + c
+            continue
+        prompt_rows = torch.arange(offset, offset + p)
+        ids_parts.append(prompt)
+        pos_parts.append(positions[:, :p])
+        seg_lens.append(p)
+        key_parts.append(prompt_rows)
+        key_lens.append(p)
+        offset += p
+        for i, completion in zip(members, completions):
+            c = completion.numel()
+            own = torch.arange(offset, offset + c)
+            ids_parts.append(completion)
+            pos_parts.append(positions[:, p : p + c])
+            seg_lens.append(c)
+            key_parts += [prompt_rows, own]
+            key_lens.append(p + c)
+            # The prompt's last row predicts every sibling's first token.
+            completion_rows[i] = torch.cat([prompt_rows[-1:], own[:-1]])
+            offset += c
 
-        # The row before each completion token predicts it: rows P-1 .. P+C-2 of the sequence.
-        p, c = prompt.numel(), completion.numel()
-        index_parts.append(torch.arange(offset + p - 1, offset + p + c - 1, dtype=torch.int64))
-        target_parts.append(completion)
-        ids_parts.append(ids)
-        type_parts.append(types)
-        images.extend(sample_images)
-        seq_lens.append(ids.numel())
-        completion_lens.append(c)
-        offset += ids.numel()
-
+    order = range(len(checked))
+    shared = any(len(members) > 1 for members in groups)
+    completion_lens = [checked[i].completion.numel() for i in order]
     pixel_values, image_grid_thw, image_token_source = _dedupe_images(images, merge)
+    input_ids = torch.cat(ids_parts)
     return PackedBatch(
-        input_ids=torch.cat(ids_parts)[None],
+        input_ids=input_ids[None],
         position_ids=torch.cat(pos_parts, dim=1)[:, None],
-        mm_token_type_ids=torch.cat(type_parts)[None],
-        cu_seqlens=_cumulative(seq_lens),
-        max_seqlen=max(seq_lens),
+        mm_token_type_ids=(input_ids == image_token_id).to(torch.int32)[None],
+        cu_seqlens=_cumulative(seg_lens),
+        max_seqlen=max(seg_lens),
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
         image_token_source=image_token_source,
-        completion_index=torch.cat(index_parts),
-        target_ids=torch.cat(target_parts),
+        completion_index=torch.cat([completion_rows[i] for i in order]).to(torch.int64),
+        target_ids=torch.cat([checked[i].completion for i in order]),
         completion_cu_seqlens=_cumulative(completion_lens),
+        key_index=torch.cat(key_parts).to(torch.int64) if shared else None,
+        cu_seqlens_k=_cumulative(key_lens) if shared else None,
+        max_seqlen_k=max(key_lens),
     )
+
+
+def _check_sample(sample: Sample, i: int, image_token_id: int, video_token_id: int | None,
+                  merge: int) -> _Checked:
+    prompt = _as_ids(sample.prompt_ids, i, "prompt_ids")
+    completion = _as_ids(sample.completion_ids, i, "completion_ids")
+    if prompt.numel() == 0:
+        raise ValueError(f"pack: sample {i} has an empty prompt")
+    if completion.numel() == 0:
+        raise ValueError(f"pack: sample {i} has an empty completion (nothing to score)")
+    if (completion == image_token_id).any():
+        raise ValueError(
+            f"pack: sample {i}: the completion contains the image token {image_token_id}; "
+            "ban it when sampling, it has no image features to stand for"
+        )
+    if video_token_id is not None and (prompt == video_token_id).any():
+        raise ValueError(f"pack: sample {i}: the prompt holds video tokens; videos are not supported")
+    return _Checked(prompt, completion, _split_images(sample, prompt, i, image_token_id, merge))
+
+
+def _prompt_groups(checked: Sequence[_Checked]) -> list[list[int]]:
+    """Indices of the samples with equal prompt ids and equal images, groups in order of
+    first appearance (each group's members in sample order)."""
+    groups: list[list[int]] = []
+    by_key: dict[tuple, list[int]] = {}  # cheap fingerprint -> groups that have it
+    for i, s in enumerate(checked):
+        key = (tuple(s.prompt.tolist()), tuple((tuple(g.tolist()), tuple(px.shape)) for px, g in s.images))
+        candidates = by_key.setdefault(key, [])
+        g = next((g for g in candidates if all(
+            _same_pixels(a, b) for (a, _), (b, _) in zip(checked[groups[g][0]].images, s.images))), None)
+        if g is None:
+            candidates.append(len(groups))
+            groups.append([i])
+        else:
+            groups[g].append(i)
+    return groups
 
 
 def _rope_index_fn(model: torch.nn.Module) -> RopeIndexFn:
@@ -279,6 +384,81 @@ def _cumulative(lengths: list[int]) -> torch.Tensor:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     return cu
+
+
+# --------------------------------------------------------------------------------------------
+# plan_shared_microbatches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SharedPlan:
+    """Micro-batches for `pack(..., share_prompts=True)`, and how many groups were split."""
+
+    microbatches: list[list[int]]  # sample indices of each micro-batch, increasing, largest first
+    split_groups: int  # prompt groups that did not fit one micro-batch whole (prompt recomputed)
+    tokens: int  # rows all micro-batches compute together (prompts once per part + completions)
+
+
+def plan_shared_microbatches(samples: Sequence[Sample], max_tokens: int) -> SharedPlan:
+    """One rank's micro-batches of shared-prompt groups, each at most `max_tokens` rows.
+
+    The samples with equal prompts and images form a group that costs P + sum of its C rows
+    when packed with share_prompts=True. A group that fits the budget is placed whole; one
+    that does not is split into parts [prompt, some completions] that each fit (first-fit
+    decreasing over its completions), every part recomputing the prompt, and counted in
+    `split_groups`. The parts and groups then go into micro-batches first-fit decreasing;
+    two parts of one split group never share a micro-batch (together they do not fit).
+
+    Raises ValueError when one prompt with one completion is longer than `max_tokens`.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"plan_shared_microbatches: max_tokens must be >= 1, got {max_tokens}")
+    if len(samples) == 0:
+        return SharedPlan([], 0, 0)
+    checked = []
+    for i, s in enumerate(samples):
+        prompt, completion = _as_ids(s.prompt_ids, i, "prompt_ids"), _as_ids(s.completion_ids, i, "completion_ids")
+        if prompt.numel() + completion.numel() > max_tokens:
+            raise ValueError(
+                f"plan_shared_microbatches: sample {i} has {prompt.numel() + completion.numel()} tokens, more than "
+                f"the micro-batch budget max_tokens={max_tokens}; raise the budget or shorten the sequence"
+            )
+        # Only the prompt and its images decide the groups; the images are not checked here
+        # (pack does), just compared.
+        images = [] if s.pixel_values is None else [(s.pixel_values, torch.as_tensor(s.image_grid_thw).reshape(-1))]
+        checked.append(_Checked(prompt, completion, images))
+    units, split = [], 0
+    for members in _prompt_groups(checked):
+        p = checked[members[0]].prompt.numel()
+        clen = {i: checked[i].completion.numel() for i in members}
+        if p + sum(clen.values()) <= max_tokens:
+            units.append((p + sum(clen.values()), members))
+            continue
+        split += 1
+        longest_first = sorted(members, key=lambda i: (-clen[i], i))
+        parts, _ = _first_fit_sized([(clen[i], [i]) for i in longest_first], max_tokens - p)
+        units += [(p + sum(clen[i] for i in part), part) for part in parts]
+    units.sort(key=lambda u: (-u[0], min(u[1])))
+    bins, room = _first_fit_sized(units, max_tokens)
+    order = sorted(range(len(bins)), key=lambda j: (room[j], min(bins[j])))  # fullest first
+    return SharedPlan([sorted(bins[j]) for j in order], split, sum(max_tokens - r for r in room))
+
+
+def _first_fit_sized(units: list[tuple[int, list[int]]], capacity: int) -> tuple[list[list[int]], list[int]]:
+    """First fit, in the given order, of (size, members) units into bins of `capacity`;
+    returns each bin's members and its room left."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for size, members in units:
+        j = next((j for j, free in enumerate(room) if free >= size), None)
+        if j is None:
+            bins.append([])
+            room.append(capacity)
+            j = len(bins) - 1
+        bins[j] += members
+        room[j] -= size
+    return bins, room
 
 
 # --------------------------------------------------------------------------------------------

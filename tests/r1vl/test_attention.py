@@ -9,6 +9,7 @@ from transformers import AttentionInterface
 
 from r1vl.attention import (
     BACKENDS,
+    _sdpa_masked,
     cu_seqlens_from_positions,
     implementation_name,
     pick_backend,
@@ -147,3 +148,124 @@ def test_gpu_backend_matches_reference(backend, causal):
     out = varlen_attention(*low, cu, max(lengths), causal=causal, backend=backend)
     assert out.shape == (T, hq, D) and out.dtype == torch.bfloat16
     assert (out.double().cpu() - ref).abs().max() <= 2 * sdpa_err + 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Shared-prompt layout: segments that see a prefix of other rows (r1vl.packing share_prompts)
+# --------------------------------------------------------------------------------------------
+
+
+def shared_layout(groups):
+    """cu_seqlens, key_index, cu_seqlens_k, max lengths for `groups` = [(P, [C, ...])] laid
+    out as r1vl.packing does: [prompt, c1, ..., cG]; a group with one completion is one
+    plain segment of P + C rows."""
+    seg, keys, key_lens, offset = [], [], [], 0
+    for p, completions in groups:
+        if len(completions) == 1:
+            n = p + completions[0]
+            seg.append(n)
+            keys.append(torch.arange(offset, offset + n))
+            key_lens.append(n)
+            offset += n
+            continue
+        prompt = torch.arange(offset, offset + p)
+        seg.append(p)
+        keys.append(prompt)
+        key_lens.append(p)
+        offset += p
+        for c in completions:
+            seg.append(c)
+            keys += [prompt, torch.arange(offset, offset + c)]
+            key_lens.append(p + c)
+            offset += c
+    return _cu(seg), torch.cat(keys), _cu(key_lens), max(seg), max(key_lens)
+
+
+def reference_shared_attention(q, k, v, cu, key_index, cu_k, causal, scale):
+    """Each segment's softmax over its gathered keys, causal aligned to the bottom right, in
+    float64 with an explicit mask; autograd through the gather sums the prompt's gradients."""
+    groups = q.shape[1] // k.shape[1]
+    kg, vg = k.double()[key_index], v.double()[key_index]
+    out = []
+    for s in range(cu.numel() - 1):
+        q0, q1, k0, k1 = int(cu[s]), int(cu[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+        qs = q[q0:q1].double().transpose(0, 1)
+        ks, vs = (x[k0:k1].transpose(0, 1).repeat_interleave(groups, 0) for x in (kg, vg))
+        scores = qs @ ks.transpose(1, 2) * scale  # (Hq, Lq, Lk)
+        if causal:
+            lq, lk = q1 - q0, k1 - k0
+            visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        out.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(out)
+
+
+SHARED_GROUPS = [(9, [1, 6, 3]), (4, [5]), (13, [2, 11, 1, 7, 4, 8, 1, 3]), (1, [1, 2])]
+
+
+@pytest.mark.parametrize("form", ["per_segment", "masked"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_shared_prefix_sdpa_forms_match_reference_forward_and_backward(form, causal):
+    """Both sdpa forms (per segment: the CPU path; one masked call: the GPU fallback) against
+    the float64 reference, outputs and the gradients of q, k and v."""
+    gen = torch.Generator().manual_seed(21)
+    cu, key_index, cu_k, max_q, max_k = shared_layout(SHARED_GROUPS)
+    T, hq, hkv, D = int(cu[-1]), 6, 2, 16
+    q, k, v = (torch.randn(T, h, D, generator=gen, requires_grad=True) for h in (hq, hkv, hkv))
+    grad_out = torch.randn(T, hq, D, generator=gen)
+    if form == "per_segment":
+        out = varlen_attention(q, k, v, cu, max_q, causal=causal, scale=0.4, backend="sdpa",
+                               key_index=key_index, cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+    else:
+        out = _sdpa_masked(q, k.index_select(0, key_index), v.index_select(0, key_index), cu, cu_k, causal, 0.4, 0.0)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = reference_shared_attention(q, k, v, cu, key_index, cu_k, causal, 0.4)
+    expected = torch.autograd.grad(ref, (q, k, v), grad_out.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for name, g, e in zip("qkv", got, expected):
+        torch.testing.assert_close(g.double(), e.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_masked_form_equals_per_segment_without_prefix():
+    gen = torch.Generator().manual_seed(4)
+    lengths = [3, 1, 8, 5]
+    q, k, v = (torch.randn(sum(lengths), 2, 8, generator=gen) for _ in range(3))
+    cu = _cu(lengths)
+    per_segment = varlen_attention(q, k, v, cu, 8, causal=True, backend="sdpa")
+    torch.testing.assert_close(_sdpa_masked(q, k, v, cu, cu, True, None, 0.0), per_segment, atol=1e-6, rtol=1e-6)
+
+
+def test_key_index_needs_its_boundaries():
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="key_index needs cu_seqlens_k"):
+        varlen_attention(q, q, q, _cu([2, 2]), 2, causal=True, key_index=torch.arange(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "sdpa"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_backend_shared_prefix_matches_reference(backend, causal):
+    """flash_attn / varlen_attn on the shared-prompt layout (bottom-right causal over gathered
+    prompt keys), forward and backward, in bf16 against the float64 reference: at most 2x
+    the error of the masked sdpa form in bf16 on the same inputs."""
+    if backend == "flash_attn":
+        pytest.importorskip("flash_attn")
+    gen = torch.Generator().manual_seed(3)
+    groups = [(512, [50, 1024, 300, 1]), (37, [5]), (200, [1, 2, 3, 700, 9, 60, 128, 1])]
+    cu, key_index, cu_k, max_q, max_k = shared_layout(groups)
+    T, hq, hkv, D = int(cu[-1]), 8, 2, 64
+    q, k, v = (torch.randn(T, h, D, generator=gen, requires_grad=True) for h in (hq, hkv, hkv))
+    grad_out = torch.randn(T, hq, D, generator=gen)
+    ref = reference_shared_attention(q, k, v, cu, key_index, cu_k, causal, D**-0.5)
+    expected = (ref, *torch.autograd.grad(ref, (q, k, v), grad_out.double()))
+
+    def run(which):
+        low = [x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v)]
+        layout = dict(key_index=key_index.cuda(), cu_seqlens_k=cu_k.cuda(), max_seqlen_k=max_k)
+        out = varlen_attention(*low, cu.cuda(), max_q, causal=causal, backend=which, **layout)
+        grads = torch.autograd.grad(out, low, grad_out.cuda().bfloat16())
+        return [t.double().cpu() for t in (out, *grads)]
+
+    for name, got, base, exp in zip(["out", "dq", "dk", "dv"], run(backend), run("sdpa"), expected):
+        err, base_err = (got - exp).abs().max(), (base - exp).abs().max()
+        assert err <= 2 * base_err + 1e-3, f"{backend} {name}: {err} vs sdpa {base_err}"

@@ -8,7 +8,7 @@ from tiny_qwen_vl import make_sample, tiny_model
 
 from r1vl.attention import use_varlen_attention
 from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss
-from r1vl.packing import pack
+from r1vl.packing import pack, plan_shared_microbatches
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -107,3 +107,71 @@ def test_step_advantages_over_ranks_equal_the_whole_batch(scale):
         assert got.dtype == torch.float32 and got.shape == shard.shape
         torch.testing.assert_close(got, whole[offset: offset + shard.numel()], rtol=1e-6, atol=1e-6)
         offset += shard.numel()
+
+
+def _perturbed(model, seed, scale=0.01):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(loss_type):
+    """The trainer's path with share_prompts: plan_shared_microbatches (the largest group over
+    the budget, so split and its prompt recomputed), reference and old log-probs on the
+    shared batches, the weighted loss of each micro-batch. Against one unshared micro-batch:
+    the same log-probs, loss and gradient of every parameter."""
+    model = tiny_model("qwen2_5_vl", seed=3)
+    use_varlen_attention(model)
+    reference, old_model = _perturbed(model, 1), _perturbed(model, 2)
+    gen = torch.Generator().manual_seed(4)
+    samples = []
+    for grids, lens in [([(1, 4, 4)], [1, 9, 4, 12]), ([(1, 2, 6)], [7, 1, 3, 2]), ([], [5, 11, 1, 6])]:
+        first = make_sample(gen, grids, lens[0])
+        samples.append(first)
+        for n in lens[1:]:
+            sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
+            sibling.prompt_ids = first.prompt_ids
+            samples.append(sibling)
+    advantages = torch.randn(len(samples), generator=gen)
+    S, N = len(samples), sum(len(s.completion_ids) for s in samples)
+    options = dict(impl="torch", temperature=1.2, beta=0.04, loss_type=loss_type, max_completion_length=12,
+                   num_items_in_batch=N)
+
+    shared_batches = []
+
+    def update(parts, share):
+        model.zero_grad(set_to_none=True)
+        total, logps = 0.0, []
+        for idx in parts:
+            packed = pack([samples[i] for i in idx], model, share_prompts=share)
+            ref = completion_logprobs(reference, packed, 1.2, "torch")
+            old = completion_logprobs(old_model, packed, 1.2, "torch")
+            out = policy_loss(model, packed, advantages[idx], old, ref, **options)
+            loss = out.loss * microbatch_weight(loss_type, len(idx), packed.target_ids.numel(), S, N)
+            loss.backward()
+            total += float(loss.detach())
+            logps.append((idx, ref, old, out.logp.detach()))
+            shared_batches.append(packed.shares_prompts)
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        return total, logps, grads
+
+    group_totals = [len(samples[4 * g].prompt_ids) + sum(len(s.completion_ids) for s in samples[4 * g: 4 * g + 4])
+                    for g in range(3)]
+    plan = plan_shared_microbatches(samples, max(group_totals) - 1)
+    assert plan.split_groups == 1 and len(plan.microbatches) >= 2
+    loss, logps, grads = update(plan.microbatches, share=True)
+    assert shared_batches.count(True) >= 2  # (a part of one completion is an unshared sequence)
+    expected_loss, ((_, *expected), ), expected_grads = update([list(range(S))], share=False)
+
+    cu = torch.tensor([0] + [len(s.completion_ids) for s in samples]).cumsum(0).tolist()
+    for idx, *got in logps:  # reference, old and policy log-probs of each micro-batch's samples
+        rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in idx])
+        for name, g, e in zip(("ref", "old", "policy"), got, expected):
+            torch.testing.assert_close(g, e[rows], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+    assert loss == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
+    assert expected_grads.abs().max() > 0 and all(p.grad is not None for p in model.parameters())
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)

@@ -145,3 +145,113 @@ def test_sdpa_model_without_varlen_registration_gives_the_same_hidden_states():
     plain = completion_hidden(model, packed)
     use_varlen_attention(model)
     torch.testing.assert_close(completion_hidden(model, packed), plain, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared-prompt layout (pack(..., share_prompts=True)) against the padded forward and the
+# unshared packing
+# --------------------------------------------------------------------------------------------
+
+
+def grpo_batch(seed: int, G: int):
+    """Three prompts x G completions of uneven lengths (one of length 1 in every group):
+    a prompt with one image, one with two images, a text-only one; prompt-major order."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for grids in ([(1, 4, 6)], [(1, 2, 2), (1, 10, 4)], []):
+        lens = [1] + [int(torch.randint(2, 14, (1,), generator=gen)) for _ in range(G - 1)]
+        first = make_sample(gen, grids, lens[0])
+        samples.append(first)
+        for n in lens[1:]:
+            sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
+            sibling.prompt_ids = first.prompt_ids
+            samples.append(sibling)
+    return samples
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("G", [1, 3, 8])
+def test_shared_prompts_match_padded_and_unshared_logprobs_and_gradients(family, G):
+    reference = tiny_model(family, seed=G)
+    shared_model, unshared_model = copy.deepcopy(reference), copy.deepcopy(reference)
+    use_varlen_attention(shared_model)
+    use_varlen_attention(unshared_model)
+    samples = grpo_batch(G, G)
+    shared = pack(samples, shared_model, share_prompts=True)
+    unshared = pack(samples, unshared_model)
+    assert shared.shares_prompts == (G > 1)
+    prompt_rows = sum(len(samples[g * G].prompt_ids) for g in range(3))
+    assert shared.num_tokens == prompt_rows + shared.target_ids.numel()
+    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(G))
+
+    logp = packed_logprobs(shared_model, shared)
+    ref = padded_reference_logprobs(reference, samples)
+    cu = shared.completion_cu_seqlens.tolist()
+    for s, r in enumerate(ref):
+        torch.testing.assert_close(logp[cu[s] : cu[s + 1]], r, atol=1e-5, rtol=0)
+    logp_unshared = packed_logprobs(unshared_model, unshared)
+    torch.testing.assert_close(logp, logp_unshared, atol=1e-6, rtol=0)
+
+    advantage_weighted(logp, advantages, samples).backward()
+    advantage_weighted(torch.cat(ref), advantages, samples).backward()
+    advantage_weighted(logp_unshared, advantages, samples).backward()
+    padded_grads, unshared_grads = _grads(reference), _grads(unshared_model)
+    for name, param in shared_model.named_parameters():
+        assert param.grad is not None, name  # every parameter, the vision tower's included
+        torch.testing.assert_close(param.grad, padded_grads[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(param.grad, unshared_grads[name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_shared_prompts_for_every_group_size_from_1_to_8():
+    """Log-probs of G = 1..8 in one packed row each, against the unshared packing (the
+    gradients: the test above, G = 1, 3 and 8)."""
+    model = tiny_model("qwen2_vl", seed=11)
+    use_varlen_attention(model)
+    with torch.no_grad():
+        for G in range(1, 9):
+            samples = grpo_batch(100 + G, G)[G:]  # the two-image and the text-only prompt
+            torch.testing.assert_close(packed_logprobs(model, pack(samples, model, share_prompts=True)),
+                                       packed_logprobs(model, pack(samples, model)), atol=1e-6, rtol=0)
+
+
+def test_shared_batch_refuses_a_model_without_varlen_attention():
+    model = tiny_model("qwen2_vl")
+    packed = pack(grpo_batch(0, 2), model, share_prompts=True)
+    with pytest.raises(ValueError, match="needs r1vl's varlen attention"):
+        completion_hidden(model, packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "varlen_attn"])
+def test_gpu_backend_on_shared_prompts_matches_fp32(backend):
+    """A bf16 model on the GPU through a varlen kernel, shared-prompt layout: log-probs and
+    gradients within 2x the error of the masked sdpa form in bf16, against fp32 on the CPU."""
+    if backend == "flash_attn":
+        pytest.importorskip("flash_attn")
+    reference = tiny_model("qwen2_5_vl", seed=6)
+    samples = grpo_batch(6, 4)
+    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(6))
+    use_varlen_attention(reference)
+    logp_ref = packed_logprobs(reference, pack(samples, reference))
+    advantage_weighted(logp_ref, advantages, samples).backward()
+
+    def run(which):
+        model = copy.deepcopy(reference).cuda().bfloat16()
+        model.zero_grad(set_to_none=True)
+        use_varlen_attention(model, which)
+        logp = packed_logprobs(model, pack(samples, model, share_prompts=True).to("cuda"))
+        advantage_weighted(logp, advantages.cuda(), samples).backward()
+        return logp.double().cpu(), {n: p.grad.double().cpu() for n, p in model.named_parameters()}
+
+    (logp, grads), (logp_sdpa, grads_sdpa) = run(backend), run("sdpa")
+    err, base = (logp - logp_ref).abs().max(), (logp_sdpa - logp_ref).abs().max()
+    assert err <= 2 * base + 1e-2, f"log-probs: {err} vs sdpa {base}"
+    for name, param in reference.named_parameters():
+        err = (grads[name] - param.grad).abs().max()
+        base = (grads_sdpa[name] - param.grad).abs().max()
+        assert err <= 2 * base + 1e-2 * param.grad.abs().max(), f"{name}: {err} vs sdpa {base}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_qwen_vl import IMAGE, PIXEL_ROW, VIDEO, VISION_END, VISION_START, make_sample, tiny_model
 
-from r1vl.packing import PackedBatch, Sample, pack, plan_microbatches
+from r1vl.packing import PackedBatch, Sample, SharedPlan, pack, plan_microbatches, plan_shared_microbatches
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,159 @@ def test_plan_refuses_a_sequence_over_budget():
         plan_microbatches([1], 4, 0)
     with pytest.raises(ValueError, match="sequence 0 has length 0"):
         plan_microbatches([0], 4, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# pack(share_prompts=True): the shared-prompt layout
+# --------------------------------------------------------------------------------------------
+
+
+def test_shared_layout_by_hand(model):
+    # The docstring's example: A and C share a prompt with a 2x3-token image; B is alone.
+    pixels = torch.randn(24, PIXEL_ROW)
+    prompt_a = [5, VISION_START] + [IMAGE] * 6 + [VISION_END, 6]  # P = 10
+    a = Sample(prompt_a, [7, 8], pixels, torch.tensor([[1, 4, 6]]))
+    b = Sample([9, 10, 11], [12])
+    c = Sample(prompt_a, [13, 14, 15], pixels, torch.tensor([[1, 4, 6]]))
+    packed = pack([a, b, c], model, share_prompts=True)
+
+    assert packed.input_ids.tolist() == [prompt_a + [7, 8] + [13, 14, 15] + [9, 10, 11, 12]]
+    assert packed.num_tokens == 19 and packed.num_sequences == 3 and packed.shares_prompts
+    assert packed.cu_seqlens.tolist() == [0, 10, 12, 15, 19] and packed.max_seqlen == 10
+    prompt_rows = list(range(10))
+    assert packed.key_index.tolist() == prompt_rows + prompt_rows + [10, 11] + prompt_rows + [12, 13, 14] + [
+        15, 16, 17, 18]
+    assert packed.cu_seqlens_k.tolist() == [0, 10, 22, 35, 39] and packed.max_seqlen_k == 13
+    assert packed.cu_seqlens_k.dtype == torch.int32 and packed.key_index.dtype == torch.int64
+
+    # Each completion's positions continue from the prompt's end (M-RoPE: 5 after the image).
+    t_a = [0, 1, 2, 2, 2, 2, 2, 2, 5, 6]
+    w_a = [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]
+    pos = packed.position_ids[:, 0]
+    assert pos[0].tolist() == list(range(10)) + [10, 11] + [10, 11, 12] + [0, 1, 2, 3]
+    assert pos[1].tolist() == t_a + [7, 8] + [7, 8, 9] + [0, 1, 2, 3]
+    assert pos[3].tolist() == w_a + [7, 8] + [7, 8, 9] + [0, 1, 2, 3]
+
+    # Sample order on the loss side; the prompt's last row (9) predicts both A's and C's first token.
+    assert packed.completion_index.tolist() == [9, 10, 17, 9, 12, 13]
+    assert packed.target_ids.tolist() == [7, 8, 12, 13, 14, 15]
+    assert packed.completion_cu_seqlens.tolist() == [0, 2, 3, 6]
+    assert packed.image_token_source.tolist() == [0, 1, 2, 3, 4, 5]  # the image appears once
+    assert packed.mm_token_type_ids.tolist() == [[0, 0] + [1] * 6 + [0] * 11]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_shared_positions_and_targets_are_the_unshared_ones(family):
+    """Every completion token sits at the same M-RoPE position and is predicted by a row with
+    the same position as in the unshared layout; prompts appear once per group."""
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(5)
+    samples = []
+    for grids, lens in [([(1, 4, 6)], [3, 1, 9, 2]), ([], [4, 4]), ([(1, 2, 2), (1, 6, 4)], [1])]:
+        first = make_sample(gen, grids, lens[0])
+        samples.append(first)
+        for n in lens[1:]:
+            sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
+            sibling.prompt_ids = first.prompt_ids
+            samples.append(sibling)
+    samples.insert(3, samples.pop(5))  # groups interleaved in the input order
+    unshared, shared = pack(samples, model), pack(samples, model, share_prompts=True)
+    for name in ("target_ids", "completion_cu_seqlens"):
+        assert torch.equal(getattr(shared, name), getattr(unshared, name)), name
+    idx_s, idx_u = shared.completion_index, unshared.completion_index
+    assert torch.equal(shared.position_ids[:, 0, idx_s], unshared.position_ids[:, 0, idx_u])
+    assert torch.equal(shared.input_ids[0, idx_s], unshared.input_ids[0, idx_u])
+    # Rows that hold completion tokens (all but each sequence's first predicting row, the
+    # prompt's last) are the samples' own in both layouts.
+    tokens = torch.ones_like(idx_s, dtype=torch.bool)
+    tokens[shared.completion_cu_seqlens[:-1].long()] = False
+    assert torch.equal(shared.input_ids[0, idx_s[tokens]], shared.target_ids[torch.roll(tokens, -1)])
+    assert len(set(idx_s[tokens].tolist())) == int(tokens.sum())  # no row shared between completions
+    prompts = sum(len(ids) for ids in {tuple(s.prompt_ids.tolist()) for s in samples})  # 3 distinct
+    assert shared.num_tokens == prompts + sum(len(s.completion_ids) for s in samples)
+    assert torch.equal(shared.pixel_values, unshared.pixel_values)
+
+
+def test_shared_layout_of_single_completions_is_the_unshared_one(model):
+    gen = torch.Generator().manual_seed(8)
+    samples = [make_sample(gen, [(1, 2, 4)], 3), make_sample(gen, [], 1), make_sample(gen, [(1, 2, 2)], 6)]
+    shared, unshared = pack(samples, model, share_prompts=True), pack(samples, model)
+    assert not shared.shares_prompts and shared.cu_seqlens_k is None
+    for name, value in vars(unshared).items():
+        same = torch.equal(value, getattr(shared, name)) if isinstance(value, torch.Tensor) else value == getattr(
+            shared, name)
+        assert same, name
+
+
+def test_equal_prompts_with_other_pixels_are_not_shared(model):
+    gen = torch.Generator().manual_seed(2)
+    a = make_sample(gen, [(1, 2, 4)], 3)
+    b = make_sample(gen, [(1, 2, 4)], 2)  # other pixels...
+    b.prompt_ids = a.prompt_ids  # ... behind the same ids
+    c = Sample(a.prompt_ids, [5], a.pixel_values.clone(), a.image_grid_thw)  # equal pixels, another tensor
+    packed = pack([a, b, c], model, share_prompts=True)
+    P = len(a.prompt_ids)
+    assert packed.num_tokens == P + 3 + 1 + P + 2  # [a's prompt, a, c] and [b's prompt, b]
+    assert packed.completion_index.tolist()[-1] == P - 1
+
+
+# --------------------------------------------------------------------------------------------
+# plan_shared_microbatches
+# --------------------------------------------------------------------------------------------
+
+
+def _group_samples(prompt_lens, completion_lens):
+    """Text-only samples: group g has a prompt of prompt_lens[g] tokens and completions
+    completion_lens[g]; different groups have different prompts."""
+    samples = []
+    for g, (p, lens) in enumerate(zip(prompt_lens, completion_lens)):
+        prompt = [1 + g] * p  # distinct per group
+        samples += [Sample(prompt, [3] * c) for c in lens]
+    return samples
+
+
+def test_shared_plan_properties_on_random_groups():
+    rng = random.Random(15)
+    for _ in range(150):
+        budget = rng.randint(20, 400)
+        n_groups = rng.randint(0, 8)
+        prompt_lens = [rng.randint(1, budget // 2) for _ in range(n_groups)]
+        completion_lens = [[rng.randint(1, budget - p) for _ in range(rng.randint(1, 8))] for p in prompt_lens]
+        samples = _group_samples(prompt_lens, completion_lens)
+        plan = plan_shared_microbatches(samples, budget)
+        placed = sorted(i for batch in plan.microbatches for i in batch)
+        assert placed == list(range(len(samples))), "a sample is missing or placed twice"
+        group_of = [g for g, lens in enumerate(completion_lens) for _ in lens]
+        rows = 0
+        for batch in plan.microbatches:
+            assert batch == sorted(batch) and batch
+            groups = {group_of[i] for i in batch}
+            size = sum(prompt_lens[g] for g in groups) + sum(len(samples[i].completion_ids) for i in batch)
+            assert size <= budget
+            rows += size
+        assert rows == plan.tokens
+        over = sum(p + sum(lens) > budget for p, lens in zip(prompt_lens, completion_lens))
+        assert plan.split_groups == over
+        homes = {}
+        for k, batch in enumerate(plan.microbatches):
+            for i in batch:
+                homes.setdefault(group_of[i], set()).add(k)
+        for g, h in homes.items():  # a group that fits is never split
+            fits = prompt_lens[g] + sum(completion_lens[g]) <= budget
+            assert len(h) == 1 or not fits
+
+
+def test_shared_plan_rows_are_what_pack_computes(model):
+    samples = _group_samples([7, 3, 12], [[2, 9, 1, 4], [5], [30, 1, 6]])
+    plan = plan_shared_microbatches(samples, 45)  # group 2 (12 + 37 = 49) is split
+    assert plan.split_groups == 1
+    rows = [pack([samples[i] for i in batch], model, share_prompts=True).num_tokens for batch in plan.microbatches]
+    assert all(r <= 45 for r in rows) and sum(rows) == plan.tokens == 7 + 16 + 3 + 5 + 2 * 12 + 37
+
+
+def test_shared_plan_refusals():
+    assert plan_shared_microbatches([], 10) == SharedPlan([], 0, 0)
+    with pytest.raises(ValueError, match="sample 1 has 11 tokens, more than .* max_tokens=10"):
+        plan_shared_microbatches([Sample([1, 2], [3]), Sample([1] * 6, [3] * 5)], 10)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        plan_shared_microbatches([Sample([1], [2])], 0)
