@@ -306,7 +306,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                  r.has_answer.sum(), float((~completions.stopped).sum()), N_local, stats["loss"], stats["kl"],
                  stats["entropy"], stats["clip_low"], stats["clip_high"], too_long, prompt_tokens + N_local,
                  len(micro), sum(packed_tokens), max(packed_tokens, default=0) * len(micro),
-                 S_local * max((len(ids) for ids in completions.ids), default=0)]
+                 completions.decode_slots]
         total = dict(zip(keys, distributed.all_reduce_sum(local, dd.device)))
         per_seq = 1.0 / max(S_global, 1)
         per_token = 1.0 / max(N_global, 1)
@@ -321,7 +321,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             "tokens_per_s": total["tokens"] / seconds,
             # Lockstep micro-batches cost as much as the largest one: useful share of that.
             "pack_efficiency": total["packed_tokens"] / max(total["longest_microbatch_sum"], 1),
-            # The sampler decodes every sequence until the longest stops: useful share of that.
+            # Useful share of the rows the sampler decoded (finished rows leave its batch every few tokens).
             "decode_efficiency": N_global / max(total["decode_slots"], 1),
             "peak_memory_gb": distributed.all_reduce_max([peak_memory_gb(dd.device)], dd.device)[0],
             "skipped_updates": engine.skipped, **timer.pop(), "time_step": seconds,

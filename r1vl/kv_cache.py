@@ -1,0 +1,117 @@
+"""The rollout's KV cache: each prompt's keys and values held once, each completion's own.
+
+Allocated once per rollout and written in place; nothing grows per token.
+
+    prefix_k, prefix_v: (L, NP, Hkv, Lp, D)  the prompts' keys/values (after RoPE), prompt p in
+                        slot p, left-aligned, padded to the longest prompt Lp
+    prefix_bias:        (NP, Lp) fp32        0 on a prompt's tokens, -inf on its padding
+    comp_k, comp_v:     (L, B, Hkv, C, D)    the completions' keys/values; row i holds the live
+                        sequence i (rows are compacted as sequences finish), column t the
+                        t-th sampled token
+
+The G completions of a prompt read its keys from one place: the memory held is
+prompts + completions, not G x prompts + completions. Decoding attends over the two parts
+separately and merges them by their log-sum-exp (`shared_prefix_attention`), which equals one
+softmax over the concatenation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutCache:
+    prefix_k: torch.Tensor  # (L, NP, Hkv, Lp, D) model dtype
+    prefix_v: torch.Tensor  # (L, NP, Hkv, Lp, D)
+    prefix_bias: torch.Tensor  # (NP, Lp) fp32: 0 = a prompt token, -inf = padding
+    comp_k: torch.Tensor  # (L, B, Hkv, C, D)
+    comp_v: torch.Tensor  # (L, B, Hkv, C, D)
+
+    @classmethod
+    def allocate(cls, prompt_lengths: list[int], num_generations: int, max_new_tokens: int, num_layers: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> RolloutCache:
+        """Empty cache for len(prompt_lengths) prompts x num_generations completions of up to
+        max_new_tokens tokens (the last sampled token is never fed back, so C = max_new_tokens - 1
+        columns would do; one more keeps C >= 1)."""
+        NP, Lp = len(prompt_lengths), max(prompt_lengths)
+        B = NP * num_generations
+        prefix = (num_layers, NP, num_kv_heads, Lp, head_dim)
+        comp = (num_layers, B, num_kv_heads, max_new_tokens, head_dim)
+        lengths = torch.tensor(prompt_lengths, device=device)
+        bias = torch.zeros(NP, Lp, device=device)
+        bias.masked_fill_(torch.arange(Lp, device=device)[None] >= lengths[:, None], float("-inf"))
+        return cls(torch.zeros(prefix, dtype=dtype, device=device), torch.zeros(prefix, dtype=dtype, device=device),
+                   bias, torch.zeros(comp, dtype=dtype, device=device), torch.zeros(comp, dtype=dtype, device=device))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.comp_k, self.comp_v))
+
+    def compact_rows(self, keep: torch.Tensor, columns: int) -> None:
+        """Move completion rows `keep` (sorted ascending, int64) to rows 0..len(keep)-1, in place;
+        only the first `columns` columns hold anything yet. Rows past len(keep) keep stale values
+        that nothing reads."""
+        n = keep.numel()
+        for cache in (self.comp_k, self.comp_v):
+            # The gather makes a copy first, so overlapping source and destination rows are safe.
+            cache[:, :n, :, :columns] = cache[:, keep, :, :columns]
+
+    def compact_prompts(self, keep: torch.Tensor) -> None:
+        """Move prompt slots `keep` (sorted ascending) to slots 0..len(keep)-1, in place."""
+        n = keep.numel()
+        for cache in (self.prefix_k, self.prefix_v):
+            cache[:, :n] = cache[:, keep]
+        self.prefix_bias[:n] = self.prefix_bias[keep]
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_bias: torch.Tensor,
+    slots: torch.Tensor,
+    group: int,
+    comp_k: torch.Tensor,
+    comp_v: torch.Tensor,
+    comp_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per row attending to its prompt's keys, then to its own completion's.
+
+    Args:
+        query: (B, Hkv, R, D), already scaled by the softmax scale; R = query heads per
+            key/value head (grouped-query attention).
+        prefix_k, prefix_v: (NP, Hkv, Lp, D), one layer's prompt part.
+        prefix_bias: (NP, Lp) fp32, 0 or -inf (padding).
+        slots: (B,) int64, row b's place in an (NP, group) grid: prompt slots[b] // group. The
+            prefix part runs on that grid, so each prompt's keys are read once for its rows
+            (empty grid places compute values nobody reads). Distinct, except NP * group: a
+            padding row (bucketed batches), whose output is garbage.
+        group: places per prompt in the grid (G).
+        comp_k, comp_v: (B, Hkv, C, D), each row's own keys (every column valid unless masked).
+        comp_bias: None, or (C,) fp32 0 / -inf for columns not yet written (static shapes).
+
+    Returns:
+        (B, Hkv, R, D) in query's dtype. Softmax statistics in fp32.
+    """
+    B, Hkv, R, D = query.shape
+    NP = prefix_k.shape[0]
+    # Prefix part on the grid: (NP, Hkv, group*R, D) queries against (NP, Hkv, Lp, D) keys.
+    # One place past the grid takes the padding rows' queries (several may land there).
+    grid = query.new_zeros(NP * group + 1, Hkv, R, D).index_copy_(0, slots, query)[:-1]
+    slots = slots.clamp(max=NP * group - 1)  # padding rows read any place: their output is unused
+    grid = grid.view(NP, group, Hkv, R, D).transpose(1, 2).reshape(NP, Hkv, group * R, D)
+    scores = torch.matmul(grid, prefix_k.transpose(-1, -2)).float() + prefix_bias[:, None, None, :]
+    lse_p = torch.logsumexp(scores, dim=-1, keepdim=True)  # (NP, Hkv, group*R, 1)
+    out_p = torch.matmul(torch.exp(scores - lse_p).to(prefix_v.dtype), prefix_v)
+    out_p = out_p.view(NP, Hkv, group, R, D).transpose(1, 2).reshape(NP * group, Hkv, R, D).index_select(0, slots)
+    lse_p = lse_p.view(NP, Hkv, group, R).transpose(1, 2).reshape(NP * group, Hkv, R, 1).index_select(0, slots)
+    # Own part: (B, Hkv, R, D) against (B, Hkv, C, D).
+    scores = torch.matmul(query, comp_k.transpose(-1, -2)).float()
+    if comp_bias is not None:
+        scores = scores + comp_bias
+    lse_c = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out_c = torch.matmul(torch.exp(scores - lse_c).to(comp_v.dtype), comp_v)
+    # Merge: softmax over the concatenation = the parts weighted by their share of the mass.
+    lse = torch.logaddexp(lse_p, lse_c)
+    return (torch.exp(lse_p - lse) * out_p.float() + torch.exp(lse_c - lse) * out_c.float()).to(query.dtype)
