@@ -92,26 +92,27 @@ def shared_prefix_attention(
         comp_bias: None, or (C,) fp32 0 / -inf for columns not yet written (static shapes).
 
     Returns:
-        (B, Hkv, R, D) in query's dtype. Softmax statistics in fp32.
+        (B, Hkv, R, D) in query's dtype. Softmax statistics in fp32 (fp64 for fp64 inputs).
     """
     B, Hkv, R, D = query.shape
     NP = prefix_k.shape[0]
+    acc = torch.promote_types(query.dtype, torch.float32)  # softmax statistics: fp32, or fp64 inputs' own
     # Prefix part on the grid: (NP, Hkv, group*R, D) queries against (NP, Hkv, Lp, D) keys.
     # One place past the grid takes the padding rows' queries (several may land there).
     grid = query.new_zeros(NP * group + 1, Hkv, R, D).index_copy_(0, slots, query)[:-1]
     slots = slots.clamp(max=NP * group - 1)  # padding rows read any place: their output is unused
     grid = grid.view(NP, group, Hkv, R, D).transpose(1, 2).reshape(NP, Hkv, group * R, D)
-    scores = torch.matmul(grid, prefix_k.transpose(-1, -2)).float() + prefix_bias[:, None, None, :]
+    scores = torch.matmul(grid, prefix_k.transpose(-1, -2)).to(acc) + prefix_bias[:, None, None, :]
     lse_p = torch.logsumexp(scores, dim=-1, keepdim=True)  # (NP, Hkv, group*R, 1)
     out_p = torch.matmul(torch.exp(scores - lse_p).to(prefix_v.dtype), prefix_v)
     out_p = out_p.view(NP, Hkv, group, R, D).transpose(1, 2).reshape(NP * group, Hkv, R, D).index_select(0, slots)
     lse_p = lse_p.view(NP, Hkv, group, R).transpose(1, 2).reshape(NP * group, Hkv, R, 1).index_select(0, slots)
     # Own part: (B, Hkv, R, D) against (B, Hkv, C, D).
-    scores = torch.matmul(query, comp_k.transpose(-1, -2)).float()
+    scores = torch.matmul(query, comp_k.transpose(-1, -2)).to(acc)
     if comp_bias is not None:
         scores = scores + comp_bias
     lse_c = torch.logsumexp(scores, dim=-1, keepdim=True)
     out_c = torch.matmul(torch.exp(scores - lse_c).to(comp_v.dtype), comp_v)
     # Merge: softmax over the concatenation = the parts weighted by their share of the mass.
     lse = torch.logaddexp(lse_p, lse_c)
-    return (torch.exp(lse_p - lse) * out_p.float() + torch.exp(lse_c - lse) * out_c.float()).to(query.dtype)
+    return (torch.exp(lse_p - lse) * out_p.to(acc) + torch.exp(lse_c - lse) * out_c.to(acc)).to(query.dtype)

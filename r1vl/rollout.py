@@ -93,8 +93,8 @@ class _Stepper:
         args = (model, tokens, positions, column, slots, group, cache.prefix_k[:, :NP], cache.prefix_v[:, :NP],
                 cache.prefix_bias[:NP], cache.comp_k, cache.comp_v, columns, self.compiled)
         if self.compiled:
-            for t in (tokens, positions, slots):
-                torch._dynamo.mark_dynamic(t, 0)
+            for t in (tokens, positions, slots):  # one graph for every bucket (CUDA graphs: one per bucket)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
             return self.fn(*args).clone()  # the graph's output buffer is reused by the next replay
@@ -211,7 +211,8 @@ def generate(
             # Prompts whose G completions all stopped leave the prefix part.
             prompt_of = slots // G
             kept_prompts = torch.unique(prompt_of)  # sorted
-            if kept_prompts.numel() < n_prompts:
+            # (Not with a compiled step: a fixed prefix shape keeps the number of graphs down.)
+            if kept_prompts.numel() < n_prompts and not stepper.compiled:
                 cache.compact_prompts(kept_prompts)
                 slots = torch.searchsorted(kept_prompts, prompt_of) * G + slots % G
                 n_prompts = kept_prompts.numel()
