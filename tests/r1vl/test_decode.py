@@ -1,0 +1,34 @@
+"""The packed prefill: the keys and values it caches, and its last-token logits, equal those of
+the model's own forward (transformers, DynamicCache) for each prompt alone."""
+import torch
+from tiny_qwen_vl import make_sample, tiny_model
+
+from r1vl.decode import prefill, prompt_positions
+from r1vl.kv_cache import RolloutCache
+from r1vl.prompts import Prompt
+
+
+def test_packed_prefill_equals_each_prompts_own_forward():
+    model = tiny_model("qwen2_vl")
+    gen = torch.Generator().manual_seed(0)
+    samples = [make_sample(gen, [grid], 1, text_lens=lens)
+               for grid, lens in [((1, 4, 6), [3, 2]), ((1, 8, 8), [1, 6]), ((1, 4, 4), [5, 5])]]
+    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    lengths = [p.ids.numel() for p in prompts]
+    text = model.config.text_config
+    cache = RolloutCache.allocate(lengths, 2, 4, text.num_hidden_layers, text.num_key_value_heads,
+                                  text.hidden_size // text.num_attention_heads, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        logits = prefill(model, prompts, cache, [prompt_positions(model, p)[0] for p in prompts])
+        for p, prompt in enumerate(prompts):
+            ids = prompt.ids[None]
+            out = model(input_ids=ids, mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                        pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw, use_cache=True)
+            torch.testing.assert_close(logits[p], out.logits[0, -1].float(), rtol=0, atol=1e-5)
+            n = lengths[p]
+            for layer in range(text.num_hidden_layers):
+                torch.testing.assert_close(cache.prefix_k[layer, p, :, :n], out.past_key_values.layers[layer].keys[0],
+                                           rtol=0, atol=1e-5)
+                torch.testing.assert_close(cache.prefix_v[layer, p, :, :n],
+                                           out.past_key_values.layers[layer].values[0], rtol=0, atol=1e-5)
+            assert (cache.prefix_k[:, p, :, n:] == 0).all()  # padding untouched
