@@ -48,14 +48,12 @@ class RolloutCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.comp_k, self.comp_v))
 
-    def compact_rows(self, keep: torch.Tensor, columns: int) -> None:
-        """Move completion rows `keep` (sorted ascending, int64) to rows 0..len(keep)-1, in place;
-        only the first `columns` columns hold anything yet. Rows past len(keep) keep stale values
-        that nothing reads."""
-        n = keep.numel()
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
+        """Copy completion rows src to rows dst (int64, disjoint), in place; only the first
+        `columns` columns hold anything yet. Compaction moves the live rows past the new batch
+        size into the finished rows before it, so it copies only as many rows as finished."""
         for cache in (self.comp_k, self.comp_v):
-            # The gather makes a copy first, so overlapping source and destination rows are safe.
-            cache[:, :n, :, :columns] = cache[:, keep, :, :columns]
+            cache[:, dst, :, :columns] = cache[:, src, :, :columns]
 
     def compact_prompts(self, keep: torch.Tensor) -> None:
         """Move prompt slots `keep` (sorted ascending) to slots 0..len(keep)-1, in place."""

@@ -72,6 +72,28 @@ def bucket_size(n: int, largest: int) -> int:
     return min(largest, -(-n // step) * step)
 
 
+def _fill_holes(live: torch.Tensor, n_live: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compaction that moves as little as possible: live rows past n_live fill the finished
+    rows before it. Returns keep (n_live,), new row i = old row keep[i], and the moves
+    (old rows `movers` go to rows `holes`)."""
+    holes = (~live[:n_live]).nonzero()[:, 0]
+    movers = live[n_live:].nonzero()[:, 0] + n_live
+    keep = torch.arange(n_live, device=live.device).index_copy_(0, holes, movers)
+    return keep, movers, holes
+
+
+def _grid_slots(prompt: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, int]:
+    """Places in the narrowest (n_prompts, group) grid with one place per row: row i goes to
+    prompt[i] * group + (its rank among its prompt's rows). Returns (slots, group)."""
+    order = torch.sort(prompt, stable=True).indices
+    counts = torch.bincount(prompt, minlength=n_prompts)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(prompt)
+    rank[order] = torch.arange(prompt.numel(), device=prompt.device) - first[prompt[order]]
+    group = int(counts.max())
+    return prompt * group + rank, group
+
+
 class _Stepper:
     """Calls the decode step eagerly or through one torch.compile'd function per setting."""
 
@@ -179,7 +201,8 @@ def generate(
     out_logprobs = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.float32, device=device)
     seq = torch.arange(B0, device=device)
     start = torch.tensor([n + d for n, d in zip(lengths, deltas)], device=device).repeat_interleave(G)
-    slots = seq.clone()  # place in the (prompts, G) prefix grid
+    prompt = seq // G  # the row's prompt's slot in the cache's prefix part
+    slots, group = seq.clone(), G  # the row's place in the (prompts, group) prefix grid
     live = torch.ones(B0, dtype=torch.bool, device=device)  # row's sequence has not stopped
     n_prompts, decode_slots, bar = NP, 0, _progress(progress, max_new_tokens)
     for t in range(max_new_tokens):
@@ -205,28 +228,31 @@ def generate(
         else:
             due = rows - n_live >= max(1, int(rows * compact_fraction))
         if due:
-            keep = live.nonzero()[:, 0]
-            cache.compact_rows(keep, columns=t)  # columns 0..t-1 are written
-            seq, start, slots, token = seq[keep], start[keep], slots[keep], token[keep]
-            # Prompts whose G completions all stopped leave the prefix part.
-            prompt_of = slots // G
-            kept_prompts = torch.unique(prompt_of)  # sorted
-            # (Not with a compiled step: a fixed prefix shape keeps the number of graphs down.)
-            if kept_prompts.numel() < n_prompts and not stepper.compiled:
-                cache.compact_prompts(kept_prompts)
-                slots = torch.searchsorted(kept_prompts, prompt_of) * G + slots % G
-                n_prompts = kept_prompts.numel()
+            keep, movers, holes = _fill_holes(live, n_live)
+            cache.move_rows(movers, holes, columns=t)  # columns 0..t-1 are written
+            seq, start, prompt, token = seq[keep], start[keep], prompt[keep], token[keep]
             live = torch.ones(n_live, dtype=torch.bool, device=device)
-            if stepper.compiled:  # pad to the bucket: padding rows write to spare rows and places
+            if stepper.compiled:
+                # A fixed prefix grid keeps the number of graphs down; padding rows write to spare
+                # cache rows, the spare grid place and output row B0.
                 pad = bucket_size(n_live, B0) - n_live
+                slots = torch.cat([prompt * G + seq % G, prompt.new_full((pad,), n_prompts * G)])
                 seq = torch.cat([seq, seq.new_full((pad,), B0)])
                 start = torch.cat([start, start.new_zeros(pad)])
-                slots = torch.cat([slots, slots.new_full((pad,), n_prompts * G)])
                 token = torch.cat([token, token.new_zeros(pad)])
                 live = torch.cat([live, live.new_zeros(pad)])
+            else:
+                # Prompts whose G completions all stopped leave the prefix part, and the grid
+                # narrows to the most live rows any prompt has.
+                kept_prompts = torch.unique(prompt)  # sorted
+                if kept_prompts.numel() < n_prompts:
+                    cache.compact_prompts(kept_prompts)
+                    prompt = torch.searchsorted(kept_prompts, prompt)
+                    n_prompts = kept_prompts.numel()
+                slots, group = _grid_slots(prompt, n_prompts)
         column = torch.tensor(t, device=device)
         columns = max_new_tokens if stepper.compiled else t + 1
-        logits = stepper(model, token, start + t, column, slots, G, cache, n_prompts, columns)
+        logits = stepper(model, token, start + t, column, slots, group, cache, n_prompts, columns)
     if bar is not None:
         bar.close()
 

@@ -78,9 +78,10 @@ def test_compaction_moves_rows_and_prompts():
     for t in (cache.prefix_k, cache.prefix_v, cache.comp_k, cache.comp_v):
         t.copy_(torch.randn(t.shape))
     comp_before, prefix_before, bias_before = cache.comp_k.clone(), cache.prefix_v.clone(), cache.prefix_bias.clone()
-    keep = torch.tensor([1, 2, 5])
-    cache.compact_rows(keep, columns=3)
-    assert torch.equal(cache.comp_k[:, :3, :, :3], comp_before[:, keep, :, :3])
+    cache.move_rows(torch.tensor([4, 5]), torch.tensor([0, 2]), columns=3)
+    keep = torch.tensor([4, 1, 5, 3])
+    assert torch.equal(cache.comp_k[:, :4, :, :3], comp_before[:, keep, :, :3])
+    assert torch.equal(cache.comp_k[:, :, :, 3:], comp_before[:, :, :, 3:])  # columns not yet written: untouched
     cache.compact_prompts(torch.tensor([0, 2]))
     assert torch.equal(cache.prefix_v[:, :2], prefix_before[:, [0, 2]])
     assert torch.equal(cache.prefix_bias[:2], bias_before[[0, 2]])

@@ -336,3 +336,14 @@ def test_cuda_graphed_step_equals_eager_in_bf16(family):
 
 def _to_cuda(prompt):
     return Prompt(prompt.ids.cuda(), prompt.pixel_values.cuda(torch.bfloat16), prompt.image_grid_thw.cuda(), None)
+
+
+def test_compaction_moves_only_the_rows_past_the_new_end():
+    from r1vl.rollout import _fill_holes, _grid_slots
+
+    live = torch.tensor([1, 0, 1, 0, 1, 1, 0, 1]).bool()
+    keep, movers, holes = _fill_holes(live, 5)
+    assert holes.tolist() == [1, 3] and movers.tolist() == [5, 7]
+    assert keep.tolist() == [0, 5, 2, 7, 4] and live[keep].all()
+    slots, group = _grid_slots(torch.tensor([2, 0, 2, 1, 2]), 3)
+    assert group == 3 and slots.tolist() == [6, 0, 7, 3, 8]  # distinct places, prompt p at p * 3 + rank
