@@ -94,23 +94,36 @@ def shared_prefix_attention(
     """
     B, Hkv, R, D = query.shape
     NP = prefix_k.shape[0]
-    acc = torch.promote_types(query.dtype, torch.float32)  # softmax statistics: fp32, or fp64 inputs' own
     # Prefix part on the grid: (NP, Hkv, group*R, D) queries against (NP, Hkv, Lp, D) keys.
     # One place past the grid takes the padding rows' queries (several may land there).
     grid = query.new_zeros(NP * group + 1, Hkv, R, D).index_copy_(0, slots, query)[:-1]
     slots = slots.clamp(max=NP * group - 1)  # padding rows read any place: their output is unused
     grid = grid.view(NP, group, Hkv, R, D).transpose(1, 2).reshape(NP, Hkv, group * R, D)
-    scores = torch.matmul(grid, prefix_k.transpose(-1, -2)).to(acc) + prefix_bias[:, None, None, :]
-    lse_p = torch.logsumexp(scores, dim=-1, keepdim=True)  # (NP, Hkv, group*R, 1)
-    out_p = torch.matmul(torch.exp(scores - lse_p).to(prefix_v.dtype), prefix_v)
+    out_p, lse_p = _attend(grid, prefix_k, prefix_v, prefix_bias[:, None, None, :])
     out_p = out_p.view(NP, Hkv, group, R, D).transpose(1, 2).reshape(NP * group, Hkv, R, D).index_select(0, slots)
     lse_p = lse_p.view(NP, Hkv, group, R).transpose(1, 2).reshape(NP * group, Hkv, R, 1).index_select(0, slots)
     # Own part: (B, Hkv, R, D) against (B, Hkv, C, D).
-    scores = torch.matmul(query, comp_k.transpose(-1, -2)).to(acc)
-    if comp_bias is not None:
-        scores = scores + comp_bias
-    lse_c = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out_c = torch.matmul(torch.exp(scores - lse_c).to(comp_v.dtype), comp_v)
+    out_c, lse_c = _attend(query, comp_k, comp_v, None if comp_bias is None else comp_bias.view(1, 1, 1, -1))
+    lse_c = lse_c[..., None]
     # Merge: softmax over the concatenation = the parts weighted by their share of the mass.
+    acc = lse_p.dtype
     lse = torch.logaddexp(lse_p, lse_c)
     return (torch.exp(lse_p - lse) * out_p.to(acc) + torch.exp(lse_c - lse) * out_c.to(acc)).to(query.dtype)
+
+
+def _attend(query, key, value, bias):
+    """softmax(query @ key^T + bias) @ value and its log-sum-exp (..., M) in fp32 (fp64 for
+    fp64 inputs); query (N, H, M, D), key/value (N, H, L, D), bias broadcastable or None.
+    On a CPU, eagerly: PyTorch's fused flash kernel, which returns the log-sum-exp (one op
+    instead of six, no (M, L) scores written out). Otherwise plain ops, which inductor fuses."""
+    if (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling()):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=None if bias is None else bias.to(query.dtype), scale=1.0)[:2]
+        return out, lse
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(acc)
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse).to(value.dtype), value), lse[..., 0]

@@ -19,7 +19,8 @@ def _plain_attention(query, prefix_k, prefix_v, lengths, slots, group, comp_k, c
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_shared_prefix_attention_equals_plain_attention(masked):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # plain ops; the CPU's fused kernel
+def test_shared_prefix_attention_equals_plain_attention(masked, dtype):
     gen = torch.Generator().manual_seed(0)
     NP, G, Hkv, R, D, C = 3, 4, 2, 3, 8, 7
     lengths = [5, 9, 2]
@@ -40,12 +41,14 @@ def test_shared_prefix_attention_equals_plain_attention(masked):
     if masked:  # a static-shape call: all C columns passed, those past `written` masked
         comp_k[:, :, written:] = 1e3
         comp_bias = torch.zeros(C, dtype=torch.float64).masked_fill_(torch.arange(C) >= written, float("-inf"))
-        out = shared_prefix_attention(query, prefix_k, prefix_v, bias, slots, G, comp_k, comp_v, comp_bias)
+        out = shared_prefix_attention(query.to(dtype), prefix_k.to(dtype), prefix_v.to(dtype), bias.to(dtype), slots,
+                                      G, comp_k.to(dtype), comp_v.to(dtype), comp_bias.to(dtype))
     else:
-        out = shared_prefix_attention(query, prefix_k, prefix_v, bias, slots, G,
-                                      comp_k[:, :, :written], comp_v[:, :, :written])
+        out = shared_prefix_attention(query.to(dtype), prefix_k.to(dtype), prefix_v.to(dtype), bias.to(dtype), slots,
+                                      G, comp_k[:, :, :written].to(dtype), comp_v[:, :, :written].to(dtype))
     expected = _plain_attention(query, prefix_k, prefix_v, lengths, slots, G, comp_k, comp_v, written)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_padding_rows_do_not_disturb_live_rows():
