@@ -21,7 +21,9 @@ Two length modes:
 
 Reported per provider and mode: sampled tokens, rollout wall seconds, sampled tokens/s (the
 median of --rounds runs taken in turn: reference, hf, fast, reference, ...), the speed-up over
-the reference, decode_efficiency (sampled tokens / decode slots) where the sampler reports it,
+the reference; on a CPU also the process's CPU seconds and the speed-up in tokens per CPU
+second (on a machine shared with other work, wall time counts the time spent waiting for a
+core; CPU time counts only the sampler's own work), decode_efficiency (sampled tokens / decode slots) where the sampler reports it,
 peak_mb (torch.cuda.max_memory_allocated, GPU only) and kv_cache_mb, the KV cache the sampler
 holds at its largest, computed from its layout (reference and HF: every sequence holds its
 padded prompt and every step's token; fast: each prompt once plus max_new_tokens columns
@@ -176,13 +178,13 @@ def measure(name, model, prompts, G, max_new, eos, seed, device):
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lengths, slots, cache_bytes = PROVIDERS[name](model, prompts, G, max_new, eos, seed)
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
-    return dict(tokens=sum(lengths), seconds=seconds, slots=slots, peak=peak, kv=cache_bytes)
+    return dict(tokens=sum(lengths), seconds=seconds, cpu_seconds=cpu_seconds, slots=slots, peak=peak, kv=cache_bytes)
 
 
 def main(argv=None):
@@ -217,29 +219,35 @@ def main(argv=None):
                 runs[name].append(measure(name, model, prompts, G, max_new, eos, r, settings["device"]))
                 load = os.getloadavg()[0]
                 print(f"{mode} round {r} {name}: {runs[name][-1]['tokens']} tokens in "
-                      f"{runs[name][-1]['seconds']:.2f} s (load {load:.1f})", flush=True)
+                      f"{runs[name][-1]['seconds']:.2f} s, {runs[name][-1]['cpu_seconds']:.2f} s of CPU "
+                      f"(load {load:.1f})", flush=True)
         for name in providers:
             rate = statistics.median(m["tokens"] / m["seconds"] for m in runs[name])
             rows.append(dict(mode=mode, provider=name, sequences=len(prompts) * G, max_new_tokens=max_new,
                              tokens=round(statistics.median(m["tokens"] for m in runs[name])),
                              seconds=round(statistics.median(m["seconds"] for m in runs[name]), 3),
                              tokens_per_s=round(rate, 1),
+                             cpu_seconds=round(statistics.median(m["cpu_seconds"] for m in runs[name]), 3),
+                             tokens_per_cpu_s=round(statistics.median(m["tokens"] / m["cpu_seconds"]
+                                                                      for m in runs[name]), 1),
                              decode_efficiency=round(statistics.median(m["tokens"] / m["slots"] for m in runs[name]), 3),
                              peak_mb=round(max(m["peak"] for m in runs[name]) / 2**20, 1),
                              kv_cache_mb=round(max(m["kv"] for m in runs[name]) / 2**20, 1),
                              rounds=rounds, load=round(os.getloadavg()[0], 1)))
-        base = next((row["tokens_per_s"] for row in rows if row["mode"] == mode and row["provider"] == "reference"), None)
+        base = next((row for row in rows if row["mode"] == mode and row["provider"] == "reference"), None)
         for row in rows:
             if row["mode"] == mode:
-                row["speedup_vs_reference"] = round(row["tokens_per_s"] / base, 2) if base else ""
+                row["speedup_vs_reference"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else ""
+                row["cpu_speedup_vs_reference"] = (round(row["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 2)
+                                                   if base and settings["device"] == "cpu" else "")
     env = environment()
     import transformers
 
     for row in rows:
         row.update(shape=args.shape, dtype=str(settings["dtype"]).replace("torch.", ""),
                    transformers=transformers.__version__, **env)
-    print_table(rows, ["mode", "provider", "tokens", "seconds", "tokens_per_s", "speedup_vs_reference",
-                       "decode_efficiency", "kv_cache_mb", "peak_mb"])
+    print_table(rows, ["mode", "provider", "tokens", "seconds", "tokens_per_s", "speedup_vs_reference", "cpu_seconds",
+                       "cpu_speedup_vs_reference", "decode_efficiency", "kv_cache_mb", "peak_mb"])
     if not args.no_save:
         print("appended to", append_csv("rollout.csv", rows))
 

@@ -1,7 +1,8 @@
 """Qwen2-VL's language model run for sampling: a packed prefill and a one-token decode step.
 
-Both run the model's own modules (embedding, norms, projections, MLPs, rotary embedding,
-lm_head) in the model's order; only the attention and the cache are this project's:
+Both run the model's own modules (embedding, projections, MLPs, rotary embedding, lm_head)
+in the model's order, its RMSNorms as torch's fused rms_norm and, in the decode step, its
+q/k/v projections as one matmul; the attention and the cache are this project's:
   - `prefill`: every prompt of the rollout in one packed forward (attention within each
     prompt: r1vl.attention's varlen kernels on a GPU, sdpa on the padded cache layout on a
     CPU), the images through the vision tower in one
@@ -42,17 +43,50 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
-def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def fused_qkv(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """Each layer's q, k and v projections as one (weight, bias): one matmul instead of three
+    per layer and step. None unless all are plain nn.Linear (e.g. adapters keep their modules).
+    Built per rollout from the current weights."""
+    fused = []
+    for layer in language_model(model).layers:
+        projections = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        if any(type(m) is not torch.nn.Linear for m in projections):
+            return None
+        biases = [m.bias for m in projections]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        if bias is None and any(b is not None for b in biases):
+            return None
+        fused.append((torch.cat([m.weight for m in projections]), bias))
+    return fused
+
+
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as PyTorch's fused rms_norm (one op instead of seven; the same
+    arithmetic: fp32 statistics, the weight applied in the input's dtype)."""
+    eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
+    if eps is None or weight is None or type(module).__name__ not in ("Qwen2VLRMSNorm", "Qwen2RMSNorm"):
+        return module(x)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None):
     """(N, hidden) -> q (N, Hq, D), k, v (N, Hkv, D), RoPE applied to q and k."""
     N, D = hidden.shape[0], attn.head_dim
-    q = attn.q_proj(hidden).view(N, -1, D)
-    k = attn.k_proj(hidden).view(N, -1, D)
-    v = attn.v_proj(hidden).view(N, -1, D)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    if fused is None:
+        q = attn.q_proj(hidden).view(N, -1, D)
+        k = attn.k_proj(hidden).view(N, -1, D)
+        v = attn.v_proj(hidden).view(N, -1, D)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+    Hkv = attn.k_proj.out_features // D
+    qkv = F.linear(hidden, *fused).view(N, -1, D)  # heads: Hq query, Hkv key, Hkv value
+    qk = _rope(qkv[:, :-Hkv], cos, sin)  # q and k rotate alike
+    return qk[:, :-Hkv], qk[:, -Hkv:], qkv[:, -Hkv:]
 
 
 def _mlp_block(layer, hidden: torch.Tensor) -> torch.Tensor:
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +147,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
     slots, Lp = slice(first_slot, first_slot + len(prompts)), max(lengths)
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(hidden), cos, sin)
+        q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin)
         # (NP, Hkv, Lp, D) seen as (NP, Lp, Hkv, D): one scatter writes every prompt's rows.
         cache.prefix_k[i].transpose(1, 2)[prompt_of, index_in_prompt] = k
         cache.prefix_v[i].transpose(1, 2)[prompt_of, index_in_prompt] = v
@@ -131,7 +165,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
             out = varlen_attention(q, k, v, cu, max(lengths), causal=True, scale=attn.scaling, backend=backend)
         hidden = hidden + attn.o_proj(out.reshape(T, -1))
         hidden = _mlp_block(layer, hidden)
-    last = lm.norm(hidden[cu[1:].to(torch.int64) - 1])  # (P, hidden): only the last token's logits
+    last = _norm(lm.norm, hidden[cu[1:].to(torch.int64) - 1])  # (P, hidden): only the last token's logits
     return model.lm_head(last).float()
 
 
@@ -154,6 +188,7 @@ def decode_step(
     comp_v: torch.Tensor,
     columns: int,
     masked: bool,
+    fused: list | None = None,
 ) -> torch.Tensor:
     """Feed one token per live row; return the next token's logits.
 
@@ -166,6 +201,7 @@ def decode_step(
         comp_k, comp_v: (L, >=B, Hkv, C, D): rows 0..B-1 are the live rows; written in place.
         columns: how many completion columns to attend over (a Python int: a static shape).
         masked: mask the columns past `column` (when `columns` is a bucket, not column + 1).
+        fused: `fused_qkv(model)`, or None to call the projection modules.
 
     Returns:
         (B, V) fp32 logits.
@@ -181,7 +217,7 @@ def decode_step(
             torch.arange(columns, device=tokens.device) > column, float("-inf"))
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(hidden), cos, sin)
+        q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin, None if fused is None else fused[i])
         keys, values = comp_k[i, :B], comp_v[i, :B]  # (B, Hkv, C, D) views of the cache
         keys.index_copy_(2, column.view(1), k[:, :, None])
         values.index_copy_(2, column.view(1), v[:, :, None])
@@ -191,4 +227,4 @@ def decode_step(
                                       keys[:, :, :columns], values[:, :, :columns], comp_bias)
         hidden = hidden + attn.o_proj(out.reshape(B, -1))
         hidden = _mlp_block(layer, hidden)
-    return model.lm_head(lm.norm(hidden)).float()
+    return model.lm_head(_norm(lm.norm, hidden)).float()

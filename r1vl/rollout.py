@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1vl.decode import decode_step, language_model, prefill, prompt_positions
+from r1vl.decode import decode_step, fused_qkv, language_model, prefill, prompt_positions
 from r1vl.kv_cache import RolloutCache
 from r1vl.prompts import Prompt
 from r1vl.sampling import sample_tokens
@@ -111,9 +111,9 @@ class _Stepper:
         self.cuda_graphs = compile_step and device.type == "cuda" and backend == "inductor"
 
     def __call__(self, model, tokens, positions, column, slots, group, cache: RolloutCache, NP: int,
-                 columns: int) -> torch.Tensor:
+                 columns: int, fused) -> torch.Tensor:
         args = (model, tokens, positions, column, slots, group, cache.prefix_k[:, :NP], cache.prefix_v[:, :NP],
-                cache.prefix_bias[:NP], cache.comp_k, cache.comp_v, columns, self.compiled)
+                cache.prefix_bias[:NP], cache.comp_k, cache.comp_v, columns, self.compiled, fused)
         if self.compiled:
             for t in (tokens, positions, slots):  # one graph for every bucket (CUDA graphs: one per bucket)
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -196,6 +196,7 @@ def generate(
             torch._dynamo.mark_static_address(t)  # written in place inside the graph
     logits = prefill(model, prompts, cache, list(positions)).repeat_interleave(G, dim=0)  # (B0, V)
 
+    fused = fused_qkv(model)
     # 2. Decode. Row i of the batch is sequence seq[i]; rows keep prompt-major order.
     out_tokens = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.int64, device=device)  # row B0: padding's
     out_logprobs = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.float32, device=device)
@@ -252,7 +253,7 @@ def generate(
                 slots, group = _grid_slots(prompt, n_prompts)
         column = torch.tensor(t, device=device)
         columns = max_new_tokens if stepper.compiled else t + 1
-        logits = stepper(model, token, start + t, column, slots, group, cache, n_prompts, columns)
+        logits = stepper(model, token, start + t, column, slots, group, cache, n_prompts, columns, fused)
     if bar is not None:
         bar.close()
 
