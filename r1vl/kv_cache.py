@@ -31,19 +31,32 @@ class RolloutCache:
 
     @classmethod
     def allocate(cls, prompt_lengths: list[int], num_generations: int, max_new_tokens: int, num_layers: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> RolloutCache:
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 prefix_capacity: int | None = None) -> RolloutCache:
         """Empty cache for len(prompt_lengths) prompts x num_generations completions of up to
         max_new_tokens tokens (the last sampled token is never fed back, so C = max_new_tokens - 1
-        columns would do; one more keeps C >= 1)."""
-        NP, Lp = len(prompt_lengths), max(prompt_lengths)
+        columns would do; one more keeps C >= 1). prefix_capacity: Lp, default the longest
+        prompt (more lets a later rollout with longer prompts reuse the cache)."""
+        NP = len(prompt_lengths)
+        Lp = prefix_capacity or max(prompt_lengths)
         B = NP * num_generations
         prefix = (num_layers, NP, num_kv_heads, Lp, head_dim)
         comp = (num_layers, B, num_kv_heads, max_new_tokens, head_dim)
-        lengths = torch.tensor(prompt_lengths, device=device)
-        bias = torch.zeros(NP, Lp, device=device)
-        bias.masked_fill_(torch.arange(Lp, device=device)[None] >= lengths[:, None], float("-inf"))
-        return cls(torch.zeros(prefix, dtype=dtype, device=device), torch.zeros(prefix, dtype=dtype, device=device),
-                   bias, torch.zeros(comp, dtype=dtype, device=device), torch.zeros(comp, dtype=dtype, device=device))
+        cache = cls(torch.zeros(prefix, dtype=dtype, device=device), torch.zeros(prefix, dtype=dtype, device=device),
+                    torch.zeros(NP, Lp, device=device), torch.zeros(comp, dtype=dtype, device=device),
+                    torch.zeros(comp, dtype=dtype, device=device))
+        cache.set_prompt_lengths(prompt_lengths)
+        return cache
+
+    def set_prompt_lengths(self, prompt_lengths: list[int]) -> None:
+        """Mask each prefix slot past its prompt's length (a new rollout in a reused cache)."""
+        NP, Lp = self.prefix_bias.shape
+        if len(prompt_lengths) != NP or max(prompt_lengths) > Lp:
+            raise ValueError(f"RolloutCache: {len(prompt_lengths)} prompts of up to {max(prompt_lengths)} tokens "
+                             f"do not fit {NP} slots of {Lp}")
+        lengths = torch.tensor(prompt_lengths, device=self.prefix_bias.device)
+        self.prefix_bias.zero_().masked_fill_(
+            torch.arange(Lp, device=lengths.device)[None] >= lengths[:, None], float("-inf"))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.comp_k, self.comp_v))

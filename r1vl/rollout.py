@@ -25,6 +25,7 @@ r1vl.rollout_reference, the oracle of the tests; this module never imports it.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,52 @@ class _Stepper:
         return self.fn(*args)
 
 
+# CUDA graphs replay fixed addresses: with a graphed step, the rollout cache and the fused
+# projection weights are kept per model and reused by the next rollout of the same shape
+# (prompt capacity rounded up), so that the graphs recorded once serve the whole run.
+_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rollout_cache(model, lengths: list[int], G: int, max_new_tokens: int, reuse: bool) -> RolloutCache:
+    lm = language_model(model)
+    shape = dict(num_generations=G, max_new_tokens=max_new_tokens, num_layers=len(lm.layers),
+                 num_kv_heads=lm.config.num_key_value_heads, head_dim=lm.layers[0].self_attn.head_dim,
+                 dtype=lm.embed_tokens.weight.dtype, device=model.lm_head.weight.device)
+    if not reuse:
+        return RolloutCache.allocate(lengths, **shape)
+    capacity = -(-max(lengths) // 64) * 64
+    workspace = _WORKSPACES.setdefault(model, {})
+    key = (len(lengths), capacity, *shape.values())
+    if workspace.get("cache_key") != key:
+        cache = RolloutCache.allocate(lengths, **shape, prefix_capacity=capacity)
+        for t in (cache.prefix_k, cache.prefix_v, cache.prefix_bias, cache.comp_k, cache.comp_v):
+            torch._dynamo.mark_static_address(t)  # written in place inside the graph
+        workspace.update(cache_key=key, cache=cache)
+    cache = workspace["cache"]
+    cache.set_prompt_lengths(lengths)
+    return cache
+
+
+def _fused_weights(model, reuse: bool):
+    fused = fused_qkv(model)
+    if not reuse or fused is None:
+        return fused
+    workspace = _WORKSPACES.setdefault(model, {})
+    kept = workspace.get("fused")
+    if kept is None or [w.shape for w, _ in kept] != [w.shape for w, _ in fused]:
+        for w, b in fused:
+            torch._dynamo.mark_static_address(w)
+            if b is not None:
+                torch._dynamo.mark_static_address(b)
+        workspace["fused"] = fused
+        return fused
+    for (w, b), (new_w, new_b) in zip(kept, fused):  # this rollout's weights, same addresses
+        w.copy_(new_w)
+        if b is not None:
+            b.copy_(new_b)
+    return kept
+
+
 def _progress(enabled: bool | None, total: int):
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -188,15 +235,10 @@ def generate(
     # 1. Prefill: every prompt once, its keys/values into the cache's prefix part.
     lengths = [p.ids.numel() for p in prompts]
     positions, deltas = zip(*(prompt_positions(model, p) for p in prompts))
-    attn = lm.layers[0].self_attn
-    cache = RolloutCache.allocate(lengths, G, max_new_tokens, len(lm.layers), lm.config.num_key_value_heads,
-                                  attn.head_dim, lm.embed_tokens.weight.dtype, device)
-    if stepper.cuda_graphs:
-        for t in (cache.prefix_k, cache.prefix_v, cache.prefix_bias, cache.comp_k, cache.comp_v):
-            torch._dynamo.mark_static_address(t)  # written in place inside the graph
+    cache = _rollout_cache(model, lengths, G, max_new_tokens, reuse=stepper.cuda_graphs)
     logits = prefill(model, prompts, cache, list(positions)).repeat_interleave(G, dim=0)  # (B0, V)
 
-    fused = fused_qkv(model)
+    fused = _fused_weights(model, reuse=stepper.cuda_graphs)
     # 2. Decode. Row i of the batch is sequence seq[i]; rows keep prompt-major order.
     out_tokens = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.int64, device=device)  # row B0: padding's
     out_logprobs = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.float32, device=device)

@@ -347,3 +347,24 @@ def test_compaction_moves_only_the_rows_past_the_new_end():
     assert keep.tolist() == [0, 5, 2, 7, 4] and live[keep].all()
     slots, group = _grid_slots(torch.tensor([2, 0, 2, 1, 2]), 3)
     assert group == 3 and slots.tolist() == [6, 0, 7, 3, 8]  # distinct places, prompt p at p * 3 + rank
+
+
+def test_graphed_rollouts_reuse_the_cache_and_fused_weights(setup):
+    # CUDA graphs replay fixed addresses: the next rollout of the same shape must get the same
+    # buffers, with its own prompt lengths masked and the current weights copied in.
+    from r1vl.rollout import _fused_weights, _rollout_cache
+
+    model = setup[0]
+    first = _rollout_cache(model, [70, 66], 4, 8, reuse=True)
+    assert first.prefix_bias.shape == (2, 128)  # capacity rounded up to 64
+    second = _rollout_cache(model, [61, 80], 4, 8, reuse=True)
+    assert second is first and torch.isinf(second.prefix_bias).sum(1).tolist() == [128 - 61, 128 - 80]
+    assert _rollout_cache(model, [61, 80, 5], 4, 8, reuse=True) is not first  # another shape
+    weights = _fused_weights(model, reuse=True)
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight.add_(1.0)
+        again = _fused_weights(model, reuse=True)
+        assert again[0][0] is weights[0][0]
+        assert torch.equal(again[0][0][:q_proj.out_features], q_proj.weight)
+        q_proj.weight.sub_(1.0)
