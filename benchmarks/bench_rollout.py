@@ -19,11 +19,44 @@ Two length modes:
   actually sampled.
 - forced: no EOS (min_new_tokens for HF): every completion is max_new_tokens long.
 
+Reported per provider and mode, each the median of --rounds runs taken in turn (reference,
+hf, fast, reference, ...) after a warm-up of each on the whole batch:
+- tokens, seconds, tokens_per_s: sampled tokens, rollout wall time, their ratio;
+  speedup_vs_reference: tokens_per_s over the reference's;
+- cpu_seconds, cpu_speedup_vs_reference (CPU only): the process's CPU time and the ratio of
+  tokens per CPU second. On a machine shared with other work, wall time also counts the time
+  spent waiting for a core, CPU time only the sampler's own work;
+- decode_efficiency: sampled tokens / decode slots (rows decoded, summed over positions);
+- kv_cache_mb: the KV cache the sampler holds at its largest, from its layout (reference and
+  HF: every sequence its padded prompt and every step's token; fast: each prompt once plus
+  max_new_tokens columns per completion); peak_mb: torch.cuda.max_memory_allocated (GPU only).
+Rows are appended to benchmarks/results/rollout.csv with device, versions, commit and load.
+
+--shape tiny: the built-in run's shape, CPU
+    python benchmarks/bench_rollout.py --quick         # fewer tokens, one round
+    python benchmarks/bench_rollout.py --shape 2b      # GPU: Qwen2-VL-2B-shaped, bf16 (to be measured)
+
+Providers, each given the same encoded prompts (r1vl.synthetic's task, r1vl.prompts' chat
+format), G, max_new_tokens, temperature 1 and top_p 1:
+- reference: r1vl.rollout_reference.generate_reference, the trainer's previous sampler
+  (DynamicCache grown by torch.cat, every sequence decoded until the longest stops);
+- hf_generate: transformers' model.generate on the left-padded batch of prompts with
+  num_return_sequences=G, do_sample, top_k=0 (the image is encoded G times there);
+- fast: r1vl.rollout.generate (in-place shared-prefix cache, compaction; compiled step on GPU).
+
+Two length modes:
+- stop: completions end at an EOS set of --eos_tokens ordinary token ids (a random model puts
+  about 1/V of its mass on each), so lengths spread as they do in RL: many stop early, a few
+  run to max_new_tokens. Each provider samples its own lengths; tokens/s counts the tokens
+  actually sampled.
+- forced: no EOS (min_new_tokens for HF): every completion is max_new_tokens long.
+
 Reported per provider and mode: sampled tokens, rollout wall seconds, sampled tokens/s (the
 median of --rounds runs taken in turn: reference, hf, fast, reference, ...), the speed-up over
 the reference; on a CPU also the process's CPU seconds and the speed-up in tokens per CPU
 second (on a machine shared with other work, wall time counts the time spent waiting for a
-core; CPU time counts only the sampler's own work), decode_efficiency (sampled tokens / decode slots) where the sampler reports it,
+core; CPU time counts only the sampler's own work), decode_efficiency (sampled tokens /
+decode slots) where the sampler reports it,
 peak_mb (torch.cuda.max_memory_allocated, GPU only) and kv_cache_mb, the KV cache the sampler
 holds at its largest, computed from its layout (reference and HF: every sequence holds its
 padded prompt and every step's token; fast: each prompt once plus max_new_tokens columns
@@ -35,6 +68,8 @@ tokens, 56 x 56 images, one CPU thread (a shared machine's other work slows mult
 ops by waits at each barrier).
 --shape 2b: Qwen2-VL-2B's architecture (benchmarks/bench_trainer.py's config), random weights,
 bf16, 16 prompts x G=4 = 64 sequences x up to 1024 tokens, 448 x 448 images; needs a GPU.
+The fast sampler's step is compiled there (inductor, CUDA graphs per batch bucket); the
+warm-up pays the compile. Not yet measured: no GPU was available when this was written.
 """
 from __future__ import annotations
 
@@ -231,7 +266,8 @@ def main(argv=None):
                              cpu_seconds=round(statistics.median(m["cpu_seconds"] for m in runs[name]), 3),
                              tokens_per_cpu_s=round(statistics.median(m["tokens"] / m["cpu_seconds"]
                                                                       for m in runs[name]), 1),
-                             decode_efficiency=round(statistics.median(m["tokens"] / m["slots"] for m in runs[name]), 3),
+                             decode_efficiency=round(statistics.median(m["tokens"] / m["slots"]
+                                                                       for m in runs[name]), 3),
                              peak_mb=round(max(m["peak"] for m in runs[name]) / 2**20, 1),
                              kv_cache_mb=round(max(m["kv"] for m in runs[name]) / 2**20, 1),
                              rounds=rounds, load=round(os.getloadavg()[0], 1)))

@@ -60,11 +60,14 @@ def fused_qkv(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor |
     return fused
 
 
+_RMS_NORMS = ("Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), fp32 statistics
+
+
 def _norm(module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm as PyTorch's fused rms_norm (one op instead of seven; the same
     arithmetic: fp32 statistics, the weight applied in the input's dtype)."""
     eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
-    if eps is None or weight is None or type(module).__name__ not in ("Qwen2VLRMSNorm", "Qwen2RMSNorm"):
+    if eps is None or weight is None or type(module).__name__ not in _RMS_NORMS:
         return module(x)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)

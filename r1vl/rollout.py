@@ -63,7 +63,8 @@ def _check(prompts, num_generations, max_new_tokens, eos_token_ids, temperature,
         raise ValueError(f"generate: eos_token_ids must be ints, got {eos_token_ids!r}")
     for i, p in enumerate(prompts):
         if p.ids.ndim != 1 or p.ids.numel() == 0:
-            raise ValueError(f"generate: prompt {i}: ids must be a non-empty 1-D tensor, got shape {tuple(p.ids.shape)}")
+            raise ValueError(f"generate: prompt {i}: ids must be a non-empty 1-D tensor, "
+                             f"got shape {tuple(p.ids.shape)}")
 
 
 def bucket_size(n: int, largest: int) -> int:

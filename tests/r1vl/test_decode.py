@@ -32,3 +32,18 @@ def test_packed_prefill_equals_each_prompts_own_forward():
                 torch.testing.assert_close(cache.prefix_v[layer, p, :, :n],
                                            out.past_key_values.layers[layer].values[0], rtol=0, atol=1e-5)
             assert (cache.prefix_k[:, p, :, n:] == 0).all()  # padding untouched
+
+
+def test_fused_rms_norm_is_the_models_norm_for_both_families():
+    from tiny_qwen_vl import FAMILIES
+
+    from r1vl.decode import _norm
+
+    for family in FAMILIES:
+        norm = tiny_model(family).model.language_model.norm
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+            x = torch.randn(5, norm.weight.numel()) * 3
+            assert _norm(norm, x) is not None and type(norm).__name__.endswith("RMSNorm")
+            torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))

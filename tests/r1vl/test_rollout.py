@@ -139,7 +139,8 @@ def test_decode_positions_equal_the_models_rope_index(setup, monkeypatch):
 
     monkeypatch.setattr(r1vl.rollout, "decode_step", recording_step)
     G, max_new = 2, 6
-    out = generate(model, prompts, G, max_new, [], generator=torch.Generator().manual_seed(0))  # no stops: row i = sequence i
+    # No stops: row i is sequence i throughout.
+    out = generate(model, prompts, G, max_new, [], generator=torch.Generator().manual_seed(0))
     assert [column for column, _ in seen] == list(range(max_new - 1))
     for i, ids in enumerate(out.ids):
         full = torch.cat([prompts[i // G].ids, ids])[None]
