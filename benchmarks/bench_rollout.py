@@ -32,37 +32,6 @@ hf, fast, reference, ...) after a warm-up of each on the whole batch:
   max_new_tokens columns per completion); peak_mb: torch.cuda.max_memory_allocated (GPU only).
 Rows are appended to benchmarks/results/rollout.csv with device, versions, commit and load.
 
---shape tiny: the built-in run's shape, CPU
-    python benchmarks/bench_rollout.py --quick         # fewer tokens, one round
-    python benchmarks/bench_rollout.py --shape 2b      # GPU: Qwen2-VL-2B-shaped, bf16 (to be measured)
-
-Providers, each given the same encoded prompts (r1vl.synthetic's task, r1vl.prompts' chat
-format), G, max_new_tokens, temperature 1 and top_p 1:
-- reference: r1vl.rollout_reference.generate_reference, the trainer's previous sampler
-  (DynamicCache grown by torch.cat, every sequence decoded until the longest stops);
-- hf_generate: transformers' model.generate on the left-padded batch of prompts with
-  num_return_sequences=G, do_sample, top_k=0 (the image is encoded G times there);
-- fast: r1vl.rollout.generate (in-place shared-prefix cache, compaction; compiled step on GPU).
-
-Two length modes:
-- stop: completions end at an EOS set of --eos_tokens ordinary token ids (a random model puts
-  about 1/V of its mass on each), so lengths spread as they do in RL: many stop early, a few
-  run to max_new_tokens. Each provider samples its own lengths; tokens/s counts the tokens
-  actually sampled.
-- forced: no EOS (min_new_tokens for HF): every completion is max_new_tokens long.
-
-Reported per provider and mode: sampled tokens, rollout wall seconds, sampled tokens/s (the
-median of --rounds runs taken in turn: reference, hf, fast, reference, ...), the speed-up over
-the reference; on a CPU also the process's CPU seconds and the speed-up in tokens per CPU
-second (on a machine shared with other work, wall time counts the time spent waiting for a
-core; CPU time counts only the sampler's own work), decode_efficiency (sampled tokens /
-decode slots) where the sampler reports it,
-peak_mb (torch.cuda.max_memory_allocated, GPU only) and kv_cache_mb, the KV cache the sampler
-holds at its largest, computed from its layout (reference and HF: every sequence holds its
-padded prompt and every step's token; fast: each prompt once plus max_new_tokens columns
-per completion). Rows are appended to
-benchmarks/results/rollout.csv with device, versions, commit and load average.
-
 --shape tiny: r1vl.tiny's Qwen2-VL (4 layers, width 128), fp32, 32 prompts x G=8, up to 160
 tokens, 56 x 56 images, one CPU thread (a shared machine's other work slows multi-threaded
 ops by waits at each barrier).
