@@ -33,14 +33,17 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
     return lm
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope_tables(lm, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own rotary embedding at (3, 1, N) M-RoPE positions: cos (N, 1, D) and sin with
+    its first half negated, so that rotate_half(x) * sin = roll(x, D/2) * signed sin."""
+    cos, sin = lm.rotary_emb(hidden, positions)  # (1, N, D) each
+    half = sin.shape[-1] // 2
+    return cos[0, :, None], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, H, D), cos/sin (N, D): the model's rotate-half RoPE."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (N, H, D): the model's rotate-half RoPE, x * cos + rotate_half(x) * sin, in three ops."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def fused_qkv(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
@@ -139,8 +142,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
     T = ids.numel()
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     pos = torch.cat(positions, dim=1).to(device)  # (3, T)
-    cos, sin = lm.rotary_emb(hidden, pos[:, None])  # (1, T, D) each
-    cos, sin = cos[0], sin[0]
+    cos, sin = _rope_tables(lm, hidden, pos[:, None])
     # Packed token i is token j of prompt p: where its keys go in the padded prefix cache.
     prompt_of = torch.repeat_interleave(torch.arange(first_slot, first_slot + len(prompts), device=device),
                                         torch.tensor(lengths, device=device), output_size=T)
@@ -212,8 +214,8 @@ def decode_step(
     lm = model.model.language_model
     B = tokens.shape[0]
     hidden = lm.embed_tokens(tokens)  # (B, hidden)
-    cos, sin = lm.rotary_emb(hidden, positions.view(1, B, 1).expand(3, B, 1))  # (B, 1, D)
-    cos, sin = cos[:, 0], sin[:, 0]
+    # Sampled tokens sit at the same position on all three M-RoPE axes.
+    cos, sin = _rope_tables(lm, hidden, positions.view(1, 1, B).expand(3, 1, B))
     comp_bias = None
     if masked:
         comp_bias = torch.zeros(columns, device=tokens.device).masked_fill_(
@@ -225,9 +227,9 @@ def decode_step(
         keys.index_copy_(2, column.view(1), k[:, :, None])
         values.index_copy_(2, column.view(1), v[:, :, None])
         Hkv = k.shape[1]
-        query = (q * attn.scaling).view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
+        query = q.view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
         out = shared_prefix_attention(query, prefix_k[i], prefix_v[i], prefix_bias, slots, group,
-                                      keys[:, :, :columns], values[:, :, :columns], comp_bias)
+                                      keys[:, :, :columns], values[:, :, :columns], comp_bias, scale=attn.scaling)
         hidden = hidden + attn.o_proj(out.reshape(B, -1))
         hidden = _mlp_block(layer, hidden)
     return model.lm_head(_norm(lm.norm, hidden)).float()

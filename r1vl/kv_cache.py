@@ -86,12 +86,12 @@ def shared_prefix_attention(
     comp_k: torch.Tensor,
     comp_v: torch.Tensor,
     comp_bias: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per row attending to its prompt's keys, then to its own completion's.
 
     Args:
-        query: (B, Hkv, R, D), already scaled by the softmax scale; R = query heads per
-            key/value head (grouped-query attention).
+        query: (B, Hkv, R, D); R = query heads per key/value head (grouped-query attention).
         prefix_k, prefix_v: (NP, Hkv, Lp, D), one layer's prompt part.
         prefix_bias: (NP, Lp) fp32, 0 or -inf (padding).
         slots: (B,) int64, row b's place in an (NP, group) grid: prompt slots[b] // group. The
@@ -101,6 +101,7 @@ def shared_prefix_attention(
         group: places per prompt in the grid (G).
         comp_k, comp_v: (B, Hkv, C, D), each row's own keys (every column valid unless masked).
         comp_bias: None, or (C,) fp32 0 / -inf for columns not yet written (static shapes).
+        scale: the softmax scale (scores = scale * q.k).
 
     Returns:
         (B, Hkv, R, D) in query's dtype. Softmax statistics in fp32 (fp64 for fp64 inputs).
@@ -112,19 +113,19 @@ def shared_prefix_attention(
     grid = query.new_zeros(NP * group + 1, Hkv, R, D).index_copy_(0, slots, query)[:-1]
     slots = slots.clamp(max=NP * group - 1)  # padding rows read any place: their output is unused
     grid = grid.view(NP, group, Hkv, R, D).transpose(1, 2).reshape(NP, Hkv, group * R, D)
-    out_p, lse_p = _attend(grid, prefix_k, prefix_v, prefix_bias[:, None, None, :])
+    out_p, lse_p = _attend(grid, prefix_k, prefix_v, prefix_bias[:, None, None, :], scale)
     out_p = out_p.view(NP, Hkv, group, R, D).transpose(1, 2).reshape(NP * group, Hkv, R, D).index_select(0, slots)
     lse_p = lse_p.view(NP, Hkv, group, R).transpose(1, 2).reshape(NP * group, Hkv, R, 1).index_select(0, slots)
     # Own part: (B, Hkv, R, D) against (B, Hkv, C, D).
-    out_c, lse_c = _attend(query, comp_k, comp_v, None if comp_bias is None else comp_bias.view(1, 1, 1, -1))
-    lse_c = lse_c[..., None]
-    # Merge: softmax over the concatenation = the parts weighted by their share of the mass.
+    out_c, lse_c = _attend(query, comp_k, comp_v, None if comp_bias is None else comp_bias.view(1, 1, 1, -1), scale)
+    # Merge: softmax over the concatenation = the parts weighted by their share of the mass,
+    # exp(lse_p) / (exp(lse_p) + exp(lse_c)) = sigmoid(lse_p - lse_c) for the prompt part.
     acc = lse_p.dtype
-    lse = torch.logaddexp(lse_p, lse_c)
-    return (torch.exp(lse_p - lse) * out_p.to(acc) + torch.exp(lse_c - lse) * out_c.to(acc)).to(query.dtype)
+    share = torch.sigmoid(lse_p - lse_c[..., None])
+    return torch.lerp(out_c.to(acc), out_p.to(acc), share).to(query.dtype)
 
 
-def _attend(query, key, value, bias):
+def _attend(query, key, value, bias, scale):
     """softmax(query @ key^T + bias) @ value and its log-sum-exp (..., M) in fp32 (fp64 for
     fp64 inputs); query (N, H, M, D), key/value (N, H, L, D), bias broadcastable or None.
     On a CPU, eagerly: PyTorch's fused flash kernel, which returns the log-sum-exp (one op
@@ -132,10 +133,10 @@ def _attend(query, key, value, bias):
     if (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
             and not torch.compiler.is_compiling()):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=None if bias is None else bias.to(query.dtype), scale=1.0)[:2]
+            query, key, value, 0.0, False, attn_mask=None if bias is None else bias.to(query.dtype), scale=scale)[:2]
         return out, lse
     acc = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query, key.transpose(-1, -2)).to(acc)
+    scores = torch.matmul(query * scale, key.transpose(-1, -2)).to(acc)
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)

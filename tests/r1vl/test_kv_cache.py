@@ -13,7 +13,7 @@ def _plain_attention(query, prefix_k, prefix_v, lengths, slots, group, comp_k, c
         p = int(slots[b]) // group
         k = torch.cat([prefix_k[p, :, :lengths[p]], comp_k[b, :, :columns]], dim=1)  # (Hkv, L, D)
         v = torch.cat([prefix_v[p, :, :lengths[p]], comp_v[b, :, :columns]], dim=1)
-        weights = torch.softmax(query[b] @ k.transpose(-1, -2), dim=-1)  # (Hkv, R, L)
+        weights = torch.softmax(0.3 * query[b] @ k.transpose(-1, -2), dim=-1)  # (Hkv, R, L), scale 0.3
         out.append(weights @ v)
     return torch.stack(out)
 
@@ -42,10 +42,10 @@ def test_shared_prefix_attention_equals_plain_attention(masked, dtype):
         comp_k[:, :, written:] = 1e3
         comp_bias = torch.zeros(C, dtype=torch.float64).masked_fill_(torch.arange(C) >= written, float("-inf"))
         out = shared_prefix_attention(query.to(dtype), prefix_k.to(dtype), prefix_v.to(dtype), bias.to(dtype), slots,
-                                      G, comp_k.to(dtype), comp_v.to(dtype), comp_bias.to(dtype))
+                                      G, comp_k.to(dtype), comp_v.to(dtype), comp_bias.to(dtype), scale=0.3)
     else:
         out = shared_prefix_attention(query.to(dtype), prefix_k.to(dtype), prefix_v.to(dtype), bias.to(dtype), slots,
-                                      G, comp_k[:, :, :written].to(dtype), comp_v[:, :, :written].to(dtype))
+                                      G, comp_k[:, :, :written].to(dtype), comp_v[:, :, :written].to(dtype), scale=0.3)
     expected = _plain_attention(query, prefix_k, prefix_v, lengths, slots, G, comp_k, comp_v, written)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
