@@ -2,7 +2,8 @@
 
 Both run the model's own modules (embedding, projections, MLPs, rotary embedding, lm_head)
 in the model's order, its RMSNorms as torch's fused rms_norm and, in the decode step, its
-q/k/v projections as one matmul; the attention and the cache are this project's:
+q/k/v and gate/up projections each as one matmul, residual adds inside the matmuls
+(`fuse_layers`); the attention and the cache are this project's:
   - `prefill`: every prompt of the rollout in one packed forward (attention within each
     prompt: r1vl.attention's varlen kernels on a GPU, sdpa on the padded cache layout on a
     CPU), the images through the vision tower in one
@@ -15,6 +16,8 @@ q/k/v projections as one matmul; the attention and the cache are this project's:
 Works for Qwen2-VL and Qwen2.5-VL (same decoder), refused for sliding-window layers.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +49,32 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def fused_qkv(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
-    """Each layer's q, k and v projections as one (weight, bias): one matmul instead of three
-    per layer and step. None unless all are plain nn.Linear (e.g. adapters keep their modules).
-    Built per rollout from the current weights."""
+class FusedLayer(NamedTuple):
+    """One decoder layer's weights joined for the decode step (fewer, larger ops)."""
+
+    qkv_weight: torch.Tensor  # (Hq*D + 2*Hkv*D, hidden): q, k and v projections as one matmul
+    qkv_bias: torch.Tensor  # (Hq*D + 2*Hkv*D,)
+    o_weight: torch.Tensor  # (hidden, Hq*D): o_proj, applied with the residual add (addmm)
+    gate_up_weight: torch.Tensor  # (2*I, hidden): gate and up projections as one matmul
+    down_weight: torch.Tensor  # (hidden, I): down_proj, applied with the residual add
+
+
+def fuse_layers(model: torch.nn.Module) -> list[FusedLayer] | None:
+    """Every layer's FusedLayer, built from the current weights (once per rollout), or None
+    unless every layer is the stock one: plain nn.Linear projections (biased q/k/v, unbiased
+    o/gate/up/down) and a SiLU MLP. Anything else (adapters, ...) runs through its modules."""
     fused = []
     for layer in language_model(model).layers:
-        projections = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
-        if any(type(m) is not torch.nn.Linear for m in projections):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        rest = [attn.o_proj, getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None),
+                getattr(mlp, "down_proj", None)]
+        if (any(type(m) is not torch.nn.Linear for m in qkv + rest) or any(m.bias is None for m in qkv)
+                or any(m.bias is not None for m in rest) or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation")):
             return None
-        biases = [m.bias for m in projections]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        if bias is None and any(b is not None for b in biases):
-            return None
-        fused.append((torch.cat([m.weight for m in projections]), bias))
+        fused.append(FusedLayer(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]),
+                                attn.o_proj.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                                mlp.down_proj.weight))
     return fused
 
 
@@ -77,7 +92,7 @@ def _norm(module, x: torch.Tensor) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
 
 
-def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None):
+def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: FusedLayer | None = None):
     """(N, hidden) -> q (N, Hq, D), k, v (N, Hkv, D), RoPE applied to q and k."""
     N, D = hidden.shape[0], attn.head_dim
     if fused is None:
@@ -86,13 +101,18 @@ def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused
         v = attn.v_proj(hidden).view(N, -1, D)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
     Hkv = attn.k_proj.out_features // D
-    qkv = F.linear(hidden, *fused).view(N, -1, D)  # heads: Hq query, Hkv key, Hkv value
+    qkv = F.linear(hidden, fused.qkv_weight, fused.qkv_bias).view(N, -1, D)  # heads: Hq query, Hkv key, Hkv value
     qk = _rope(qkv[:, :-Hkv], cos, sin)  # q and k rotate alike
     return qk[:, :-Hkv], qk[:, -Hkv:], qkv[:, -Hkv:]
 
 
-def _mlp_block(layer, hidden: torch.Tensor) -> torch.Tensor:
-    return hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
+def _mlp_block(layer, hidden: torch.Tensor, fused: FusedLayer | None = None) -> torch.Tensor:
+    hidden_in = _norm(layer.post_attention_layernorm, hidden)
+    if fused is None:
+        return hidden + layer.mlp(hidden_in)
+    gate_up = F.linear(hidden_in, fused.gate_up_weight)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.addmm(hidden, F.silu(gate) * up, fused.down_weight.t())
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +226,7 @@ def decode_step(
         comp_k, comp_v: (L, >=B, Hkv, C, D): rows 0..B-1 are the live rows; written in place.
         columns: how many completion columns to attend over (a Python int: a static shape).
         masked: mask the columns past `column` (when `columns` is a bucket, not column + 1).
-        fused: `fused_qkv(model)`, or None to call the projection modules.
+        fused: `fuse_layers(model)`, or None to call the modules.
 
     Returns:
         (B, V) fp32 logits.
@@ -222,7 +242,8 @@ def decode_step(
             torch.arange(columns, device=tokens.device) > column, float("-inf"))
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin, None if fused is None else fused[i])
+        layer_fused = None if fused is None else fused[i]
+        q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin, layer_fused)
         keys, values = comp_k[i, :B], comp_v[i, :B]  # (B, Hkv, C, D) views of the cache
         keys.index_copy_(2, column.view(1), k[:, :, None])
         values.index_copy_(2, column.view(1), v[:, :, None])
@@ -230,6 +251,9 @@ def decode_step(
         query = q.view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
         out = shared_prefix_attention(query, prefix_k[i], prefix_v[i], prefix_bias, slots, group,
                                       keys[:, :, :columns], values[:, :, :columns], comp_bias, scale=attn.scaling)
-        hidden = hidden + attn.o_proj(out.reshape(B, -1))
-        hidden = _mlp_block(layer, hidden)
+        if layer_fused is None:
+            hidden = hidden + attn.o_proj(out.reshape(B, -1))
+        else:
+            hidden = torch.addmm(hidden, out.reshape(B, -1), layer_fused.o_weight.t())
+        hidden = _mlp_block(layer, hidden, layer_fused)
     return model.lm_head(_norm(lm.norm, hidden)).float()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1vl.decode import decode_step, fused_qkv, language_model, prefill, prompt_positions
+from r1vl.decode import decode_step, fuse_layers, language_model, prefill, prompt_positions
 from r1vl.kv_cache import RolloutCache
 from r1vl.prompts import Prompt
 from r1vl.sampling import sample_tokens
@@ -152,22 +152,21 @@ def _rollout_cache(model, lengths: list[int], G: int, max_new_tokens: int, reuse
 
 
 def _fused_weights(model, reuse: bool):
-    fused = fused_qkv(model)
+    fused = fuse_layers(model)
     if not reuse or fused is None:
         return fused
     workspace = _WORKSPACES.setdefault(model, {})
     kept = workspace.get("fused")
-    if kept is None or [w.shape for w, _ in kept] != [w.shape for w, _ in fused]:
-        for w, b in fused:
-            torch._dynamo.mark_static_address(w)
-            if b is not None:
-                torch._dynamo.mark_static_address(b)
+    if kept is None or [[t.shape for t in f] for f in kept] != [[t.shape for t in f] for f in fused]:
+        for layer in fused:
+            for t in layer:
+                torch._dynamo.mark_static_address(t)
         workspace["fused"] = fused
         return fused
-    for (w, b), (new_w, new_b) in zip(kept, fused):  # this rollout's weights, same addresses
-        w.copy_(new_w)
-        if b is not None:
-            b.copy_(new_b)
+    for old, new in zip(kept, fused):  # this rollout's weights, at the addresses the graphs hold
+        for a, b in zip(old, new):
+            if a.data_ptr() != b.data_ptr():
+                a.copy_(b)
     return kept
 
 

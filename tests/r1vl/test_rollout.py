@@ -105,13 +105,17 @@ def _stop_set(model, n=12):
     return list(range(3, 3 + 7 * n, 7))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_decoding_logprobs_equal_one_uncached_forward(family, temperature, top_p):
+@pytest.mark.parametrize("family,temperature,top_p,fused", [
+    ("qwen2_vl", 1.0, 1.0, True), ("qwen2_5_vl", 1.0, 1.0, True), ("qwen2_vl", 0.7, 0.9, True),
+    ("qwen2_5_vl", 0.7, 0.9, False)])
+def test_decoding_logprobs_equal_one_uncached_forward(family, temperature, top_p, fused, monkeypatch):
     # Uneven prompts, completions stopping at different steps (rows compacted away mid-way):
     # every sampled token's log-probability, computed while decoding, must equal that of one
     # uncached forward over prompt + completion. A decode position off by one, or a dropped
-    # M-RoPE delta, changes these by far more than 1e-5.
+    # M-RoPE delta, changes these by far more than 1e-5. fused=False: the step calls the
+    # model's modules instead of the joined weights (what non-stock layers get).
+    if not fused:
+        monkeypatch.setattr(r1vl.rollout, "fuse_layers", lambda model: None)
     model = tiny_model(family)
     prompts = _tiny_prompts(torch.Generator().manual_seed(1), [[2, 5], [7, 1], [4, 9]])
     G, max_new = 4, 24
@@ -366,6 +370,6 @@ def test_graphed_rollouts_reuse_the_cache_and_fused_weights(setup):
     with torch.no_grad():
         q_proj.weight.add_(1.0)
         again = _fused_weights(model, reuse=True)
-        assert again[0][0] is weights[0][0]
-        assert torch.equal(again[0][0][:q_proj.out_features], q_proj.weight)
+        assert again[0].qkv_weight is weights[0].qkv_weight
+        assert torch.equal(again[0].qkv_weight[:q_proj.out_features], q_proj.weight)
         q_proj.weight.sub_(1.0)
