@@ -27,8 +27,9 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
         temperature) over the whole vocabulary (no ban, no nucleus: the policy's own
         distribution, as the trainer scores it).
     """
-    scaled = logits / temperature
-    logprobs = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    scaled = logits if temperature == 1.0 else logits / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    logits_of = scaled  # before the ban: the log-probabilities are the policy's own
     if banned is not None and banned.numel():
         scaled = scaled.index_fill(-1, banned, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
@@ -46,4 +47,4 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
     if order is not None:
         index = order.gather(-1, index)
     tokens = index[:, 0]
-    return tokens, logprobs.gather(-1, index)[:, 0]
+    return tokens, logits_of.gather(-1, index)[:, 0] - lse

@@ -47,3 +47,14 @@ def test_fused_rms_norm_is_the_models_norm_for_both_families():
             assert _norm(norm, x) is not None and type(norm).__name__.endswith("RMSNorm")
             torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
+
+
+def test_text_rope_tables_equal_the_models_rotary_embedding():
+    from r1vl.decode import _rope_tables, _text_rope_tables
+
+    lm = tiny_model("qwen2_5_vl").model.language_model
+    positions = torch.tensor([0, 7, 300, 4095])
+    hidden = torch.zeros(4, 64)
+    for got, expected in zip(_text_rope_tables(lm, hidden, positions),
+                             _rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
