@@ -215,7 +215,7 @@ def decode_step(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     positions: torch.Tensor,
-    column: torch.Tensor,
+    column: torch.Tensor | int,
     slots: torch.Tensor,
     group: int,
     prefix_k: torch.Tensor,
@@ -232,7 +232,7 @@ def decode_step(
     Args:
         tokens: (B,) int64, the token each row sampled last (completion column `column`).
         positions: (B,) int64, its M-RoPE position (the same on all three axes).
-        column: () int64 tensor, the cache column the new keys go to.
+        column: the cache column the new keys go to: an int, or a () int64 tensor (compiled).
         slots, group: each row's place in the prefix grid (see shared_prefix_attention).
         prefix_k, prefix_v: (L, NP, Hkv, Lp, D); prefix_bias (NP, Lp).
         comp_k, comp_v: (L, >=B, Hkv, C, D): rows 0..B-1 are the live rows; written in place.
@@ -257,8 +257,12 @@ def decode_step(
         layer_fused = None if fused is None else fused[i]
         q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin, layer_fused)
         keys, values = comp_k[i, :B], comp_v[i, :B]  # (B, Hkv, C, D) views of the cache
-        keys.index_copy_(2, column.view(1), k[:, :, None])
-        values.index_copy_(2, column.view(1), v[:, :, None])
+        if isinstance(column, int):  # eager: a plain strided copy (index_copy_ is slower on a CPU)
+            keys[:, :, column] = k
+            values[:, :, column] = v
+        else:  # a tensor: the same code serves every position in a captured graph
+            keys.index_copy_(2, column.view(1), k[:, :, None])
+            values.index_copy_(2, column.view(1), v[:, :, None])
         Hkv = k.shape[1]
         query = q.view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
         out = shared_prefix_attention(query, prefix_k[i], prefix_v[i], prefix_bias, slots, group,

@@ -293,7 +293,7 @@ def generate(
                     prompt = torch.searchsorted(kept_prompts, prompt)
                     n_prompts = kept_prompts.numel()
                 slots, group = _grid_slots(prompt, n_prompts)
-        column = torch.tensor(t, device=device)
+        column = torch.tensor(t, device=device) if stepper.compiled else t
         columns = max_new_tokens if stepper.compiled else t + 1
         logits = stepper(model, token, start + t, column, slots, group, cache, n_prompts, columns, fused)
     if bar is not None:
