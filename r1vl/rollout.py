@@ -6,9 +6,10 @@ sequences decoded.
     sample    token 0 of every completion from its prompt's last logits (r1vl.sampling)
     decode    one token per live row per step (r1vl.decode.decode_step), keys/values written in
               place, attention over the shared prompt part and the row's own part
-    compact   every few tokens, rows whose sequence stopped leave the batch (their cache rows
-              are overwritten by the live ones; prompts whose G completions all stopped leave
-              the prefix part), so decode work follows the live sequences
+    compact   once 1/32 of the batch (at least one row) has stopped, those rows leave it: the
+              live rows past the new end move into their cache rows; prompts whose G
+              completions all stopped leave the prefix part. Decode work follows the live
+              sequences
 
 A sequence stops at an EOS token (kept as its last completion token, so that the policy
 learns to stop) or at max_new_tokens. Positions follow Qwen2-VL's M-RoPE: the prompt takes
@@ -16,8 +17,8 @@ the model's own rope index, the k-th sampled token sits at P + k + delta on all 
 
 On a GPU the decode step is compiled (torch.compile, CUDA graphs): the batch is then padded
 to a few bucket sizes and the completion columns masked, so that shapes repeat. On a CPU it
-runs eagerly by default (compiling pays little for the step's small matmuls; see
-benchmarks/bench_rollout.py).
+runs eagerly by default: inductor's compile of the step took 11 minutes on a busy 2-core
+machine, more than the built-in run's rollouts take in all.
 
 The previous sampler, plain transformers forwards with a growing DynamicCache, is kept as
 r1vl.rollout_reference, the oracle of the tests; this module never imports it.
@@ -208,7 +209,7 @@ def generate(
         generator: for reproducible draws, on the model's device. The draws are inverse-CDF
             (r1vl.sampling): the same distribution as torch.multinomial, another random stream.
         compile_step: compile the decode step (None: on CUDA only, with CUDA graphs).
-        compile_backend: torch.compile backend for it ("inductor"; "aot_eager" in tests).
+        compile_backend: torch.compile backend for it ("inductor"; "eager" in CPU tests).
         compact_fraction: drop finished rows once they are this share of the batch (at least
             one row); with a compiled step, whenever the live rows fit a smaller bucket. None:
             never (finished rows decode on, ignored, until all have stopped).
@@ -239,7 +240,7 @@ def generate(
     logits = prefill(model, prompts, cache, list(positions)).repeat_interleave(G, dim=0)  # (B0, V)
 
     fused = _fused_weights(model, reuse=stepper.cuda_graphs)
-    # 2. Decode. Row i of the batch is sequence seq[i]; rows keep prompt-major order.
+    # 2. Decode. Row i of the batch is sequence seq[i] (compaction reorders rows).
     out_tokens = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.int64, device=device)  # row B0: padding's
     out_logprobs = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.float32, device=device)
     seq = torch.arange(B0, device=device)
