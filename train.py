@@ -149,7 +149,7 @@ def rollout(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world
     micro, split_groups = packed_microbatches(samples, [i // G for i in range(len(samples))], policy.model, cfg,
                                               world.device)
     return Rollout(scored.prompts, samples, scored.completions.stopped, scored.rewards, advantages, scored.skipped,
-                   micro, split_groups)
+                   micro, split_groups, scored.completions.decode_slots)
 
 
 def evaluate(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world, eos_ids, reward_cfg,
@@ -190,8 +190,8 @@ def grpo_metrics(batch: Rollout, update: dict, G: int, seconds: float, world) ->
               "packed_tokens": sum(packed_tokens),
               # Lockstep micro-batches cost as much as the largest one.
               "longest_microbatch_sum": max(packed_tokens, default=0) * len(packed_tokens),
-              # The sampler decodes every sequence until the longest stops.
-              "decode_slots": len(lengths) * max(lengths, default=0)}
+              # Rows the sampler decoded (finished rows leave its batch every few tokens).
+              "decode_slots": batch.decode_slots}
     total = reduce_over_ranks({**per_completion, **per_token, **totals}, world.device)
     S, N = update["sequences"], update["tokens"]
     return {

@@ -38,6 +38,7 @@ class Rollout:
     skipped: int  # prompts skipped for their length
     microbatches: list[tuple[list[int], PackedBatch]]  # (indices into samples, packed batch on the device)
     split_groups: int = 0  # prompt groups over micro_batch_tokens, packed in parts that each recompute the prompt
+    decode_slots: int = 0  # rows the sampler ran, summed over positions (r1vl.rollout.Completions.decode_slots)
 
     @property
     def num_tokens(self) -> int:
