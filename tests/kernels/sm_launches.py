@@ -38,16 +38,32 @@ def vocab_launches(launches, dtype_name, layout, with_entropy):
     return calls
 
 
-def grpo_launches(launches, scales=("none", "group", "batch"), terms=3):
+# Epilogue variants (_triton_grpo.grpo_terms): (seq_level, old, ref, policy, options); options
+# are per-token weights ("weight"), the off-policy mask with sampling log-probs ("opsm"), the
+# bias-corrected KL ("bias_kl") and vespo's log-weight offset ("offset").
+EPILOGUE_VARIANTS = (
+    (False, True, True, "clip", ()), (True, True, False, "clip", ()), (False, False, False, "clip", ()),
+    (False, True, True, "cispo", ("weight",)), (True, True, True, "sapo", ("opsm", "bias_kl")),
+    (False, True, True, "vespo", ("weight", "opsm", "offset")),
+)
+
+
+def grpo_launches(launches, scales=("none", "group", "batch"), terms=len(EPILOGUE_VARIANTS)):
+    from r1vl_kernels._terms import TermsConfig
+
     calls = []
     for scale in scales:
         calls += launches.run("_triton_grpo", "group_advantages", _t(S), 8, scale, 1e-4)
     logp = _t(N)
-    for seq_level, with_old, with_ref in ((False, True, True), (True, True, False), (False, False, False))[:terms]:
+    for seq_level, with_old, with_ref, policy, options in EPILOGUE_VARIANTS[:terms]:
+        cfg = TermsConfig(eps_low=0.2, eps_high=0.2, delta=None if with_ref else 2.0, beta=0.04, inv_norm=1.0 / S,
+                          per_seq_mean=True, seq_level=seq_level, policy=policy,
+                          off_policy_threshold=0.5 if "opsm" in options else None,
+                          bias_correction_kl="bias_kl" in options)
         calls += launches.run("_triton_grpo", "grpo_terms", logp, _t(N) if with_old else None,
                               _t(N) if with_ref else None, _t(S), _t(S + 1, dtype=torch.int32),
-                              eps_low=0.2, eps_high=0.2, delta=None if with_ref else 2.0, beta=0.04,
-                              inv_norm=1.0 / S, per_seq_mean=True, seq_level=seq_level)
+                              _t(N) if "weight" in options else None, _t(N) if "opsm" in options else None,
+                              _t(S) if "offset" in options else None, cfg)
     return calls
 
 
@@ -79,8 +95,8 @@ EPILOGUE_REGISTER_BUDGET = 64
 
 def record(launches, case: str):
     """The launches of one named case: "vocab DTYPE LAYOUT", "vocab DTYPE LAYOUT maxnreg=R"
-    (registers capped so that it spills: the check must see it), "epilogue" (a
-    representative three), "hidden DTYPE H=.. [bias+entropy]", or "hidden fp32 H=..
+    (registers capped so that it spills: the check must see it), "epilogue" (every
+    variant of EPILOGUE_VARIANTS), "hidden DTYPE H=.. [bias+entropy]", or "hidden fp32 H=..
     64x128x64" (the fp32 tiles before the fix, which spill; 15-20 s to compile)."""
     kind, *rest = case.split(" ")
     if kind == "vocab":
@@ -91,7 +107,7 @@ def record(launches, case: str):
                 kwargs["maxnreg"] = int(cap[0].split("=")[1])
         return calls
     if kind == "epilogue":
-        return grpo_launches(launches, scales=("batch",), terms=2)
+        return grpo_launches(launches, scales=("batch",))
     dtype, h, *variant = rest
     H = int(h.split("=")[1])
     if variant == ["64x128x64"]:
