@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_qwen_vl import make_sample, tiny_model
+from tiny_qwen_vl import make_group, make_sample, tiny_model
 
 from r1vl.attention import use_varlen_attention
 from r1vl.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss
@@ -130,12 +130,7 @@ def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(lo
     gen = torch.Generator().manual_seed(4)
     samples = []
     for grids, lens in [([(1, 4, 4)], [1, 9, 4, 12]), ([(1, 2, 6)], [7, 1, 3, 2]), ([], [5, 11, 1, 6])]:
-        first = make_sample(gen, grids, lens[0])
-        samples.append(first)
-        for n in lens[1:]:
-            sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
-            sibling.prompt_ids = first.prompt_ids
-            samples.append(sibling)
+        samples += make_group(gen, grids, lens)
     advantages = torch.randn(len(samples), generator=gen)
     S, N = len(samples), sum(len(s.completion_ids) for s in samples)
     options = dict(impl="torch", temperature=1.2, beta=0.04, loss_type=loss_type, max_completion_length=12,

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, make_group, make_sample, tiny_model
 
 from r1vl.attention import use_varlen_attention
 from r1vl.model import completion_hidden
@@ -160,12 +160,7 @@ def grpo_batch(seed: int, G: int):
     samples = []
     for grids in ([(1, 4, 6)], [(1, 2, 2), (1, 10, 4)], []):
         lens = [1] + [int(torch.randint(2, 14, (1,), generator=gen)) for _ in range(G - 1)]
-        first = make_sample(gen, grids, lens[0])
-        samples.append(first)
-        for n in lens[1:]:
-            sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
-            sibling.prompt_ids = first.prompt_ids
-            samples.append(sibling)
+        samples += make_group(gen, grids, lens)
     return samples
 
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from tiny_qwen_vl import IMAGE, PIXEL_ROW, VIDEO, VISION_END, VISION_START, make_sample, tiny_model
+from tiny_qwen_vl import IMAGE, PIXEL_ROW, VIDEO, VISION_END, VISION_START, make_group, make_sample, tiny_model
 
 from r1vl.packing import PackedBatch, Sample, SharedPlan, pack, plan_microbatches, plan_shared_microbatches
 
@@ -284,12 +284,7 @@ def test_shared_positions_and_targets_are_the_unshared_ones(family):
     gen = torch.Generator().manual_seed(5)
     samples = []
     for grids, lens in [([(1, 4, 6)], [3, 1, 9, 2]), ([], [4, 4]), ([(1, 2, 2), (1, 6, 4)], [1])]:
-        first = make_sample(gen, grids, lens[0])
-        samples.append(first)
-        for n in lens[1:]:
-            sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
-            sibling.prompt_ids = first.prompt_ids
-            samples.append(sibling)
+        samples += make_group(gen, grids, lens)
     samples.insert(3, samples.pop(5))  # groups interleaved in the input order
     unshared, shared = pack(samples, model), pack(samples, model, share_prompts=True)
     for name in ("target_ids", "completion_cu_seqlens"):

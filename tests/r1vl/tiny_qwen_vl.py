@@ -85,3 +85,15 @@ def make_sample(
         pixel_values=pixel_values if grids else None,
         image_grid_thw=torch.tensor(grids) if grids else None,
     )
+
+
+def make_group(gen: torch.Generator, grids: list[tuple[int, int, int]], completion_lens: list[int]) -> list[Sample]:
+    """len(completion_lens) samples of one prompt (the same ids and pixels), as the sampler
+    returns a prompt's G completions, with completions of the given lengths."""
+    first = make_sample(gen, grids, completion_lens[0])
+    group = [first]
+    for n in completion_lens[1:]:
+        sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
+        sibling.prompt_ids = first.prompt_ids
+        group.append(sibling)
+    return group
