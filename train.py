@@ -26,6 +26,7 @@ The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions fi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from r1vl.metrics import MetricsLog, Timer, console_line, peak_memory_gb
 from r1vl.packing import Sample, pack, plan_microbatches
 from r1vl.plot import plot_run
 from r1vl.prompts import blank_prompt, encode_prompt, encode_sft, encode_solution
+from r1vl.reward_sets import trained_reward
 from r1vl.resume import Checkpointer, find_resume_point, load_rng, read_trainer_state
 from r1vl.rewards import RewardConfig, score_groups
 from r1vl.rollout import generate
@@ -124,14 +126,20 @@ def rollout(policy: Policy, examples, cfg: Config, dd: distributed.Dist, generat
 
 
 def evaluate(policy: Policy, examples, cfg: Config, dd, eos_ids, reward_cfg, seed: int) -> dict:
-    """Mean reward and accuracy of G sampled completions on the held-out prompts (split over ranks)."""
+    """Mean reward and accuracy of eval_generations (0: G) sampled completions on the held-out
+    prompts (split over ranks), batch_size completions at a time. The full reward (StepRAR +
+    StepRVR), whatever --rewards trains on. The same seed each time: successive evaluations
+    draw the same random numbers, so their differences are the policy's, less sampling noise."""
     if not examples:
         return {}
     generator = torch.Generator(dd.device).manual_seed(seed + dd.rank)
     sums = [0.0, 0.0, 0.0, 0.0]
     mine = examples[dd.rank::dd.world_size]
-    for start in range(0, len(mine), cfg.prompts_per_step):
-        _, _, r, _ = rollout(policy, mine[start:start + cfg.prompts_per_step], cfg, dd, generator, eos_ids, reward_cfg)
+    G = cfg.eval_generations or cfg.num_generations
+    cfg = dataclasses.replace(cfg, num_generations=G)
+    per_chunk = max(cfg.batch_size // G, 1)
+    for start in range(0, len(mine), per_chunk):
+        _, _, r, _ = rollout(policy, mine[start:start + per_chunk], cfg, dd, generator, eos_ids, reward_cfg)
         sums = [a + b for a, b in zip(sums, [r.total.sum(), r.accuracy.sum(), r.step_rvr.sum(), len(r)])]
     total, accuracy, rvr, n = distributed.all_reduce_sum(sums, dd.device)
     return {"reward": total / max(n, 1), "accuracy": accuracy / max(n, 1), "step_rvr": rvr / max(n, 1)}
@@ -237,8 +245,9 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
     timer = Timer(dd.device)
     loss_options = dict(temperature=cfg.temperature, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                        max_completion_length=cfg.max_completion_length)
+                        max_completion_length=cfg.max_completion_length, softmax=cfg.loss_softmax)
     progress = _progress(cfg, dd, cfg.num_steps, "StepGRPO", initial=start)
+    last_eval = (None, {})  # (step, evaluation) of the latest eval-every-K evaluation
     for step in range(start + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
         # 1-2. rollout and rewards
@@ -247,7 +256,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                 policy, next(stream), cfg, dd, generator, eos_ids, reward_cfg)
             samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
                        for p, ids in zip([p for p in prompts for _ in range(G)], completions.ids)]
-            reward_t = torch.as_tensor(rewards.total, dtype=torch.float32)
+            reward_t = torch.as_tensor(trained_reward(rewards, cfg.rewards), dtype=torch.float32)
             advantages = step_advantages(reward_t, G, cfg.scale_rewards,
                                          lambda values: distributed.all_reduce_sum(values, dd.device))
             micro = packed_microbatches(samples, [i // G for i in range(len(samples))], model, cfg, dd.device)
@@ -311,7 +320,7 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
         per_seq = 1.0 / max(S_global, 1)
         per_token = 1.0 / max(N_global, 1)
         record = {
-            "stage": "grpo", "step": step, "lr": engine.lr, "grad_norm": grad_norm,
+            "stage": "grpo", "step": step, "rewards": cfg.rewards, "lr": engine.lr, "grad_norm": grad_norm,
             **{k: total[k] * per_seq for k in ("reward", "accuracy", "step_rar", "step_rvr", "key_step_match",
                                                 "has_answer", "truncated", "completion_len")},
             "loss": total["loss"],
@@ -326,6 +335,10 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
             "peak_memory_gb": distributed.all_reduce_max([peak_memory_gb(dd.device)], dd.device)[0],
             "skipped_updates": engine.skipped, **timer.pop(), "time_step": seconds,
         }
+        if cfg.eval_every and eval_examples and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+            with timer("eval"), engine.gathered():  # a learning curve; not counted in time_step
+                last_eval = (step, evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7))
+            record.update({f"eval_{k}": v for k, v in last_eval[1].items()}, **timer.pop())
         run_log.log(record)
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
@@ -336,8 +349,11 @@ def train_grpo(policy: Policy, cfg: Config, dd, examples, eval_examples, run_log
                        {"rollout": generator})
     progress.close()
 
-    with engine.gathered():
-        results["after"] = evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)
+    if last_eval[0] == cfg.num_steps:  # the eval-every-K curve's last point is the final evaluation
+        results["after"] = last_eval[1]
+    else:
+        with engine.gathered():
+            results["after"] = evaluate(policy, eval_examples, cfg, dd, eos_ids, reward_cfg, cfg.seed + 7)
     if results["after"]:
         distributed.print0("after GRPO:  " + json.dumps({k: round(v, 4) for k, v in results["after"].items()}))
     engine.close()

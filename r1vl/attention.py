@@ -1,10 +1,15 @@
 """Varlen attention for packed Qwen2-VL batches, plugged in through transformers' AttentionInterface.
 
-Three backends compute the same thing, attention within each packed sequence only:
+Four backends compute the same thing, attention within each packed sequence only:
   - "flash_attn":  flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; optional package);
   - "varlen_attn": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
   - "sdpa":        `scaled_dot_product_attention` with a block-diagonal mask, any device and
                    dtype; O(T^2) mask memory, so it is the CPU path and the reference.
+  - "sdpa_per_sequence": one unmasked `scaled_dot_product_attention` call per sequence, any
+                   device and dtype (opt-in; faster on a CPU, where reading the boundaries on
+                   the host costs nothing). Its results differ from "sdpa" by rounding only
+                   (about 1e-7), which the built-in run's robustness benchmark uses as a
+                   perturbation (benchmarks/bench_learning.py).
 
 `use_varlen_attention(model)` picks one (or takes the one forced), registers it under its own
 name and switches the language model and the vision tower to it. Nothing is monkey-patched.
@@ -20,7 +25,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "varlen_attn", "sdpa")
+BACKENDS = ("flash_attn", "varlen_attn", "sdpa", "sdpa_per_sequence")
+PORTABLE = ("sdpa", "sdpa_per_sequence")  # any device, any dtype
 
 # "flash" in the name is load-bearing: transformers' vision towers hand their per-image
 # cu_seqlens to the attention function only when the implementation's name contains "flash"
@@ -81,6 +87,8 @@ def varlen_attention(
         )
     if backend == "sdpa":
         return _sdpa_block_diagonal(query, key, value, cu_seqlens, causal, scale, dropout)
+    if backend == "sdpa_per_sequence":
+        return _sdpa_per_sequence(query, key, value, cu_seqlens, causal, scale, dropout)
     raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -100,6 +108,23 @@ def _sdpa_block_diagonal(query, key, value, cu_seqlens, causal, scale, dropout):
         enable_gqa=query.shape[1] != key.shape[1],
     )
     return out[0].transpose(0, 1)
+
+
+def _sdpa_per_sequence(query, key, value, cu_seqlens, causal, scale, dropout):
+    """One unmasked SDPA call per sequence: the work is the sum of the squared lengths
+    rather than T^2, at the price of reading the boundaries on the host (a device sync on
+    a GPU). A zero-length sequence contributes nothing."""
+    gqa = query.shape[1] != key.shape[1]
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=scale,
+                                             enable_gqa=gqa)
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces) if pieces else query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -230,7 +255,7 @@ def pick_backend(device: torch.device, dtype: torch.dtype) -> str:
 def _check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"use_varlen_attention: backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "sdpa":
+    if backend in PORTABLE:
         return
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
@@ -248,7 +273,8 @@ def use_varlen_attention(model, backend: str | None = None) -> str:
         model: a Qwen2-VL / Qwen2.5-VL model (ForConditionalGeneration or the base model),
             already on its device and in its dtype (they decide the automatic choice).
         backend: None to pick automatically (flash_attn, else varlen_attn on CUDA in
-            fp16/bf16, else sdpa), or one of BACKENDS to force it.
+            fp16/bf16, else sdpa), or one of BACKENDS to force it (sdpa_per_sequence is
+            never picked automatically).
 
     Returns:
         The backend in use; it is also logged. Undo with `model.set_attn_implementation("sdpa")`.

@@ -21,6 +21,8 @@ STAGES = ("grpo", "sft", "sft+grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTIONS = ("auto", "flash_attn", "varlen_attn", "sdpa", "sdpa_per_sequence")
+REWARD_SETS = ("accuracy", "steprar", "steprvr", "all")  # r1vl.reward_sets: what each one sums
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Config:
     reward_alpha: float = 0.1  # weight of the key-step match in StepRAR
     reward_normalize: bool = False  # lenient answer / key-step matching (off = the paper's rule)
     reward_symbolic: bool = True  # math-verify equivalence of answers
+    rewards: str = "all"  # reward components trained on: accuracy / steprar (+ key steps) / steprvr (+ validity) / all
+    loss_softmax: str = "float32"  # the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)
 
     # --- optimisation
     lr: float = 1e-6  # AdamW learning rate of the GRPO stage
@@ -82,11 +86,13 @@ class Config:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     kernel_impl: str = "auto"  # r1vl_kernels impl: auto = triton on CUDA, torch on CPU
-    attention: str = "auto"  # packed attention backend: auto / flash_attn / varlen_attn / sdpa
+    attention: str = "auto"  # packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_per_sequence
     deepspeed: str = ""  # a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism
 
     # --- logging and evaluation
     eval_prompts: int = 0  # held-out prompts scored before and after training; 0 = none
+    eval_every: int = 0  # also score them every K StepGRPO steps (a learning curve); 0 = before and after only
+    eval_generations: int = 0  # samples per held-out prompt; 0 = num_generations
     log_every: int = 1  # console line every N steps (the JSONL gets every step)
     progress: bool = True  # tqdm progress bars on rank 0
 
@@ -105,8 +111,12 @@ class Config:
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         need(self.kernel_impl in ("auto", "torch", "triton"),
              f"--kernel_impl must be auto, torch or triton, got {self.kernel_impl!r}")
-        need(self.attention in ("auto", "flash_attn", "varlen_attn", "sdpa"),
-             f"--attention must be auto, flash_attn, varlen_attn or sdpa, got {self.attention!r}")
+        need(self.attention in ATTENTIONS, f"--attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        need(self.rewards in REWARD_SETS, f"--rewards must be one of {REWARD_SETS}, got {self.rewards!r}")
+        need(self.loss_softmax in ("float32", "float64"),
+             f"--loss_softmax must be float32 or float64, got {self.loss_softmax!r}")
+        need(not (self.loss_softmax == "float64" and self.loss_type != "grpo"),
+             f"--loss_softmax float64 (the eager check) implements --loss_type grpo only, got {self.loss_type!r}")
         need(self.reference in ("initial", "none"), f"--reference must be initial or none, got {self.reference!r}")
         need(self.num_generations >= 2,
              f"--num_generations must be >= 2 (advantages are relative within a group), got {self.num_generations}")
@@ -126,7 +136,8 @@ class Config:
         need(self.keep_last >= 1, f"--keep_last must be >= 1, got {self.keep_last}")
         need(not (self.resume == "auto" and not self.run_dir),
              "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
-        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "min_pixels", "save_every"):
+        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "eval_every", "eval_generations",
+                     "min_pixels", "save_every"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.max_pixels >= self.min_pixels,
              f"--max_pixels ({self.max_pixels}) must be >= --min_pixels ({self.min_pixels})")
