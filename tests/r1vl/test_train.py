@@ -31,27 +31,34 @@ def _mean(records, key):
 
 
 def test_builtin_run_learns(tmp_path):
-    """The built-in run exactly as `make run` starts it (150 SFT steps, 60 StepGRPO steps,
-    seed 0), on one thread so that it is deterministic.
+    """The built-in run exactly as `make run` starts it (seed 0), on one thread so that it is
+    deterministic.
 
     The signs of the whole loop (rewards, advantages, loss, optimizer) are right only if the
     policy earns more: the training reward of the last steps must clearly beat the first
-    ones, and on 32 held-out prompts (8 samples each) both the mean reward and the accuracy
-    must rise. Measured: held-out reward 0.675 -> 1.044, accuracy 0.133 -> 0.262; the
-    margins asserted below are about half of that. (With two threads the same run gives
-    0.480 -> 1.017 and 0.109 -> 0.301: the numerics differ with the thread count.)"""
+    ones, and on the held-out prompts both the mean reward and the accuracy must rise. The
+    margins are those that benchmarks/results/learning.md shows every seed and numerics
+    variant clearing (the issue's bar, +0.3 and +0.1); seed 0's own gains are quoted there.
+    The held-out prompts are also scored every eval_every steps (the learning curve), and the
+    last of those is the "after" evaluation."""
+    from r1vl.config import TINY_DEFAULTS
+
     run_dir = tmp_path / "run"
     result = _train(["--run_dir", str(run_dir)], tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     grpo = _records(run_dir, "grpo")
-    assert len(grpo) == 60
+    steps, every = TINY_DEFAULTS["num_steps"], TINY_DEFAULTS["eval_every"]
+    assert len(grpo) == steps
     first, last = grpo[:10], grpo[-15:]
-    assert _mean(last, "reward") > _mean(first, "reward") + 0.08, [round(r["reward"], 3) for r in grpo]
-    assert _mean(last, "step_rvr") > _mean(first, "step_rvr") + 0.05, [round(r["step_rvr"], 3) for r in grpo]
+    assert _mean(last, "reward") > _mean(first, "reward") + 0.1, [round(r["reward"], 3) for r in grpo]
     results = json.loads((run_dir / "results.json").read_text())
     before, after = results["before"], results["after"]
-    assert after["reward"] > before["reward"] + 0.15, results
-    assert after["accuracy"] > before["accuracy"] + 0.05, results
+    assert after["reward"] > before["reward"] + 0.3, results
+    assert after["accuracy"] > before["accuracy"] + 0.1, results
+    evaluated = [r["step"] for r in grpo if "eval_reward" in r]
+    assert evaluated == list(range(every, steps + 1, every)), evaluated
+    assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
+    assert all(r["rewards"] == "all" for r in grpo)
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
                 "decode_efficiency", "peak_memory_gb", "time_rollout", "time_reference", "time_update",
                 "step_rar", "step_rvr", "key_step_match", "has_answer"):
@@ -108,6 +115,29 @@ def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
     assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
     assert (run_dir / "final" / "tokenizer.json").is_file()
     assert (run_dir / "final" / "preprocessor_config.json").is_file()
+
+
+def test_reward_choice_curve_and_perturbed_numerics_run(tmp_path, checkpoint):
+    """--rewards is recorded in config.json and every metrics line and chooses what the
+    advantages see (steprvr: accuracy + StepRVR); --eval_every K scores the held-out prompts
+    at K, 2K, ... and the last step; the opt-in numerics (per-sequence attention, float64
+    softmax in the loss) run through the trainer."""
+    model_dir, data = checkpoint
+    run_dir = tmp_path / "run"
+    args = ["--model", str(model_dir), "--data", str(data), "--run_dir", str(run_dir), "--num_steps", "3",
+            "--max_completion_length", "12", "--max_pixels", "3136", "--micro_batch_tokens", "2048",
+            "--save_final", "false", "--rewards", "steprvr", "--eval_prompts", "2", "--eval_every", "2",
+            "--eval_generations", "2", "--attention", "sdpa_per_sequence", "--loss_softmax", "float64"]
+    result = _train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text())["rewards"] == "steprvr"
+    grpo = _records(run_dir, "grpo")
+    assert [r["rewards"] for r in grpo] == ["steprvr"] * 3
+    assert [r["step"] for r in grpo if "eval_reward" in r] == [2, 3]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert {k: grpo[-1][f"eval_{k}"] for k in results["after"]} == results["after"]
+    result = _train([*args, "--rewards", "outcome"], tmp_path)
+    assert result.returncode == 2 and "--rewards must be one of" in result.stderr
 
 
 def test_too_long_prompts_are_skipped_and_counted(tmp_path, checkpoint):
