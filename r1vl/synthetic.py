@@ -68,9 +68,9 @@ def _colour(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
         "What colour is the shape in the image? Answer with one word.",
         f"The image shows one large {kind} on a white background.",
         "The question asks for the colour of the only shape, so name its fill colour.",
-        [f"The shape is a {kind}.", f"The {kind} is filled in {colour}, so its colour is {colour}."],
+        [f"There is 1 {kind}.", f"The {kind} is filled in {colour}, so its colour is {colour}."],
         colour,
-        [f"shape is a {kind}", f"colour is {colour}"],
+        [f"1 {kind}", f"colour is {colour}"],
     )
 
 
