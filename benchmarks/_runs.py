@@ -56,6 +56,12 @@ def _wall_seconds(run_dir: Path) -> float:
     return (run_dir / "results.json").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
 
 
+def finished(runs: list[Run], root: Path) -> tuple[list[Run], list[Run]]:
+    """(runs that finished with their options under root, the others), without running any."""
+    done = [run for run in runs if _same_options(run.run_dir(root), run.argv(root))]
+    return done, [run for run in runs if run not in done]
+
+
 def execute(runs: list[Run], root: Path, jobs: int, reuse: bool) -> list[Run]:
     """Run (or read back) every run, `jobs` at a time; fills run.result. A failed run stops
     the benchmark with its stderr (a table with a hole would read as a result)."""

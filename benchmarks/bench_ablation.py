@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ablation.py                      # 3 seeds x 4 reward sets, 2 runs at a time
     python benchmarks/bench_ablation.py --seeds 0 --reuse
+    python benchmarks/bench_ablation.py --collect            # tabulate the finished runs only
 
 R1-VL (Table 4, Qwen2-VL-7B, MathVista): warm-up only 61.2, +StepRAR 62.4, +StepRVR 61.9,
 StepGRPO (both) 63.5. Here, on the built-in run (TINY_DEFAULTS), with the same warm-up and
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import ROOT, Run, append, execute, header  # noqa: E402
+from _runs import ROOT, Run, append, execute, finished, header  # noqa: E402
 
 SETTINGS = {  # label -> (run label, train.py options); None = the warm-up only ("before")
     "warm-up only": None,
@@ -38,17 +39,20 @@ SETTINGS = {  # label -> (run label, train.py options); None = the warm-up only 
 }
 
 
-def _cell(values: list[float]) -> str:
+def _cell(pairs: list[tuple[int, float]]) -> str:
+    values = [v for _, v in pairs]
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+    seeds = ", ".join(f"s{seed} {v:.3f}" for seed, v in pairs)
+    return f"{statistics.mean(values):.3f} ± {spread:.3f} ({seeds})"
 
 
-def table(by_setting: dict[str, list[dict]]) -> str:
+def table(by_setting: dict[str, list[tuple[int, dict]]]) -> str:
+    """by_setting: setting -> [(seed, held-out evaluation), ...]."""
     lines = ["| setting | held-out accuracy: mean ± std (per seed) | held-out reward: mean ± std (per seed) |",
              "| --- | --- | --- |"]
     for name, evaluations in by_setting.items():
-        lines.append(f"| {name} | {_cell([e['accuracy'] for e in evaluations])} | "
-                     f"{_cell([e['reward'] for e in evaluations])} |")
+        lines.append(f"| {name} | {_cell([(s, e['accuracy']) for s, e in evaluations])} | "
+                     f"{_cell([(s, e['reward']) for s, e in evaluations])} |")
     return "\n".join(lines)
 
 
@@ -59,22 +63,33 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the run directories go")
     parser.add_argument("--reuse", action="store_true", help="read back runs that finished with the same options")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the finished runs (a setting lists the seeds it has)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ablation.md")
     args = parser.parse_args(argv)
     runs = {name: [Run(spec[0], seed, spec[1]) for seed in args.seeds]
             for name, spec in SETTINGS.items() if spec is not None}
-    done = execute([run for group in runs.values() for run in group], args.runs, args.jobs, args.reuse)
+    wanted = [run for group in runs.values() for run in group]
+    missing = []
+    if args.collect:
+        wanted, missing = finished(wanted, args.runs)
+    done = execute(wanted, args.runs, args.jobs, reuse=True if args.collect else args.reuse)
     by_run = {(r.label, r.seed): r.result for r in done}
-    by_setting = {"warm-up only": [by_run[("default", s)]["before"] for s in args.seeds]}
-    by_setting.update({name: [by_run[(spec[0], s)]["after"] for s in args.seeds]
+    by_setting = {"warm-up only": [(s, by_run[("default", s)]["before"]) for s in args.seeds
+                                   if ("default", s) in by_run]}
+    by_setting.update({name: [(s, by_run[(spec[0], s)]["after"]) for s in args.seeds if (spec[0], s) in by_run]
                        for name, spec in SETTINGS.items() if spec is not None})
+    by_setting = {name: evaluations for name, evaluations in by_setting.items() if evaluations}
     # Every setting starts from the same warm-up; say so if the runs disagree on it.
     notes = []
     for name, spec in SETTINGS.items():
         if spec is not None:
             for s in args.seeds:
-                if by_run[(spec[0], s)]["before"] != by_run[("default", s)]["before"]:
+                if (spec[0], s) in by_run and ("default", s) in by_run and \
+                        by_run[(spec[0], s)]["before"] != by_run[("default", s)]["before"]:
                     notes.append(f"note: {name} seed {s} started from a different warm-up evaluation")
+    if missing:
+        notes.append("Not run: " + ", ".join(f"{r.label} seed {r.seed}" for r in missing) + ".")
     text = "\n".join([table(by_setting), "", *notes]).rstrip()
     print(text)
     append(args.out, "## Reward ablation on the built-in run (after StepGRPO, held-out prompts)\n\n"

@@ -3,6 +3,7 @@
     python benchmarks/bench_learning.py                      # seeds 0-4 x three numerics, 2 runs at a time
     python benchmarks/bench_learning.py --seeds 0 1 --variants default --jobs 1
     python benchmarks/bench_learning.py --reuse ...          # read back runs already finished
+    python benchmarks/bench_learning.py --collect            # tabulate the finished ones only, run nothing
 
 Runs `python train.py --seed S` (the built-in configuration, TINY_DEFAULTS in r1vl/config.py)
 for every seed and numerics variant:
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import ROOT, Run, append, execute, header  # noqa: E402
+from _runs import ROOT, Run, append, execute, finished, header  # noqa: E402
 
 VARIANTS = {
     "default": [],
@@ -72,11 +73,23 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the run directories go")
     parser.add_argument("--reuse", action="store_true", help="read back runs that finished with the same options")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the runs that finished, and name the ones that did not")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning.md")
     args = parser.parse_args(argv)
     runs = [Run(variant, seed, VARIANTS[variant] + extra) for variant in args.variants for seed in args.seeds]
-    runs = execute(runs, args.runs, args.jobs, args.reuse)
-    text = "\n\n".join([table(runs), summary(runs)])
+    missing = []
+    if args.collect:
+        runs, missing = finished(runs, args.runs)
+        runs = execute(runs, args.runs, args.jobs, reuse=True)  # reads them back
+    else:
+        runs = execute(runs, args.runs, args.jobs, args.reuse)
+    if not runs:
+        raise SystemExit(f"no finished runs under {args.runs}")
+    parts = [table(runs), summary(runs)]
+    if missing:
+        parts.append("Not run: " + ", ".join(f"{r.label} seed {r.seed}" for r in missing) + ".")
+    text = "\n\n".join(parts)
     print(text)
     command = ["benchmarks/bench_learning.py", *(argv if argv else []), *(["--", *extra] if extra else [])]
     append(args.out, "## Built-in run: held-out gains over seeds and numerics\n\n" + header(command) + "\n" + text)
