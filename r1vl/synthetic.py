@@ -1,11 +1,8 @@
 """A synthetic visual-reasoning task small enough for a tiny model to learn on a CPU.
 
-Four kinds of record, all drawn with pillow on a small white canvas (56x56 by default, so
+Three kinds of record, all drawn with pillow on a small white canvas (56x56 by default, so
 a Qwen2-VL vision tower sees 4x4 patches of 14 pixels, 2x2 tokens after merging):
 
-- "colour": one large shape filling most of the canvas; "What colour is the shape?" The
-  easy one: every patch shows the answer, so a tiny model can learn to read it within the
-  built-in run, which gives StepGRPO an accuracy to gain beyond the output format;
 - "count": shapes in a 4x4 grid of 14-pixel cells, one per cell; "How many red shapes?"
 - "bars": two bars with heights in whole units (ticks every unit); "Which bar is taller?"
 - "add": two seven-segment digits side by side; "What is the sum of the two digits?"
@@ -28,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-TASKS = ("colour", "count", "bars", "add")
+TASKS = ("count", "bars", "add")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 150, 40)}
 CELL = 14  # one shape per vision patch
 BAR_UNIT = 7  # pixels per unit of bar height
@@ -55,24 +52,6 @@ def _record(task: str, problem: str, description: str, rationale: str, steps: Se
 
 
 # --------------------------------------------------------------------------- the tasks
-
-def _colour(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    colour, kind = rng.choice(list(COLOURS)), rng.choice(("circle", "square"))
-    margin = rng.randint(2, size // 8)
-    box = (margin, margin, size - 1 - margin, size - 1 - margin)
-    (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-    return image, _record(
-        "colour",
-        "What colour is the shape in the image? Answer with one word.",
-        f"The image shows one large {kind} on a white background.",
-        "The question asks for the colour of the only shape, so name its fill colour.",
-        [f"There is 1 {kind}.", f"The {kind} is filled in {colour}, so its colour is {colour}."],
-        colour,
-        [f"1 {kind}", f"colour is {colour}"],
-    )
-
 
 def _count(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
     image = Image.new("RGB", (size, size), "white")
@@ -159,7 +138,7 @@ def _add(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
     )
 
 
-_MAKERS = {"colour": _colour, "count": _count, "bars": _bars, "add": _add}
+_MAKERS = {"count": _count, "bars": _bars, "add": _add}
 
 
 # --------------------------------------------------------------------------- datasets

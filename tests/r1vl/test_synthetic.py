@@ -61,7 +61,7 @@ def test_every_solution_scores_the_maximum(dataset):
 def test_answers_are_short(dataset):
     for r in _records(dataset):
         answer = r["solution"].rsplit("### The final answer is:\n", 1)[1]
-        assert answer in ("left", "right", *COLOURS) or (answer.isdigit() and int(answer) <= 18)
+        assert answer in ("left", "right") or (answer.isdigit() and int(answer) <= 18)
         assert r["problem"].endswith("?") or "Answer with" in r["problem"]
 
 
@@ -98,16 +98,11 @@ DIGITS = {"abcdef": 0, "bc": 1, "abdeg": 2, "abcdg": 3, "bcfg": 4, "acdfg": 5, "
 
 @pytest.mark.parametrize("size", [56, 112])
 def test_images_show_the_answer(size):
-    for i in range(32):
+    for i in range(30):
         image, record = make_example(seed=11, index=i, image_size=size)
         pixels = np.asarray(image).astype(int)
         task = record["task"]
-        if task == "colour":  # one shape: most non-white pixels are its colour, none of the others
-            painted = pixels[pixels.sum(-1) < 3 * 250]
-            assert len(painted) > size * size // 3
-            nearest = [min(COLOURS, key=lambda c: np.abs(p - COLOURS[c]).sum()) for p in painted[::7]]
-            assert set(nearest) == {_answer(record)}
-        elif task == "count":
+        if task == "count":
             colour = record["problem"].split()[2]
             mask = (np.abs(pixels - COLOURS[colour]).sum(-1) < 30)
             assert _blobs(mask) == int(_answer(record))
