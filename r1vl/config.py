@@ -175,8 +175,8 @@ class Config:
 # leaves the format below that: after 80 steps it was already at 0.38-0.42 on seeds 0 and 1
 # (issue 13, benchmarks/results/learning.md). Held-out: 128 prompts x 2 samples, the same 256
 # completions as 32 x 8 but four times the prompts (the noise is mostly between prompts), scored
-# every 20 # steps. Exact answer matching suffices for the integer and one-word answers (math-verify's
-# worker start costs more than a demo step).
+# every 20 steps. Exact answer matching suffices for the integer and one-word answers
+# (math-verify's worker start costs more than a demo step).
 TINY_DEFAULTS = dict(
     stage="sft+grpo", sft_steps=70, sft_batch_size=16, sft_lr=2e-3,
     num_steps=60, num_generations=8, batch_size=32, temperature=1.0, lr=2e-4,
