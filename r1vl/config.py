@@ -164,24 +164,20 @@ class Config:
 
 # The built-in demonstration (`python train.py`): a tiny Qwen2-VL learns the synthetic task on
 # two CPU cores in a few minutes. Rates are far above the paper's because the model is random
-# and tiny (above 2e-4 the StepGRPO policy drifted without gain in trials, at 6e-4 it collapsed);
-# lengths fit the synthetic solutions (about 100 tokens with the tiny tokenizer). Temperature
-# 1.0 and G=8: at 1.2 the tiny model breaks the output format so often that most groups of 4
-# earn no reward at all. The warm-up is short on purpose (70 steps, not 150): after 150 the
-# format is nearly learned (StepRVR about 0.8 on held-out prompts) and the answers are at
-# chance, so StepGRPO had little left to gain and the gain was at the mercy of the seed. At
-# this learning rate StepGRPO lifts StepRVR to about 0.5-0.6 within 20-30 steps and not much
-# further (trials from 0.12 and from 0.53 alike), so it shows its effect when the warm-up
-# leaves the format below that: after 80 steps it was already at 0.38-0.42 on seeds 0 and 1
-# (issue 13, benchmarks/results/learning.md). Held-out: 128 prompts x 2 samples, the same 256
-# completions as 32 x 8 but four times the prompts (the noise is mostly between prompts), scored
-# every 20 steps. Exact answer matching suffices for the integer and one-word answers
-# (math-verify's worker start costs more than a demo step).
+# and tiny (above 2e-4 the tiny policy drifted without gain in trials, at 6e-4 StepGRPO
+# collapsed within ten steps); lengths fit the synthetic solutions (about 100 tokens with the
+# tiny tokenizer). Temperature 1.0 and G=8: at 1.2 the tiny model breaks the output format so
+# often that most groups of 4 earn no reward at all and a few minutes of RL show little. Exact
+# answer matching suffices for its integer and one-word answers (math-verify's worker start
+# costs more than a demo step). The held-out prompts are also scored after 30 steps (a learning
+# curve for one more evaluation; the last one is the "after"). Shorter warm-ups (70, 80 steps)
+# with 128 held-out prompts x 2 samples were tried for issue 13 and did not make the gain
+# robust: see benchmarks/results/learning.md.
 TINY_DEFAULTS = dict(
-    stage="sft+grpo", sft_steps=70, sft_batch_size=16, sft_lr=2e-3,
+    stage="sft+grpo", sft_steps=150, sft_batch_size=16, sft_lr=2e-3,
     num_steps=60, num_generations=8, batch_size=32, temperature=1.0, lr=2e-4,
     max_prompt_length=128, max_completion_length=160, max_pixels=56 * 56, micro_batch_tokens=1024,
-    reward_symbolic=False, eval_prompts=128, eval_generations=2, eval_every=20,
+    reward_symbolic=False, eval_prompts=32, eval_every=30,
 )
 
 
