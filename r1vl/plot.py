@@ -119,7 +119,7 @@ def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metric
         ax.legend(fontsize=7, loc="best")
     axes[-1, 0].set_xlabel("StepGRPO step")
     fig.suptitle(str(run_dir), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / fig.get_figheight()))  # room for the title
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
