@@ -102,7 +102,8 @@ def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metric
     panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
-        raise ValueError(f"{path} holds none of the metrics to plot (reward, accuracy, kl, completion length, tokens/s)")
+        raise ValueError(f"{path} holds none of the metrics to plot "
+                         "(reward, accuracy, kl, completion length, tokens/s)")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.3 * len(panels)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for colour, key in zip(("C0", "C1", "C2"), keys):

@@ -47,4 +47,5 @@ def test_unknown_choice_is_refused():
         make_config(rewards="outcome")
     with pytest.raises(ValueError, match="--loss_softmax float64"):
         make_config(loss_softmax="float64", loss_type="dapo")
-    assert make_config().rewards == "all" and make_config(attention="sdpa_per_sequence").attention == "sdpa_per_sequence"
+    assert make_config().rewards == "all"
+    assert make_config(attention="sdpa_per_sequence").attention == "sdpa_per_sequence"
