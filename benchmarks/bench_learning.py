@@ -39,7 +39,7 @@ BAR = {"reward": 0.3, "accuracy": 0.1}
 
 def table(runs: list[Run]) -> str:
     lines = ["| numerics | seed | held-out reward before -> after | gain | accuracy before -> after | gain | "
-             "clears +0.3 / +0.1 | minutes |",
+             "clears +0.3 / +0.1 | minutes (shared cores) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         b, a = run.result["before"], run.result["after"]
