@@ -26,6 +26,7 @@ The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions fi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatch
 from r1vl.plot import plot_run
 from r1vl.policy import Policy, check_checkpoint_dir, load_policy, save_full_policy
 from r1vl.prompts import Prompt, PromptEncoder
+from r1vl.reward_sets import trained_reward
 from r1vl.rewards import RewardConfig, score_groups
 from r1vl.rollout import Completions, generate
 
@@ -144,7 +146,8 @@ def rollout(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world
     G = cfg.num_generations
     samples = [Sample(p.ids, ids, p.pixel_values, p.image_grid_thw)
                for p, ids in zip([p for p in scored.prompts for _ in range(G)], scored.completions.ids)]
-    advantages = step_advantages(torch.as_tensor(scored.rewards.total, dtype=torch.float32), G, cfg.scale_rewards,
+    trained = trained_reward(scored.rewards, cfg.rewards)  # --rewards: the components trained on
+    advantages = step_advantages(torch.as_tensor(trained, dtype=torch.float32), G, cfg.scale_rewards,
                                  lambda values: distributed.all_reduce_sum(values, world.device))
     micro, split_groups = packed_microbatches(samples, [i // G for i in range(len(samples))], policy.model, cfg,
                                               world.device)
@@ -154,14 +157,19 @@ def rollout(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world
 
 def evaluate(policy: Policy, encoder: PromptEncoder, examples, cfg: Config, world, eos_ids, reward_cfg,
              seed: int) -> dict:
-    """Mean reward and accuracy of G sampled completions on the held-out prompts (split over ranks)."""
+    """Mean reward and accuracy of eval_generations (0: G) sampled completions on the held-out
+    prompts (split over ranks), batch_size completions at a time. The full reward (StepRAR +
+    StepRVR), whatever --rewards trains on. The same seed each time: successive evaluations
+    draw the same random numbers, so their differences are the policy's, less sampling noise."""
     if not examples:
         return {}
     generator = torch.Generator(world.device).manual_seed(seed + world.rank)
     sums = {"reward": 0.0, "accuracy": 0.0, "step_rvr": 0.0, "completions": 0}
     mine = examples[world.rank::world.world_size]
-    for start in range(0, len(mine), cfg.prompts_per_step):
-        r = sample_and_score(policy, encoder, mine[start:start + cfg.prompts_per_step], cfg, generator, eos_ids,
+    cfg = dataclasses.replace(cfg, num_generations=cfg.eval_generations or cfg.num_generations)
+    per_chunk = max(cfg.batch_size // cfg.num_generations, 1)
+    for start in range(0, len(mine), per_chunk):
+        r = sample_and_score(policy, encoder, mine[start:start + per_chunk], cfg, generator, eos_ids,
                              reward_cfg).rewards
         for key, value in (("reward", r.total.sum()), ("accuracy", r.accuracy.sum()), ("step_rvr", r.step_rvr.sum()),
                            ("completions", len(r))):
@@ -300,9 +308,10 @@ def train_grpo(policy: Policy, cfg: Config, world, examples, eval_examples, run_
     filler = filler_microbatch(policy, encoder, world.device)
     reference, reference_source = build_reference(policy, engine, cfg, world, saver, resume, reference_source)
 
-    def held_out(when: str) -> dict:
-        with engine.gathered():
-            result = evaluate(policy, encoder, eval_examples, cfg, world, eos_ids, reward_cfg, cfg.seed + 7)
+    def held_out(when: str, result: dict | None = None) -> dict:
+        if result is None:
+            with engine.gathered():
+                result = evaluate(policy, encoder, eval_examples, cfg, world, eos_ids, reward_cfg, cfg.seed + 7)
         if result:
             distributed.print0(f"{when} GRPO: ".ljust(13) + json.dumps({k: round(v, 4) for k, v in result.items()}))
         return result
@@ -318,15 +327,20 @@ def train_grpo(policy: Policy, cfg: Config, world, examples, eval_examples, run_
     timer = Timer(world.device)
     progress = _progress(cfg, world, cfg.num_steps, "StepGRPO", initial=start)
     warn_undecided = UndecidedWarning()
+    curve = {}  # step -> held-out evaluation, every --eval_every steps
     for step in range(start + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
         with timer("rollout"), engine.gathered():  # 1-2. sample, score, pack
             batch = rollout(policy, encoder, next(stream), cfg, world, generator, eos_ids, reward_cfg)
         update = grpo_update(engine, reference, batch, filler, cfg, impl, world, timer)  # 3. log-probs, update
         seconds = time.perf_counter() - t0
-        record = {"stage": "grpo", "step": step, "lr": engine.lr,  # 4. metrics, checkpoint
+        record = {"stage": "grpo", "step": step, "rewards": cfg.rewards, "lr": engine.lr,  # 4. metrics, checkpoint
                   **grpo_metrics(batch, update, cfg.num_generations, seconds, world),
                   "skipped_updates": engine.skipped, **timer.pop(), "time_step": seconds}
+        if cfg.eval_every and eval_examples and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+            with timer("eval"), engine.gathered():  # a learning curve; not counted in time_step
+                curve[step] = evaluate(policy, encoder, eval_examples, cfg, world, eos_ids, reward_cfg, cfg.seed + 7)
+            record.update({f"eval_{k}": v for k, v in curve[step].items()}, **timer.pop())
         run_log.log(record)
         if world.is_main:
             warn_undecided(record["undecided"], step)
@@ -339,7 +353,8 @@ def train_grpo(policy: Policy, cfg: Config, world, examples, eval_examples, run_
                        {"rollout": generator})
     progress.close()
 
-    results = {"before": before, "after": held_out("after")}
+    # The curve's point at the last step is the final evaluation (the same seed, the same policy).
+    results = {"before": before, "after": held_out("after", curve.get(cfg.num_steps))}
     engine.close()
     if reference is not None:
         reference.close()

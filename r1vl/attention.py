@@ -1,13 +1,16 @@
 """Varlen attention for packed Qwen2-VL batches, plugged in through transformers' AttentionInterface.
 
-Three backends compute the same thing, attention within each packed segment only, a
+Three backends (and an opt-in fourth) compute the same thing, attention within each packed segment only, a
 segment being a sequence or, in the shared-prompt layout, a prompt or one completion that
 also sees its group's prompt (r1vl.packing.PackedBatch):
   - "flash_attn":  flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; optional package);
   - "varlen_attn": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
   - "sdpa":        `scaled_dot_product_attention`, any device and dtype: on a CPU one call per
                    segment; elsewhere one call with a segment-diagonal (T, T_k) mask (O(T^2)
-                   memory, but no host sync), the fallback and the reference.
+                   memory, but no host sync), the fallback and the reference;
+  - "sdpa_masked": the masked sdpa form on any device, CPU included (opt-in): its results
+                   differ from the CPU's per-segment calls by rounding only (about 1e-7), a
+                   perturbation of the numerics for benchmarks/bench_learning.py.
 A shared prompt's keys and values are gathered once per completion that sees them (key_index)
 and each completion's segment is one varlen batch entry [prompt keys, own keys] with the
 causal mask aligned to the bottom right: one exact kernel call, plain autograd.
@@ -26,7 +29,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "varlen_attn", "sdpa")
+BACKENDS = ("flash_attn", "varlen_attn", "sdpa", "sdpa_masked")
+PORTABLE = ("sdpa", "sdpa_masked")  # any device, any dtype
 
 # "flash" in the name is load-bearing: transformers' vision towers hand their per-image
 # cu_seqlens to the attention function only when the implementation's name contains "flash"
@@ -111,6 +115,8 @@ def varlen_attention(
     if backend == "sdpa":
         if query.device.type == "cpu":
             return _sdpa_per_segment(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
+        return _sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
+    if backend == "sdpa_masked":
         return _sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
     raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -303,7 +309,7 @@ def pick_backend(device: torch.device, dtype: torch.dtype) -> str:
 def _check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"use_varlen_attention: backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "sdpa":
+    if backend in PORTABLE:
         return
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
@@ -321,7 +327,8 @@ def use_varlen_attention(model, backend: str | None = None) -> str:
         model: a Qwen2-VL / Qwen2.5-VL model (ForConditionalGeneration or the base model),
             already on its device and in its dtype (they decide the automatic choice).
         backend: None to pick automatically (flash_attn, else varlen_attn on CUDA in
-            fp16/bf16, else sdpa), or one of BACKENDS to force it.
+            fp16/bf16, else sdpa), or one of BACKENDS to force it (sdpa_masked is
+            never picked automatically).
 
     Returns:
         The backend in use; it is also logged. Undo with `model.set_attn_implementation("sdpa")`.

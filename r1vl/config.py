@@ -24,6 +24,8 @@ STAGES = ("grpo", "sft", "sft+grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTIONS = ("auto", "flash_attn", "varlen_attn", "sdpa", "sdpa_masked")
+REWARD_SETS = ("accuracy", "steprar", "steprvr", "all")  # r1vl.reward_sets: what each one sums
 
 
 def option(default, help: str):
@@ -71,6 +73,10 @@ class Config:
     reward_alpha: float = option(0.1, "weight of the key-step match in StepRAR")
     reward_normalize: bool = option(False, "lenient answer / key-step matching (off = the paper's rule)")
     reward_symbolic: bool = option(True, "math-verify equivalence of answers")
+    rewards: str = option(
+        "all", "reward components trained on: accuracy / steprar (+ key steps) / steprvr (+ validity) / all")
+    loss_softmax: str = option(
+        "float32", "the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)")
 
     # --- optimisation
     lr: float = option(1e-6, "AdamW learning rate of the GRPO stage")
@@ -94,12 +100,16 @@ class Config:
     device: str = option("auto", '"auto" (cuda if available), "cpu", "cuda"')
     dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU")
     kernel_impl: str = option("auto", "r1vl_kernels impl: auto = triton on CUDA, torch on CPU")
-    attention: str = option("auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa")
+    attention: str = option(
+        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (opt-in)")
     deepspeed: str = option(
         "", 'a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism')
 
     # --- logging and evaluation
     eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
+    eval_every: int = option(
+        0, "also score them every K StepGRPO steps (a learning curve); 0 = before and after only")
+    eval_generations: int = option(0, "samples per held-out prompt; 0 = num_generations")
     log_every: int = option(1, "console line every N steps (the JSONL gets every step)")
     progress: bool = option(True, "tqdm progress bars on rank 0")
 
@@ -118,8 +128,12 @@ class Config:
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         need(self.kernel_impl in ("auto", "torch", "triton"),
              f"--kernel_impl must be auto, torch or triton, got {self.kernel_impl!r}")
-        need(self.attention in ("auto", "flash_attn", "varlen_attn", "sdpa"),
-             f"--attention must be auto, flash_attn, varlen_attn or sdpa, got {self.attention!r}")
+        need(self.attention in ATTENTIONS, f"--attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        need(self.rewards in REWARD_SETS, f"--rewards must be one of {REWARD_SETS}, got {self.rewards!r}")
+        need(self.loss_softmax in ("float32", "float64"),
+             f"--loss_softmax must be float32 or float64, got {self.loss_softmax!r}")
+        need(not (self.loss_softmax == "float64" and self.loss_type != "grpo"),
+             f"--loss_softmax float64 (the eager check) implements --loss_type grpo only, got {self.loss_type!r}")
         need(self.num_generations >= 2,
              f"--num_generations must be >= 2 (advantages are relative within a group), got {self.num_generations}")
         need(self.batch_size >= 1 and self.batch_size % self.num_generations == 0,
@@ -135,7 +149,8 @@ class Config:
         need(self.keep_last >= 1, f"--keep_last must be >= 1, got {self.keep_last}")
         need(not (self.resume == "auto" and not self.run_dir),
              "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
-        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "min_pixels", "save_every"):
+        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "eval_every", "eval_generations",
+                     "min_pixels", "save_every"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.max_pixels >= self.min_pixels,
              f"--max_pixels ({self.max_pixels}) must be >= --min_pixels ({self.min_pixels})")
@@ -173,16 +188,20 @@ class Config:
 
 # The built-in demonstration (`python train.py`): a tiny Qwen2-VL learns the synthetic task on
 # two CPU cores in a few minutes. Rates are far above the paper's because the model is random
-# and tiny (above 2e-4 the tiny policy drifted without gain in trials); lengths fit the
-# synthetic solutions (about 100 tokens with the tiny tokenizer). Temperature 1.0 and G=8: at
-# 1.2 the tiny model breaks the output format so often that most groups of 4 earn no reward at
-# all and a few minutes of RL show little. Exact answer matching suffices for its integer and
-# one-word answers (math-verify's worker start costs more than a demo step).
+# and tiny (above 2e-4 the tiny policy drifted without gain in trials, at 6e-4 StepGRPO
+# collapsed within ten steps); lengths fit the synthetic solutions (about 100 tokens with the
+# tiny tokenizer). Temperature 1.0 and G=8: at 1.2 the tiny model breaks the output format so
+# often that most groups of 4 earn no reward at all and a few minutes of RL show little. Exact
+# answer matching suffices for its integer and one-word answers (math-verify's worker start
+# costs more than a demo step). The held-out prompts are also scored after 30 steps (a learning
+# curve for one more evaluation; the last one is the "after"). Shorter warm-ups (70, 80 steps)
+# with 128 held-out prompts x 2 samples were tried for issue 13 and did not make the gain
+# robust: see benchmarks/results/learning.md.
 TINY_DEFAULTS = dict(
     stage="sft+grpo", sft_steps=150, sft_batch_size=16, sft_lr=2e-3,
     num_steps=60, num_generations=8, batch_size=32, temperature=1.0, lr=2e-4,
     max_prompt_length=128, max_completion_length=160, max_pixels=56 * 56, micro_batch_tokens=1024,
-    reward_symbolic=False, eval_prompts=32,
+    reward_symbolic=False, eval_prompts=32, eval_every=30,
 )
 
 

@@ -63,7 +63,8 @@ def grpo_update(engine, reference, batch: Rollout, filler: PackedBatch, cfg, imp
     """Old and reference log-probs, then cfg.num_iterations optimizer steps over the rank's
     micro-batches. Every rank calls it, also one whose prompts were all skipped.
 
-    cfg: temperature, beta, epsilon_low/high, loss_type, max_completion_length, num_iterations.
+    cfg: temperature, beta, epsilon_low/high, loss_type, max_completion_length, num_iterations,
+    loss_softmax.
     Returns this rank's token-weighted sums over the step ("loss", "kl", "entropy",
     "clip_low", "clip_high"; averaged over the iterations; loss already a share of the global
     batch), the global "sequences" and "tokens" counts, and the last "grad_norm".
@@ -85,7 +86,8 @@ def grpo_update(engine, reference, batch: Rollout, filler: PackedBatch, cfg, imp
 
     loss_options = dict(temperature=cfg.temperature, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
                         epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                        max_completion_length=cfg.max_completion_length, num_items_in_batch=tokens)
+                        max_completion_length=cfg.max_completion_length, num_items_in_batch=tokens,
+                        softmax=cfg.loss_softmax)
     # Token-weighted sums, kept on the device and read back once per optimizer step.
     stats = {k: torch.zeros((), device=world.device) for k in STAT_KEYS}
     with timer("update"):

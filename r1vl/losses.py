@@ -69,17 +69,56 @@ def completion_logprobs(model: torch.nn.Module, packed: PackedBatch, temperature
 
 def policy_loss(model: torch.nn.Module, packed: PackedBatch, advantages: torch.Tensor,
                 old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, *, impl: str,
-                **loss_options) -> GRPOLossOutput:
+                softmax: str = "float32", **loss_options) -> GRPOLossOutput:
     """The fused GRPO loss of one packed micro-batch (differentiable w.r.t. the model).
 
     advantages (S,) fp32, one per packed sequence; old_logp / ref_logp (N,) fp32 or None.
     loss_options: grpo_loss's keywords (temperature, beta, epsilon_low/high, loss_type,
     max_completion_length, num_items_in_batch, ...). Entropy is always returned.
+    softmax "float64" (--loss_softmax): the eager float64 form instead of the kernels.
     """
     weight, bias = _lm_head(model)
+    if softmax == "float64":
+        return _grpo_loss_float64(completion_hidden(model, packed), weight, bias, packed.target_ids,
+                                  packed.completion_cu_seqlens, advantages, old_logp, ref_logp, **loss_options)
     return grpo_loss_from_hidden(completion_hidden(model, packed), weight, packed.target_ids,
                                  packed.completion_cu_seqlens, advantages, old_logp, ref_logp, bias=bias,
                                  return_entropy=True, impl=impl, **loss_options)
+
+
+def _grpo_loss_float64(hidden, weight, bias, target_ids, cu_seqlens, advantages, old_logp, ref_logp, *,
+                       temperature: float, beta: float, epsilon_low: float, epsilon_high: float,
+                       loss_type: str = "grpo", **unused) -> GRPOLossOutput:
+    """loss_type "grpo" with token-level ratios, written out in float64 with autograd: the
+    same loss as the kernels up to rounding. Used to check that a result does not hang on
+    float32 rounding in the softmax (--loss_softmax float64). Holds the (N, V) logits."""
+    if loss_type != "grpo":
+        raise ValueError(f"the float64 loss implements loss_type grpo only, got {loss_type!r}")
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    logp = log_probs.gather(1, target_ids[:, None]).squeeze(1)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=logp.device), lengths)
+    adv = advantages.double()[seq]
+    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp.double()))
+    tok_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    kl = None
+    if ref_logp is not None:
+        diff = ref_logp.double() - logp
+        kl = torch.exp(diff) - diff - 1
+        tok_loss = tok_loss + beta * kl
+    per_seq = torch.zeros(lengths.numel(), dtype=torch.float64, device=logp.device).index_add(0, seq, tok_loss)
+    loss = (per_seq / lengths.clamp(min=1)).mean()
+    n = max(logp.numel(), 1)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).sum() / n
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).sum() / n
+    return GRPOLossOutput(loss=loss.float(), logp=logp.detach().float(),
+                          kl=None if kl is None else kl.detach().float(), advantages=advantages.detach(),
+                          clip_low_frac=low.float(), clip_high_frac=high.float(), entropy=entropy.float())
 
 
 def sft_loss_sum(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:

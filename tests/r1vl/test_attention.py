@@ -54,6 +54,29 @@ def test_sdpa_backend_matches_reference(causal, heads):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_sdpa_on_cpu_matches_per_segment_sdpa(causal):
+    """The opt-in "sdpa_masked" backend (one call with a segment-diagonal mask, on a CPU too),
+    with a zero-length sequence, forward and backward against the reference and the CPU's
+    per-segment "sdpa"."""
+    gen = torch.Generator().manual_seed(12)
+    lengths = [3, 0, 9, 1, 6]
+    T, D = sum(lengths), 16
+    q = torch.randn(T, 6, D, generator=gen, requires_grad=True)
+    k = torch.randn(T, 2, D, generator=gen, requires_grad=True)
+    v = torch.randn(T, 2, D, generator=gen, requires_grad=True)
+    masked = varlen_attention(q, k, v, _cu(lengths), max(lengths), causal=causal, scale=0.25,
+                              backend="sdpa_masked")
+    torch.testing.assert_close(masked.double(), reference_attention(q, k, v, lengths, causal, 0.25),
+                               atol=1e-5, rtol=1e-5)
+    grads_masked = torch.autograd.grad(masked.square().sum(), (q, k, v))
+    segments = varlen_attention(q, k, v, _cu(lengths), max(lengths), causal=causal, scale=0.25, backend="sdpa")
+    grads_segments = torch.autograd.grad(segments.square().sum(), (q, k, v))
+    torch.testing.assert_close(masked, segments, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_masked, grads_segments):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_backend():
     q = torch.randn(3, 2, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -130,7 +153,7 @@ def test_boundaries_from_positions_when_not_passed():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "sdpa"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("sdpa", "sdpa_masked")])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_backend_matches_reference(backend, causal):
     if backend == "flash_attn":

@@ -170,3 +170,41 @@ def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(lo
     assert loss == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
     assert expected_grads.abs().max() > 0 and all(p.grad is not None for p in model.parameters())
     torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+def test_float64_softmax_loss_matches_the_kernels(with_old):
+    """--loss_softmax float64 (the eager float64 form, a numerics check) gives the fused
+    kernels' loss, log-probs, KL, entropy, clip fractions and gradient up to float32 rounding."""
+    model = tiny_model("qwen2_vl", seed=3)
+    use_varlen_attention(model, "sdpa")
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    samples, advantages = _batch(7)
+    packed = pack(samples, model)
+    ref = completion_logprobs(ref_model, packed, 1.2, "torch")
+    old = None
+    if with_old:  # ratios away from 1, some clipped on either side
+        old = completion_logprobs(model, packed, 1.2, "torch") + 0.4 * torch.randn(ref.shape)
+    outs, grads = [], []
+    for softmax in ("float32", "float64"):
+        model.zero_grad(set_to_none=True)
+        out = policy_loss(model, packed, advantages, old, ref, impl="torch", softmax=softmax, temperature=1.2,
+                          beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo",
+                          max_completion_length=12, num_items_in_batch=packed.target_ids.numel())
+        out.loss.backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    fused, exact = outs
+    assert exact.loss.dtype == torch.float32 and exact.loss.requires_grad
+    torch.testing.assert_close(exact.loss, fused.loss, atol=1e-6, rtol=1e-5)
+    for name in ("logp", "kl", "entropy", "clip_low_frac", "clip_high_frac"):
+        torch.testing.assert_close(getattr(exact, name), getattr(fused, name), atol=1e-5, rtol=1e-5)
+    if with_old:
+        assert float(fused.clip_low_frac) > 0 and float(fused.clip_high_frac) > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="loss_type grpo only"):
+        policy_loss(model, packed, advantages, None, ref, impl="torch", softmax="float64", temperature=1.2,
+                    beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="bnpo")
