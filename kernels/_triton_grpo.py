@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ._terms import POLICIES, VESPO_LOG_W_MIN as _VESPO_LOG_W_MIN, TermsConfig
+from ._triton_token import clip_policy
 
 VESPO_LOG_W_MIN = tl.constexpr(_VESPO_LOG_W_MIN)
 
@@ -167,19 +168,8 @@ def _grpo_terms_kernel(
         else:
             weight = tl.zeros((BLOCK_T,), tl.float32) + keep
         if POLICY == 0:
-            coef_2 = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-            d_coef_2 = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), 1.0, 0.0)
-            if HAS_DELTA:
-                coef_1 = tl.minimum(ratio, delta)
-                d_coef_1 = tl.where(ratio <= delta, 1.0, 0.0)
-            else:
-                coef_1 = ratio
-                d_coef_1 = tl.full((BLOCK_T,), 1.0, tl.float32)
-            u1 = coef_1 * adv
-            u2 = coef_2 * adv
-            d_pick = tl.where(u1 < u2, d_coef_1, tl.where(u2 < u1, d_coef_2, 0.5 * (d_coef_1 + d_coef_2)))
-            policy = -tl.minimum(u1, u2)
-            d_policy = -adv * d_pick * ratio
+            policy, d_ratio, coef_1 = clip_policy(ratio, adv, eps_low, eps_high, delta, HAS_DELTA)
+            d_policy = d_ratio * ratio
             low_acc += tl.where(mask & (coef_1 < 1.0 - eps_low), 1.0, 0.0)
             high_acc += tl.where(mask & (coef_1 > 1.0 + eps_high), 1.0, 0.0)
         elif POLICY == 1:
