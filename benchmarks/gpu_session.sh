@@ -17,6 +17,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 | tee /tmp/gpu_tests.log
 python3 benchmarks/bench_grpo_loss.py "$@" 2>&1 | tee /tmp/bench.log
 python3 benchmarks/bench_grpo_loss_from_hidden.py "$@" 2>&1 | tee /tmp/bench_hidden.log
+# The sampler (current vs HF generate vs the fast one, 64 x 1024 tokens, the step compiled and
+# CUDA-graphed) and the update with and without shared prompts, Qwen2-VL-2B-shaped in bf16.
+python3 benchmarks/bench_rollout.py --shape 2b 2>&1 | tee /tmp/bench_rollout.log
+python3 benchmarks/bench_update.py --model 2b 2>&1 | tee /tmp/bench_update.log
 # End to end against TRL's GRPOTrainer, Qwen2-VL-2B-shaped in bf16 (TRL's side is skipped when
 # trl is missing). Its wheels in .whl/ besides the ones above: trl, accelerate, datasets and
 # what datasets needs (pyarrow, pandas, dill, multiprocess, xxhash, fsspec), plus
@@ -25,5 +29,5 @@ python3 benchmarks/bench_trainer.py --shape 2b "$@" 2>&1 | tee /tmp/bench_traine
 # TRL's loss step with and without r1vl_kernels.trl (peak memory; needs trl like the above).
 python3 benchmarks/bench_trl_loss.py 2>&1 | tee /tmp/bench_trl_loss.log
 if [ -n "${OUT:-}" ]; then
-  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log /tmp/bench_trainer.log /tmp/bench_trl_loss.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
+  cp /tmp/gpu_tests.log /tmp/bench.log /tmp/bench_hidden.log /tmp/bench_rollout.log /tmp/bench_update.log /tmp/bench_trainer.log /tmp/bench_trl_loss.log benchmarks/results/*.csv "$OUT"/ 2>/dev/null
 fi
