@@ -34,13 +34,12 @@ import logging
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1vl import files
+from r1vl.chat_api import chat_completion
 from r1vl.rewards.normalize import normalize_math
 from r1vl.rewards.rules import FINAL_ANSWER, step_bodies
 
@@ -209,22 +208,8 @@ class LLMExtractor:
 
     def __call__(self, solution: str) -> list[Entry]:
         """The Steps list for one solution. Raises KeyStepError on any failure."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(
-            self.endpoint, data=json.dumps(self.request_body(solution)).encode(),
-            headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                reply = json.loads(response.read())
-            content = reply["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as e:
-            raise KeyStepError(f"HTTP {e.code} from {self.endpoint}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            raise KeyStepError(f"request to {self.endpoint} failed: {e}") from None
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise KeyStepError(f"not an OpenAI chat completion: {type(e).__name__}: {e}") from None
+        content = chat_completion(self.endpoint, self.request_body(solution), self.api_key, self.timeout_s,
+                                  KeyStepError)
         return parse_reply(content)
 
 

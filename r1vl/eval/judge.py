@@ -11,10 +11,9 @@ judge extracts, it never grades. Replies are cached in DIR/<Benchmark>/judged.js
 """
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
+
+from r1vl.eval.trainer_api import chat_completion
 
 SYSTEM_PROMPT = (
     "You read a model's response to a question about an image and write out the final answer it "
@@ -51,21 +50,7 @@ class Judge:
 
     def __call__(self, question: str, response: str) -> str | None:
         """The judge's answer, stripped; None when it says Unknown. Raises JudgeError."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=json.dumps(self.request_body(question, response)).encode(),
-                                         headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                content = json.loads(reply.read())["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as e:
-            raise JudgeError(f"HTTP {e.code} from {self.endpoint}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            raise JudgeError(f"request to {self.endpoint} failed: {e}") from None
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise JudgeError(f"not an OpenAI chat completion: {type(e).__name__}: {e}") from None
-        if not isinstance(content, str):
-            raise JudgeError(f"message content is {type(content).__name__}, not text")
+        content = chat_completion(self.endpoint, self.request_body(question, response), self.api_key,
+                                  self.timeout_s, JudgeError)
         answer = content.strip()
         return None if not answer or answer.strip(".").lower() == "unknown" else answer

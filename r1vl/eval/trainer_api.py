@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from r1vl import distributed  # noqa: F401  (init, barrier, destroy)
+from r1vl.chat_api import chat_completion  # noqa: F401  (the judge's requests)
 from r1vl.distributed import Dist  # noqa: F401
 from r1vl.policy import Policy, check_checkpoint_dir, load_policy  # noqa: F401
 from r1vl.data import BadRecordError, Example, load_examples, load_image  # noqa: F401
