@@ -9,6 +9,7 @@ continues where it stopped.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -37,6 +38,17 @@ class Run:
     def argv(self, root: Path) -> list[str]:
         return ["--seed", str(self.seed), "--run_dir", str(self.run_dir(root)), "--progress", "false",
                 "--save_final", "false", "--save_every", "0", *self.options]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, seeds: list[int], out: Path, collect_help: str) -> None:
+    """The options both run-matrix benchmarks take: seeds, parallel jobs, where runs go,
+    reusing or only collecting finished runs, the results file."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the run directories go")
+    parser.add_argument("--reuse", action="store_true", help="read back runs that finished with the same options")
+    parser.add_argument("--collect", action="store_true", help=collect_help)
+    parser.add_argument("--out", type=Path, default=out)
 
 
 def _same_options(run_dir: Path, argv: list[str]) -> bool:

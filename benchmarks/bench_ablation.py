@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import ROOT, Run, append, execute, finished, header  # noqa: E402
+from _runs import ROOT, Run, add_run_arguments, append, execute, finished, header  # noqa: E402
 
 SETTINGS = {  # label -> (run label, train.py options); None = the warm-up only ("before")
     "warm-up only": None,
@@ -59,13 +59,8 @@ def table(by_setting: dict[str, list[tuple[int, dict]]]) -> str:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the run directories go")
-    parser.add_argument("--reuse", action="store_true", help="read back runs that finished with the same options")
-    parser.add_argument("--collect", action="store_true",
-                        help="run nothing: tabulate the finished runs (a setting lists the seeds it has)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ablation.md")
+    add_run_arguments(parser, [0, 1, 2], ROOT / "benchmarks" / "results" / "ablation.md",
+                      "run nothing: tabulate the finished runs (a setting lists the seeds it has)")
     args = parser.parse_args(argv)
     runs = {name: [Run(spec[0], seed, spec[1]) for seed in args.seeds]
             for name, spec in SETTINGS.items() if spec is not None}

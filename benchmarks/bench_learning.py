@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import ROOT, Run, append, execute, finished, header  # noqa: E402
+from _runs import ROOT, Run, add_run_arguments, append, execute, finished, header  # noqa: E402
 
 VARIANTS = {
     "default": [],
@@ -68,14 +68,9 @@ def main(argv=None) -> None:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="where the run directories go")
-    parser.add_argument("--reuse", action="store_true", help="read back runs that finished with the same options")
-    parser.add_argument("--collect", action="store_true",
-                        help="run nothing: tabulate the runs that finished, and name the ones that did not")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning.md")
+    add_run_arguments(parser, [0, 1, 2, 3, 4], ROOT / "benchmarks" / "results" / "learning.md",
+                      "run nothing: tabulate the runs that finished, and name the ones that did not")
     args = parser.parse_args(argv)
     runs = [Run(variant, seed, VARIANTS[variant] + extra) for variant in args.variants for seed in args.seeds]
     missing = []

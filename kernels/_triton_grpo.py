@@ -237,7 +237,7 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, 
     None). advantages, vespo_log_offset (or None): (S,) fp32. cu_seqlens: (S+1,) int32. Returns dlogp (N,), kl (N,)
     (empty without ref_logp), seq_loss (S,), seq_low (S,), seq_high (S,), all fp32.
     """
-    N, S = logp.shape[0], advantages.shape[0]
+    S = advantages.shape[0]
     dlogp = torch.empty_like(logp)
     kl = torch.empty_like(logp) if ref_logp is not None else logp.new_empty(0)
     seq_stats = torch.empty(3, S, dtype=torch.float32, device=logp.device)

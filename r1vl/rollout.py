@@ -222,7 +222,6 @@ def generate(
     if not prompts:
         return Completions([], torch.zeros(0, dtype=torch.bool), [], 0)
     config = model.config
-    lm = language_model(model)
     device = model.lm_head.weight.device
     G, NP = num_generations, len(prompts)
     B0 = NP * G
