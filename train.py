@@ -46,6 +46,7 @@ from r1vl.engine import make_engine
 from r1vl.grpo import Rollout, grpo_update
 from r1vl.losses import kernel_impl, sft_loss_sum, step_advantages
 from r1vl.metrics import MetricsLog, Timer, UndecidedWarning, console_line, peak_memory_gb, reduce_over_ranks
+from r1vl.model import vision_tower
 from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatches
 from r1vl.plot import plot_run
 from r1vl.policy import Policy, check_checkpoint_dir, load_policy, save_full_policy
@@ -459,6 +460,8 @@ def start_policy(cfg: Config, model_path: str, world) -> Policy:
     policy = load_policy(model_path, dtype, world.device, cfg.min_pixels, cfg.max_pixels)
     use_varlen_attention(policy.model, None if cfg.attention == "auto" else cfg.attention)
     distributed.broadcast_parameters(policy.model)
+    if cfg.freeze_vision_tower:  # before any engine exists: engines optimize what requires grad
+        vision_tower(policy.model).requires_grad_(False)
     return policy
 
 

@@ -90,6 +90,8 @@ class Config:
     share_prompts: bool = option(
         True, "pack each prompt once per group [prompt, c1..cG] in the update and log-prob forwards")
     max_bad_steps: int = option(3, "stop after this many updates skipped for a non-finite loss or gradient")
+    freeze_vision_tower: bool = option(
+        False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
 
     # --- SFT warm-up (stage sft / sft+grpo)
     sft_steps: int = option(200, "optimizer steps")

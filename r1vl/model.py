@@ -91,3 +91,12 @@ def sdpa_attention(model: torch.nn.Module):
         yield
     finally:
         model.set_attn_implementation(saved)
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision tower (ViT blocks and patch merger) of a Qwen2-VL / Qwen2.5-VL model, its
+    ForConditionalGeneration or its base model, in either module layout of transformers."""
+    for owner in (model, getattr(model, "model", None)):
+        if owner is not None and hasattr(owner, "visual"):
+            return owner.visual
+    raise ValueError(f"{type(model).__name__} has no vision tower (.visual): not a Qwen2-VL family model")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-TASKS = ("count", "bars", "add")
+TASKS = ("colour", "bars", "count")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 150, 40)}
 CELL = 14  # one shape per vision patch
 BAR_UNIT = 7  # pixels per unit of bar height
@@ -56,14 +56,15 @@ def _record(task: str, problem: str, description: str, rationale: str, steps: Se
 def _count(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    grid = size // CELL
-    cells = rng.sample(range(grid * grid), rng.randint(2, min(6, grid * grid)))
+    cell = size // 2  # one shape per quadrant: per merged vision token at 56 pixels
+    margin = cell // 6
+    cells = rng.sample(range(4), rng.randint(2, 4))
     colours = [rng.choice(list(COLOURS)) for _ in cells]
     target = rng.choice(colours)  # at least one shape of the asked colour
     kinds = []
-    for cell, colour in zip(cells, colours):
-        x, y = (cell % grid) * CELL + 2, (cell // grid) * CELL + 2
-        box = (x, y, x + CELL - 5, y + CELL - 5)
+    for index, colour in zip(cells, colours):
+        x, y = (index % 2) * cell + margin, (index // 2) * cell + margin
+        box = (x, y, x + cell - 1 - 2 * margin, y + cell - 1 - 2 * margin)
         kind = rng.choice(("circle", "square"))
         (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
         kinds.append(kind)
@@ -138,7 +139,25 @@ def _add(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
     )
 
 
-_MAKERS = {"count": _count, "bars": _bars, "add": _add}
+def _colour(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    colour, kind = rng.choice(list(COLOURS)), rng.choice(("circle", "square"))
+    margin = rng.randint(2, size // 6)
+    (draw.ellipse if kind == "circle" else draw.rectangle)((margin, margin, size - 1 - margin, size - 1 - margin),
+                                                           fill=COLOURS[colour])
+    return image, _record(
+        "colour",
+        "What colour is the shape in the image? Answer with red, blue or green.",
+        f"The image shows one large {colour} {kind} on a white background.",
+        "The question asks for the colour of the shape, so name the colour it is filled with.",
+        [f"The {kind} is filled with {colour}.", f"So the shape is {colour}."],
+        colour,
+        [f"filled with {colour}", f"shape is {colour}"],
+    )
+
+
+_MAKERS = {"count": _count, "bars": _bars, "add": _add, "colour": _colour}
 
 
 # --------------------------------------------------------------------------- datasets
