@@ -394,7 +394,7 @@ def prepare_tiny(cfg: Config, run_dir: Path, world) -> tuple[str, str]:
     written = Path(data).is_file() and (model_dir / "model.safetensors").is_file()
     if world.is_main and not written:  # a resumed run finds them in place
         if not cfg.data:
-            write_dataset(run_dir / "synthetic", n=512, seed=cfg.seed)
+            write_dataset(run_dir / "synthetic", n=4096 + cfg.eval_prompts, seed=cfg.seed)
         corpus = load_examples(data, cfg.image_root or None).items
         texts = [e.problem for e in corpus] + [e.solution for e in corpus]
         write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
