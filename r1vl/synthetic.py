@@ -1,10 +1,16 @@
 """A synthetic visual-reasoning task small enough for a tiny model to learn on a CPU.
 
-Three kinds of record, all drawn with pillow on a small white canvas (56x56 by default, so
-a Qwen2-VL vision tower sees 4x4 patches of 14 pixels, 2x2 tokens after merging):
+Records are drawn with pillow on a small white canvas (56x56 by default, so a Qwen2-VL
+vision tower sees 4x4 patches of 14 pixels, 2x2 tokens after merging). The default tasks
+(TASKS), each answerable only by looking at the picture:
 
-- "count": shapes in a 4x4 grid of 14-pixel cells, one per cell; "How many red shapes?"
+- "colour": one large red, blue or green circle or square; "What colour is the shape?"
 - "bars": two bars with heights in whole units (ticks every unit); "Which bar is taller?"
+- "count": 2 to 4 shapes on a 2x2 grid, one per quadrant (at 56 pixels, one per merged
+  vision token); "How many red shapes?"
+
+and one more, chosen with tasks=("add",) or --tasks add:
+
 - "add": two seven-segment digits side by side; "What is the sum of the two digits?"
 
 Answers are a small integer or one word. Solutions follow docs/method.md's output format
@@ -27,7 +33,7 @@ from PIL import Image, ImageDraw
 
 TASKS = ("colour", "bars", "count")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 150, 40)}
-CELL = 14  # one shape per vision patch
+CELL = 14  # the vision patch: image sides are whole patches
 BAR_UNIT = 7  # pixels per unit of bar height
 # Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom),
 # e (bottom left), f (top left), g (middle).
@@ -171,7 +177,7 @@ def make_example(seed: int, index: int, tasks: Sequence[str] = TASKS,
     """
     unknown = set(tasks) - set(_MAKERS)
     if not tasks or unknown:
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
+        raise ValueError(f"tasks must be a non-empty subset of {tuple(_MAKERS)}, got {tasks}")
     if image_size < 2 * CELL or image_size % CELL:
         raise ValueError(f"image_size must be a multiple of {CELL} and >= {2 * CELL}, got {image_size}")
     rng = random.Random(f"r1vl-synthetic:{seed}:{index}")
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory for images/ and data.jsonl")
     parser.add_argument("--n", type=int, default=512, help="number of records")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(_MAKERS))
     parser.add_argument("--image-size", type=int, default=56, help="side in pixels, a multiple of 14")
     args = parser.parse_args(argv)
     path = write_dataset(args.out_dir, args.n, args.seed, tuple(args.tasks.split(",")), args.image_size)

@@ -244,6 +244,40 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_frozen_vision_tower_under_zero2(tmp_path):
+    """--freeze_vision_tower true with ZeRO-2, SFT then StepGRPO (one engine per stage), as
+    one process: the final vision tower is bit-identical to RUN_DIR/tiny-init, every
+    language-model weight moved (weight decay moves whatever the optimizer holds, even at
+    GRPO's zero advantages), and the checkpointed fp32 master partition is exactly the
+    language model's size: DeepSpeed flattened no frozen parameter into it."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("R1VL_TEST_KILL_AT", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--progress", "false", "--run_dir", str(run_dir),
+           "--stage", "sft+grpo", "--freeze_vision_tower", "true", "--sft_steps", "2", "--num_steps", "1",
+           "--batch_size", "8", "--eval_prompts", "0", "--max_completion_length", "16", "--weight_decay", "0.1",
+           "--save_every", "1", "--deepspeed", str(CONFIGS / "zero2.json")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = load_file(run_dir / "tiny-init" / "model.safetensors")
+    warmed_up = load_file(run_dir / "checkpoints" / "step_00000002" / "policy" / "model.safetensors")
+    final = load_file(run_dir / "final" / "model.safetensors")
+    vision = {n for n in initial if "visual" in n.split(".")}
+    language = set(initial) - vision
+    assert vision and language and final.keys() == initial.keys()
+    for name in vision:
+        assert torch.equal(final[name], initial[name]), name
+    for before, after in ((initial, warmed_up), (warmed_up, final)):
+        assert all(not torch.equal(before[n], after[n]) for n in language)
+    state = torch.load(run_dir / "checkpoints" / "step_00000003" / "zero_rank00000.pt", weights_only=True)
+    assert state["zero_stage"] == 2
+    master = sum(t.numel() for t in state["single_partition_of_fp32_groups"])
+    assert master == sum(initial[n].numel() for n in language)
+
+
 def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path):
     """As with the plain engine (test_train): a learning rate of 1e30 makes the next forward
     overflow; ZeRO-3 skips those updates, counts them and stops at --max_bad_steps. Run as

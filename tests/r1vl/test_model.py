@@ -12,7 +12,7 @@ import torch
 from tiny_qwen_vl import FAMILIES, IMAGE, make_group, make_sample, tiny_model
 
 from r1vl.attention import use_varlen_attention
-from r1vl.model import completion_hidden
+from r1vl.model import completion_hidden, vision_tower
 from r1vl.packing import pack
 
 
@@ -219,6 +219,28 @@ def test_shared_batch_refuses_a_model_without_varlen_attention():
     packed = pack(grpo_batch(0, 2), model, share_prompts=True)
     with pytest.raises(ValueError, match="needs r1vl's varlen attention"):
         completion_hidden(model, packed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_tower_is_the_visual_module_of_either_wrapper(family):
+    """ForConditionalGeneration and its base model give the same module, and that module
+    holds exactly the parameters named under `visual` (patch embedding, blocks, merger):
+    what --freeze_vision_tower freezes and nothing of the language model."""
+    model = tiny_model(family)
+    tower = vision_tower(model)
+    assert tower is vision_tower(model.model) and type(tower).__name__.endswith("VisionTransformerPretrainedModel")
+    visual = {n for n, _ in model.named_parameters() if "visual" in n.split(".")}
+    owned = {id(p) for p in tower.parameters()}
+    assert {n for n, p in model.named_parameters() if id(p) in owned} == visual
+    assert {n.split(".")[2] for n in visual} >= {"patch_embed", "blocks", "merger"}
+    assert len(visual) < len(list(model.parameters()))  # the language model and lm_head stay out
+
+
+def test_vision_tower_refuses_a_model_without_one():
+    model = tiny_model("qwen2_vl")
+    for other in (model.model.language_model, torch.nn.Linear(2, 2)):
+        with pytest.raises(ValueError, match=f"{type(other).__name__} has no vision tower"):
+            vision_tower(other)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ from r1vl.rewards import RewardConfig, score
 from r1vl.synthetic import BAR_UNIT, COLOURS, TASKS, main, make_example, write_dataset
 
 N = 24
+ALL_TASKS = tuple(dict.fromkeys((*TASKS, "add")))  # "add" is not a default task, still tested
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,24 @@ def test_every_solution_scores_the_maximum(dataset):
 def test_answers_are_short(dataset):
     for r in _records(dataset):
         answer = r["solution"].rsplit("### The final answer is:\n", 1)[1]
-        assert answer in ("left", "right") or (answer.isdigit() and int(answer) <= 18)
+        assert answer in ("left", "right") or answer in COLOURS or (answer.isdigit() and int(answer) <= 18)
         assert r["problem"].endswith("?") or "Answer with" in r["problem"]
+
+
+def test_default_tasks_take_turns_and_add_stays_selectable(dataset):
+    # The built-in run's figures were measured on these three; "add" is opt-in.
+    assert set(TASKS) == {"colour", "bars", "count"}
+    assert [r["task"] for r in _records(dataset)] == [TASKS[i % len(TASKS)] for i in range(N)]
+    assert {make_example(0, i, tasks=("add",))[1]["task"] for i in range(3)} == {"add"}
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_no_constant_answer_fits_a_task(task):
+    """A model that ignores the image and always gives one answer is right on at most about
+    half of a task's questions (count: "1" is the most common answer, about 45%)."""
+    answers = [_answer(make_example(0, i, tasks=(task,))[1]) for i in range(120)]
+    assert max(answers.count(a) for a in set(answers)) <= 0.55 * len(answers), sorted(answers)
+    assert len(set(answers)) >= 2
 
 
 def _answer(record):
@@ -96,37 +113,79 @@ DIGITS = {"abcdef": 0, "bc": 1, "abdeg": 2, "abcdg": 3, "bcfg": 4, "acdfg": 5, "
           "abc": 7, "abcdefg": 8, "abcdfg": 9}
 
 
+def _colour_mask(pixels, colour):
+    return np.abs(pixels - COLOURS[colour]).sum(-1) < 30
+
+
+def _check_colour(pixels, record):
+    """One large shape, all of it in the colour the answer names."""
+    answer = _answer(record)
+    assert answer in COLOURS
+    shape = _colour_mask(pixels, answer)
+    assert _blobs(shape) == 1 and shape.mean() > 0.25
+    drawn = (pixels < 250).any(-1)  # anything not white
+    assert (drawn == shape).all()
+
+
+def _check_count(pixels, record, size):
+    """2-4 shapes, one per quadrant (at 56 pixels a quadrant is one merged vision token), and
+    as many shapes of the asked colour as the answer says."""
+    drawn = (pixels < 250).any(-1)
+    half = size // 2
+    quadrants = [drawn[y:y + half, x:x + half] for y in (0, half) for x in (0, half)]
+    per_quadrant = [_blobs(q) for q in quadrants]
+    assert max(per_quadrant) == 1 and 2 <= sum(per_quadrant) <= 4
+    assert _blobs(drawn) == sum(per_quadrant)  # no shape crosses a quadrant's border
+    asked = [c for c in COLOURS if f" {c} " in record["problem"]]
+    assert len(asked) == 1
+    assert _blobs(_colour_mask(pixels, asked[0])) == int(_answer(record))
+
+
+def _check_bars(pixels, record, size):
+    heights = []
+    for half in (slice(0, size // 2), slice(size // 2, size)):
+        coloured = (pixels[:, half].max(-1) - pixels[:, half].min(-1)) > 100
+        heights.append(coloured.any(1).sum() // BAR_UNIT)
+    assert _answer(record) == ("left" if heights[0] > heights[1] else "right")
+
+
+def _check_add(pixels, record, size):
+    dark = pixels.sum(-1) < 100
+    half, margin = size // 2, size // 8
+    digits = []
+    for k in range(2):
+        x0, w, h = k * half + margin, half - 2 * margin, size - 2 * margin
+        lit = "".join(s for s, (fx, fy) in SEGMENT_PROBES.items()
+                      if dark[int(margin + fy * h), int(x0 + fx * w)])
+        digits.append(DIGITS["".join(sorted(lit))])
+    assert sum(digits) == int(_answer(record))
+
+
 @pytest.mark.parametrize("size", [56, 112])
-def test_images_show_the_answer(size):
-    for i in range(30):
-        image, record = make_example(seed=11, index=i, image_size=size)
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_images_show_the_answer(task, size):
+    for i in range(20):
+        image, record = make_example(seed=11, index=i, tasks=(task,), image_size=size)
+        assert record["task"] == task
         pixels = np.asarray(image).astype(int)
-        task = record["task"]
-        if task == "count":
-            colour = record["problem"].split()[2]
-            mask = (np.abs(pixels - COLOURS[colour]).sum(-1) < 30)
-            assert _blobs(mask) == int(_answer(record))
+        if task == "colour":
+            _check_colour(pixels, record)
+        elif task == "count":
+            _check_count(pixels, record, size)
         elif task == "bars":
-            heights = []
-            for half in (slice(0, size // 2), slice(size // 2, size)):
-                coloured = (pixels[:, half].max(-1) - pixels[:, half].min(-1)) > 100
-                heights.append(coloured.any(1).sum() // BAR_UNIT)
-            assert _answer(record) == ("left" if heights[0] > heights[1] else "right")
+            _check_bars(pixels, record, size)
+        elif task == "add":
+            _check_add(pixels, record, size)
         else:
-            dark = pixels.sum(-1) < 100
-            half, margin = size // 2, size // 8
-            digits = []
-            for k in range(2):
-                x0, w, h = k * half + margin, half - 2 * margin, size - 2 * margin
-                lit = "".join(s for s, (fx, fy) in SEGMENT_PROBES.items()
-                              if dark[int(margin + fy * h), int(x0 + fx * w)])
-                digits.append(DIGITS["".join(sorted(lit))])
-            assert sum(digits) == int(_answer(record))
+            pytest.fail(f"no check that the picture of task {task!r} shows its answer")
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="tasks must be"):
+    with pytest.raises(ValueError, match="tasks must be.*add") as error:
         make_example(0, 0, tasks=("count", "juggle"))
+    assert "juggle" in str(error.value)
+    with pytest.raises(ValueError, match="tasks must be"):
+        make_example(0, 0, tasks=())
     with pytest.raises(ValueError, match="image_size"):
         make_example(0, 0, image_size=50)
 

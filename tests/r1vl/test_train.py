@@ -231,3 +231,50 @@ def test_qwen2_5_vl_checkpoint_loads_and_samples(tmp_path, checkpoint):
     prompt = encode_prompt(example, policy.tokenizer, policy.image_processor, 2, 3136, 3136)
     out = generate(policy.model, [prompt], 2, 4, [ids["<|im_end|>"]], generator=torch.Generator().manual_seed(0))
     assert len(out.ids) == 2 and all(1 <= len(c) <= 4 for c in out.ids)
+
+
+def test_frozen_vision_tower_stays_as_loaded_through_warm_up_grpo_and_resume(tmp_path, monkeypatch):
+    """--freeze_vision_tower true on the built-in model, SFT + StepGRPO, killed after GRPO
+    step 1's checkpoint and resumed with --resume auto: every vision-tower weight of the final
+    policy is bit-identical to RUN_DIR/tiny-init, the language model's weights moved in both
+    stages, and the checkpointed AdamW state holds exactly the language model's parameters.
+
+    Weight decay makes every parameter the optimizer holds move in every step, whatever its
+    gradient: GRPO's first steps earn no reward from a 2-step warm-up (zero advantages), so
+    without it a vision tower left trainable in StepGRPO would go unnoticed."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    args = ["--run_dir", str(run_dir), "--stage", "sft+grpo", "--freeze_vision_tower", "true", "--sft_steps", "2",
+            "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "0", "--max_completion_length", "24",
+            "--weight_decay", "0.1", "--save_every", "1", "--keep_last", "4"]
+    monkeypatch.setenv("R1VL_TEST_KILL_AT", "after_checkpoint:3")  # global step 3 = GRPO step 1
+    result = _train(args, tmp_path)
+    assert result.returncode == -9, result.stderr[-3000:]
+    monkeypatch.delenv("R1VL_TEST_KILL_AT")
+    result = _train([*args, "--resume", "auto"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_00000003 (grpo step 1)" in result.stdout
+    assert [r["step"] for r in _records(run_dir, "grpo")] == [1, 2]
+
+    def weights(directory):
+        return load_file(directory / "model.safetensors")
+
+    initial, final = weights(run_dir / "tiny-init"), weights(run_dir / "final")
+    warmed_up = weights(run_dir / "checkpoints" / "step_00000002" / "policy")
+    resumed_from = weights(run_dir / "checkpoints" / "step_00000003" / "policy")
+    assert initial.keys() == final.keys()
+    vision = {n for n in initial if "visual" in n.split(".")}
+    assert {n.split(".")[n.split(".").index("visual") + 1] for n in vision} >= {"patch_embed", "blocks", "merger"}
+    for name in vision:
+        assert torch.equal(final[name], initial[name]), name
+    language = set(initial) - vision
+    for before, after in ((initial, warmed_up), (warmed_up, resumed_from), (resumed_from, final)):
+        assert all(not torch.equal(before[n], after[n]) for n in language)
+    # AdamW's state in the last checkpoint: one entry per language-model parameter, none for the tower.
+    optimizer = torch.load(run_dir / "checkpoints" / "step_00000004" / "optimizer.pt", weights_only=True)
+    held = [i for group in optimizer["param_groups"] for i in group["params"]]
+    assert len(held) == len(optimizer["state"]) == len(language)
+    assert sorted(tuple(s["exp_avg"].shape) for s in optimizer["state"].values()) == sorted(
+        tuple(initial[n].shape) for n in language)
