@@ -440,12 +440,26 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
+    "freeze_vision_tower": "the saved optimizer state covers exactly the parameters that were trained",
+}
+
+
+def resume_invariants(cfg: Config) -> dict:
+    return {option: getattr(cfg, option) for option in RESUME_INVARIANTS}
+
+
 def resume_point(cfg: Config, run_dir: Path, world) -> ResumePoint | None:
     """The checkpoint to continue from, if any, checked against this run's ranks."""
     resume = open_resume_point(cfg.resume, run_dir)
     if resume is not None and resume.world_size != world.world_size:
         raise SystemExit(f"error: {resume.path} was written by {resume.world_size} rank(s), this run has "
                          f"{world.world_size}: the data order and every rank's random state depend on it")
+    if resume is not None:
+        for option, value in resume_invariants(cfg).items():
+            if option in resume.invariants and resume.invariants[option] != value:
+                raise SystemExit(f"error: {resume.path} was written with --{option} {resume.invariants[option]}, "
+                                 f"this run has {value}: {RESUME_INVARIANTS[option]}")
     if resume is not None:
         distributed.print0(f"resuming from {resume.path} ({resume.stage} step {resume.step})")
     elif cfg.resume == "auto":
@@ -477,7 +491,8 @@ def run_stages(cfg: Config, world, policy: Policy, model_path: str, run_dir: Pat
     """The warm-up and/or StepGRPO, as --stage says; a resumed run skips what it finished."""
     examples, eval_examples = split_data(data, cfg)
     run_log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
-    saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stages else 0, world)
+    saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stages else 0, world,
+                         resume_invariants(cfg))
     results: dict = {}
     sft_done = resume is not None and resume.stage == "grpo"
     try:

@@ -158,14 +158,17 @@ class Checkpointer:
       policy/              the policy in Hugging Face format (safetensors, tokenizer, processor)
       optimizer.pt, ...    the engine's state (r1vl.engine: optimizer, schedule, skip count)
       rng_rank{r}.pt       every rank's generator states, the rollout sampler's included
-      trainer_state.json   stage, step, world size, data position, the reference's location
+      trainer_state.json   stage, step, world size, data position, the reference's location,
+                           the options a resumed run must share (`invariants`)
     Directories are named by the run's global step (warm-up steps, then GRPO steps), so the
     newest is the one to resume from whatever stage it is in.
     """
 
-    def __init__(self, run_dir: Path, save_every: int, keep_last: int, sft_steps: int, world):
+    def __init__(self, run_dir: Path, save_every: int, keep_last: int, sft_steps: int, world,
+                 invariants: dict | None = None):
         self.run_dir, self.save_every, self.keep_last, self.sft_steps, self.world = (
             Path(run_dir), save_every, keep_last, sft_steps, world)
+        self.invariants = dict(invariants or {})  # e.g. which parameters the optimizer state covers
 
     def global_step(self, stage: str, step: int) -> int:
         return step if stage == "sft" else self.sft_steps + step
@@ -186,7 +189,8 @@ class Checkpointer:
             save_rng(tmp, self.world.rank, generators)
             if self.world.is_main:
                 write_trainer_state(tmp, {"stage": stage, "step": step, "global_step": step_id,
-                                          "world_size": self.world.world_size, **state})
+                                          "world_size": self.world.world_size,
+                                          "invariants": self.invariants, **state})
 
         path = save_checkpoint(self.run_dir, step_id, write, keep_last=self.keep_last, rank=self.world.rank,
                                barrier=distributed.barrier)
@@ -205,12 +209,13 @@ class ResumePoint:
     world_size: int  # ranks that wrote it (the data order and rng files depend on it)
     before: dict = field(default_factory=dict)  # GRPO: the evaluation before training
     reference: str | None = None  # GRPO: the directory of the KL reference's weights
+    invariants: dict = field(default_factory=dict)  # options the resumed run must share
 
     @classmethod
     def read(cls, path: Path) -> ResumePoint:
         state = read_trainer_state(path)
         return cls(Path(path), state["stage"], state["step"], state["world_size"], state.get("before", {}),
-                   state.get("reference"))
+                   state.get("reference"), state.get("invariants", {}))
 
     def of_stage(self, stage: str) -> ResumePoint | None:
         """Itself if it was written in `stage`, else None (that stage starts afresh or is done)."""

@@ -238,6 +238,7 @@ def test_frozen_vision_tower_stays_as_loaded_through_warm_up_grpo_and_resume(tmp
     step 1's checkpoint and resumed with --resume auto: every vision-tower weight of the final
     policy is bit-identical to RUN_DIR/tiny-init, the language model's weights moved in both
     stages, and the checkpointed AdamW state holds exactly the language model's parameters.
+    Resuming with the option switched off is refused with a message that names it.
 
     Weight decay makes every parameter the optimizer holds move in every step, whatever its
     gradient: GRPO's first steps earn no reward from a 2-step warm-up (zero advantages), so
@@ -253,6 +254,11 @@ def test_frozen_vision_tower_stays_as_loaded_through_warm_up_grpo_and_resume(tmp
     result = _train(args, tmp_path)
     assert result.returncode == -9, result.stderr[-3000:]
     monkeypatch.delenv("R1VL_TEST_KILL_AT")
+    toggled = [*args[:args.index("--freeze_vision_tower")], *args[args.index("--freeze_vision_tower") + 2:],
+               "--resume", "auto", "--freeze_vision_tower", "false"]
+    result = _train(toggled, tmp_path)  # the optimizer state would not fit: refused, by name
+    assert result.returncode != 0 and "--freeze_vision_tower True, this run has False" in result.stderr, \
+        result.stderr[-3000:]
     result = _train([*args, "--resume", "auto"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step_00000003 (grpo step 1)" in result.stdout
