@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 behind the engine interface (r1vl.deepspeed_engine), on CPU/gloo.
 
-The --deepspeed JSON checks are plain unit tests. The rest launches torchrun with two ranks:
+The --deepspeed JSON checks are plain unit tests, and so is lockstep (the ranks are threads
+meeting in a stand-in all-reduce). The rest launches torchrun with two ranks:
 tests/r1vl/deepspeed_worker.py drives the three engines directly through random GRPO updates
 (uneven micro-batches, an idle rank, a KL reference, rollouts inside gathered(), a save/load
 round trip), and train.py runs SFT + StepGRPO with each. The first DeepSpeed process on a
@@ -15,8 +16,11 @@ four updates at lr 1e-3) within 6e-7 (ZeRO-2) and 7e-6 (ZeRO-3).
 """
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ import torch
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
 from r1vl.deepspeed_engine import _plain_optimizer_state
+from r1vl.packing import Sample, plan_microbatches, plan_shared_microbatches
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -132,6 +137,99 @@ def test_saved_optimizer_state_is_plain_data():
     assert set(plain) == {"zero_stage", "base_optimizer_state"}
     with pytest.raises(TypeError, match=r"optimizer state\['extra'\] is a object"):
         _plain_optimizer_state({"extra": object()})
+
+
+# -------------------------------------------------------------------------------- lockstep
+
+
+class _Ranks:
+    """World_size threads standing for the ranks of one step, with all_reduce_max a real
+    rendezvous: every rank posts its values and reads the element-wise max of all of them."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=10)
+        self.posted: dict[int, list[float]] = {}
+        self.local = threading.local()
+
+    def all_reduce_max(self, values, device):
+        self.posted[self.local.rank] = [float(v) for v in values]
+        self.barrier.wait()
+        out = [max(column) for column in zip(*self.posted.values())]
+        self.barrier.wait()  # nobody posts the next values before every rank has read these
+        return out
+
+    def run(self, fn, per_rank: list) -> list:
+        """fn(rank, per_rank[rank]) on every rank at once; the results in rank order."""
+        results: list = [None] * self.world_size
+        errors: list = []
+
+        def body(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank, per_rank[rank])
+            except BaseException as error:  # noqa: BLE001  (re-raised in the test's thread)
+                errors.append(error)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def _rank_microbatches(rng: random.Random, rank: int, budget: int) -> tuple[list, int]:
+    """One rank's [(indices, stand-in for its PackedBatch)] as train.packed_microbatches plans
+    them (shared-prompt or not), for a random number of GRPO groups (0 = all prompts skipped);
+    and the rank's sample count."""
+    groups, g = rng.randint(0, 6), rng.randint(2, 4)
+    prompts = [[rank * 100 + p] * rng.randint(1, budget // 3) for p in range(groups)]
+    samples = [Sample(prompt, [7] * rng.randint(1, budget // 3 - 1)) for prompt in prompts for _ in range(g)]
+    if rng.random() < 0.5:
+        plan = plan_shared_microbatches(samples, budget).microbatches
+    else:
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+        plan = plan_microbatches(lengths, budget, groups=[i // g for i in range(len(samples))])
+    return [(idx, f"packed {rank}.{k}") for k, idx in enumerate(plan)], len(samples)
+
+
+def test_lockstep_gives_every_rank_as_many_microbatches_and_loses_none(monkeypatch):
+    """What keeps ranks in step under ZeRO: every rank runs the same number of micro-batches
+    (the largest count over the ranks, no more), its own micro-batches all, once each and in
+    order, then (None, filler) entries that the update weights 0; so over the ranks every
+    sample is trained on exactly once. A rank with no micro-batch at all (every prompt
+    skipped) runs fillers only. PlainEngine (gradients summed once, after the step) keeps
+    each rank's list as it is."""
+    from r1vl import distributed
+    from r1vl.deepspeed_engine import DeepSpeedEngine
+    from r1vl.engine import PlainEngine
+
+    rng = random.Random(5)
+    filler = "filler"
+    for case in range(150):
+        world_size, budget = rng.randint(1, 5), rng.randint(12, 60)
+        mine = [_rank_microbatches(rng, r, budget) for r in range(world_size)]
+        micro = [m for m, _ in mine]
+        ranks = _Ranks(world_size)
+        monkeypatch.setattr(distributed, "all_reduce_max", ranks.all_reduce_max)
+
+        def lockstep(rank, microbatches):
+            engine = types.SimpleNamespace(world=distributed.Dist(rank, world_size, rank, torch.device("cpu")))
+            return DeepSpeedEngine.lockstep(engine, list(microbatches), filler)
+
+        work = ranks.run(lockstep, micro)
+        steps = max(len(m) for m in micro)
+        assert [len(w) for w in work] == [steps] * world_size, (case, "ranks differ in micro-batch count")
+        for rank, (w, m) in enumerate(zip(work, micro)):
+            assert w[:len(m)] == m, (case, rank, "a micro-batch lost, repeated or moved")
+            assert w[len(m):] == [(None, filler)] * (steps - len(m)), (case, rank)
+        trained = sorted((rank, i) for rank, w in enumerate(work) for idx, _ in w if idx is not None for i in idx)
+        assert trained == [(rank, i) for rank, (_, n) in enumerate(mine) for i in range(n)], case
+        assert PlainEngine.lockstep(None, micro[0], filler) == micro[0]
 
 
 # -------------------------------------------------------------------------------- the engines
