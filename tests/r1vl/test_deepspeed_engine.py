@@ -283,24 +283,56 @@ def _records(run_dir: Path, stage: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["stage"] == stage]
 
 
-def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
-    """`torchrun train.py` (SFT + StepGRPO with a KL reference, on the built-in tiny model)
+@pytest.fixture(scope="session")
+def warm_checkpoint(tmp_path_factory):
+    """(data file, checkpoint dir): the built-in tiny model after WARM_STEPS SFT steps at a high
+    rate on WARM_RECORDS synthetic records, which it then nearly recites (SFT loss about 0.01
+    per token). Sampled at temperature 1 its completions still differ, so that GRPO groups
+    have rewards that differ and the updates are not zero; the random tiny model earns 0 on
+    every completion. One process, about 10 s on two cores. The last 2 records are the held-out prompts, as in
+    the runs that start from it."""
+    from r1vl.synthetic import write_dataset
+
+    out = tmp_path_factory.mktemp("warm")
+    write_dataset(out / "data", n=WARM_RECORDS, seed=0)
+    data = out / "data" / "data.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--progress", "false", "--run_dir", str(out / "run"),
+           "--data", str(data), "--stage", "sft", "--sft_steps", str(WARM_STEPS), "--sft_lr", "3e-3",
+           "--sft_batch_size", "4", "--eval_prompts", "2", "--save_every", "0"]
+    result = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
+    return data, out / "run" / "final"
+
+
+WARM_RECORDS, WARM_STEPS = 6, 80
+
+
+def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
+    """`torchrun train.py` (SFT + StepGRPO with a KL reference, from the warmed-up tiny model)
     plain, with --deepspeed configs/zero2.json and configs/zero3.json: same per-step numbers,
     identical ranks, and a saved final policy that loads and equals plain's within tolerance.
     Then a ZeRO-3 run killed after its checkpoint of GRPO step 1 and resumed (the policy and
     the ZeRO-3 optimizer shards from the checkpoint, the KL reference loaded from
     RUN_DIR/reference and sharded again) ends with exactly the uninterrupted run's weights.
 
-    The tiny random model earns no reward in two GRPO steps, so the GRPO updates themselves
-    are zero here (the engine test above covers nonzero ones); the SFT steps, the KL
-    reference, the old log-probs (num_iterations 2), the rollout and evaluation under ZeRO-3
-    and the stage change from one engine to the next are what this run checks."""
+    The GRPO updates are not zero: every step has groups whose rewards differ, and GRPO moves
+    the weights far beyond the tolerance of the comparison, so a wrong advantage, weighting,
+    reference or rollout under ZeRO shows. A micro-batch budget of 256 tokens splits every
+    prompt group over several micro-batches, unevenly over the ranks (measured: 8 and 7 in
+    the first GRPO step, so that ZeRO pads rank 1 with a filler, engine.lockstep)."""
     from safetensors.torch import load_file
 
     from r1vl.policy import check_checkpoint_dir
 
-    args = ["--progress", "false", "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "4",
-            "--max_completion_length", "24", "--beta", "0.04", "--num_iterations", "2"]
+    data, warm = warm_checkpoint
+    args = ["--progress", "false", "--model", str(warm), "--data", str(data), "--stage", "sft+grpo",
+            "--sft_steps", "2", "--sft_batch_size", "2", "--sft_lr", "1e-4", "--num_steps", "2", "--batch_size", "8",
+            "--eval_prompts", "2", "--lr", "2e-4", "--temperature", "1.0", "--max_pixels", "3136",
+            "--max_prompt_length", "128", "--max_completion_length", "128", "--micro_batch_tokens", "256",
+            "--reward_symbolic", "false", "--beta", "0.04", "--num_iterations", "2"]
     zero3 = ["--deepspeed", str(CONFIGS / "zero3.json"), "--save_every", "1", "--keep_last", "1"]
     extras = {"plain": [], "zero2": ["--deepspeed", str(CONFIGS / "zero2.json")], "zero3": zero3}
     runs = {}
@@ -314,10 +346,21 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
         assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
         runs[kind] = run_dir
 
+    grpo = _records(runs["plain"], "grpo")
+    assert all(r["reward_std_in_group"] > 0.1 and r["grad_norm"] > 0.1 for r in grpo), grpo
+    assert any(r["split_prompt_groups"] > 0 for r in grpo)
+    # GRPO moved the weights, from the policy as GRPO started (the KL reference) to the end,
+    # by more than 4x the tolerance below: measured 678k of the 1.1M weights (by up to 8e-4),
+    # while ZeRO-3's weights differ from plain's by more than 1e-5 in 2 of them.
+    start = load_file(runs["plain"] / "reference" / "model.safetensors")
+    end = load_file(runs["plain"] / "final" / "model.safetensors")
+    moved = sum(int(((end[name] - start[name]).abs() > 4 * WEIGHT_ATOL).sum()) for name in end)
+    assert moved > 100_000, moved
     final_plain = load_file(runs["plain"] / "final" / "model.safetensors")
     for kind in ("zero2", "zero3"):
         for stage, keys in (("sft", ("loss", "grad_norm", "lr")),
-                            ("grpo", ("loss", "grad_norm", "kl", "reward", "sequences", "completion_len"))):
+                            ("grpo", ("loss", "grad_norm", "kl", "reward", "reward_std_in_group", "sequences",
+                                      "completion_len"))):
             mine, ref = _records(runs[kind], stage), _records(runs["plain"], stage)
             assert len(mine) == len(ref) == 2, (kind, stage)
             for a, b in zip(mine, ref):
