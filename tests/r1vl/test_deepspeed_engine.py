@@ -283,6 +283,9 @@ def _records(run_dir: Path, stage: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["stage"] == stage]
 
 
+WARM_RECORDS, WARM_STEPS = 6, 80
+
+
 @pytest.fixture(scope="session")
 def warm_checkpoint(tmp_path_factory):
     """(data file, checkpoint dir): the built-in tiny model after WARM_STEPS SFT steps at a high
@@ -305,9 +308,6 @@ def warm_checkpoint(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-4000:]
     assert _records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
     return data, out / "run" / "final"
-
-
-WARM_RECORDS, WARM_STEPS = 6, 80
 
 
 def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
