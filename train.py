@@ -85,8 +85,8 @@ def packed_microbatches(samples: list[Sample], groups: list[int], model, cfg: Co
         return [(idx, pack([samples[i] for i in idx], model, share_prompts=True).to(device))
                 for idx in shared.microbatches], shared.split_groups
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-    plan = plan_microbatches(lengths, cfg.micro_batch_tokens, world_size=1, groups=groups)[0]
-    return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan if idx], 0
+    plan = plan_microbatches(lengths, cfg.micro_batch_tokens, groups=groups)
+    return [(idx, pack([samples[i] for i in idx], model).to(device)) for idx in plan], 0
 
 
 def filler_microbatch(policy: Policy, encoder: PromptEncoder, device):

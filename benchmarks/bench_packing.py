@@ -1,18 +1,24 @@
-"""Padding efficiency of packed vs padded micro-batches on GRPO-like rollout lengths.
+"""Padding efficiency of the trainer's packed micro-batches vs padded ones, on GRPO-like lengths.
 
     python benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md
 
-No model runs: this counts tokens. efficiency = real tokens / computed tokens, where
-  - padded (b per micro-batch): each micro-batch is padded to its longest sequence, so it
-    computes b * longest; micro-batches are dealt to the ranks round-robin;
-  - packed: r1vl.packing.plan_microbatches under a token budget; a packed row computes exactly
-    its real tokens.
-Two columns: "per rank" counts what each rank computes; "lockstep" charges every
-micro-batch step at the size of its largest micro-batch on any rank times world_size, since
-under ZeRO the ranks meet at every layer of every step. "budget fill" is real tokens over
-steps * world_size * max_tokens (how full the packed micro-batches are). "image encodings
-per sequence": pack encodes each distinct image once per micro-batch; with groups = prompts
-the plan keeps the G completions of a prompt together.
+No model runs: this counts rows (tokens the model computes). One step as train.py runs it:
+each of WORLD_SIZE ranks holds its own PROMPTS / WORLD_SIZE prompts with their G completions
+(train.batches), cuts them into micro-batches on its own, and the engine pads every rank's list
+with filler micro-batches to the largest count over the ranks (engine.lockstep: ZeRO meets at
+every layer of every forward and backward). The batchings:
+  - padded (b per micro-batch): each micro-batch padded to its longest sequence, b * longest rows;
+  - packed, share_prompts off: r1vl.packing.plan_microbatches with groups = prompts, as
+    train.packed_microbatches calls it; a packed row computes exactly its sequences;
+  - packed, share_prompts on (the default): r1vl.packing.plan_shared_microbatches; a row holds
+    each prompt once per group (or per part of a group over the budget) and its completions.
+Columns: "rows / sequence tokens" is every row the ranks compute (padding and fillers included)
+over the tokens of the unshared sequences (prompt + completion each), the cost of the step;
+"efficiency per rank" is useful rows over the rows each rank computes (fillers are not
+useful); "efficiency lockstep" charges every micro-batch step at its largest micro-batch over
+the ranks times WORLD_SIZE, what a step costs when the ranks wait for each other; "budget
+fill" is useful rows over steps * WORLD_SIZE * max_tokens; "image encodings per sequence":
+pack encodes each distinct image once per micro-batch.
 
 Lengths of one step: 64 prompts of 300-800 tokens (text and image), G = 4 completions each,
 completion lengths from two spreads: "uniform" 50-1024, and "capped" where 30% of the
@@ -23,57 +29,82 @@ import platform
 import random
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from r1vl.packing import plan_microbatches  # noqa: E402
+from r1vl.packing import Sample, plan_microbatches, plan_shared_microbatches  # noqa: E402
 
 PROMPTS, G, WORLD_SIZE, STEPS = 64, 4, 4, 20
+# Rows of the filler micro-batch (train.filler_microbatch): Qwen2-VL's chat template around a
+# blank 56 x 56 image (4 image tokens), about 30 tokens, plus a one-token completion.
+FILLER_ROWS = 31
 
 
-def rollout_lengths(rng: random.Random, spread: str) -> list[int]:
-    lengths = []
+@dataclass
+class Micro:
+    """One micro-batch of one rank."""
+
+    useful: int  # rows that are sequence tokens (padding and fillers are not)
+    rows: int  # rows computed
+    encodings: int  # images the vision tower encodes
+
+
+def rollout(rng: random.Random, spread: str) -> tuple[list[int], list[int]]:
+    """Prompt length of each of the PROMPTS prompts, completion length of each of its G samples
+    (prompt-major: sample i belongs to prompt i // G)."""
+    prompts, completions = [], []
     for _ in range(PROMPTS):
-        prompt = rng.randint(300, 800)
+        prompts.append(rng.randint(300, 800))
         for _ in range(G):
             if spread == "uniform":
-                completion = rng.randint(50, 1024)
+                completions.append(rng.randint(50, 1024))
             else:
-                completion = 1024 if rng.random() < 0.3 else rng.randint(50, 600)
-            lengths.append(prompt + completion)
-    return lengths
+                completions.append(1024 if rng.random() < 0.3 else rng.randint(50, 600))
+    return prompts, completions
 
 
-def padded(lengths: list[int], b: int, sort: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """(real, computed) tokens per [rank][step] for padded micro-batches of b sequences, and
-    image encodings per sequence: the transformers forward encodes every sequence's image."""
+def padded(prompts, completions, b: int, sort: bool) -> list[Micro]:
+    """b sequences per micro-batch, each padded to the longest; every sequence encodes its
+    image (the transformers forward does)."""
+    lengths = [prompts[i // G] + c for i, c in enumerate(completions)]
     order = sorted(lengths) if sort else lengths
-    batches = [order[i : i + b] for i in range(0, len(order), b)]
-    real = [[] for _ in range(WORLD_SIZE)]
-    computed = [[] for _ in range(WORLD_SIZE)]
-    for k, batch in enumerate(batches):
-        real[k % WORLD_SIZE].append(sum(batch))
-        computed[k % WORLD_SIZE].append(len(batch) * max(batch))
-    return real, computed, 1.0
+    return [Micro(sum(batch), len(batch) * max(batch), len(batch))
+            for batch in (order[i: i + b] for i in range(0, len(order), b))]
 
 
-def packed(lengths: list[int], max_tokens: int, grouped: bool):
-    """(real, computed) tokens per [rank][step], and image encodings per sequence: pack
-    encodes an image once per micro-batch, so siblings placed together share one encoding."""
-    groups = [i // G for i in range(len(lengths))] if grouped else None
-    plan = plan_microbatches(lengths, max_tokens, WORLD_SIZE, groups=groups)
-    real = [[sum(lengths[i] for i in batch) for batch in rank] for rank in plan]
-    encodings = sum(len({i // G for i in batch}) for rank in plan for batch in rank)
-    return real, real, encodings / len(lengths)
+def packed(prompts, completions, max_tokens: int) -> list[Micro]:
+    """train.packed_microbatches with share_prompts off: siblings together where they fit."""
+    lengths = [prompts[i // G] + c for i, c in enumerate(completions)]
+    plan = plan_microbatches(lengths, max_tokens, groups=[i // G for i in range(len(lengths))])
+    return [Micro(sum(lengths[i] for i in idx), sum(lengths[i] for i in idx), len({i // G for i in idx}))
+            for idx in plan]
 
 
-def efficiencies(real, computed) -> tuple[float, float, int]:
-    total = sum(map(sum, real))
-    steps = max(len(rank) for rank in computed)
-    at = lambda rank, k: rank[k] if k < len(rank) else 0  # noqa: E731
-    lockstep = sum(WORLD_SIZE * max(at(rank, k) for rank in computed) for k in range(steps))
-    return total / sum(map(sum, computed)), total / lockstep, steps
+def shared(prompts, completions, max_tokens: int) -> list[Micro]:
+    """train.packed_microbatches with share_prompts on: [prompt, c1, ..., cG] rows."""
+    # Only lengths and equality of prompts matter to the planner: prompt p is P copies of p.
+    samples = [Sample([i // G] * prompts[i // G], [0] * c) for i, c in enumerate(completions)]
+    micro = []
+    for idx in plan_shared_microbatches(samples, max_tokens).microbatches:
+        groups = {i // G for i in idx}
+        rows = sum(prompts[p] for p in groups) + sum(completions[i] for i in idx)
+        micro.append(Micro(rows, rows, len(groups)))
+    return micro
+
+
+def lockstep_step(per_rank: list[list[Micro]]) -> dict:
+    """Every rank padded with fillers to the largest count (engine.lockstep), then costed."""
+    steps = max(len(m) for m in per_rank)
+    filler = Micro(0, FILLER_ROWS, 1)
+    ranks = [m + [filler] * (steps - len(m)) for m in per_rank]
+    useful = sum(m.useful for rank in ranks for m in rank)
+    rows = sum(m.rows for rank in ranks for m in rank)
+    charged = sum(WORLD_SIZE * max(rank[k].rows for rank in ranks) for k in range(steps))
+    return {"useful": useful, "rows": rows, "charged": charged, "steps": steps,
+            "fillers": sum(steps - len(m) for m in per_rank),
+            "encodings": sum(m.encodings for m in sum(per_rank, []))}
 
 
 def main() -> None:
@@ -82,55 +113,65 @@ def main() -> None:
     args = parser.parse_args()
 
     methods = [
-        ("padded, 4 per micro-batch (one GRPO group)", lambda L: padded(L, 4, sort=False), None),
-        ("padded, 8 per micro-batch", lambda L: padded(L, 8, sort=False), None),
-        ("padded, 8 per micro-batch, sorted by length", lambda L: padded(L, 8, sort=True), None),
-        ("packed, max_tokens 8192", lambda L: packed(L, 8192, False), 8192),
-        ("packed, max_tokens 16384", lambda L: packed(L, 16384, False), 16384),
-        ("packed, max_tokens 8192, groups = prompts", lambda L: packed(L, 8192, True), 8192),
-        ("packed, max_tokens 16384, groups = prompts", lambda L: packed(L, 16384, True), 16384),
+        ("padded, 4 per micro-batch (one GRPO group)", lambda P, C: padded(P, C, 4, sort=False), None),
+        ("padded, 8 per micro-batch", lambda P, C: padded(P, C, 8, sort=False), None),
+        ("padded, 8 per micro-batch, sorted by length", lambda P, C: padded(P, C, 8, sort=True), None),
+        ("packed, share_prompts off, max_tokens 8192", lambda P, C: packed(P, C, 8192), 8192),
+        ("packed, share_prompts off, max_tokens 16384", lambda P, C: packed(P, C, 16384), 16384),
+        ("packed, share_prompts on, max_tokens 8192", lambda P, C: shared(P, C, 8192), 8192),
+        ("packed, share_prompts on, max_tokens 16384 (default)", lambda P, C: shared(P, C, 16384), 16384),
     ]
+    per_prompt_rank = PROMPTS // WORLD_SIZE
     rows = []
     for spread in ("uniform", "capped"):
-        for label, run, budget in methods:
-            per_rank, lockstep, steps, fill, encodings = [], [], [], [], []
+        for label, plan, budget in methods:
+            cost, per_rank, lock, steps, fillers, fill, encodings = [], [], [], [], [], [], []
             for seed in range(STEPS):
-                lengths = rollout_lengths(random.Random(seed), spread)
-                real, computed, encoded = run(lengths)
-                encodings.append(encoded)
-                e_rank, e_lock, k = efficiencies(real, computed)
-                per_rank.append(e_rank)
-                lockstep.append(e_lock)
-                steps.append(k)
+                prompts, completions = rollout(random.Random(seed), spread)
+                # Rank r holds prompts r*16 .. r*16+15 of the step (the step's order is random).
+                micro = [plan(prompts[r * per_prompt_rank: (r + 1) * per_prompt_rank],
+                              completions[r * per_prompt_rank * G: (r + 1) * per_prompt_rank * G])
+                         for r in range(WORLD_SIZE)]
+                step = lockstep_step(micro)
+                cost.append(step["rows"] / (sum(prompts) * G + sum(completions)))
+                per_rank.append(step["useful"] / step["rows"])
+                lock.append(step["useful"] / step["charged"])
+                steps.append(step["steps"])
+                fillers.append(step["fillers"])
+                encodings.append(step["encodings"] / len(completions))
                 if budget:
-                    fill.append(sum(lengths) / (k * WORLD_SIZE * budget))
+                    fill.append(step["useful"] / (step["steps"] * WORLD_SIZE * budget))
             rows.append(
-                f"| {spread} | {label} | {statistics.mean(per_rank):.1%} | {statistics.mean(lockstep):.1%} "
-                f"| {min(lockstep):.1%} | {statistics.mean(steps):.1f} "
-                f"| {f'{statistics.mean(fill):.1%}' if fill else '-'} | {statistics.mean(encodings):.2f} |"
+                f"| {spread} | {label} | {statistics.mean(cost):.3f} | {statistics.mean(per_rank):.1%} "
+                f"| {statistics.mean(lock):.1%} | {min(lock):.1%} | {statistics.mean(steps):.1f} "
+                f"| {statistics.mean(fillers):.2f} | {f'{statistics.mean(fill):.1%}' if fill else '-'} "
+                f"| {statistics.mean(encodings):.2f} |"
             )
 
     table = "\n".join(
         [
-            "# Padding efficiency: packed vs padded micro-batches",
+            "# Padding efficiency: the trainer's packed micro-batches vs padded ones",
             "",
             "Command: `python benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md`",
             "",
             f"One step = {PROMPTS} prompts x G={G} completions = {PROMPTS * G} sequences over "
-            f"{WORLD_SIZE} data-parallel ranks; means over {STEPS} random steps (seeds 0-{STEPS - 1}). "
-            "Prompt 300-800 tokens (shared by the G siblings), completion 50-1024 "
-            "(uniform) or 30% at the 1024 cap and the rest 50-600 (capped). "
-            "Efficiency = real tokens / computed tokens; lockstep charges each micro-batch step at "
-            "its largest micro-batch over the ranks. Packed rows compute exactly their real tokens, "
-            "so packed per-rank efficiency is 100% by construction; its lockstep column is the one "
-            "that measures the plan (rank balance). Tokens only: attention's quadratic term is not "
-            "counted, and padded batches also pay it on their padding. Image encodings per sequence: "
-            f"how often the vision tower encodes a prompt's image per completion (1/G = {1 / G:.2f} "
-            "at best, when all G siblings share a micro-batch).",
+            f"{WORLD_SIZE} data-parallel ranks, {per_prompt_rank} prompts each; means over {STEPS} random "
+            f"steps (seeds 0-{STEPS - 1}). Prompt 300-800 tokens (shared by the G siblings), completion "
+            "50-1024 (uniform) or 30% at the 1024 cap and the rest 50-600 (capped). Each rank plans its "
+            "own micro-batches as train.py does; engine.lockstep then pads every rank to the largest "
+            f"micro-batch count with {FILLER_ROWS}-row fillers. Rows / sequence tokens: all rows the "
+            "ranks compute (padding and fillers included) over the tokens of the unshared sequences; "
+            "below 1 when prompts are shared. Efficiency = useful rows / rows computed (per rank) or "
+            "charged (lockstep: each micro-batch step at its largest micro-batch over the ranks). "
+            "Budget fill: useful rows / (micro-batches per rank x ranks x max_tokens). Tokens only: "
+            "attention's quadratic term is not counted, and padded batches also pay it on their "
+            f"padding. Image encodings per sequence: 1/G = {1 / G:.2f} at best, when all G siblings "
+            "share a micro-batch.",
             "",
-            "| completions | batching | efficiency per rank | efficiency lockstep | lockstep, worst step "
-            "| micro-batches per rank | budget fill | image encodings per sequence |",
-            "|---|---|---|---|---|---|---|---|",
+            "| completions | batching | rows / sequence tokens | efficiency per rank | efficiency lockstep "
+            "| lockstep, worst step | micro-batches per rank | fillers per step | budget fill "
+            "| image encodings per sequence |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             f"Python {platform.python_version()}; token counting only, no model or device involved.",

@@ -128,7 +128,7 @@ def microbatches(samples: list[Sample], model, shared: bool) -> list:
         plan = plan_shared_microbatches(samples, MICRO_BATCH_TOKENS).microbatches
     else:
         lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        plan = [idx for idx in plan_microbatches(lengths, MICRO_BATCH_TOKENS, 1, groups=[0] * len(samples))[0] if idx]
+        plan = plan_microbatches(lengths, MICRO_BATCH_TOKENS, groups=[0] * len(samples))
     return [(idx, pack([samples[i] for i in idx], model, share_prompts=shared)) for idx in plan]
 
 

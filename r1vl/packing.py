@@ -5,9 +5,9 @@ restarting for each sequence, so that varlen attention (r1vl.attention) never mi
 sequences and no compute is spent on padding. With share_prompts=True the G completions of a
 prompt share one copy of it: [prompt, c1, ..., cG], each completion attending to the prompt
 and to itself only, so the prompt and its image tokens run through the model once per group.
-`plan_shared_microbatches` cuts one rank's samples into micro-batches for that layout;
-`plan_microbatches` decides which sequences go into which micro-batch on which data-parallel
-rank for the unshared one.
+`plan_shared_microbatches` cuts one rank's samples into micro-batches for that layout,
+`plan_microbatches` for the unshared one. Each rank plans its own samples; the engine keeps the
+ranks' micro-batch counts equal (engine.lockstep).
 """
 from __future__ import annotations
 
@@ -469,38 +469,32 @@ def _first_fit_sized(units: list[tuple[int, list[int]]], capacity: int) -> tuple
 def plan_microbatches(
     lengths: Sequence[int],
     max_tokens: int,
-    world_size: int,
     groups: Sequence[Hashable] | None = None,
-) -> list[list[list[int]]]:
-    """Split sequences into token-budgeted micro-batches, balanced over data-parallel ranks.
+) -> list[list[int]]:
+    """One rank's sequences cut into token-budgeted micro-batches, for `pack(..., share_prompts=False)`.
+
+    Other ranks plan their own sequences the same way; that every rank then runs as many
+    micro-batches is the engine's job (engine.lockstep pads the shorter lists with fillers).
 
     Args:
         lengths: token count of each sequence (prompt + image tokens + completion), all >= 1.
         max_tokens: budget of one micro-batch (the packed row length T may not exceed it).
-        world_size: number of data-parallel ranks.
         groups: optional key per sequence, e.g. the prompt index of each GRPO completion.
             Sequences of one group are kept in one micro-batch where the budget allows, so
-            that `pack` encodes their shared image once instead of G times. The price is a
-            coarser balance (see below).
+            that `pack` encodes their shared image once instead of G times; a group over the
+            budget is cut into budget-sized parts (first-fit decreasing over its sequences).
 
     Returns:
-        plan[rank][step] = indices into `lengths` of the sequences packed together, in
-        increasing order. Every rank gets the same number of micro-batch steps (gradient
-        accumulation and ZeRO collectives run in lockstep); every sequence is placed exactly
-        once; each micro-batch holds at most `max_tokens` tokens. A micro-batch is empty only
-        when its rank has fewer sequences than there are steps; the loop must still step it.
-
-    Guarantees: the ranks' token totals differ by at most the largest unit placed, a unit
-    being one sequence (no groups) or one group (or, for a group over the budget, a
-    budget-sized part of it): greedy longest-first assignment to the least-loaded rank.
-    Deterministic: ties break by index and rank, so every rank computes the same plan.
+        plan[k] = indices into `lengths` of the sequences packed together in micro-batch k, in
+        increasing order, every micro-batch non-empty and at most `max_tokens` tokens, every
+        sequence placed exactly once, the fullest micro-batches first. First-fit decreasing
+        over the units (single sequences, or groups and their parts); deterministic (ties
+        break by index).
 
     Raises ValueError when a sequence is longer than `max_tokens` (never cut silently).
     """
     if max_tokens < 1:
         raise ValueError(f"plan_microbatches: max_tokens must be >= 1, got {max_tokens}")
-    if world_size < 1:
-        raise ValueError(f"plan_microbatches: world_size must be >= 1, got {world_size}")
     if groups is not None and len(groups) != len(lengths):
         raise ValueError(f"plan_microbatches: {len(groups)} groups for {len(lengths)} lengths")
     for i, n in enumerate(lengths):
@@ -511,77 +505,21 @@ def plan_microbatches(
                 f"plan_microbatches: sequence {i} has {n} tokens, more than the micro-batch "
                 f"budget max_tokens={max_tokens}; raise the budget or shorten the sequence"
             )
-    size = lambda unit: sum(lengths[i] for i in unit)  # noqa: E731
-    units = sorted(_units(lengths, max_tokens, groups), key=lambda u: (-size(u), u[0]))
-
-    # 1. Ranks: each unit, largest first, to the least-loaded rank.
-    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for unit in units:
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        per_rank[r].append(unit)
-        load[r] += size(unit)
-
-    # 2. Micro-batches within each rank: first-fit decreasing under the budget. A micro-batch
-    # is a list of units here, flattened at the end.
-    bins_per_rank = [_first_fit(rank_units, size, max_tokens) for rank_units in per_rank]
-
-    # 3. Same step count on every rank: split the fullest micro-batch that can be split,
-    # between its units if it has several, else between the sequences of its one unit.
-    steps = max(len(bins) for bins in bins_per_rank)
-    for bins in bins_per_rank:
-        while len(bins) < steps:
-            splittable = [j for j, b in enumerate(bins) if len(b) > 1 or len(b[0]) > 1]
-            if not splittable:
-                break
-            j = max(splittable, key=lambda j: (sum(map(size, bins[j])), -j))
-            parts = bins[j] if len(bins[j]) > 1 else [[i] for i in bins[j][0]]
-            bins[j : j + 1] = _halve(parts, size)
-        bins.extend([] for _ in range(steps - len(bins)))
-    plan = [[sorted(i for unit in b for i in unit) for b in bins] for bins in bins_per_rank]
-    # Largest first on every rank, so that the ranks' step k are alike in size: in lockstep
-    # a step takes as long as its largest micro-batch on any rank.
-    for rank in plan:
-        rank.sort(key=lambda b: (-size(b), b[:1]))
+    units = []  # (tokens, sequence indices) of what is placed whole
+    for members in ([[i] for i in range(len(lengths))] if groups is None else _members(groups)):
+        longest_first = sorted(members, key=lambda i: (-lengths[i], i))
+        parts, _ = _first_fit_sized([(lengths[i], [i]) for i in longest_first], max_tokens)
+        units += [(sum(lengths[i] for i in part), part) for part in parts]
+    units.sort(key=lambda u: (-u[0], u[1][0]))  # a part's first member is its longest
+    bins, _ = _first_fit_sized(units, max_tokens)
+    plan = [sorted(b) for b in bins]
+    plan.sort(key=lambda b: (-sum(lengths[i] for i in b), b[0]))
     return plan
 
 
-def _units(lengths: Sequence[int], max_tokens: int, groups: Sequence[Hashable] | None) -> list[list[int]]:
-    """What the planner places whole: single sequences, or groups (in budget-sized parts)."""
-    if groups is None:
-        return [[i] for i in range(len(lengths))]
+def _members(groups: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of each group's sequences, groups in order of first appearance."""
     members: dict[Hashable, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    units = []
-    for seqs in members.values():
-        longest_first = sorted(seqs, key=lambda i: (-lengths[i], i))
-        units += _first_fit([[i] for i in longest_first], lambda u: lengths[u[0]], max_tokens)
-    return [[i for unit in part for i in unit] for part in units]
-
-
-def _first_fit(units: list[list[int]], size, max_tokens: int) -> list[list[list[int]]]:
-    """First-fit decreasing; `units` are already largest first."""
-    bins: list[list[list[int]]] = []
-    room: list[int] = []
-    for unit in units:
-        n = size(unit)
-        j = next((j for j, free in enumerate(room) if free >= n), None)
-        if j is None:
-            bins.append([])
-            room.append(max_tokens)
-            j = len(bins) - 1
-        bins[j].append(unit)
-        room[j] -= n
-    return bins
-
-
-def _halve(units: list[list[int]], size) -> list[list[list[int]]]:
-    """Split >= 2 units into two non-empty micro-batches of similar size."""
-    halves: list[list[list[int]]] = [[], []]
-    load = [0, 0]
-    for unit in sorted(units, key=lambda u: (-size(u), u[0])):
-        h = 0 if load[0] <= load[1] else 1
-        halves[h].append(unit)
-        load[h] += size(unit)
-    return halves
+    return list(members.values())

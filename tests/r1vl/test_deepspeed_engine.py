@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 behind the engine interface (r1vl.deepspeed_engine), on CPU/gloo.
 
-The --deepspeed JSON checks are plain unit tests. The rest launches torchrun with two ranks:
+The --deepspeed JSON checks are plain unit tests, and so is lockstep (the ranks are threads
+meeting in a stand-in all-reduce). The rest launches torchrun with two ranks:
 tests/r1vl/deepspeed_worker.py drives the three engines directly through random GRPO updates
 (uneven micro-batches, an idle rank, a KL reference, rollouts inside gathered(), a save/load
 round trip), and train.py runs SFT + StepGRPO with each. The first DeepSpeed process on a
@@ -15,8 +16,11 @@ four updates at lr 1e-3) within 6e-7 (ZeRO-2) and 7e-6 (ZeRO-3).
 """
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ import torch
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
 from r1vl.deepspeed_engine import _plain_optimizer_state
+from r1vl.packing import Sample, plan_microbatches, plan_shared_microbatches
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -134,6 +139,99 @@ def test_saved_optimizer_state_is_plain_data():
         _plain_optimizer_state({"extra": object()})
 
 
+# -------------------------------------------------------------------------------- lockstep
+
+
+class _Ranks:
+    """World_size threads standing for the ranks of one step, with all_reduce_max a real
+    rendezvous: every rank posts its values and reads the element-wise max of all of them."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=10)
+        self.posted: dict[int, list[float]] = {}
+        self.local = threading.local()
+
+    def all_reduce_max(self, values, device):
+        self.posted[self.local.rank] = [float(v) for v in values]
+        self.barrier.wait()
+        out = [max(column) for column in zip(*self.posted.values())]
+        self.barrier.wait()  # nobody posts the next values before every rank has read these
+        return out
+
+    def run(self, fn, per_rank: list) -> list:
+        """fn(rank, per_rank[rank]) on every rank at once; the results in rank order."""
+        results: list = [None] * self.world_size
+        errors: list = []
+
+        def body(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank, per_rank[rank])
+            except BaseException as error:  # noqa: BLE001  (re-raised in the test's thread)
+                errors.append(error)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def _rank_microbatches(rng: random.Random, rank: int, budget: int) -> tuple[list, int]:
+    """One rank's [(indices, stand-in for its PackedBatch)] as train.packed_microbatches plans
+    them (shared-prompt or not), for a random number of GRPO groups (0 = all prompts skipped);
+    and the rank's sample count."""
+    groups, g = rng.randint(0, 6), rng.randint(2, 4)
+    prompts = [[rank * 100 + p] * rng.randint(1, budget // 3) for p in range(groups)]
+    samples = [Sample(prompt, [7] * rng.randint(1, budget // 3 - 1)) for prompt in prompts for _ in range(g)]
+    if rng.random() < 0.5:
+        plan = plan_shared_microbatches(samples, budget).microbatches
+    else:
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+        plan = plan_microbatches(lengths, budget, groups=[i // g for i in range(len(samples))])
+    return [(idx, f"packed {rank}.{k}") for k, idx in enumerate(plan)], len(samples)
+
+
+def test_lockstep_gives_every_rank_as_many_microbatches_and_loses_none(monkeypatch):
+    """What keeps ranks in step under ZeRO: every rank runs the same number of micro-batches
+    (the largest count over the ranks, no more), its own micro-batches all, once each and in
+    order, then (None, filler) entries that the update weights 0; so over the ranks every
+    sample is trained on exactly once. A rank with no micro-batch at all (every prompt
+    skipped) runs fillers only. PlainEngine (gradients summed once, after the step) keeps
+    each rank's list as it is."""
+    from r1vl import distributed
+    from r1vl.deepspeed_engine import DeepSpeedEngine
+    from r1vl.engine import PlainEngine
+
+    rng = random.Random(5)
+    filler = "filler"
+    for case in range(150):
+        world_size, budget = rng.randint(1, 5), rng.randint(12, 60)
+        mine = [_rank_microbatches(rng, r, budget) for r in range(world_size)]
+        micro = [m for m, _ in mine]
+        ranks = _Ranks(world_size)
+        monkeypatch.setattr(distributed, "all_reduce_max", ranks.all_reduce_max)
+
+        def lockstep(rank, microbatches):
+            engine = types.SimpleNamespace(world=distributed.Dist(rank, world_size, rank, torch.device("cpu")))
+            return DeepSpeedEngine.lockstep(engine, list(microbatches), filler)
+
+        work = ranks.run(lockstep, micro)
+        steps = max(len(m) for m in micro)
+        assert [len(w) for w in work] == [steps] * world_size, (case, "ranks differ in micro-batch count")
+        for rank, (w, m) in enumerate(zip(work, micro)):
+            assert w[:len(m)] == m, (case, rank, "a micro-batch lost, repeated or moved")
+            assert w[len(m):] == [(None, filler)] * (steps - len(m)), (case, rank)
+        trained = sorted((rank, i) for rank, w in enumerate(work) for idx, _ in w if idx is not None for i in idx)
+        assert trained == [(rank, i) for rank, (_, n) in enumerate(mine) for i in range(n)], case
+        assert PlainEngine.lockstep(None, micro[0], filler) == micro[0]
+
+
 # -------------------------------------------------------------------------------- the engines
 
 
@@ -185,24 +283,56 @@ def _records(run_dir: Path, stage: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["stage"] == stage]
 
 
-def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
-    """`torchrun train.py` (SFT + StepGRPO with a KL reference, on the built-in tiny model)
+WARM_RECORDS, WARM_STEPS = 6, 80
+
+
+@pytest.fixture(scope="session")
+def warm_checkpoint(tmp_path_factory):
+    """(data file, checkpoint dir): the built-in tiny model after WARM_STEPS SFT steps at a high
+    rate on WARM_RECORDS synthetic records, which it then nearly recites (SFT loss about 0.01
+    per token). Sampled at temperature 1 its completions still differ, so that GRPO groups
+    have rewards that differ and the updates are not zero; the random tiny model earns 0 on
+    every completion. One process, about 10 s on two cores. The last 2 records are the held-out prompts, as in
+    the runs that start from it."""
+    from r1vl.synthetic import write_dataset
+
+    out = tmp_path_factory.mktemp("warm")
+    write_dataset(out / "data", n=WARM_RECORDS, seed=0)
+    data = out / "data" / "data.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--progress", "false", "--run_dir", str(out / "run"),
+           "--data", str(data), "--stage", "sft", "--sft_steps", str(WARM_STEPS), "--sft_lr", "3e-3",
+           "--sft_batch_size", "4", "--eval_prompts", "2", "--save_every", "0"]
+    result = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
+    return data, out / "run" / "final"
+
+
+def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
+    """`torchrun train.py` (SFT + StepGRPO with a KL reference, from the warmed-up tiny model)
     plain, with --deepspeed configs/zero2.json and configs/zero3.json: same per-step numbers,
     identical ranks, and a saved final policy that loads and equals plain's within tolerance.
     Then a ZeRO-3 run killed after its checkpoint of GRPO step 1 and resumed (the policy and
     the ZeRO-3 optimizer shards from the checkpoint, the KL reference loaded from
     RUN_DIR/reference and sharded again) ends with exactly the uninterrupted run's weights.
 
-    The tiny random model earns no reward in two GRPO steps, so the GRPO updates themselves
-    are zero here (the engine test above covers nonzero ones); the SFT steps, the KL
-    reference, the old log-probs (num_iterations 2), the rollout and evaluation under ZeRO-3
-    and the stage change from one engine to the next are what this run checks."""
+    The GRPO updates are not zero: every step has groups whose rewards differ, and GRPO moves
+    the weights far beyond the tolerance of the comparison, so a wrong advantage, weighting,
+    reference or rollout under ZeRO shows. A micro-batch budget of 256 tokens splits every
+    prompt group over several micro-batches, unevenly over the ranks (measured: 8 and 7 in
+    the first GRPO step, so that ZeRO pads rank 1 with a filler, engine.lockstep)."""
     from safetensors.torch import load_file
 
     from r1vl.policy import check_checkpoint_dir
 
-    args = ["--progress", "false", "--sft_steps", "2", "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "4",
-            "--max_completion_length", "24", "--beta", "0.04", "--num_iterations", "2"]
+    data, warm = warm_checkpoint
+    args = ["--progress", "false", "--model", str(warm), "--data", str(data), "--stage", "sft+grpo",
+            "--sft_steps", "2", "--sft_batch_size", "2", "--sft_lr", "1e-4", "--num_steps", "2", "--batch_size", "8",
+            "--eval_prompts", "2", "--lr", "2e-4", "--temperature", "1.0", "--max_pixels", "3136",
+            "--max_prompt_length", "128", "--max_completion_length", "128", "--micro_batch_tokens", "256",
+            "--reward_symbolic", "false", "--beta", "0.04", "--num_iterations", "2"]
     zero3 = ["--deepspeed", str(CONFIGS / "zero3.json"), "--save_every", "1", "--keep_last", "1"]
     extras = {"plain": [], "zero2": ["--deepspeed", str(CONFIGS / "zero2.json")], "zero3": zero3}
     runs = {}
@@ -216,10 +346,21 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path):
         assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
         runs[kind] = run_dir
 
+    grpo = _records(runs["plain"], "grpo")
+    assert all(r["reward_std_in_group"] > 0.1 and r["grad_norm"] > 0.1 for r in grpo), grpo
+    assert any(r["split_prompt_groups"] > 0 for r in grpo)
+    # GRPO moved the weights, from the policy as GRPO started (the KL reference) to the end,
+    # by more than 4x the tolerance below: measured 678k of the 1.1M weights (by up to 8e-4),
+    # while ZeRO-3's weights differ from plain's by more than 1e-5 in 2 of them.
+    start = load_file(runs["plain"] / "reference" / "model.safetensors")
+    end = load_file(runs["plain"] / "final" / "model.safetensors")
+    moved = sum(int(((end[name] - start[name]).abs() > 4 * WEIGHT_ATOL).sum()) for name in end)
+    assert moved > 100_000, moved
     final_plain = load_file(runs["plain"] / "final" / "model.safetensors")
     for kind in ("zero2", "zero3"):
         for stage, keys in (("sft", ("loss", "grad_norm", "lr")),
-                            ("grpo", ("loss", "grad_norm", "kl", "reward", "sequences", "completion_len"))):
+                            ("grpo", ("loss", "grad_norm", "kl", "reward", "reward_std_in_group", "sequences",
+                                      "completion_len"))):
             mine, ref = _records(runs[kind], stage), _records(runs["plain"], stage)
             assert len(mine) == len(ref) == 2, (kind, stage)
             for a, b in zip(mine, ref):

@@ -2,9 +2,7 @@
 server, and rewriting data files without losing records."""
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -92,63 +90,20 @@ def test_parse_reply():
             parse_reply(bad)
 
 
-class StubLLM:
-    """An OpenAI-compatible stub on 127.0.0.1 (ephemeral port) that answers by keyword in
-    the solution: BADJSON -> unusable content, ERROR500 -> HTTP 500, SLOW -> sleeps past
-    the client's timeout, otherwise GOOD. It records every request and shuts itself down
-    after `lifetime_s` even if a test forgets to."""
-
-    def __init__(self, lifetime_s: float = 60.0):
-        self.requests = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                      "body": body})
-                prompt = body["messages"][-1]["content"]
-                if "ERROR500" in prompt:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                if "SLOW" in prompt:
-                    time.sleep(1.0)
-                content = "Sure! {broken" if "BADJSON" in prompt else json.dumps(GOOD)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                               "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-        self.timer = threading.Timer(lifetime_s, self.stop)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def stop(self):
-        self.timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+def _llm_reply(prompt: str) -> str | int:
+    """The stub's answer by keyword in the solution: BADJSON -> unusable content, ERROR500 ->
+    HTTP 500, SLOW -> sleeps past the client's timeout, otherwise GOOD."""
+    if "ERROR500" in prompt:
+        return 500
+    if "SLOW" in prompt:
+        time.sleep(1.0)
+    return "Sure! {broken" if "BADJSON" in prompt else json.dumps(GOOD)
 
 
 @pytest.fixture
-def stub():
-    s = StubLLM()
-    yield s
-    s.stop()
-    s.thread.join(timeout=5)
-    assert not s.thread.is_alive()
+def stub(chat_server):
+    """An OpenAI-compatible stub on 127.0.0.1 answering with _llm_reply (tests/r1vl/conftest.py)."""
+    return chat_server(_llm_reply)
 
 
 def test_llm_extractor_request_and_reply(stub):

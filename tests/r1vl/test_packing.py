@@ -1,5 +1,7 @@
-"""pack: the layout of a packed row, checked by hand; its input checks. plan_microbatches:
-its invariants over many random length lists."""
+"""pack: the layout of a packed row, checked by hand; its input checks. plan_microbatches and
+plan_shared_microbatches: one rank's micro-batches, their invariants over many random length
+lists. That all ranks then run as many micro-batches is engine.lockstep's job
+(tests/r1vl/test_deepspeed_engine.py)."""
 import math
 import random
 
@@ -138,103 +140,88 @@ def test_no_samples(model):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_plan(plan, lengths, max_tokens, world_size, balance=None):
-    """balance: the allowed spread of the ranks' totals, default the longest sequence."""
-    assert len(plan) == world_size
-    steps = len(plan[0])
-    assert all(len(rank) == steps for rank in plan), "ranks differ in micro-batch count"
-    placed = sorted(i for rank in plan for batch in rank for i in batch)
+def _check_plan(plan, lengths, max_tokens, groups=None):
+    """Every sequence once, every micro-batch non-empty, sorted and within the budget, the
+    fullest first; a group that fits the budget in one micro-batch."""
+    placed = sorted(i for batch in plan for i in batch)
     assert placed == list(range(len(lengths))), "a sequence is missing or placed twice"
-    for rank in plan:
-        for batch in rank:
-            assert sum(lengths[i] for i in batch) <= max_tokens
-            assert batch == sorted(batch)
-        if any(len(batch) == 0 for batch in rank):  # empty only when unavoidable
-            assert sum(len(batch) for batch in rank) < steps
-    loads = [sum(lengths[i] for batch in rank for i in batch) for rank in plan]
-    if lengths:
-        bound = max(lengths) if balance is None else balance
-        assert max(loads) - min(loads) <= bound, "ranks unbalanced by more than one unit"
+    loads = [sum(lengths[i] for i in batch) for batch in plan]
+    for batch, load in zip(plan, loads):
+        assert batch and batch == sorted(batch) and load <= max_tokens
+    assert loads == sorted(loads, reverse=True)
+    if groups is not None:
+        homes = {}
+        for k, batch in enumerate(plan):
+            for i in batch:
+                homes.setdefault(groups[i], set()).add(k)
+        for g, h in homes.items():
+            if sum(n for n, key in zip(lengths, groups) if key == g) <= max_tokens:
+                assert len(h) == 1, f"group {g} fits the budget but was split"
 
 
 def test_plan_properties_on_random_lengths():
     rng = random.Random(1234)
     for _ in range(400):
         max_tokens = rng.randint(1, 5000)
-        world_size = rng.randint(1, 8)
         n = rng.randint(0, 80)
         lengths = [rng.randint(1, max_tokens) for _ in range(n)]
-        plan = plan_microbatches(lengths, max_tokens, world_size)
-        _check_plan(plan, lengths, max_tokens, world_size)
-        assert plan == plan_microbatches(list(lengths), max_tokens, world_size), "not deterministic"
+        plan = plan_microbatches(lengths, max_tokens)
+        _check_plan(plan, lengths, max_tokens)
+        assert plan == plan_microbatches(list(lengths), max_tokens), "not deterministic"
 
 
 def test_plan_properties_with_groups():
     rng = random.Random(99)
     for _ in range(300):
         max_tokens = rng.randint(1, 3000)
-        world_size = rng.randint(1, 6)
         n = rng.randint(0, 60)
-        lengths = [rng.randint(1, max_tokens) for _ in range(n)]
+        lengths = [rng.randint(1, rng.choice([max_tokens, max(1, max_tokens // 6)])) for _ in range(n)]
         groups = [rng.randint(0, max(1, n // 3)) for _ in range(n)]
-        plan = plan_microbatches(lengths, max_tokens, world_size, groups=groups)
-        totals = {}
-        for g, n_tokens in zip(groups, lengths):
-            totals[g] = totals.get(g, 0) + n_tokens
-        # A unit is a group, or a budget-sized part of a group over the budget.
-        largest_unit = max([min(t, max_tokens) for t in totals.values()], default=0)
-        _check_plan(plan, lengths, max_tokens, world_size, balance=largest_unit)
-        assert plan == plan_microbatches(lengths, max_tokens, world_size, groups=list(groups))
+        plan = plan_microbatches(lengths, max_tokens, groups=groups)
+        _check_plan(plan, lengths, max_tokens, groups)
+        assert plan == plan_microbatches(lengths, max_tokens, groups=list(groups))
 
 
 def test_plan_on_grpo_like_lengths():
+    """One rank's share of a step: 16 prompts x G = 4 completions."""
     rng = random.Random(7)
-    prompts = [rng.randint(300, 800) for _ in range(64)]
-    lengths = [prompts[i // 4] + rng.randint(50, 1024) for i in range(256)]
-    plan = plan_microbatches(lengths, 8192, 4)
-    _check_plan(plan, lengths, 8192, 4)
-    fewest = math.ceil(sum(lengths) / (4 * 8192))  # micro-batches per rank at 100% fill
-    assert len(plan[0]) <= fewest + 1
-
+    prompts = [rng.randint(300, 800) for _ in range(16)]
+    lengths = [prompts[i // 4] + rng.randint(50, 1024) for i in range(64)]
+    fewest = math.ceil(sum(lengths) / 8192)  # micro-batches at 100% fill
+    plan = plan_microbatches(lengths, 8192)
+    _check_plan(plan, lengths, 8192)
+    assert len(plan) <= fewest + 1
     # With the prompt as group, the 4 completions of each prompt share a micro-batch.
-    groups = [i // 4 for i in range(256)]
-    plan = plan_microbatches(lengths, 8192, 4, groups=groups)
-    _check_plan(plan, lengths, 8192, 4, balance=max(sum(lengths[4 * g : 4 * g + 4]) for g in range(64)))
-    homes = {}
-    for r, rank in enumerate(plan):
-        for k, batch in enumerate(rank):
-            for i in batch:
-                homes.setdefault(groups[i], set()).add((r, k))
-    assert all(len(h) == 1 for h in homes.values()), "a group was split"
-    assert len(plan[0]) <= fewest + 1
+    groups = [i // 4 for i in range(64)]
+    plan = plan_microbatches(lengths, 8192, groups=groups)
+    _check_plan(plan, lengths, 8192, groups)
+    assert len(plan) <= fewest + 1
 
 
 def test_plan_groups_over_budget_are_split_into_parts():
     # Group "a" (4 + 4 + 3 = 11 tokens) exceeds the budget of 8: parts [4, 4] and [3].
-    plan = plan_microbatches([4, 4, 3, 2], 8, 1, groups=["a", "a", "a", "b"])
-    assert plan == [[[0, 1], [2, 3]]]
+    assert plan_microbatches([4, 4, 3, 2], 8, groups=["a", "a", "a", "b"]) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="3 groups for 4 lengths"):
-        plan_microbatches([4, 4, 3, 2], 8, 1, groups=["a", "a", "b"])
+        plan_microbatches([4, 4, 3, 2], 8, groups=["a", "a", "b"])
 
 
 def test_plan_small_cases():
-    assert plan_microbatches([5, 5, 5], 5, 2) == [[[0], [2]], [[1], []]]
-    assert plan_microbatches([3, 1, 2], 10, 1) == [[[0, 1, 2]]]
-    assert plan_microbatches([], 10, 3) == [[], [], []]
-    # Rank 0 gets [9, 2] (two micro-batches), rank 1 gets [8, 2] (fits in one): rank 1's is
-    # split so that both step twice, rather than stepping once on an empty micro-batch.
-    assert plan_microbatches([9, 8, 2, 2], 10, 2) == [[[0], [3]], [[1], [2]]]
+    assert plan_microbatches([5, 5, 5], 5) == [[0], [1], [2]]
+    assert plan_microbatches([3, 1, 2], 10) == [[0, 1, 2]]
+    assert plan_microbatches([], 10) == []
+    # First-fit decreasing: 9 and 8 open two micro-batches; the first 2 fits only beside the
+    # 8, the second opens a third; the fullest first.
+    assert plan_microbatches([9, 8, 2, 2], 10) == [[1, 2], [0], [3]]
+    assert plan_microbatches([9, 8, 2, 1], 10) == [[0, 3], [1, 2]]
 
 
 def test_plan_refuses_a_sequence_over_budget():
     with pytest.raises(ValueError, match="sequence 2 has 11 tokens, more than .* max_tokens=10"):
-        plan_microbatches([3, 10, 11], 10, 2)
+        plan_microbatches([3, 10, 11], 10)
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-        plan_microbatches([1], 0, 1)
-    with pytest.raises(ValueError, match="world_size must be >= 1"):
-        plan_microbatches([1], 4, 0)
+        plan_microbatches([1], 0)
     with pytest.raises(ValueError, match="sequence 0 has length 0"):
-        plan_microbatches([0], 4, 1)
+        plan_microbatches([0], 4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """The LLM judge against a stub OpenAI-compatible server on 127.0.0.1: asked only about the
 answers the rules cannot read, cached, failures counted."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from evalkit_files import final, write_predictions, write_tsv
@@ -12,51 +10,20 @@ from r1vl.eval.judge import Judge, JudgeError
 from r1vl.eval.score import score_benchmark
 
 
-class StubJudge:
-    """Answers by keyword in the response: SECOND -> "B", NOTHING -> "Unknown", ERROR -> HTTP 500,
-    GARBAGE -> a body that is no chat completion. Records every request."""
-
-    def __init__(self):
-        self.requests = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                text = body["messages"][-1]["content"]
-                if "ERROR" in text:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                reply = {"choices": [{"message": {"role": "assistant",
-                                                  "content": "B" if "SECOND" in text else "Unknown"}}]}
-                payload = b"{oops" if "GARBAGE" in text else json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+def _judge_reply(text: str) -> str | bytes | int:
+    """The stub judge's answer by keyword in the response: SECOND -> "B", NOTHING -> "Unknown",
+    ERROR -> HTTP 500, GARBAGE -> a body that is no chat completion."""
+    if "ERROR" in text:
+        return 500
+    if "GARBAGE" in text:
+        return b"{oops"
+    return "B" if "SECOND" in text else "Unknown"
 
 
 @pytest.fixture
-def stub():
-    s = StubJudge()
-    yield s
-    s.stop()
-    s.thread.join(timeout=5)
+def stub(chat_server):
+    """An OpenAI-compatible stub on 127.0.0.1 answering with _judge_reply (tests/r1vl/conftest.py)."""
+    return chat_server(_judge_reply)
 
 
 def test_judge_client(stub):
