@@ -212,9 +212,9 @@ class Config:
 # the last evaluation is the "after").
 TINY_DEFAULTS = dict(
     stage="sft+grpo", sft_steps=300, sft_batch_size=16, sft_lr=2e-3, freeze_vision_tower=True,
-    num_steps=60, num_generations=8, batch_size=32, temperature=1.2, lr=2e-4,
+    num_steps=120, num_generations=8, batch_size=32, temperature=1.2, lr=2e-4,
     max_prompt_length=128, max_completion_length=160, max_pixels=56 * 56, micro_batch_tokens=1024,
-    reward_symbolic=False, eval_prompts=128, eval_generations=2, eval_every=30,
+    reward_symbolic=False, eval_prompts=128, eval_generations=2, eval_every=40,
 )
 
 
