@@ -383,6 +383,12 @@ def setup_run_dir(cfg: Config, world) -> Path:
     return run_dir
 
 
+# The built-in task's training records: about as many as the warm-up's 300 x 16 examples, so
+# that it learns to read the pictures rather than recall the answers of a few hundred (with 512
+# records, ten passes, seeds 0 and 1 of the same settings gained -0.20 and +0.47 in held-out reward).
+SYNTHETIC_TRAINING_RECORDS = 4096
+
+
 def prepare_tiny(cfg: Config, run_dir: Path, world) -> tuple[str, str]:
     """The built-in demo's data and model: the synthetic task and a tiny checkpoint written by
     rank 0 into the run directory, then loaded by every rank like any other."""
@@ -394,7 +400,7 @@ def prepare_tiny(cfg: Config, run_dir: Path, world) -> tuple[str, str]:
     written = Path(data).is_file() and (model_dir / "model.safetensors").is_file()
     if world.is_main and not written:  # a resumed run finds them in place
         if not cfg.data:
-            write_dataset(run_dir / "synthetic", n=4096 + cfg.eval_prompts, seed=cfg.seed)
+            write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + cfg.eval_prompts, seed=cfg.seed)
         corpus = load_examples(data, cfg.image_root or None).items
         texts = [e.problem for e in corpus] + [e.solution for e in corpus]
         write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
