@@ -33,7 +33,7 @@ from r1vl.packing import Sample, plan_microbatches, plan_shared_microbatches
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-RTOL, WEIGHT_ATOL = 1e-5, 5e-5
+RTOL, WEIGHT_ATOL, LOSS_ATOL, GRPO_RTOL = 1e-5, 5e-5, 1e-5, 1e-4
 
 
 def _torchrun(args, cwd, timeout=600, kill_at: str | None = None):
@@ -54,8 +54,8 @@ def _torchrun(args, cwd, timeout=600, kill_at: str | None = None):
     return result
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= RTOL * max(abs(a), abs(b)) + 1e-7
+def _close(a: float, b: float, atol: float = 1e-7, rtol: float = 1e-5) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b)) + atol
 
 
 # -------------------------------------------------------------------------------- the JSON
@@ -365,7 +365,13 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
             assert len(mine) == len(ref) == 2, (kind, stage)
             for a, b in zip(mine, ref):
                 for key in keys:
-                    assert _close(a[key], b[key]), (kind, stage, a["step"], key, a[key], b[key])
+                    # GRPO's loss sums terms that cancel (advantages have zero mean in each group),
+                    # so reduction-order error is absolute, about 1e-6, whatever the loss's size;
+                    # and from the warm model's sharp logits the gradient norms differ by up to
+                    # 2e-5 relative between engines (a filler weighted 1 instead of 0: 9e-4).
+                    grpo = stage == "grpo"
+                    assert _close(a[key], b[key], LOSS_ATOL if grpo and key == "loss" else 1e-7,
+                                  GRPO_RTOL if grpo else RTOL), (kind, stage, a["step"], key, a[key], b[key])
         final = load_file(runs[kind] / "final" / "model.safetensors")
         assert final.keys() == final_plain.keys()
         for name, tensor in final.items():  # full weights, not ZeRO-3's empty placeholders
