@@ -27,29 +27,29 @@ def _records(run_dir: Path, stage: str) -> list[dict]:
 
 
 def test_builtin_run_learns(tmp_path):
-    """The built-in run exactly as `make run` starts it (150 SFT steps, 60 StepGRPO steps,
-    seed 0), on one thread so that it is deterministic.
+    """The built-in run exactly as `make run` starts it (300 warm-up steps, 150 StepGRPO
+    steps, seed 0), on one thread so that it is deterministic.
 
     The signs of the whole loop (rewards, advantages, loss, optimizer) are right only if the
-    policy earns more on the 32 held-out prompts it never trained on: measured on this code
-    (benchmarks/results/learning.md), seed 0 goes from reward 0.790 to 1.039 and accuracy
-    0.191 to 0.266, against the margins of +0.15 and +0.05 asserted here. These margins are
-    the test's original ones, not loosened; the demo is still not robust (seed 1 of the same
-    configuration loses reward: issue 13), which is why only seed 0 is asserted. The held-out
-    prompts are also scored every eval_every steps (the learning curve), and the last of those
-    is the "after" evaluation."""
+    policy earns more on the 128 held-out prompts it never trained on. Issue 13's bar is +0.3
+    reward and +0.1 accuracy; benchmarks/results/learning.md has every run of seeds 0-4, plain
+    and with perturbed numerics, clearing it (seed 0 here: reward 0.957 -> 1.390, accuracy 0.363 -> 0.551). It asserts
+    +0.25 and +0.08, under the worst run of that table: on another machine the numerics
+    differ by rounding and the run is another draw of the same experiment, which the table
+    says clears these. The held-out prompts are also scored every eval_every steps (the
+    learning curve), and the last of those is the "after" evaluation."""
     from r1vl.config import TINY_DEFAULTS
 
     run_dir = tmp_path / "run"
-    result = _train(["--run_dir", str(run_dir)], tmp_path, timeout=900)
+    result = _train(["--run_dir", str(run_dir)], tmp_path, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     grpo = _records(run_dir, "grpo")
     steps, every = TINY_DEFAULTS["num_steps"], TINY_DEFAULTS["eval_every"]
     assert len(grpo) == steps
     results = json.loads((run_dir / "results.json").read_text())
     before, after = results["before"], results["after"]
-    assert after["reward"] > before["reward"] + 0.15, results
-    assert after["accuracy"] > before["accuracy"] + 0.05, results
+    assert after["reward"] > before["reward"] + 0.25, results
+    assert after["accuracy"] > before["accuracy"] + 0.08, results
     evaluated = [r["step"] for r in grpo if "eval_reward" in r]
     assert evaluated == list(range(every, steps + 1, every)), evaluated
     assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
