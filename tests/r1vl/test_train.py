@@ -32,11 +32,11 @@ def test_builtin_run_learns(tmp_path):
 
     The signs of the whole loop (rewards, advantages, loss, optimizer) are right only if the
     policy earns more on the 128 held-out prompts it never trained on. Issue 13's bar is +0.3
-    reward and +0.1 accuracy; benchmarks/results/learning.md has every run of seeds 0-4, plain
-    and with perturbed numerics, clearing it (seed 0 here: reward 0.957 -> 1.390, accuracy
-    0.363 -> 0.551). This test asserts +0.25 and +0.08, under the worst run of that table: on
-    another machine the numerics differ by rounding and the run is another draw of the same
-    experiment, which the table says clears these. The held-out prompts are also scored every
+    reward and +0.1 accuracy; in benchmarks/results/learning.md 14 of 15 runs (seeds 0-4, plain
+    and with perturbed numerics) clear it, the worst gaining +0.304 and +0.082 (seed 0 here:
+    reward 0.957 -> 1.390, accuracy 0.363 -> 0.551). This test asserts +0.25 and +0.06, under
+    the worst run of that table: on another machine the numerics differ by rounding and the
+    run is another draw of the same experiment. The held-out prompts are also scored every
     eval_every steps (the learning curve), and the last of those is the "after" evaluation."""
     from r1vl.config import TINY_DEFAULTS
 
@@ -49,7 +49,7 @@ def test_builtin_run_learns(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     before, after = results["before"], results["after"]
     assert after["reward"] > before["reward"] + 0.25, results
-    assert after["accuracy"] > before["accuracy"] + 0.08, results
+    assert after["accuracy"] > before["accuracy"] + 0.06, results
     evaluated = [r["step"] for r in grpo if "eval_reward" in r]
     assert evaluated == list(range(every, steps + 1, every)), evaluated
     assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
