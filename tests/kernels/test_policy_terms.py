@@ -119,7 +119,10 @@ def test_from_hidden_matches_reference(impl, loss_type, level, dtype, seed):
     out.loss.backward()
     assert_loss_close(out, expected, adv, seed)
     for name, leaf, grad in zip(("dhidden", "dweight", "dbias"), leaves, expected_grads):
-        assert_close_scaled(leaf.grad, grad, dtype, name, seed)
+        # fp32 matmuls summed over the vocabulary (dhidden) or the tokens (dweight): their rounding
+        # follows the summands, not the result (R1VL_TEST_SEED=1494177618: vespo's dhidden is off
+        # by 1.2e-5 of its largest entry on the torch path).
+        assert_close_scaled(leaf.grad, grad, dtype, name, seed, rel=3e-5)
 
 
 @pytest.mark.parametrize("change,match", [
