@@ -51,6 +51,8 @@ def solution_nll(model, prompt, target: torch.Tensor, image_token_id: int) -> fl
 def probe(policy_dir: str, n: int, tasks: tuple[str, ...], seed: int, samples: int, temperature: float,
           max_new_tokens: int) -> dict[str, dict]:
     """{task: {"evidence", "sampled", "greedy", "answers"}} over n fresh records."""
+    if n < 2 * len(tasks):  # the swap needs another record of the same task
+        raise ValueError(f"n must give every task two records at least ({2 * len(tasks)}), got {n}")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -102,10 +104,11 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=1.2)
     parser.add_argument("--max_new_tokens", type=int, default=160)
     args = parser.parse_args(argv)
-    tasks = tuple(args.tasks.split(","))
-    if args.n < 2 * len(tasks):
-        parser.error(f"--n must give every task two records at least ({2 * len(tasks)}), got {args.n}")
-    results = probe(args.policy, args.n, tasks, args.seed, args.samples, args.temperature, args.max_new_tokens)
+    try:
+        results = probe(args.policy, args.n, tuple(args.tasks.split(",")), args.seed, args.samples,
+                        args.temperature, args.max_new_tokens)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"| task | records | image evidence (nats) | sampled accuracy (T={args.temperature}) | "
           "greedy accuracy | greedy answers |")
     print("| --- | --- | --- | --- | --- | --- |")

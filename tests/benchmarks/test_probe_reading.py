@@ -54,4 +54,4 @@ def test_probe_reports_every_task_and_sees_the_picture_only_when_features_differ
 def test_probe_refuses_too_few_records(tiny_policy, capsys):
     with pytest.raises(SystemExit):
         probe_reading.main([str(tiny_policy), "--n", "3"])
-    assert "--n must give every task two records" in capsys.readouterr().err
+    assert "n must give every task two records" in capsys.readouterr().err

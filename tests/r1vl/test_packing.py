@@ -22,14 +22,20 @@ def model():
 # --------------------------------------------------------------------------------------------
 
 
-def test_layout_by_hand(model):
-    # A: one 4x6-patch image (2x3 merged tokens), completion of 2; B: text only, completion
-    # of 1; C: GRPO sibling of A (same prompt, same pixel tensor), completion of 3.
+def _three_samples():
+    """A: one 4x6-patch image (2x3 merged tokens), completion of 2; B: text only, completion
+    of 1; C: GRPO sibling of A (same prompt, same pixel tensor), completion of 3.
+    Returns (A's pixels, A's prompt ids, (A, B, C))."""
     pixels = torch.randn(24, PIXEL_ROW)
     prompt_a = [5, VISION_START] + [IMAGE] * 6 + [VISION_END, 6]  # P = 10
     a = Sample(prompt_a, [7, 8], pixels, torch.tensor([[1, 4, 6]]))
     b = Sample([9, 10, 11], [12])
     c = Sample(prompt_a, [13, 14, 15], pixels, torch.tensor([[1, 4, 6]]))
+    return pixels, prompt_a, (a, b, c)
+
+
+def test_layout_by_hand(model):
+    pixels, prompt_a, (a, b, c) = _three_samples()
     packed = pack([a, b, c], model)
 
     assert packed.input_ids.tolist() == [prompt_a + [7, 8] + [9, 10, 11, 12] + prompt_a + [13, 14, 15]]
@@ -231,11 +237,7 @@ def test_plan_refuses_a_sequence_over_budget():
 
 def test_shared_layout_by_hand(model):
     # The docstring's example: A and C share a prompt with a 2x3-token image; B is alone.
-    pixels = torch.randn(24, PIXEL_ROW)
-    prompt_a = [5, VISION_START] + [IMAGE] * 6 + [VISION_END, 6]  # P = 10
-    a = Sample(prompt_a, [7, 8], pixels, torch.tensor([[1, 4, 6]]))
-    b = Sample([9, 10, 11], [12])
-    c = Sample(prompt_a, [13, 14, 15], pixels, torch.tensor([[1, 4, 6]]))
+    pixels, prompt_a, (a, b, c) = _three_samples()
     packed = pack([a, b, c], model, share_prompts=True)
 
     assert packed.input_ids.tolist() == [prompt_a + [7, 8] + [13, 14, 15] + [9, 10, 11, 12]]
