@@ -27,17 +27,18 @@ def _records(run_dir: Path, stage: str) -> list[dict]:
 
 
 def test_builtin_run_learns(tmp_path):
-    """The built-in run exactly as `make run` starts it (300 warm-up steps, 150 StepGRPO
+    """The built-in run exactly as `make run` starts it (250 warm-up steps, 150 StepGRPO
     steps, seed 0), on one thread so that it is deterministic.
 
     The signs of the whole loop (rewards, advantages, loss, optimizer) are right only if the
-    policy earns more on the 128 held-out prompts it never trained on. Issue 13's bar is +0.3
-    reward and +0.1 accuracy; in benchmarks/results/learning.md 14 of 15 runs (seeds 0-4, plain
-    and with perturbed numerics) clear it, the worst gaining +0.304 and +0.082 (seed 0 here:
-    reward 0.957 -> 1.390, accuracy 0.363 -> 0.551). This test asserts +0.25 and +0.06, under
-    the worst run of that table: on another machine the numerics differ by rounding and the
-    run is another draw of the same experiment. The held-out prompts are also scored every
-    eval_every steps (the learning curve), and the last of those is the "after" evaluation."""
+    policy earns more on the 1024 held-out prompts it never trained on. Issue 13's bar is +0.3
+    reward and +0.1 accuracy, and in benchmarks/results/learning.md every one of 15 runs
+    (seeds 0-4, plain and with perturbed numerics) clears it, the worst gaining +0.360
+    and +0.151 (seed 0 here: reward 0.873 -> 1.335, accuracy 0.354 -> 0.534). So this
+    test asserts the bar itself: on another machine the numerics differ by rounding and the
+    run is another draw of the same experiment, which the table says clears it. The held-out
+    prompts are also scored every eval_every steps (the learning curve), and the last of those
+    is the "after" evaluation."""
     from r1vl.config import TINY_DEFAULTS
 
     run_dir = tmp_path / "run"
@@ -48,8 +49,8 @@ def test_builtin_run_learns(tmp_path):
     assert len(grpo) == steps
     results = json.loads((run_dir / "results.json").read_text())
     before, after = results["before"], results["after"]
-    assert after["reward"] > before["reward"] + 0.25, results
-    assert after["accuracy"] > before["accuracy"] + 0.06, results
+    assert after["reward"] >= before["reward"] + 0.3, results
+    assert after["accuracy"] >= before["accuracy"] + 0.1, results
     evaluated = [r["step"] for r in grpo if "eval_reward" in r]
     assert evaluated == list(range(every, steps + 1, every)), evaluated
     assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
