@@ -1,20 +1,20 @@
 # The two commands of the README: `make run` (the main job) and `make test` (the tests).
-# Each creates the virtual environment on first use; torch is pinned by constraints.txt.
+# Each creates the virtual environment on first use, every version from constraints.txt.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-gpu bench venv clean
+.PHONY: run test test-gpu bench venv clean constraints
 
 venv: $(STAMP)
 
-$(STAMP): setup.py requirements.txt constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt setuptools
+	$(PIP) install -q -c constraints.txt -e '.[train,bench,test]'
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt deepspeed
-	$(PIP) install -q -c constraints.txt --no-deps -e .
 	touch $(STAMP)
 
 # The main job: the built-in StepGRPO run (tiny Qwen2-VL, synthetic task, CPU).
@@ -30,13 +30,18 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-# trl (pinned in requirements.txt) is the end-to-end baseline of bench_trainer.py.
+# trl (the bench extra) is the end-to-end baseline of bench_trainer.py.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_grpo_loss_from_hidden.py
 	$(PY) benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_trl_loss.py
+
+# Rewrite constraints.txt with the newest releases (torch held); then `make clean test`
+# must pass before the new pins are committed.
+constraints:
+	python3 tools/refresh_constraints.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

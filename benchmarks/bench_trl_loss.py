@@ -24,8 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import append_csv, environment, print_table  # noqa: E402
+from _common import append_csv, environment, print_table  # noqa: E402
 
 PROVIDERS = ("backbone", "trl", "fused")
 

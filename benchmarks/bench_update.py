@@ -50,9 +50,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import append_csv, environment, print_table  # noqa: E402
+from _common import append_csv, environment, print_table  # noqa: E402
 from r1vl.attention import use_varlen_attention  # noqa: E402
 from r1vl.losses import completion_logprobs, microbatch_weight, policy_loss  # noqa: E402
 from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatches  # noqa: E402

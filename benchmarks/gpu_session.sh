@@ -10,9 +10,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# r1vl_kernels is kernels/ under another name: expose it without installing.
-mkdir -p /tmp/r1vl_path && ln -sfn "$PWD/kernels" /tmp/r1vl_path/r1vl_kernels
-export PYTHONPATH=/tmp/r1vl_path:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# Without installing: r1vl from the root, r1vl_kernels from kernels/ (its source root).
+export PYTHONPATH=$PWD/kernels:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 | tee /tmp/gpu_tests.log
 python3 benchmarks/bench_grpo_loss.py "$@" 2>&1 | tee /tmp/bench.log

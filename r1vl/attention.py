@@ -32,12 +32,13 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("flash_attn", "varlen_attn", "sdpa", "sdpa_masked")
 PORTABLE = ("sdpa", "sdpa_masked")  # any device, any dtype
 
-# "flash" in the name is load-bearing: transformers' vision towers hand their per-image
-# cu_seqlens to the attention function only when the implementation's name contains "flash"
-# (utils.generic.is_flash_attention_requested); under any other name they loop over the images
-# in Python. The name is set on the sub-configs only, never on the top-level config, whose
-# "flash" check would try to load a kernel from the hub.
-_NAME_PREFIX = "r1vl_flash_varlen_"
+# No "flash" in the name: transformers >= 5.25 sends every implementation whose name contains
+# "flash" to a loader of hub kernels (modeling_utils, lazy_import_flash_attention), which
+# fails for a name registered here. The cost: transformers' vision towers hand their per-image
+# cu_seqlens only to "flash" implementations (utils.generic.is_flash_attention_requested), so
+# under this name they split the patches per image and call the function once per image
+# (non-causal, one segment each): the same attention, one launch per image per layer.
+_NAME_PREFIX = "r1vl_varlen_"
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ It must run in a process that imported triton without TRITON_INTERPRET: triton.l
 own jit functions (tl.sum, tl.max, ...) are interpreter functions otherwise, and no kernel
 that calls them compiles. The tests therefore run it as a subprocess.
 
-Run as a script for the whole table: `python -m tests.kernels.sm_compile`; with
-`--json CASE...` (cases of tests.kernels.sm_launches.CASES) it prints one JSON row per launch.
+Run as a script for the whole table: `python tests/kernels/sm_compile.py`; with
+`--json CASE...` (cases of sm_launches.CASES) it prints one JSON row per launch.
 """
 import contextlib
 import dataclasses
@@ -178,7 +178,7 @@ def table(rows) -> str:
 
 
 def main(argv):
-    from tests.kernels import sm_launches
+    import sm_launches
     reason = available()
     if reason:
         sys.exit(reason)

@@ -6,8 +6,8 @@ import torch
 
 from r1vl_kernels import group_advantages, grpo_loss, grpo_loss_from_hidden, token_logprobs
 
-from .test_grpo_loss import DTYPE_EPS, assert_close_scaled
-from .trl_reference import advantages_like_trl, grpo_loss_like_trl, pack_to_padded, padded_to_packed
+from test_grpo_loss import DTYPE_EPS, assert_close_scaled
+from trl_reference import advantages_like_trl, grpo_loss_like_trl, pack_to_padded, padded_to_packed
 
 pytestmark = pytest.mark.gpu
 

@@ -8,8 +8,8 @@ import torch
 from r1vl_kernels import grpo_loss
 from r1vl_kernels.ops import op
 
-from .test_grpo_loss import DTYPE_EPS, LENS, assert_close_scaled, make_case, reference
-from .trl_reference import pack_to_padded
+from test_grpo_loss import DTYPE_EPS, LENS, assert_close_scaled, make_case, reference
+from trl_reference import pack_to_padded
 
 
 def _two_sweeps(logits, target, cu, adv, old, ref, grad_scale, **kw):

@@ -9,11 +9,11 @@ import torch
 
 from r1vl_kernels import grpo_loss, grpo_loss_from_hidden
 
-from . import test_grpo_loss_from_hidden as hidden_case
+import test_grpo_loss_from_hidden as hidden_case
 # autouse: the hidden-state path's chunks and tiles small enough to cross several of each
-from .test_grpo_loss_from_hidden import small_tiles  # noqa: F401
-from .test_grpo_loss import LENS, assert_close_scaled, make_case, reference
-from .trl_reference import pack_to_padded, padded_to_packed
+from test_grpo_loss_from_hidden import small_tiles  # noqa: F401
+from test_grpo_loss import LENS, assert_close_scaled, make_case, reference
+from trl_reference import pack_to_padded, padded_to_packed
 
 IMPLS = ("torch", "triton")
 NEW_LOSS_TYPES = ("cispo", "sapo", "luspo", "vespo")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from . import sm_compile
+import sm_compile
 
 REASON = sm_compile.available()
 pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "")
@@ -30,10 +30,10 @@ SPILLING = (90, "vocab bf16 packed maxnreg=24")  # capped registers: a cheap way
 def _compile_all():
     """{(capability, case): [resource rows]} from one subprocess without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    here = os.path.dirname(os.path.abspath(__file__))
     args = [json.dumps(case) for case in CASES + [SPILLING]]
-    result = subprocess.run([sys.executable, "-m", "tests.kernels.sm_compile", "--json", *args], cwd=root, env=env,
+    # Run as a script: its folder (sm_launches beside it) is then first on sys.path.
+    result = subprocess.run([sys.executable, os.path.join(here, "sm_compile.py"), "--json", *args], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {}

@@ -109,6 +109,47 @@ def test_cpu_picks_sdpa_registers_and_logs(caplog):
     assert pick_backend(torch.device("cuda"), torch.float32) == "sdpa"
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_both_towers_run_through_the_registered_backend(family, monkeypatch):
+    """On the pinned transformers, the switch takes in the language model and the vision
+    tower alike: every attention layer of both calls r1vl's function (the tower once per
+    image, its segment non-causal), and the packed forward equals transformers' own sdpa."""
+    gen = torch.Generator().manual_seed(9)
+    samples = [make_sample(gen, [(1, 4, 6)], 3), make_sample(gen, [(1, 6, 4)], 2)]
+    reference = tiny_model(family, seed=9)
+    model = tiny_model(family, seed=9)
+    packed = pack(samples, model)
+    inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                  pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw,
+                  mm_token_type_ids=(packed.input_ids == IMAGE).int(), use_cache=False)
+    expected = reference.model(**inputs).last_hidden_state
+
+    import r1vl.attention as attention
+
+    calls = []
+
+    def spy(query, key, value, cu_seqlens, max_seqlen, *, causal, **kwargs):
+        calls.append((causal, cu_seqlens.numel() - 1, query.shape[0]))
+        return varlen_attention(query, key, value, cu_seqlens, max_seqlen, causal=causal, **kwargs)
+
+    monkeypatch.setattr(attention, "varlen_attention", spy)
+    use_varlen_attention(model, "sdpa")
+    got = model.model(**inputs).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    text_layers = model.config.text_config.num_hidden_layers
+    vision_layers = model.config.vision_config.depth
+    patches = [int(t.prod()) for t in packed.image_grid_thw]
+    vision_calls = [c for c in calls if not c[0]]
+    text_calls = [c for c in calls if c[0]]
+    assert len(text_calls) == text_layers and all(c[1] == len(samples) for c in text_calls)
+    # One segment a call (an image, or a window of one under Qwen2.5-VL's windowed layers),
+    # every patch once per layer.
+    assert all(c[1] == 1 for c in vision_calls)
+    assert sum(c[2] for c in vision_calls) == vision_layers * sum(patches)
+    if family == "qwen2_vl":
+        assert sorted(c[2] for c in vision_calls) == sorted(patches * vision_layers)
+
+
 @pytest.mark.parametrize("backend", ["flash_attn", "varlen_attn"])
 def test_forcing_a_gpu_backend_on_cpu_is_refused(backend):
     with pytest.raises(ValueError, match="needs a CUDA model in fp16/bf16"):
