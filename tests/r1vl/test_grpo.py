@@ -102,11 +102,15 @@ def test_update_on_two_ranks_matches_the_float64_full_batch_gradient(tmp_path):
     assert out["plain-grpo"]["grads"]  # the element-wise comparison ran
 
 
-@pytest.mark.parametrize("impl, dtype", [("triton", torch.float32), ("torch", torch.bfloat16)])
-def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype):
+@pytest.mark.parametrize("impl, dtype, fillers", [("triton", torch.float32, 0), ("torch", torch.bfloat16, 0),
+                                                  ("torch", torch.float32, 2)])
+def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype, fillers):
     """One process holds all four prompts (three micro-batches). Triton (interpreted on the
     CPU, tests/conftest.py) must match the reference as the torch path does; bfloat16 is
-    compared by the direction and size of the whole gradient (its rounding is about 1%)."""
+    compared by the direction and size of the whole gradient (its rounding is about 1%).
+    fillers: the engine pads the micro-batches with that many zero-weighted fillers, as a
+    rank with fewer micro-batches than another would run them: they change nothing (their
+    KL term alone would move the gradient if they were weighted)."""
     import copy
 
     sys.path.insert(0, str(ROOT / "tests" / "r1vl"))
@@ -127,6 +131,8 @@ def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype):
     world = distributed.Dist(0, 1, 0, torch.device("cpu"))
     model = copy.deepcopy(initial).to(dtype)
     engine = make_engine(model, cfg, LR, 1, world)
+    if fillers:
+        engine.lockstep = lambda micro, filler: micro + [(None, filler)] * fillers
     grads = capture_gradients(engine, model)
     reference = engine.reference(copy.deepcopy(ref_model).to(dtype))
     micro = [(idx, pack([everything[i] for i in idx], model)) for idx in ([0, 1, 2, 3], [4, 5], [6, 7])]

@@ -255,26 +255,28 @@ def _check_frequencies(samples: torch.Tensor, probs: torch.Tensor) -> None:
     assert chi2 <= dof + 5 * (2 * dof) ** 0.5, f"chi2 {float(chi2):.1f} with {dof} degrees of freedom"
 
 
-def test_temperature_one_samples_follow_the_softmax(setup, head):
+@pytest.mark.parametrize("temperature, scale", [(1.0, 8.0), (2.0, 16.0)])
+def test_samples_follow_the_tempered_softmax(setup, head, temperature, scale):
+    """At T = 1, and at T = 2 (where a draw from logits / T**2 or / 1 would fail)."""
     model, prompts, eos = setup
-    head(scale=8.0)  # a peaked distribution, so that uniform sampling could not pass
+    head(scale=scale)  # a peaked distribution, so that uniform sampling could not pass
     prompt = prompts[0]
     G = 4000
     out = generate(model, [prompt], num_generations=G, max_new_tokens=2, eos_token_ids=[-1],
-                   temperature=1.0, generator=torch.Generator().manual_seed(1))
+                   temperature=temperature, generator=torch.Generator().manual_seed(1))
     tokens = torch.stack(out.ids)  # (G, 2)
     banned = _banned(model)
     with torch.no_grad():
         logits = _full_forward_logits(model, prompt, torch.zeros(0, dtype=torch.int64))
         logits[banned] = float("-inf")
-        _check_frequencies(tokens[:, 0], torch.softmax(logits, -1))
+        _check_frequencies(tokens[:, 0], torch.softmax(logits / temperature, -1))
         # The second token, through the cache, given the most frequent first token.
         first = int(torch.mode(tokens[:, 0]).values)
         chosen = tokens[tokens[:, 0] == first, 1]
         logits = _full_forward_logits(model, prompt, torch.tensor([first]))
         logits[banned] = float("-inf")
         assert chosen.numel() > 200
-        _check_frequencies(chosen, torch.softmax(logits, -1))
+        _check_frequencies(chosen, torch.softmax(logits / temperature, -1))
 
 
 def test_stops_at_eos_and_keeps_it(setup, head):
@@ -285,6 +287,28 @@ def test_stops_at_eos_and_keeps_it(setup, head):
                    generator=torch.Generator().manual_seed(0))
     assert out.stopped.all()
     assert all(ids.tolist() == [eos_id] for ids in out.ids)
+    # Every row stopped at its first token: the sampler ran that one position and no more
+    # (a stopped row counted live again would keep decoding to max_new_tokens).
+    assert out.decode_slots == 2 * 3
+
+
+@pytest.mark.parametrize("compact_fraction", [None, 1 / 32])
+def test_decode_work_ends_when_the_last_sequence_stops(setup, compact_fraction):
+    """Half the vocabulary stops a sequence, so rows stop at scattered steps and, left in the
+    batch, draw on past their end. A stopped row must stay stopped: without compaction the
+    sampler decodes every row for exactly as many positions as the longest completion, and
+    with compaction no more than that."""
+    model, prompts, _ = setup
+    vocab = model.config.text_config.vocab_size
+    stop = [t for t in range(0, vocab, 2) if t not in _banned(model)]
+    out = generate(model, prompts[:3], num_generations=4, max_new_tokens=40, eos_token_ids=stop,
+                   generator=torch.Generator().manual_seed(3), compact_fraction=compact_fraction)
+    lengths = [len(ids) for ids in out.ids]
+    assert out.stopped.all() and len(set(lengths)) > 2, lengths
+    if compact_fraction is None:
+        assert out.decode_slots == 12 * max(lengths)
+    else:
+        assert sum(lengths) <= out.decode_slots < 12 * max(lengths)
 
 
 def test_max_new_tokens_cuts_and_flags(setup):

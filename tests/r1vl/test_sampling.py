@@ -1,5 +1,6 @@
 """Inverse-CDF sampling: the token the uniform falls on, never a zero-probability one, the
 nucleus, and the log-probabilities of the unmodified softmax."""
+import pytest
 import torch
 
 from r1vl.sampling import sample_tokens
@@ -40,3 +41,18 @@ def test_logprobs_are_the_tempered_softmax_over_the_whole_vocabulary():
     tokens, logprobs = sample_tokens(logits, torch.rand(5, generator=gen), 0.7, 0.9, banned=torch.tensor([2, 3]))
     expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, tokens[:, None])[:, 0]
     torch.testing.assert_close(logprobs, expected)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_draws_follow_the_tempered_softmax(temperature):
+    """Frequencies, not only log-probabilities, at a temperature other than 1 (where T and
+    T squared would agree): uniforms on a fine grid land on each token in proportion to
+    softmax(logits / T), with or without a nucleus that keeps everything."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
+    n = 20000
+    u = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    expected = torch.softmax(logits[0] / temperature, -1)
+    for top_p in (1.0, 0.999999):
+        tokens, _ = sample_tokens(logits.expand(n, -1), u, temperature, top_p)
+        freq = torch.bincount(tokens, minlength=5).float() / n
+        torch.testing.assert_close(freq, expected, atol=2.0 / n, rtol=0)

@@ -34,6 +34,8 @@ ANSWER_LINES = [
     ("5 (or 6)", "5", False, False),
     ("6 or 6.0", "6", False, True),
     ("\\boxed{5} or \\boxed{6}", "6", False, False),
+    ("6 cm or 7 cm", "6", False, False),  # a hedge with units: the unit does not end the answer
+    ("7 cm or 6 cm", "6", False, True),
     # units
     ("6 cm", "6", True, True),
     ("7 cm", "6", False, False),
@@ -92,6 +94,8 @@ def test_answer_line_table(verifier):
     ("The answer is $\\boxed{6}$.", "6", "math", False),
     ("\\boxed{2}, \\boxed{3}", "2, 3", "math", False),
     ("12 cm and 7 cm", "12 and 7", "math", False),
+    ("6 cm or 7 cm", "6 or 7", "math", True),
+    ("6 cm, or 7 cm", "6 or 7", "math", True),
     ("6 cm^2", "6", "math", False),
     ("x is 6", "6", "math", False),
     ("AB = 6", "AB = 6", "math", False),
