@@ -4,13 +4,13 @@
     python benchmarks/bench_rollout.py --quick         # fewer tokens, one round
     python benchmarks/bench_rollout.py --shape 2b      # GPU: Qwen2-VL-2B-shaped, bf16 (to be measured)
 
-Providers, each given the same encoded prompts (r1vl.synthetic's task, r1vl.prompts' chat
+Providers, each given the same encoded prompts (r1vl.data.synthetic's task, r1vl.data.prompts' chat
 format), G, max_new_tokens, temperature 1 and top_p 1:
-- reference: r1vl.rollout_reference.generate_reference, the trainer's previous sampler
+- reference: reference_sampler.generate_reference, the trainer's previous sampler
   (DynamicCache grown by torch.cat, every sequence decoded until the longest stops);
 - hf_generate: transformers' model.generate on the left-padded batch of prompts with
   num_return_sequences=G, do_sample, top_k=0 (the image is encoded G times there);
-- fast: r1vl.rollout.generate (in-place shared-prefix cache, compaction; compiled step on GPU).
+- fast: r1vl.sampling.generate.generate (in-place shared-prefix cache, compaction; compiled step on GPU).
 
 Two length modes:
 - stop: completions end at an EOS set of --eos_tokens ordinary token ids (a random model puts
@@ -67,9 +67,9 @@ def build(shape: str, settings: dict):
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from r1vl.data import load_examples
-    from r1vl.prompts import encode_prompt
-    from r1vl.synthetic import write_dataset
+    from r1vl.data.records import load_examples
+    from r1vl.data.prompts import encode_prompt
+    from r1vl.data.synthetic import write_dataset
     from r1vl.tiny import build_model, build_tokenizer
 
     size = settings["image_size"]
@@ -106,14 +106,16 @@ def stop_tokens(tokenizer, n: int) -> list[int]:
 
 
 def run_reference(model, prompts, G, max_new, eos, seed):
-    from r1vl.rollout_reference import generate_reference
+    # The previous sampler is kept as the tests' oracle.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "r1vl" / "sampling"))
+    from reference_sampler import generate_reference
 
     out = generate_reference(model, prompts, G, max_new, eos, generator=_generator(model, seed))
     return [len(i) for i in out.ids], out.decode_slots, _reference_cache_bytes(model, prompts, G, out)
 
 
 def run_fast(model, prompts, G, max_new, eos, seed):
-    from r1vl.rollout import generate
+    from r1vl.sampling.generate import generate
 
     out = generate(model, prompts, G, max_new, eos, generator=_generator(model, seed), progress=False)
     return [len(i) for i in out.ids], out.decode_slots, _fast_cache_bytes(model, prompts, G, max_new)

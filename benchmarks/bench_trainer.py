@@ -5,7 +5,7 @@
     python benchmarks/bench_trainer.py --quick         # one measured step
 
 Each trainer runs in its own process on the same checkpoint directory and the same prompts
-(r1vl.synthetic's task, one image each): train.py with --ignore_eos, and
+(r1vl.data.synthetic's task, one image each): train.py with --ignore_eos, and
 benchmarks/trl_trainer_driver.py (TRL's GRPOTrainer, skipped when trl is not installed) with
 min_new_tokens, so every completion is exactly max_completion_length tokens on both sides.
 Shared settings: G, completions per optimizer step, max_completion_length, beta, learning rate,
@@ -25,7 +25,7 @@ steps dropped:
   by train.py (its rule-based rewards always run, inside time_rollout), so the figure is an
   estimate: r1vl.rewards.score_groups on the same number of random completions of the same
   length, timed here.
-- peak_memory_gb: r1vl.metrics.peak_memory_gb in both processes: torch.cuda.max_memory_allocated
+- peak_memory_gb: r1vl.run.metrics.peak_memory_gb in both processes: torch.cuda.max_memory_allocated
   on GPU, the process's peak resident set size (ru_maxrss) on CPU, since the process started
   (so on CPU it includes each side's imports).
 - tokens_per_s_best: at the fastest measured step (the least disturbed by anything else on the
@@ -131,8 +131,8 @@ def write_2b_checkpoint(out_dir: Path, texts: list[str], min_pixels: int, max_pi
 
 def prepare(shape: str, workdir: Path, settings: dict) -> tuple[Path, Path]:
     """The synthetic task and the checkpoint for a shape; returns (data.jsonl, checkpoint dir)."""
-    from r1vl.data import load_examples
-    from r1vl.synthetic import write_dataset
+    from r1vl.data.records import load_examples
+    from r1vl.data.synthetic import write_dataset
     from r1vl.tiny import write_tiny_checkpoint
 
     data = write_dataset(workdir / "data", n=64, seed=0, image_size=settings["image_size"])
@@ -221,7 +221,7 @@ def our_reward_seconds(data: Path, model_dir: Path, settings: dict, reps: int = 
     drawn from the tokenizer's vocabulary, decoded."""
     from transformers import AutoTokenizer
 
-    from r1vl.data import load_examples
+    from r1vl.data.records import load_examples
     from r1vl.rewards import RewardConfig, score_groups
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -3,7 +3,7 @@
     python benchmarks/heldout_noise.py RUN_DIR                        # RUN_DIR/final; 128x2 and 1024x1
     python benchmarks/heldout_noise.py RUN_DIR --policy RUN_DIR/reference --sizes 256x4 --seeds 0 1 2 3 4 5
 
-Scores one saved policy with train.py's own `evaluate` (the run's config.json: temperature,
+Scores one saved policy with train.py's own evaluation, r1vl.heldout (the run's config.json: temperature,
 lengths, reward) on the last PROMPTS of the run's held-out records, SAMPLES completions
 each, once per sampling seed, and prints per size each seed's mean reward and accuracy and
 their spread. A gain between two evaluations is the policy's only where it is large next to
@@ -24,10 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
+import torch  # noqa: E402
+
 from r1vl import distributed  # noqa: E402
 from r1vl.config import Config  # noqa: E402
-from r1vl.rewards import RewardConfig  # noqa: E402
+from r1vl.heldout import HeldOut  # noqa: E402
+from r1vl.model.policy import load_trainable  # noqa: E402
+from r1vl.rewards.scorer import Scorer  # noqa: E402
+from r1vl.run.setup import quiet_transformers, split_data  # noqa: E402
+from r1vl.sampling.sampler import Sampler  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -45,22 +50,19 @@ def measure(run_dir: Path, policy_dir: Path, sizes: list[tuple[int, int]], seeds
     """{(prompts, samples): [{"seed", "reward", "accuracy", "step_rvr"}, ...]} for one policy."""
     cfg = Config(**json.loads((run_dir / "config.json").read_text()))
     data = Path(cfg.data) if cfg.data else run_dir / "synthetic" / "data.jsonl"
-    _, held_out = train.split_data(str(data), cfg)
+    _, held_out = split_data(str(data), cfg)
     for prompts, _ in sizes:
         if prompts > len(held_out):
             raise ValueError(f"{prompts} prompts asked, but {run_dir} holds out {len(held_out)} (--eval_prompts)")
-    train.quiet_transformers()
+    quiet_transformers()
     world = distributed.init("cpu")
-    policy = train.start_policy(cfg, str(policy_dir), world)
-    eos_ids, encoder = train.eos_token_ids(policy), train.prompt_encoder(policy, cfg)
-    reward_cfg = RewardConfig(alpha=cfg.reward_alpha, normalize=cfg.reward_normalize, symbolic=cfg.reward_symbolic)
+    policy = load_trainable(str(policy_dir), cfg, world)
+    sampler = Sampler(policy, cfg, torch.Generator())  # each evaluation draws from its own seed
+    scorer = Scorer(cfg, world)
     results = {}
     for prompts, samples in sizes:
-        sized = dataclasses.replace(cfg, eval_generations=samples)
-        results[(prompts, samples)] = [
-            {"seed": seed, **train.evaluate(policy, encoder, held_out[-prompts:], sized, world, eos_ids, reward_cfg,
-                                            seed)}
-            for seed in seeds]
+        held = HeldOut(sampler, scorer, held_out[-prompts:], dataclasses.replace(cfg, eval_generations=samples), world)
+        results[(prompts, samples)] = [{"seed": seed, **held(seed)} for seed in seeds]
     return results
 
 

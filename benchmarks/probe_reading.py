@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from r1vl.data import load_examples  # noqa: E402
-from r1vl.policy import load_policy  # noqa: E402
-from r1vl.prompts import PromptEncoder, encode_solution  # noqa: E402
+from r1vl.data.records import load_examples  # noqa: E402
+from r1vl.model.policy import eos_token_ids, load_policy  # noqa: E402
+from r1vl.data.prompts import PromptEncoder, encode_solution  # noqa: E402
 from r1vl.rewards import RewardConfig, score_groups  # noqa: E402
 from r1vl.rewards.rules import final_answer  # noqa: E402
-from r1vl.rollout import generate  # noqa: E402
-from r1vl.synthetic import TASKS, write_dataset  # noqa: E402
+from r1vl.sampling.generate import generate  # noqa: E402
+from r1vl.data.synthetic import TASKS, write_dataset  # noqa: E402
 
 PIXELS = 56 * 56  # the built-in run's image size
 
@@ -67,7 +67,7 @@ def probe(policy_dir: str, n: int, tasks: tuple[str, ...], seed: int, samples: i
         encoder = PromptEncoder(policy.tokenizer, policy.image_processor, merge, PIXELS, PIXELS)
         prompts = [encoder.prompt(e) for e in examples]  # images read now, before tmp goes
     image_token = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    eos = sorted({policy.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+    eos = eos_token_ids(policy.tokenizer)
     by_task = collections.defaultdict(lambda: {"evidence": [], "sampled": [], "greedy": [],
                                                "answers": collections.Counter()})
     generator = torch.Generator().manual_seed(seed)

@@ -16,9 +16,9 @@ generation_kwargs min_new_tokens forbids the EOS tokens until then, as --ignore_
 train.py. The reward is a seeded random number per completion (cheaper than any real reward;
 its time is logged as time_reward).
 
-Data: r1vl's RL records (e.g. r1vl.synthetic.write_dataset) as TRL's conversational VLM
+Data: r1vl's RL records (e.g. r1vl.data.synthetic.write_dataset) as TRL's conversational VLM
 dataset: {"prompt": [{"role": "user", "content": problem}], "image": PIL image}. The chat
-template below lays the prompt out exactly as r1vl.prompts.encode_prompt does, and the image
+template below lays the prompt out exactly as r1vl.data.prompts.encode_prompt does, and the image
 processor is the checkpoint's Qwen2VLImageProcessorPil with the same min/max_pixels, so both
 trainers see the same prompt tokens.
 
@@ -31,7 +31,7 @@ One JSON line per optimizer step goes to --out:
     the optimizer step, the Trainer's batch fetch and logging); prompt_tokens and
     completion_tokens (the step's sequences, image placeholders included); tokens_per_s
     ((prompt + completion tokens) / time_step, as train.py computes it); completion_len (mean
-    tokens per completion); peak_memory_gb (r1vl.metrics.peak_memory_gb:
+    tokens per completion); peak_memory_gb (r1vl.run.metrics.peak_memory_gb:
     torch.cuda.max_memory_allocated on GPU, the process's peak resident set size on CPU, both
     since the process started).
 """
@@ -49,11 +49,11 @@ import torch
 from transformers import AutoTokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from r1vl.data import load_examples, load_image
-from r1vl.metrics import peak_memory_gb
-from r1vl.prompts import SYSTEM
+from r1vl.data.records import load_examples, load_image
+from r1vl.run.metrics import peak_memory_gb
+from r1vl.data.prompts import SYSTEM
 
-# Qwen2-VL's chat layout as r1vl.prompts writes it: a default system turn, then each message;
+# Qwen2-VL's chat layout as r1vl.data.prompts writes it: a default system turn, then each message;
 # an image part becomes <|vision_start|><|image_pad|><|vision_end|>, which the processor then
 # expands to one <|image_pad|> per merged patch.
 CHAT_TEMPLATE = (

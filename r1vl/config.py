@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from r1vl.rewards.advantages import REWARD_SETS  # what each one sums
 from r1vl.deepspeed_config import read_deepspeed_config
 
 STAGES = ("grpo", "sft", "sft+grpo")
@@ -25,7 +26,6 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "flash_attn", "varlen_attn", "sdpa", "sdpa_masked")
-REWARD_SETS = ("accuracy", "steprar", "steprvr", "all")  # r1vl.reward_sets: what each one sums
 
 
 def option(default, help: str):
@@ -40,7 +40,7 @@ class Config:
         "tiny", '"tiny" (built-in Qwen2-VL from a config) or a local Qwen2-VL / Qwen2.5-VL HF directory')
     stage: str = option("grpo", '"grpo", "sft" (warm-up only) or "sft+grpo"')
     data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
-    sft_data: str = option("", "SFT data, chat form (r1vl.data.load_sft); \"\" = the RL data's solutions")
+    sft_data: str = option("", "SFT data, chat form (r1vl.data.records.load_sft); \"\" = the RL data's solutions")
     image_root: str = option("", "directory image paths are relative to; \"\" = the data file's directory")
     run_dir: str = option("", 'where metrics, the config and the final policy go; "" = runs/<time>')
     seed: int = option(0, "seeds data order, sampling and the tiny model")
@@ -189,43 +189,12 @@ class Config:
 
 
 # The built-in demonstration (`python train.py`): a tiny Qwen2-VL learns the synthetic task on
-# two CPU cores in a few minutes (issue 13; the measurements behind each choice are in
-# benchmarks/results/learning.md):
-# - freeze_vision_tower: trained at the warm-up's rate, the random vision tower collapses to a
-#   large constant (its outputs differ by about 2% between images) and the policy answers
-#   blind; frozen, its random features keep the picture and the language model learns to read
-#   them (the colour and bars answers depend on the image after the warm-up).
-# - 250 warm-up steps: at 200 the format is not yet learned and StepGRPO starts from a reward
-#   three times lower, seed by seed. After 300 the policy at temperature 1.2 is already as good
-#   as 150 StepGRPO steps at lr 2e-4 make it (held-out reward about 1.4, seeds 0 and 1): seed 1
-#   started at 1.09 and gained +0.29 (+0.32 after 200 steps). After 250 it starts lower
-#   (0.59-0.87 over the 15 runs of the seeds table) and gains +0.36 to +0.60: what StepGRPO
-#   adds is sharpening the warm-up's knowledge until it holds at 1.2 (after 300 warm-up and 200 StepGRPO steps, seed 1,
-#   benchmarks/probe_reading.py: greedy answers right 100% / 83% of the time on colour / bars,
-#   samples at 1.2 81% / 42%).
-# - temperature 1.2, the paper's: the warm-up's policy reads the picture (greedy answers are
-#   right much more often than sampled ones) but its samples at 1.2 often break the format or
-#   the answer; StepGRPO sharpens what it knows until it holds at 1.2, a gain that rises for
-#   120-150 steps on every seed tried (at 120 the five seeds cleared +0.3 reward / +0.1
-#   accuracy by as little as 0.007 / 0.002). At 1.0 the warm-up's samples were already close
-#   to its best and the gain hung on the seed.
-# - G=4, the paper's (the Config default): 8 prompts per step of 32 completions. With G=8 (4
-#   prompts a step) the policy's held-out accuracy wandered by up to 0.09 between evaluations
-#   50 steps apart, so the gain hung on where the last step left it (seed 0: +0.05 accuracy
-#   after 150 steps, +0.14 at step 100). With 8 prompts a step, the 15 runs' accuracy at
-#   steps 50 / 100 / 150 rose in 28 of 30 intervals, and fell by 0.015 and 0.010 in the two.
-# - rates far above the paper's because the model is random and tiny; StepGRPO at 5e-4
-#   collapsed within ten steps, 3e-4 gained no more than 2e-4.
-# - 1024 held-out prompts x 1 sample: a mean over 1024 independent draws moves by about 0.015
-#   in accuracy from sampling alone (one policy, four sampling seeds: 0.565-0.595, sd 0.012;
-#   with 128 x 2 it read 0.555-0.633, sd 0.033), so a gain of 0.1 is the policy's, not the
-#   dice's. About 19 s an evaluation on one thread.
-#   train.py writes 4096 training records plus these (SYNTHETIC_TRAINING_RECORDS: the warm-up
-#   sees each about once).
-# Lengths fit the synthetic solutions (about 100 tokens with the tiny tokenizer). Exact answer
-# matching suffices for its integer and one-word answers (math-verify's worker start costs more
-# than a demo step). The held-out prompts are also scored every 50 steps (a learning curve; the
-# last evaluation is the "after").
+# two CPU cores in a few minutes. A frozen random vision tower (a trained one collapses and the
+# policy answers blind), a warm-up long enough to learn the format, the paper's temperature 1.2
+# and G=4, rates far above the paper's (the model is random and tiny), 1024 held-out prompts x 1
+# sample (accuracy sd about 0.012 from sampling alone), lengths that fit the synthetic
+# solutions, exact answer matching. The measurements behind each value: benchmarks/results/
+# learning.md, "Why the built-in run's settings".
 TINY_DEFAULTS = dict(
     stage="sft+grpo", sft_steps=250, sft_batch_size=16, sft_lr=2e-3, freeze_vision_tower=True,
     num_steps=150, batch_size=32, temperature=1.2, lr=2e-4,

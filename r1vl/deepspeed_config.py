@@ -2,7 +2,7 @@
 
 Plain values in and out; nothing from r1vl and nothing from deepspeed is imported, so that
 the options (r1vl.config) can check the file at start-up. What the values mean for the
-engine: r1vl.deepspeed_engine.
+engine: r1vl.update.deepspeed_engine.
 """
 from __future__ import annotations
 

@@ -75,3 +75,30 @@ def write_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], seed: int =
     tokenizer.save_pretrained(out_dir)
     Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out_dir)
     return out_dir
+
+
+# The built-in task's training records: about as many examples as the warm-up sees, so that
+# it learns to read the pictures rather than recall the answers of a few hundred records
+# (benchmarks/results/learning.md has the runs behind the figure).
+SYNTHETIC_TRAINING_RECORDS = 4096
+
+
+def prepare_demo(cfg, run_dir: Path, world) -> tuple[str, str]:
+    """The built-in demo's data and model: the synthetic task and a tiny checkpoint written by
+    rank 0 into the run directory, then loaded by every rank like any other. Returns (data
+    file, model directory). cfg: data, eval_prompts, seed, image_root, min/max_pixels."""
+    from r1vl import distributed
+    from r1vl.data.records import load_examples
+    from r1vl.data.synthetic import write_dataset
+
+    data = cfg.data or str(run_dir / "synthetic" / "data.jsonl")
+    model_dir = run_dir / "tiny-init"
+    written = Path(data).is_file() and (model_dir / "model.safetensors").is_file()
+    if world.is_main and not written:  # a resumed run finds them in place
+        if not cfg.data:
+            write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + cfg.eval_prompts, seed=cfg.seed)
+        corpus = load_examples(data, cfg.image_root or None).items
+        texts = [e.problem for e in corpus] + [e.solution for e in corpus]
+        write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
+    distributed.barrier()
+    return data, str(model_dir)

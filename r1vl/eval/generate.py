@@ -2,18 +2,19 @@
 
 Items are split over ranks (item i goes to rank i mod world_size, after dropping the items
 that already have a line on disk), encoded with the trainer's prompt format
-(r1vl.prompts.encode_prompt: system turn, the image, then the question), decoded in
+(r1vl.data.prompts.encode_prompt: system turn, the image, then the question), decoded in
 batches of `batch_size` prompts (the image encoded once per prompt) and appended to this
 rank's predictions file after every batch.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
 from r1vl.eval import predictions
 from r1vl.eval.benchmarks import Benchmark
-from r1vl.eval.trainer_api import Example, Policy, Prompt, distributed, encode_prompt, eos_ids, greedy
+from r1vl.eval.trainer_api import Example, Policy, Prompt, distributed, encode_prompt, eos_ids, greedy, progress_bar
 from r1vl.eval.tsv import EvalInputError, Item, Table
 
 
@@ -49,7 +50,7 @@ def generate_items(policy: Policy, bench: Benchmark, items: list[Item], bench_di
         return
     writer = predictions.Writer(bench_dir, rank)
     eos = eos_ids(policy.tokenizer)
-    bar = _progress(len(items), bench.name, enabled=progress)
+    bar = progress_bar(len(items), bench.name, progress, unit="item", file=sys.stderr)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             for start in range(0, len(items), batch_size):
@@ -85,8 +86,3 @@ def generate_benchmark(policy: Policy, bench: Benchmark, table: Table, bench_dir
     generate_items(policy, bench, items, bench_dir, world.rank, progress=progress and world.is_main, **options)
     return len(items)
 
-
-def _progress(total: int, name: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=name, unit="item", disable=not enabled, dynamic_ncols=True)

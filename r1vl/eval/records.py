@@ -1,4 +1,4 @@
-"""The trainer's own data files as a benchmark: R1-VL-10K style JSONL records (r1vl.data).
+"""The trainer's own data files as a benchmark: R1-VL-10K style JSONL records (r1vl.data.records).
 
     python -m r1vl.eval --model RUN/final --bench R1VL=RUN/synthetic/data.jsonl --last 32 --out DIR
 

@@ -150,11 +150,7 @@ def _classify(token: re.Match) -> str:
 
 
 def _scan(text: str, lead_in: bool) -> StatedAnswer | None:
-    if len(text) > _MAX_LINE:
-        text = text[:_MAX_LINE]
-        truncated = True
-    else:
-        truncated = False
+    text, truncated = text[:_MAX_LINE], len(text) > _MAX_LINE
     kept: list[str] = []  # the tokens of the answer so far
     depth = 0
     complete = False  # the kept tokens end with a complete value
@@ -245,6 +241,11 @@ def _scan(text: str, lead_in: bool) -> StatedAnswer | None:
         return _text_answer(text, hedged)
     if pending_sep is not None:
         del kept[pending_sep:]
+    return _joined_answer(kept, hedged)
+
+
+def _joined_answer(kept: list[str], hedged: bool) -> StatedAnswer | None:
+    """The answer `_scan` kept, without a dangling "and"/"or" or separator."""
     while kept and kept[-1].strip().lower() in ("and", "or"):  # "6 and": nothing follows
         kept.pop()
     answer = re.sub(r"\s+", " ", "".join(kept)).strip().rstrip(" ,;:=+-*/^<>").lstrip(" ,;:")

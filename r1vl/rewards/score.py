@@ -48,7 +48,7 @@ from r1vl.rewards.symbolic import SymbolicVerifier
 
 
 class Scorable(Protocol):
-    """What the reward reads from an example (r1vl.data.Example satisfies it)."""
+    """What the reward reads from an example (r1vl.data.records.Example satisfies it)."""
 
     solution: str
     key_steps: Sequence[str | Sequence[str]]

@@ -58,22 +58,22 @@ def test_cli_prints_the_table(tiny_run, capsys):
 
 
 def test_each_evaluation_gets_the_last_prompts_its_samples_and_its_seed(tiny_run, monkeypatch):
-    """The wiring, with train.evaluate recorded: a size takes the LAST prompts of the held-out
-    records (those train.py scores), the samples per prompt and the seed reach the evaluation."""
-    import train
-
+    """The wiring, with the held-out evaluation recorded: a size takes the LAST prompts of the
+    held-out records (those train.py scores), the samples per prompt and the seed reach it."""
     from r1vl.config import Config
+    from r1vl.heldout import HeldOut
+    from r1vl.run.setup import split_data
 
     calls = []
 
-    def fake_evaluate(policy, encoder, examples, cfg, world, eos_ids, reward_cfg, seed):
-        calls.append(([e.source for e in examples], cfg.eval_generations, seed))
+    def fake_evaluate(self, seed=None):
+        calls.append(([e.source for e in self.examples], self.generations, seed))
         return {"reward": float(seed), "accuracy": 0.5, "step_rvr": 0.5}
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(HeldOut, "__call__", fake_evaluate)
     results = heldout_noise.measure(tiny_run, tiny_run / "final", [(4, 1), (2, 3)], seeds=[5, 6])
     cfg = Config(**json.loads((tiny_run / "config.json").read_text()))
-    _, held_out = train.split_data(str(tiny_run / "synthetic" / "data.jsonl"), cfg)
+    _, held_out = split_data(str(tiny_run / "synthetic" / "data.jsonl"), cfg)
     sources = [e.source for e in held_out]  # "<file>:<record index>"
     assert calls == [(sources[-4:], 1, 5), (sources[-4:], 1, 6), (sources[-2:], 3, 5), (sources[-2:], 3, 6)]
     assert [e["reward"] for e in results[(2, 3)]] == [5.0, 6.0]

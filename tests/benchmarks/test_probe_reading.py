@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import probe_reading  # noqa: E402
 
-from r1vl.synthetic import make_example  # noqa: E402
+from r1vl.data.synthetic import make_example  # noqa: E402
 from r1vl.tiny import write_tiny_checkpoint  # noqa: E402
 
 

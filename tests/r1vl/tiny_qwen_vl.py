@@ -12,7 +12,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from r1vl.packing import Sample
+from r1vl.update.packing import Sample
 
 VOCAB = 128
 IMAGE, VIDEO, VISION_START, VISION_END = 120, 121, 122, 123

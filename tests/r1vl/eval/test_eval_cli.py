@@ -122,7 +122,7 @@ def test_unreadable_image(tmp_path, files, capsys):
 
 def test_synthetic_held_out(tmp_path, files, capsys):
     """The built-in run's policy is scored the same way on the synthetic task's held-out records."""
-    from r1vl.synthetic import write_dataset
+    from r1vl.data.synthetic import write_dataset
 
     model, _ = files
     data = write_dataset(tmp_path / "syn", n=5, seed=3)

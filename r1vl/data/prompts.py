@@ -1,0 +1,123 @@
+"""Examples to token ids: Qwen2-VL's chat format with the image placeholders expanded.
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n<|vision_start|><|image_pad|> x n<|vision_end|>{problem}<|im_end|>\\n
+    <|im_start|>assistant\\n
+
+(one string, no line breaks but the \\n shown) with n = t*h*w / merge**2 merged patches,
+as Qwen2-VL's own chat template and processor would produce. The assistant turn ends with
+<|im_end|>, the token the sampler stops at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1vl.data.records import Example, SFTExample, load_image
+
+SYSTEM = "You are a helpful assistant."
+END = "<|im_end|>"
+
+
+@dataclass
+class Prompt:
+    """One encoded prompt, ready for the sampler and for pack()."""
+
+    ids: torch.Tensor  # (P,) int64, image placeholders expanded
+    pixel_values: torch.Tensor  # (t*h*w, C*T*p*p) float32 patches of the image
+    image_grid_thw: torch.Tensor  # (1, 3) int64
+    example: Example | None  # what the rewards score against (None for SFT)
+
+
+def _image_block(image_processor, image, merge: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+    out = image_processor(images=[image], return_tensors="pt")
+    grid = out["image_grid_thw"].to(torch.int64)
+    n = int(grid.prod()) // (merge * merge)
+    return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>", out["pixel_values"].float(), grid
+
+
+def _token_ids(tokenizer, text: str) -> torch.Tensor:
+    """(L,) int64: `text` tokenized as it stands (the chat markers are in it already)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
+def _turn(role: str, text: str) -> str:
+    return f"<|im_start|>{role}\n{text}{END}\n"
+
+
+def encode_prompt(example: Example, tokenizer, image_processor, merge: int, max_pixels: int,
+                  min_pixels: int) -> Prompt:
+    """The paper's prompt: one user turn, the image then the question."""
+    image = load_image(example.image_path, max_pixels=max_pixels, min_pixels=min_pixels)
+    block, pixels, grid = _image_block(image_processor, image, merge)
+    text = _turn("system", SYSTEM) + _turn("user", block + example.problem) + "<|im_start|>assistant\n"
+    ids = _token_ids(tokenizer, text)
+    return Prompt(ids, pixels, grid, example)
+
+
+def blank_prompt(tokenizer, image_processor, merge: int, min_pixels: int) -> Prompt:
+    """The chat prompt around a black image of about min_pixels and no question: the input
+    of filler micro-batches (r1vl.update.engine's lockstep), which must run every module a real
+    batch runs, the vision tower included."""
+    from PIL import Image
+
+    side = max(1, int(min_pixels ** 0.5))
+    block, pixels, grid = _image_block(image_processor, Image.new("RGB", (side, side)), merge)
+    text = _turn("system", SYSTEM) + _turn("user", block) + "<|im_start|>assistant\n"
+    ids = _token_ids(tokenizer, text)
+    return Prompt(ids, pixels, grid, None)
+
+
+def encode_solution(solution: str, tokenizer) -> torch.Tensor:
+    """(C,) int64: the assistant's answer followed by <|im_end|>, the SFT target."""
+    return _token_ids(tokenizer, solution + END)
+
+
+def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_pixels: int,
+               min_pixels: int) -> tuple[Prompt, torch.Tensor]:
+    """A chat-form SFT example as (prompt of every turn before the last assistant turn,
+    that turn's ids). Only single-image conversations are supported (pack's Sample takes
+    one grid per image and the paper's data has one image per example)."""
+    messages = list(example.messages)
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{example.source}: the last message must be the assistant's")
+    if len(example.image_paths) != 1:
+        raise ValueError(f"{example.source}: expected exactly one image, got {len(example.image_paths)}")
+    image = load_image(example.image_paths[0], max_pixels=max_pixels, min_pixels=min_pixels)
+    block, pixels, grid = _image_block(image_processor, image, merge)
+    text = "" if messages[0]["role"] == "system" else _turn("system", SYSTEM)
+    for message in messages[:-1]:
+        parts = [block if p["type"] == "image" else p["text"] for p in message["content"]]
+        text += _turn(message["role"], "".join(parts))
+    text += "<|im_start|>assistant\n"
+    answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
+    ids = _token_ids(tokenizer, text)
+    return Prompt(ids, pixels, grid, None), encode_solution(answer, tokenizer)
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """The functions above bound to one policy's tokenizer and image processor and the run's
+    image size limits: what the trainer passes around instead of five arguments."""
+
+    tokenizer: object
+    image_processor: object
+    merge: int  # the vision tower's spatial merge size (config.vision_config.spatial_merge_size)
+    max_pixels: int
+    min_pixels: int
+
+    def prompt(self, example: Example) -> Prompt:
+        return encode_prompt(example, self.tokenizer, self.image_processor, self.merge, self.max_pixels,
+                             self.min_pixels)
+
+    def sft(self, example: SFTExample) -> tuple[Prompt, torch.Tensor]:
+        return encode_sft(example, self.tokenizer, self.image_processor, self.merge, self.max_pixels,
+                          self.min_pixels)
+
+    def solution(self, example: Example) -> tuple[Prompt, torch.Tensor]:
+        """An RL example as an SFT pair: its prompt and its reference solution."""
+        return self.prompt(example), encode_solution(example.solution, self.tokenizer)
+
+    def blank(self) -> Prompt:
+        return blank_prompt(self.tokenizer, self.image_processor, self.merge, self.min_pixels)

@@ -1,0 +1,1 @@
+"""Step 1, sample: G completions per prompt (the sampler, prefill and cached decode, the token draw)."""

@@ -1,0 +1,1 @@
+"""Step 4, update: the batch planned and packed, the packed forward, the GRPO and SFT losses, the engines."""

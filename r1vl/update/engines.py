@@ -1,0 +1,27 @@
+"""The factory above both engines: the plain one, or DeepSpeed's with --deepspeed (imported
+only then, so that plain runs never import deepspeed)."""
+from __future__ import annotations
+
+import torch
+
+from r1vl import distributed
+from r1vl.config import Config
+from r1vl.update.engine import PlainEngine, UpdateSettings
+from r1vl.update.packing import Sample
+
+
+def make_engine(model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, world: distributed.Dist,
+                idle: Sample | None = None):
+    """The engine that turns a stage's losses into updates: DeepSpeed's with --deepspeed,
+    else plain data parallelism.
+
+    lr: the stage's base rate; total_steps: the optimizer steps its schedule spans; idle: the
+    one-sequence sample an engine that keeps ranks in lockstep runs, weighted 0, on a rank
+    with fewer micro-batches than another (a blank-image prompt; None: one is never needed).
+    """
+    settings = UpdateSettings.from_config(cfg, lr, total_steps)
+    if cfg.deepspeed:
+        from r1vl.update.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, settings, cfg.deepspeed, cfg.deepspeed_json, world, idle)
+    return PlainEngine(model, settings, world)

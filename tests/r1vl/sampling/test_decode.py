@@ -1,0 +1,60 @@
+"""The packed prefill: the keys and values it caches, and its last-token logits, equal those of
+the model's own forward (transformers, DynamicCache) for each prompt alone."""
+import torch
+from tiny_qwen_vl import make_sample, tiny_model
+
+from r1vl.sampling.decode import prefill, prompt_positions
+from r1vl.sampling.kv_cache import RolloutCache
+from r1vl.data.prompts import Prompt
+
+
+def test_packed_prefill_equals_each_prompts_own_forward():
+    model = tiny_model("qwen2_vl")
+    gen = torch.Generator().manual_seed(0)
+    samples = [make_sample(gen, [grid], 1, text_lens=lens)
+               for grid, lens in [((1, 4, 6), [3, 2]), ((1, 8, 8), [1, 6]), ((1, 4, 4), [5, 5])]]
+    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    lengths = [p.ids.numel() for p in prompts]
+    text = model.config.text_config
+    cache = RolloutCache.allocate(lengths, 2, 4, text.num_hidden_layers, text.num_key_value_heads,
+                                  text.hidden_size // text.num_attention_heads, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        logits = prefill(model, prompts, cache, [prompt_positions(model, p)[0] for p in prompts])
+        for p, prompt in enumerate(prompts):
+            ids = prompt.ids[None]
+            out = model(input_ids=ids, mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                        pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw, use_cache=True)
+            torch.testing.assert_close(logits[p], out.logits[0, -1].float(), rtol=0, atol=1e-5)
+            n = lengths[p]
+            for layer in range(text.num_hidden_layers):
+                torch.testing.assert_close(cache.prefix_k[layer, p, :, :n], out.past_key_values.layers[layer].keys[0],
+                                           rtol=0, atol=1e-5)
+                torch.testing.assert_close(cache.prefix_v[layer, p, :, :n],
+                                           out.past_key_values.layers[layer].values[0], rtol=0, atol=1e-5)
+            assert (cache.prefix_k[:, p, :, n:] == 0).all()  # padding untouched
+
+
+def test_fused_rms_norm_is_the_models_norm_for_both_families():
+    from tiny_qwen_vl import FAMILIES
+
+    from r1vl.sampling.decode import _norm
+
+    for family in FAMILIES:
+        norm = tiny_model(family).model.language_model.norm
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+            x = torch.randn(5, norm.weight.numel()) * 3
+            assert _norm(norm, x) is not None and type(norm).__name__.endswith("RMSNorm")
+            torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
+
+
+def test_text_rope_tables_equal_the_models_rotary_embedding():
+    from r1vl.sampling.decode import _rope_tables, _text_rope_tables
+
+    lm = tiny_model("qwen2_5_vl").model.language_model
+    positions = torch.tensor([0, 7, 300, 4095])
+    hidden = torch.zeros(4, 64)
+    for got, expected in zip(_text_rope_tables(lm, hidden, positions),
+                             _rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
