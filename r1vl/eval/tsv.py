@@ -7,7 +7,9 @@ module relies on:
 - `index`: the item's id, unique in the file;
 - `image`: the image as base64 (PNG/JPEG bytes); a short value (<= 64 characters) is the
   `index` of another row whose image it shares (MME stores each image once for its pair of
-  questions); or, without an `image` column, `image_path`: a file relative to the TSV;
+  questions); an empty cell drops the row, counted in Table.no_image (VLMEvalKit's
+  skip_noimg: the real HallusionBench file has 178 such rows); or, without an `image`
+  column, `image_path`: a file relative to the TSV;
 - `question`, `answer` and each benchmark's own columns (see r1vl.eval.benchmarks).
 
 Every problem is reported with the file, the 1-based data row (the header is row 0) and the
@@ -19,7 +21,7 @@ import base64
 import binascii
 import csv
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 _REFERENCE_MAX = 64  # VLMEvalKit's rule: an image field this short names another row
@@ -64,6 +66,7 @@ class Table:
     path: Path
     items: list[Item]
     skipped: list[str]  # "row N (index I): reason"
+    no_image: list[str] = field(default_factory=list)  # indexes of rows dropped as VLMEvalKit's skip_noimg does
 
 
 def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question", "answer")) -> Table:
@@ -118,13 +121,14 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
         if index in by_index:
             raise EvalInputError(f"{path}: row {row_no}: index {index!r} repeats row {by_index[index][0]}")
         by_index[index] = (row_no, fields)
-    items = []
+    items, no_image = [], []
     for index, (row_no, fields) in by_index.items():
         image = fields.get("image", "").strip()
         image_b64, image_path, key = "", "", index
         if "image" in fields:
-            if not image:
-                raise EvalInputError(f"{path}: row {row_no} (index {index}): empty image")
+            if not image:  # image_base.py ImageBaseDataset(skip_noimg=True) drops the row: counted, not an error
+                no_image.append(index)
+                continue
             if len(image) <= _REFERENCE_MAX:  # the index of the row holding this image
                 target = by_index.get(image)
                 if target is None or len(target[1].get("image", "").strip()) <= _REFERENCE_MAX:
@@ -142,10 +146,10 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
             key = fields["image_path"].strip()
         rest = {k: v for k, v in fields.items() if k != "image"}
         items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key))
-    return Table(path, items, [])
+    return Table(path, items, [], no_image)
 
 
 def without_images(table: Table) -> Table:
     """The same items without their base64 images (scoring never reads them): the eight
     benchmark files hold gigabytes of images, which need not stay in memory on every rank."""
-    return Table(table.path, [replace(item, image_b64="") for item in table.items], table.skipped)
+    return Table(table.path, [replace(item, image_b64="") for item in table.items], table.skipped, table.no_image)
