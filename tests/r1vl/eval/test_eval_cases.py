@@ -84,3 +84,50 @@ def test_skipped_rows_and_image_references():
     assert all(len(item.image_b64) > 64 for item in mme.items)
     raw = (CASES / "MME.tsv").read_text(encoding="utf-8").splitlines()
     assert sum(1 for line in raw[1:] if 0 < len(line.split("\t")[1]) <= 64) == len(mme.items) // 2
+
+
+# --------------------------------------------------------------------------- the judge's prompts
+
+PROMPTS = CASES / "prompts"
+CUT = "# ---8<---\n"
+
+
+def _fixture(path: Path) -> str:
+    """A prompt fixture's text after its header (make_expected.py wrote it from VLMEvalKit's builders)."""
+    return path.read_text(encoding="utf-8").split(CUT, 1)[1]
+
+
+def stub_reply(prompt: str) -> str:
+    """make_expected.py's stub_reply: the judge's answers the fixtures were made with."""
+    if "Yes / No" in prompt:
+        return "No"
+    return "1" if prompt.endswith("Judgement:") else "C"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_judge_prompts_equal_vlmevalkit_builders(name, chat_server):
+    # A stub judge on 127.0.0.1 records every request; each item VLMEvalKit would send to its judge
+    # must send the very prompts VLMEvalKit's builders make (cases/prompts/<name>.<index>.<n>.txt), in order.
+    from r1vl.eval.judge import Judge
+
+    bench, table, expected, _, _ = _scored(name)
+    server = chat_server(stub_reply)
+    judge = Judge(server.url)
+    ask = lambda p, t, s: judge(p, t, s)  # noqa: E731
+    by_index = {item.index: item for item in table.items}
+    fixtures = {p.name for p in PROMPTS.glob(f"{name}.*.*.txt")}
+    asked = set()
+    for case in expected["items"]:
+        before = len(server.requests)
+        bench.score(by_index[case["index"]], case["prediction"], ask, frozenset())
+        sent = server.requests[before:]
+        want = sorted((p for p in fixtures if p.startswith(f"{name}.{case['index']}.")),
+                      key=lambda p: int(p.rsplit(".", 2)[1]))
+        assert [r["body"]["messages"][-1]["content"] for r in sent] == [_fixture(PROMPTS / p) for p in want], \
+            case["index"]
+        assert bool(sent) == (case["verdict"] == "judge"), case["index"]
+        for r in sent:
+            system = [m["content"] for m in r["body"]["messages"] if m["role"] == "system"]
+            assert system == ([_fixture(PROMPTS / "DynaMath.system.txt")] if name == "DynaMath" else [])
+        asked |= set(want)
+    assert asked == fixtures  # every fixture belongs to an item

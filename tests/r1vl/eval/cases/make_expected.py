@@ -147,6 +147,63 @@ class Judge:
         return FAIL_MSG
 
 
+def stub_reply(prompt: str) -> str:
+    """What the stub judge answers, here and in test_eval_cases.py: 'No' to a Yes/No match, '1' to
+    MathVerse's scoring, 'C' to anything else (one reply each: readable by every rule)."""
+    if "Yes / No" in prompt:
+        return "No"
+    return "1" if prompt.endswith("Judgement:") else "C"
+
+
+class StubJudge(Judge):
+    """A judge that answers stub_reply and records the prompts."""
+
+    def generate(self, prompt, **kwargs):
+        self.prompts.append(prompt)
+        return stub_reply(prompt)
+
+
+PROMPT_HEADER = ("# The prompt VLMEvalKit's {source} sends its judge for item {index} of {name}.tsv (prediction\n"
+                 "# {prediction!r}), the judge answering as stub_reply; written by make_expected.py from\n"
+                 "# VLMEvalKit {commit}. The prompt is everything after the next line, byte for byte.\n"
+                 "# ---8<---\n")
+
+
+def judge_prompts(vk, name: str, data, preds) -> list[tuple[str, list[str]]]:
+    """(index, the prompts VLMEvalKit sends the stub judge, in order) for the items it asks about."""
+    data = data.copy()
+    data["prediction"] = [str(preds[str(i)]) for i in data["index"]]
+    out = []
+    for i in range(len(data)):
+        line, judge = data.iloc[i].copy(), StubJudge()
+        if name in ("MME", "HallusionBench"):
+            if vk["yorn"].YOrN_Extraction(line["prediction"]) == "Unknown":
+                vk["yorn"].YOrN_auxeval(judge, line)
+        elif name == "MMStar":
+            vk["multiple_choice"].extract_answer_from_item(judge, line)
+        elif name == "MathVista":
+            vk["mathvista"].MathVista_auxeval(judge, line)
+        elif name == "MathVision":
+            vk["mathv"].MATH_V_auxeval(judge, line)
+        elif name == "MathVerse":
+            line["extract"] = vk["mathverse"].MathVerse_auxeval_extract(judge, line)["extract"]
+            vk["mathverse"].MathVerse_auxeval_score(judge, line)
+        elif name == "DynaMath":
+            vk["dynamath"].DynaMath_auxeval(judge, line)
+        if judge.prompts:
+            out.append((str(line["index"]), judge.prompts))
+    return out
+
+
+PROMPT_SOURCES = {"MME": "utils/yorn.py YOrN_match_prompt", "HallusionBench": "utils/yorn.py YOrN_match_prompt",
+                  "MMStar": "utils/multiple_choice.py build_prompt (extract_answer_from_item)",
+                  "MathVista": "utils/mathvista.py build_mathvista_gpt4_prompt",
+                  "MathVision": "utils/mathv.py build_mathv_gpt4_prompt",
+                  "MathVerse": "utils/mathverse.py build_mathverse_gpt4_extract_prompt, then "
+                               "build_mathverse_gpt4_score_prompt",
+                  "DynaMath": "dynamath.py DynaMath_auxeval"}
+
+
 def dataset_frame(vk: dict, tsv: Path):
     """vlmeval/dataset/image_base.py ImageBaseDataset.__init__ on a benchmark TSV (skip_noimg=True)."""
     pd, np = vk["pd"], vk["np"]
@@ -488,6 +545,11 @@ def run_dynamath(vk, data, preds, scratch):
     judge = Judge()
     d.build_judge = lambda **kw: judge
     table = d.Dynamath.evaluate(None, str(eval_file), model="failing")
+    (HERE / "prompts").mkdir(exist_ok=True)
+    (HERE / "prompts" / "DynaMath.system.txt").write_text(
+        "# The system prompt VLMEvalKit's dynamath.py Dynamath.evaluate gives its judge (model.system_prompt);\n"
+        "# written by make_expected.py. The prompt is everything after the next line, byte for byte.\n"
+        "# ---8<---\n" + judge.system_prompt, encoding="utf-8")
     metrics = {}
     for _, row in table.iterrows():
         prefix = "" if row["Setting"] == "Average" else "worst_case "
@@ -530,6 +592,14 @@ def main() -> None:
             write_tsv(HERE / f"{name}.tsv", rows)
             data, no_image = dataset_frame(vk, HERE / f"{name}.tsv")
             preds = {index: pred for index, pred, _ in items}
+            (HERE / "prompts").mkdir(exist_ok=True)
+            for old in (HERE / "prompts").glob(f"{name}.*.*.txt"):
+                old.unlink()
+            for index, prompts in judge_prompts(vk, name, data, preds):
+                for n, prompt in enumerate(prompts):
+                    header = PROMPT_HEADER.format(source=PROMPT_SOURCES[name], index=index, name=name,
+                                                  prediction=preds[index], commit=commit)
+                    (HERE / "prompts" / f"{name}.{index}.{n}.txt").write_text(header + prompt, encoding="utf-8")
             verdicts, metrics, (item_source, metric_source) = run(vk, data, preds, scratch)
             assert set(verdicts) == set(preds), (name, set(verdicts) ^ set(preds))
             expected = {"benchmark": name, "vlmevalkit_commit": commit, "no_image": no_image,
