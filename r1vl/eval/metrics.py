@@ -122,15 +122,15 @@ def score_mathvista(item: Item, prediction: str, ask: Ask | None, fixes: frozens
     and MathVista_acc: post_check on the prediction (prefetch: only a right answer passes);
     otherwise the judge extracts (build_mathvista_gpt4_prompt, 5 tries) and post_check scores
     its reply."""
-    fix_text = "mathvista-text" in fixes
-    res = vk.mathvista_post_check(item.fields, prediction, True, fix_text)
+    fix_text, floats = "mathvista-text" in fixes, "answer" in item.float_columns
+    res = vk.mathvista_post_check(item.fields, prediction, True, fix_text, floats)
     if _prefetched(res, fixes):
-        return Verdict(bool(vk.mathvista_post_check(item.fields, str(res), False, fix_text)), str(res))
+        return Verdict(bool(vk.mathvista_post_check(item.fields, str(res), False, fix_text, floats)), str(res))
     if ask is None:
         return _pending()
     reply = _retry(ask, vk.mathvista_prompt(item.fields["question"], prediction), 5)
     reply = "" if reply is None else reply
-    return Verdict(bool(vk.mathvista_post_check(item.fields, reply, False, fix_text)), reply, judged=True,
+    return Verdict(bool(vk.mathvista_post_check(item.fields, reply, False, fix_text, floats)), reply, judged=True,
                    judge_failed=reply == "")
 
 

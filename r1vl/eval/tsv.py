@@ -12,6 +12,14 @@ module relies on:
   column, `image_path`: a file relative to the TSV;
 - `question`, `answer` and each benchmark's own columns (see r1vl.eval.benchmarks).
 
+Numbers are read as VLMEvalKit reads them (pandas.read_csv): a column whose non-empty cells are
+all numbers holds numbers, whose text is what str() gives: "12" stays "12" in a column of whole
+numbers, and becomes "12.0" where another cell has a fraction or an empty cell (a float column);
+"007" becomes "7". This changes verdicts: ChartQA's zero answer
+"0.0" no longer equals "0" (MathVista's int() of a float answer still works: Item.float_columns).
+The real benchmark files' answer columns mix text and numbers (kept as
+text), so it shows only on subsets. `index`, `image` and `image_path` are left as written.
+
 Every problem is reported with the file, the 1-based data row (the header is row 0) and the
 item's index.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +51,7 @@ class Item:
     image_b64: str  # base64 image bytes ('' when image_path is used)
     image_path: str  # a file, when the TSV has no image column ('' otherwise)
     image_key: str  # what MME pairs questions by: image_path if given, else the row holding the image
+    float_columns: frozenset = frozenset()  # columns pandas reads as float64 (pandas_numbers)
 
     def where(self) -> str:
         return f"{self.source}: row {self.row} (index {self.index})"
@@ -109,10 +119,39 @@ def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question",
                 rows.append((row_no, dict(zip(header, values))))
         except csv.Error as e:
             raise EvalInputError(f"{path}: row {row_no + 1}: unreadable ({e})") from None
-    return _items(path, rows)
+    return _items(path, rows, pandas_numbers(rows))
 
 
-def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_UNTYPED = ("index", "image", "image_path")
+
+
+def pandas_numbers(rows: list[tuple[int, dict[str, str]]]) -> frozenset:
+    """Rewrite, in place, the cells of each numeric column as pandas.read_csv's dtype and str()
+    give them (module docstring): int64 when every cell is a whole number, else float64 when every
+    non-empty cell is a number (empty cells stay ''). Returns the float64 columns."""
+    floats = set()
+    if not rows:
+        return frozenset()
+    for column in rows[0][1]:
+        if column in _UNTYPED:
+            continue
+        cells = [fields[column].strip() for _, fields in rows]
+        filled = [c for c in cells if c]
+        if not filled or not all(_FLOAT.fullmatch(c) for c in filled):
+            continue
+        whole = len(filled) == len(cells) and all(_INT.fullmatch(c) for c in filled)
+        if not whole:
+            floats.add(column)
+        for _, fields in rows:
+            cell = fields[column].strip()
+            if cell:
+                fields[column] = str(int(cell)) if whole else str(float(cell))
+    return frozenset(floats)
+
+
+def _items(path: Path, rows: list[tuple[int, dict[str, str]]], float_columns: frozenset = frozenset()) -> Table:
     by_index: dict[str, tuple[int, dict[str, str]]] = {}
     for row_no, fields in rows:
         index = fields["index"].strip()
@@ -145,7 +184,7 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
         if fields.get("image_path", "").strip():  # MME pairs its questions by image_path when it has one
             key = fields["image_path"].strip()
         rest = {k: v for k, v in fields.items() if k != "image"}
-        items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key))
+        items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key, float_columns))
     return Table(path, items, [], no_image)
 
 

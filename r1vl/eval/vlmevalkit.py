@@ -340,11 +340,13 @@ def list_to_dict(values) -> dict:
     return {chr(65 + i): v for i, v in enumerate(values)}
 
 
-def mathvista_post_check(fields: dict, response: str, prefetch: bool, fix_text: bool = False):
+def mathvista_post_check(fields: dict, response: str, prefetch: bool, fix_text: bool = False,
+                         answer_float: bool = False):
     """utils/mathvista.py post_check. multi_choice: can_infer's letter against answer_option;
     integer / float: int()/float() of the response equal to that of the answer; otherwise
     str(None) against the answer (never right; fix_text compares the response itself).
-    prefetch: the inferred answer when right, else False; otherwise True/False."""
+    prefetch: the inferred answer when right, else False; otherwise True/False. answer_float:
+    pandas read the answer column as float64 (int() of 3.0 is 3, where int('3.0') fails)."""
     res, ans = None, fields['answer']
     try:
         if fields['question_type'] == 'multi_choice':
@@ -357,7 +359,7 @@ def mathvista_post_check(fields: dict, response: str, prefetch: bool, fix_text: 
                 return res
         elif fields['answer_type'] == 'integer':
             res = int(response)
-            ans = int(fields['answer'])
+            ans = int(float(fields['answer'])) if answer_float else int(fields['answer'])
         elif fields['answer_type'] == 'float':
             res = float(response)
             ans = float(fields['answer'])

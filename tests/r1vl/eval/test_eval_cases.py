@@ -26,6 +26,8 @@ from r1vl.eval import benchmarks
 
 CASES = Path(__file__).parent / "cases"
 NAMES = ["MME", "HallusionBench", "MMStar", "ChartQA", "MathVista", "MathVision", "MathVerse", "DynaMath"]
+# All-number answer columns, which pandas (VLMEvalKit's reader) turns into float (r1vl.eval.tsv.pandas_numbers)
+NUMERIC = ["ChartQA_numeric", "MathVista_numeric"]
 
 
 def _expected(name: str) -> dict:
@@ -33,9 +35,9 @@ def _expected(name: str) -> dict:
 
 
 def _scored(name: str):
-    bench = benchmarks.get(name)
-    table = benchmarks.load(bench, CASES / f"{name}.tsv")
     expected = _expected(name)
+    bench = benchmarks.get(expected["benchmark"])
+    table = benchmarks.load(bench, CASES / f"{name}.tsv")
     by_index = {item.index: item for item in table.items}
     scored, got = [], {}
     for case in expected["items"]:
@@ -56,7 +58,7 @@ def test_every_benchmark_has_a_case_file():
         assert {"right", "wrong"} <= {c["verdict"] for c in expected["items"]} or name == "MathVerse"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + NUMERIC)
 def test_each_item_verdict_equals_vlmevalkit(name):
     _, table, expected, _, got = _scored(name)
     assert {i.index for i in table.items} == {c["index"] for c in expected["items"]}  # every row has a case
@@ -65,7 +67,7 @@ def test_each_item_verdict_equals_vlmevalkit(name):
     assert not wrong, f"(index, prediction, rule, VLMEvalKit, r1vl): {wrong}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + NUMERIC)
 def test_metrics_equal_vlmevalkit(name):
     bench, _, expected, scored, _ = _scored(name)
     metrics = bench.aggregate(scored)
@@ -131,3 +133,14 @@ def test_judge_prompts_equal_vlmevalkit_builders(name, chat_server):
             assert system == ([_fixture(PROMPTS / "DynaMath.system.txt")] if name == "DynaMath" else [])
         asked |= set(want)
     assert asked == fixtures  # every fixture belongs to an item
+
+
+def test_pandas_numbers():
+    # pandas.read_csv's dtypes as str() shows them: whole numbers stay, a fraction or an empty cell makes floats
+    from r1vl.eval.tsv import pandas_numbers
+
+    rows = [(1, {"index": "1", "a": "12", "b": "12", "c": "12", "d": "x", "e": "007"}),
+            (2, {"index": "2", "a": "0", "b": "2.5", "c": "", "d": "3", "e": "1e3"})]
+    assert pandas_numbers(rows) == frozenset({"b", "c", "e"})
+    assert [r[1] for r in rows] == [{"index": "1", "a": "12", "b": "12.0", "c": "12.0", "d": "x", "e": "7.0"},
+                                    {"index": "2", "a": "0", "b": "2.5", "c": "", "d": "3", "e": "1000.0"}]

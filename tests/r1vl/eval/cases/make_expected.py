@@ -564,7 +564,33 @@ def run_dynamath(vk, data, preds, scratch):
                                "vlmeval/dataset/dynamath.py Dynamath.evaluate (Average and Worst Case, times 100)")
 
 
-BENCHES = {"MME": (mme_rows, run_mme), "HallusionBench": (hallusion_rows, run_hallusion),
+def chartqa_numeric_rows():
+    # every answer a number, one with a fraction: pandas reads the column as float ("0" -> "0.0")
+    spec = [("0", "0", "pandas: gold '0.0', exact text only, '0' differs"), ("0", "0.0", "pandas: gold '0.0'"),
+            ("12", "12", "pandas: gold '12.0', equal as numbers"), ("2.5", "2.5", "a fraction")]
+    rows, items = [], []
+    for i, (answer, pred, rule) in enumerate(spec):
+        rows.append({"index": str(i), "question": "What is the value?", "answer": answer, "image": png_b64(i)})
+        items.append((str(i), pred, rule))
+    return rows, items
+
+
+def mathvista_numeric_rows():
+    # every answer a number, one with a fraction: pandas reads "3" as 3.0, and int("3.0") fails
+    spec = [("integer", "3", "3", "pandas: gold 3.0, a float: int() of it is 3"),
+            ("float", "1.5", "1.5", "float equality"), ("integer", "7", "7.0", "int('7.0') fails: to the judge")]
+    rows, items = [], []
+    for i, (kind, answer, pred, rule) in enumerate(spec):
+        rows.append({"index": str(i + 1), "image": png_b64(i), "question": f"Question {i}?", "answer": answer,
+                     "question_type": "free_form", "answer_type": kind, "choices": "", "answer_option": "",
+                     "task": "math word problem", "skills": "['arithmetic reasoning']"})
+        items.append((str(i + 1), pred, rule))
+    return rows, items
+
+
+BENCHES = {"ChartQA_numeric": (chartqa_numeric_rows, run_chartqa),
+           "MathVista_numeric": (mathvista_numeric_rows, run_mathvista),
+           "MME": (mme_rows, run_mme), "HallusionBench": (hallusion_rows, run_hallusion),
            "MMStar": (mmstar_rows, run_mmstar), "ChartQA": (chartqa_rows, run_chartqa),
            "MathVista": (mathvista_rows, run_mathvista), "MathVision": (mathvision_rows, run_mathvision),
            "MathVerse": (mathverse_rows, run_mathverse), "DynaMath": (dynamath_rows, run_dynamath)}
@@ -602,7 +628,7 @@ def main() -> None:
                     (HERE / "prompts" / f"{name}.{index}.{n}.txt").write_text(header + prompt, encoding="utf-8")
             verdicts, metrics, (item_source, metric_source) = run(vk, data, preds, scratch)
             assert set(verdicts) == set(preds), (name, set(verdicts) ^ set(preds))
-            expected = {"benchmark": name, "vlmevalkit_commit": commit, "no_image": no_image,
+            expected = {"benchmark": name.split("_")[0], "vlmevalkit_commit": commit, "no_image": no_image,
                         "items": [{"index": index, "prediction": pred, "rule": rule, "verdict": verdicts[index],
                                    "vlmevalkit": item_source} for index, pred, rule in items],
                         "metrics": {k: metrics[k] for k in sorted(metrics)}, "metrics_vlmevalkit": metric_source}
