@@ -16,12 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-from r1vl.eval import benchmarks
+from r1vl.eval import benchmarks, protocols, vlmevalkit
 from r1vl.eval.report import write_report
 from r1vl.eval.tsv import EvalInputError, without_images
 
 # Options that change the predictions: a resumed run must keep them, or its files would mix two settings.
-_GENERATION_KEYS = ("prompt", "max_new_tokens", "max_pixels", "min_pixels")
+_GENERATION_KEYS = ("protocol", "max_new_tokens", "max_pixels", "min_pixels")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,10 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-only", "--score_only", dest="score_only", action="store_true",
                    help="score the predictions already in --out; no model is loaded")
     p.add_argument("--predictions", action="append", default=[], metavar="NAME=FILE",
-                   help="with --score-only: score this JSONL ({index, prediction} per line) instead of "
-                        "the predictions in --out")
-    p.add_argument("--prompt", choices=benchmarks.PROMPTS, default="r1vl",
-                   help="r1vl: the question as in training; plain: plus the benchmark's short-answer hint")
+                   help="with --score-only: score this file instead of the predictions in --out: JSONL "
+                        "({index, prediction} per line) or VLMEvalKit's prediction TSV (xlsx: save it as TSV)")
+    p.add_argument("--protocol", choices=protocols.PROTOCOLS, default="auto",
+                   help="paper: the R1-VL authors' VLMEvalKit wrapper (their prompt, the text after 'The final "
+                        "answer is:', HallusionBench asked as A: Yes / B: No); vlmevalkit: VLMEvalKit's dataset "
+                        "prompts, the whole output scored; auto: paper for R1-VL checkpoints, else vlmevalkit")
+    p.add_argument("--fix", action="append", default=[], choices=sorted(vlmevalkit.FIXES), metavar="NAME",
+                   help="correct one of VLMEvalKit's known bugs (default: follow it, as its leaderboard does): "
+                        + "; ".join(f"{k}: {v}" for k, v in vlmevalkit.FIXES.items()))
     p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together per rank")
     p.add_argument("--max_new_tokens", type=int, default=1024, help="completion length cap (the paper's 1024)")
     p.add_argument("--max_pixels", type=int, default=400000, help="images resized to at most this many pixels")
@@ -48,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--skip_bad_rows", action="store_true",
                    help="skip (and count) malformed rows and unreadable images instead of stopping")
-    p.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint that reads answers the rules cannot")
+    p.add_argument("--judge", metavar="URL",
+                   help="OpenAI-compatible endpoint asked where VLMEvalKit asks its GPT judge; without it those "
+                        "items are counted as rule-only")
     p.add_argument("--judge_model", default="gpt-4o-mini")
     p.add_argument("--judge_api_key_env", default="OPENAI_API_KEY",
                    help="environment variable holding the judge's API key (sent only if set)")
@@ -88,6 +95,17 @@ def _check_settings(args, out: Path) -> None:
         path.write_text(json.dumps(now, indent=2), encoding="utf-8")
 
 
+def _protocol(args) -> str:
+    """--protocol auto: the model's (r1vl.eval.protocols.resolve); with --score-only, the one the
+    predictions in --out were made with (eval_config.json), else vlmevalkit."""
+    if args.protocol != "auto" or not args.score_only:
+        return protocols.resolve(args.protocol, args.model)
+    config = Path(args.out) / "eval_config.json"
+    if config.is_file():
+        return json.loads(config.read_text(encoding="utf-8")).get("protocol", "vlmevalkit")
+    return protocols.resolve("auto", args.model)
+
+
 def run(args) -> str | None:
     """Everything but argument parsing and error printing; returns the markdown on rank 0."""
     from r1vl.eval.judge import Judge
@@ -98,6 +116,7 @@ def run(args) -> str | None:
         return None  # scoring is one process's work; under torchrun the other ranks leave
     if not args.score_only and not args.model:
         raise ValueError("--model is required (or --score-only to score existing predictions)")
+    args.protocol = _protocol(args)
     for name in ("batch_size", "max_new_tokens", "min_pixels"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
@@ -128,7 +147,7 @@ def run(args) -> str | None:
         policy = load_policy(args.model, dtype, world.device, args.min_pixels, args.max_pixels)
         for bench, path in benches:
             table = benchmarks.load(bench, path, args.skip_bad_rows, args.last)
-            generate_benchmark(policy, bench, table, out / bench.name, world, prompt=args.prompt,
+            generate_benchmark(policy, bench, table, out / bench.name, world, prompt=args.protocol,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                max_pixels=args.max_pixels, min_pixels=args.min_pixels,
                                skip_bad_rows=args.skip_bad_rows, progress=args.progress == "true")
@@ -146,7 +165,8 @@ def run(args) -> str | None:
     unknown = set(sources) - {bench.name for bench, _ in benches}
     if unknown:
         raise ValueError(f"--predictions for {sorted(unknown)}, which no --bench names")
-    results = [score_benchmark(bench, table, out / bench.name, judge, args.prompt, sources.get(bench.name))
+    fixes = frozenset(args.fix)
+    results = [score_benchmark(bench, table, out / bench.name, judge, args.protocol, sources.get(bench.name), fixes)
                for (bench, _), table in zip(benches, tables)]
     name = args.name or (Path(args.model).name if args.model else out.name)
     return write_report(results, out, name)

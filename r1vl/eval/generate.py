@@ -42,10 +42,11 @@ def shard(table: Table, bench_dir: Path, world) -> list[Item]:
 
 
 def generate_items(policy: Policy, bench: Benchmark, items: list[Item], bench_dir: Path, rank: int, *,
-                   prompt: str = "r1vl", batch_size: int = 8, max_new_tokens: int = 1024,
+                   prompt: str = "paper", batch_size: int = 8, max_new_tokens: int = 1024,
                    max_pixels: int = 400000, min_pixels: int = 3136, skip_bad_rows: bool = False,
                    progress: bool = True) -> None:
-    """Greedy predictions for `items`, appended to rank `rank`'s file after every batch."""
+    """Greedy predictions for `items`, appended to rank `rank`'s file after every batch; `prompt` is
+    the protocol whose question text is asked (r1vl.eval.protocols)."""
     if not items:
         return
     writer = predictions.Writer(bench_dir, rank)

@@ -1,14 +1,17 @@
-"""Each benchmark's own rule for one answer, and its own metric over a file.
+"""Each benchmark's verdict on one prediction, and its metrics over a file, as VLMEvalKit computes them.
 
-A matcher takes an item (r1vl.eval.tsv.Item) and the answer text found in the model's
-output (r1vl.eval.extract.answer_text) and returns an Outcome: whether the answer could be
-read at all (`parsed`: a letter, yes/no or number was found; an LLM judge is asked only
-about unparsed ones), whether it is right, and what was read. An aggregator turns the
-outcomes of a file into the benchmark's metrics, scaled as the paper reports them
-(percent; MME in points out of 2800), with "score" the paper's column.
+A scorer takes an item (r1vl.eval.tsv.Item), the prediction VLMEvalKit would receive (the
+model's output after the protocol's answer span, r1vl.eval.protocols) and `ask`, the judge
+(None without one), and follows the control flow of VLMEvalKit's evaluate() for that
+benchmark: the rule first, the judge only for the items VLMEvalKit sends to it, in its
+prompts, with its retries and reply parsing (r1vl.eval.vlmevalkit). Without a judge such an
+item is `pending`: counted as "rule-only" and reported, never decided by another rule.
 
-The rules follow VLMEvalKit's evaluation of each benchmark (read, not copied); where they
-differ it is said at the function.
+`ask(prompt, temperature, system)` returns the judge's reply, or vlmevalkit.JUDGE_FAILED
+when the call failed (VLMEvalKit's wrappers return that same text).
+
+An aggregator turns the verdicts of a file into the metrics VLMEvalKit reports, in percent
+(MME in points out of 2800), with "score" the paper's column.
 """
 from __future__ import annotations
 
@@ -19,206 +22,193 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from r1vl.eval import extract
+from r1vl.eval import vlmevalkit as vk
 from r1vl.eval.tsv import Item
 
 
 @dataclass(frozen=True)
-class Outcome:
-    parsed: bool  # the answer could be read as this benchmark's kind of answer
+class Verdict:
     correct: bool
-    extracted: str | None  # what was read: a letter, Yes/No, a number, the text
+    extracted: str | None = None  # what was read (a letter, Yes/No, the judge's extraction)
+    pending: bool = False  # VLMEvalKit would ask the judge, and there is none: undecided, scored wrong
+    judged: bool = False  # the judge was asked
+    judge_failed: bool = False  # every try of the judge failed (VLMEvalKit's FAIL_MSG)
 
 
-Matcher = Callable[[Item, str], Outcome]
-_WRONG = Outcome(False, False, None)
+Ask = Callable[[str, float, "str | None"], str]
+Scorer = Callable[[Item, str, "Ask | None", frozenset], Verdict]
 
 
-# --------------------------------------------------------------------------- shared rules
-
-def _mcq(answer: str, options: dict[str, str], gold: str) -> Outcome:
-    letter = extract.choice_letter(answer, options)
-    if letter is None:
-        return _WRONG
-    return Outcome(True, letter == gold, letter)
+def _pending(extracted: str | None = None) -> Verdict:
+    return Verdict(False, extracted, pending=True)
 
 
-def _gold_letter(gold: str, options: dict[str, str]) -> str:
-    """The gold letter: the answer itself, or the letter of the option whose text it is."""
-    gold = gold.strip()
-    if len(gold) == 1 and gold.upper() in options:
-        return gold.upper()
-    for letter, text in options.items():
-        if extract.same_text(text, gold):
-            return letter
-    return gold
+def _retry(ask: Ask, prompt: str, tries: int, system: str | None = None, temperatures: bool = True):
+    """The judge's first reply that is not FAIL_MSG (temperature 0.5 * try, as VLMEvalKit's
+    loops), or None when all `tries` fail."""
+    for i in range(tries):
+        reply = ask(prompt, 0.5 * i if temperatures else 0.0, system)
+        if vk.JUDGE_FAILED not in reply:
+            return reply
+    return None
 
 
-def _free_form(answer: str, gold: str, tolerance: float = 1e-6) -> Outcome:
-    """Same text after normalization, or the same number within `tolerance` (VLMEvalKit's
-    MathVision is_equal; its latex2sympy step is covered by normalize_math's LaTeX forms)."""
-    if not answer:
-        return _WRONG
-    if extract.same_text(answer, gold):
-        return Outcome(True, True, answer)
-    a, g = extract.to_number(answer), extract.to_number(gold)
-    if a is not None and g is not None:
-        return Outcome(True, abs(a - g) <= tolerance, str(a))
-    return Outcome(True, False, answer)
+# --------------------------------------------------------------------------- scorers
+
+def score_yorn(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/image_yorn.py ImageYORNDataset.evaluate (MME, HallusionBench): YOrN_Extraction;
+    'Unknown' goes to the judge (YOrN_auxeval: up to 5 tries, temperature 0.5*i, until its
+    reply reads as Yes/No); right when the gold `answer` equals the reading exactly."""
+    fix = "punctuation" in fixes
+    said = vk.yorn_extraction(prediction, fix)
+    judged = failed = False
+    if said == "Unknown":
+        if ask is None:
+            return _pending()
+        judged = True
+        prompt = vk.yorn_prompt(item.fields["question"], prediction)
+        for i in range(5):
+            said = vk.yorn_extraction(ask(prompt, 0.5 * i, None), fix)
+            if said != "Unknown":
+                break
+    return Verdict(item.fields["answer"] == said, said, judged=judged, judge_failed=failed)
 
 
-def _gold_number(gold: str) -> float:
-    value = extract.to_number(gold)
-    if value is None:
-        raise ValueError(f"the gold answer {gold[:80]!r} is not a number")
-    return value
+def mcq_choices(item: Item) -> dict[str, str]:
+    """utils/multiple_choice.py build_choices: the columns A-Z present and not empty (NaN)."""
+    return {c: item.fields[c] for c in string.ascii_uppercase if item.fields.get(c, "") != ""}
 
 
-def options_from_columns(item: Item) -> dict[str, str]:
-    """{letter: text} from the columns A, B, ... that are present and non-empty (MMStar)."""
-    return {c: item.fields[c].strip() for c in string.ascii_uppercase
-            if item.fields.get(c, "").strip()}
+def score_mcq(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/image_mcq.py evaluate_heuristic -> utils/multiple_choice.py mcq_vanilla_eval /
+    extract_answer_from_item (MMStar): can_infer on the prediction, else the judge's reply
+    (build_prompt, up to 3 tries) through can_infer; right when it equals `answer`.
+    VLMEvalKit picks a random letter when 3 replies read as nothing; here that is 'Z' (wrong)."""
+    choices = mcq_choices(item)
+    found = vk.can_infer(prediction, dict(choices))
+    judged = failed = False
+    if not found:
+        if ask is None:
+            return _pending()
+        judged = True
+        question = item.fields["question"]
+        build = vk.mcq_prompt_cn if vk.cn_string(question) else vk.mcq_prompt
+        prompt = build(question, vk.option_str(choices), prediction)
+        for _ in range(3):
+            reply = ask(prompt, 0.0, None)
+            if vk.JUDGE_FAILED in reply:
+                continue
+            found = vk.can_infer(reply, dict(choices))
+            if found:
+                break
+        if not found:
+            found, failed = "Z", True
+    return Verdict(found == item.fields["answer"], found, judged=judged, judge_failed=failed)
 
 
-# --------------------------------------------------------------------------- matchers
-
-def match_mcq(item: Item, answer: str) -> Outcome:
-    """MMStar: options in columns A-D, `answer` their letter."""
-    options = options_from_columns(item)
-    return _mcq(answer, options, _gold_letter(item.fields["answer"], options))
-
-
-def match_mathvista(item: Item, answer: str) -> Outcome:
-    """MathVista: `question_type` multi_choice (choices list; gold `answer_option` or the
-    choice equal to `answer`) or free_form by `answer_type`: integer (equal integers),
-    float (equal after rounding both to `precision` decimals, MathVista's own rule, or to the
-    gold answer's decimals without that column; VLMEvalKit compares the judge's already
-    rounded string), list (element-wise), text (normalized)."""
-    f = item.fields
-    gold = f["answer"].strip()
-    if f["question_type"].strip() == "multi_choice":
-        options = extract.options_from_list(f.get("choices", ""), item.where())
-        option = f.get("answer_option", "").strip()
-        return _mcq(answer, options, option.upper() if option else _gold_letter(gold, options))
-    kind = f["answer_type"].strip()
-    if kind == "integer":
-        value = extract.to_number(answer)
-        if value is None:
-            return _WRONG
-        return Outcome(True, value == round(value) and round(value) == round(_gold_number(gold)), str(value))
-    if kind == "float":
-        value = extract.to_number(answer)
-        if value is None:
-            return _WRONG
-        # The row's `precision` (decimals); without one, as many decimals as the gold answer has.
-        precision = f.get("precision", "").strip()
-        digits = int(float(precision)) if precision and precision.lower() != "nan" else (
-            len(gold.rsplit(".", 1)[1]) if "." in gold else 0)
-        return Outcome(True, round(value, digits) == round(_gold_number(gold), digits), str(round(value, digits)))
-    if kind == "list":
-        values, golds = extract.number_list(answer), extract.number_list(gold)
-        if values is None:
-            return _WRONG
-        return Outcome(True, golds is not None and len(values) == len(golds)
-                       and all(abs(a - b) <= 1e-6 for a, b in zip(values, golds)), str(values))
-    if not answer:
-        return _WRONG
-    return Outcome(True, extract.same_text(answer, gold), answer)
+def score_chartqa(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/image_vqa.py ImageVQADataset.evaluate_heuristic with method 'relaxed_accuracy'
+    (utils/vqa_eval.py process_line, relaxed_correctness, hit_calculate): the whole stripped
+    prediction against each accepted answer; no judge."""
+    return Verdict(vk.chartqa_hit(item.fields["answer"], prediction), prediction.strip())
 
 
-def match_mathvision(item: Item, answer: str) -> Outcome:
-    """MathVision: a non-empty `choices` list makes it multiple choice (gold: a letter);
-    otherwise free form (text or number)."""
-    options = extract.options_from_list(item.fields.get("choices", ""), item.where())
-    gold = item.fields["answer"]
-    if options:
-        return _mcq(answer, options, _gold_letter(gold, options))
-    return _free_form(answer, gold)
+def _prefetched(value, fixes: frozenset) -> bool:
+    return value is not False and value is not None if "prefetch-zero" in fixes else bool(value)
 
 
-_LETTERS_ONLY = {c: "" for c in "ABCDEF"}
+def score_mathvista(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/image_vqa.py MathVista.evaluate_heuristic -> utils/mathvista.py MathVista_auxeval
+    and MathVista_acc: post_check on the prediction (prefetch: only a right answer passes);
+    otherwise the judge extracts (build_mathvista_gpt4_prompt, 5 tries) and post_check scores
+    its reply."""
+    fix_text, floats = "mathvista-text" in fixes, "answer" in item.float_columns
+    res = vk.mathvista_post_check(item.fields, prediction, True, fix_text, floats)
+    if _prefetched(res, fixes):
+        return Verdict(bool(vk.mathvista_post_check(item.fields, str(res), False, fix_text, floats)), str(res))
+    if ask is None:
+        return _pending()
+    reply = _retry(ask, vk.mathvista_prompt(item.fields["question"], prediction), 5)
+    reply = "" if reply is None else reply
+    return Verdict(bool(vk.mathvista_post_check(item.fields, reply, False, fix_text, floats)), reply, judged=True,
+                   judge_failed=reply == "")
 
 
-def match_mathverse(item: Item, answer: str) -> Outcome:
-    """MathVerse: multiple choice (`question_type` multi-choice; the options are inside the
-    question, so only letters are matched) or free form. VLMEvalKit asks its judge whether
-    the extracted answer and the gold one agree; the rule-based score needs the same text
-    or the same number."""
-    gold = item.fields["answer"].strip()
-    kind = item.fields.get("question_type", "").strip().lower()
-    if kind.startswith("multi") or (not kind and len(gold) == 1 and gold.upper() in _LETTERS_ONLY):
-        return _mcq(answer, _LETTERS_ONLY, gold.upper())
-    return _free_form(answer, gold)
+def score_mathvision(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/image_vqa.py MathVision.evaluate_heuristic -> utils/mathv.py MATH_V_auxeval and
+    MATH_V_acc: post_check (can_infer for a choices list, else the whole prediction, then
+    is_equal); otherwise the judge extracts (build_mathv_gpt4_prompt, 5 tries)."""
+    res = vk.mathv_post_check(item.fields, prediction, True)
+    if _prefetched(res, fixes):
+        return Verdict(bool(vk.mathv_post_check(item.fields, str(res), False)), str(res))
+    if ask is None:
+        return _pending()
+    reply = _retry(ask, vk.mathv_prompt(item.fields["question"], prediction), 5)
+    reply = "" if reply is None else reply
+    return Verdict(bool(vk.mathv_post_check(item.fields, reply, False)), reply, judged=True,
+                   judge_failed=reply == "")
 
 
-def match_dynamath(item: Item, answer: str) -> Outcome:
-    """DynaMath by `answer_type`: multiple choice (a letter), float (within 0.001, DynaMath's
-    rule), free form (DynaMath's rule: the answer, lowercased, is contained in the gold one)."""
-    kind = item.fields["answer_type"].strip().lower()
-    gold = item.fields["answer"].strip()
-    if kind == "multiple choice":
-        return _mcq(answer, {c: "" for c in "ABCDE"}, gold.upper())
-    if kind == "float":
-        value = extract.to_number(answer)
-        if value is None:
-            return _WRONG
-        return Outcome(True, abs(value - _gold_number(gold)) <= 1e-3, str(value))
-    if not answer:
-        return _WRONG
-    return Outcome(True, answer.lower() in gold.lower(), answer)
+def score_mathverse(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/image_vqa.py MathVerse.evaluate -> utils/mathverse.py: every prediction goes to
+    the judge twice: MathVerse_auxeval_extract (5 tries), then, unless the extraction equals
+    the answer (post_check_score), MathVerse_auxeval_score (5 tries until the reply is 0/1)."""
+    if ask is None:
+        return _pending()
+    extract = _retry(ask, vk.mathverse_extract_prompt(prediction), 5)
+    failed = extract is None
+    extract = "" if extract is None else extract
+    if vk.mathverse_post_check_score(item.fields["answer"], extract):
+        return Verdict(True, extract, judged=True)
+    prompt = vk.mathverse_score_prompt(item.fields["question_for_eval"], item.fields["answer"], extract)
+    for i in range(5):
+        reply = ask(prompt, 0.5 * i, None)
+        if vk.JUDGE_FAILED not in reply and reply.strip() in ("0", "1"):
+            return Verdict(int(reply) == 1, extract, judged=True, judge_failed=failed)
+    return Verdict(False, extract, judged=True, judge_failed=True)
 
 
-def match_chartqa(item: Item, answer: str) -> Outcome:
-    """ChartQA's relaxed accuracy: a number within 5% of a numeric, non-zero gold answer,
-    otherwise the same string ignoring case. `answer` may be a list literal of accepted
-    answers. One leniency: a trailing % is dropped on both sides (VLMEvalKit divides only the
-    side that has it by 100, so "12%" against a gold "12" fails there)."""
-    if not answer:
-        return _WRONG
-    raw = item.fields["answer"].strip()
-    golds = list(extract.options_from_list(raw, item.where()).values()) if raw.startswith("[") else [raw]
-    pred = _plain_number(answer)
-
-    def ok(gold: str) -> bool:
-        target = _plain_number(gold)
-        if pred is not None and target:
-            return abs(pred - target) / abs(target) <= 0.05
-        return answer.strip().lower() == gold.strip().lower()
-
-    return Outcome(True, any(ok(g) for g in golds), answer)
-
-
-def _plain_number(text: str) -> float | None:
-    """ChartQA reads a string as a number only when it is one ("12", "1.5", "12%")."""
+def score_dynamath(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """dataset/dynamath.py DynaMath_auxeval: the JSON's "short answer" (parse_answer; a single
+    letter upper-cased), else parse_answer on the whole (preprocessed) prediction, else one
+    judge call (system prompt set, one try); then the answer_type's rule."""
+    kind, answer = item.fields["answer_type"], item.fields["answer"]
+    pred = vk.dynamath_preprocess(prediction)
+    short = vk.dynamath_json_answer(pred, kind)
+    judged = False
+    if short is not None:
+        ok = True
+    else:
+        ok, short = vk.dynamath_parse(pred, kind)
+        if not ok:
+            if ask is None:
+                return _pending()
+            judged = True
+            reply = ask(vk.dynamath_prompt(pred, kind), 0.0, vk.DYNAMATH_SYSTEM)
+            ok, short = vk.dynamath_parse(reply, kind)
     try:
-        value = float(text.strip().rstrip("%"))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+        right = vk.dynamath_verdict(answer, kind, pred, ok, short)
+    except ValueError:  # float(answer) fails: VLMEvalKit's worker errors; the item counts wrong
+        right = False
+    return Verdict(bool(right), None if short is None else str(short), judged=judged)
 
 
-def match_yes_no(item: Item, answer: str) -> Outcome:
-    """HallusionBench and MME: Yes or No (exactly one of the two words in the answer)."""
-    said = extract.yes_no(answer)
-    if said is None:
-        return _WRONG
-    return Outcome(True, said == extract.gold_yes_no(item.fields["answer"]), said)
-
-
-def match_reference(item: Item, answer: str) -> Outcome:
-    """The trainer's answer accuracy (r1vl.rewards: exact final line, then math-verify) against
-    the record's solution; used for the trainer's own data files (r1vl.eval.records)."""
-    if not answer:
-        return _WRONG
+def score_reference(item: Item, prediction: str, ask: Ask | None, fixes: frozenset = frozenset()) -> Verdict:
+    """The trainer's own data (not a VLMEvalKit benchmark): the answer r1vl.eval.extract finds,
+    checked by the trainer's answer accuracy (exact final line, then math-verify)."""
+    from r1vl.eval import extract
     from r1vl.eval.trainer_api import FINAL_ANSWER, Example, answer_accuracy
 
+    answer, _ = extract.answer_text(prediction)
+    if not answer:
+        return Verdict(False, answer)
     gold = Example(image_path=Path(item.image_path), problem="", solution=item.fields["solution"])
-    return Outcome(True, answer_accuracy(f"{FINAL_ANSWER}\n{answer}", gold) == 1.0, answer)
+    return Verdict(answer_accuracy(f"{FINAL_ANSWER}\n{answer}", gold) == 1.0, answer)
 
 
 # --------------------------------------------------------------------------- aggregators
 
-Scored = list[tuple[Item, Outcome]]
+Scored = list[tuple[Item, Verdict]]
 
 
 def _pct(values) -> float:
@@ -226,19 +216,19 @@ def _pct(values) -> float:
     return 100.0 * sum(values) / len(values) if values else float("nan")
 
 
-def _by(scored: Scored, column: str) -> dict[str, float]:
+def _by(scored: Scored, column: str, prefix: str | None = None) -> dict[str, float]:
     groups: dict[str, list[bool]] = defaultdict(list)
-    for item, o in scored:
+    for item, v in scored:
         if column in item.fields:
-            groups[item.fields[column]].append(o.correct)
-    return {f"{column}={k}": _pct(v) for k, v in sorted(groups.items())}
+            groups[item.fields[column]].append(v.correct)
+    return {f"{prefix or column}={k}": _pct(g) for k, g in sorted(groups.items())}
 
 
 def accuracy(columns: tuple[str, ...] = ()) -> Callable[[Scored], dict]:
-    """Plain accuracy in percent ("score"), with a breakdown by each of `columns` if present."""
+    """Accuracy in percent ("score", VLMEvalKit's Overall), and by each of `columns` present."""
 
     def aggregate(scored: Scored) -> dict:
-        out = {"score": _pct(o.correct for _, o in scored)}
+        out = {"score": _pct(v.correct for _, v in scored)}
         for column in columns:
             out.update(_by(scored, column))
         return out
@@ -246,68 +236,109 @@ def accuracy(columns: tuple[str, ...] = ()) -> Callable[[Scored], dict]:
     return aggregate
 
 
+def aggregate_mathvista(scored: Scored) -> dict:
+    """utils/mathvista.py MathVista_acc: Overall, by task and by each skill of `skills` (a list
+    literal, else the cell itself)."""
+    out = accuracy(("task",))(scored)
+    skills: dict[str, list[bool]] = defaultdict(list)
+    for item, v in scored:
+        if "skills" in item.fields:
+            value = vk.literal(item.fields["skills"])
+            for skill in value if isinstance(value, (list, tuple)) else [item.fields["skills"]]:
+                skills[str(skill)].append(v.correct)
+    out.update({f"skill={k}": _pct(g) for k, g in sorted(skills.items())})
+    return out
+
+
 def aggregate_dynamath(scored: Scored) -> dict:
-    """Average accuracy over every variant (the paper's column) and worst-case accuracy: a
-    question (`qid`) counts only when all its variants are right."""
-    per_question: dict[str, list[bool]] = defaultdict(list)
-    for item, o in scored:
-        per_question[item.fields.get("qid", item.index)].append(o.correct)
-    return {"score": _pct(o.correct for _, o in scored),
-            "worst_case": _pct(all(v) for v in per_question.values()),
-            **_by(scored, "subject"), **_by(scored, "knowledge_level")}
+    """dataset/dynamath.py Dynamath.evaluate: average accuracy over all variants ("score") and
+    worst case: over the rows with varid 1, a question (`qid`) counts when all its variants
+    are right; both by subject and knowledge level too."""
+    per_qid: dict[str, bool] = defaultdict(lambda: True)
+    for item, v in scored:
+        per_qid[item.fields.get("qid", item.index)] &= v.correct
+    first = [(item, per_qid[item.fields.get("qid", item.index)]) for item, _ in scored
+             if item.fields.get("varid", "1").strip() in ("1", "1.0")]
+    out = {"score": _pct(v.correct for _, v in scored), "worst_case": _pct(ok for _, ok in first),
+           **_by(scored, "subject"), **_by(scored, "knowledge_level")}
+    for column in ("subject", "knowledge_level"):
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for item, ok in first:
+            if column in item.fields:
+                groups[item.fields[column]].append(ok)
+        out.update({f"worst_case {column}={k}": _pct(g) for k, g in sorted(groups.items())})
+    return out
 
 
 def hallusion_ids(item: Item) -> tuple[str, str, str]:
-    """(set_id, figure_id, question_id): the columns when present, else VLMEvalKit's index
-    "<cat>_<sub>_<?>_<set>_<figure>_<question>" fields 3, 4, 5."""
-    f = item.fields
-    if all(f.get(c, "").strip() for c in ("set_id", "figure_id", "question_id")):
-        return f["set_id"].strip(), f["figure_id"].strip(), f["question_id"].strip()
+    """utils/yorn.py Hallusion_rating: set_id, figure_id, question_id are fields 3, 4, 5 of
+    the index split on '_' (VLMEvalKit overwrites any columns of those names)."""
     parts = item.index.split("_")
     if len(parts) < 6:
-        raise ValueError(f"{item.where()}: no set_id/figure_id/question_id columns and the index "
-                         "is not <a>_<b>_<c>_<set>_<figure>_<question>")
+        raise ValueError(f"{item.where()}: the index is not <a>_<b>_<c>_<set>_<figure>_<question>, "
+                         "which VLMEvalKit's Hallusion_rating needs")
     return parts[3], parts[4], parts[5]
 
 
-def aggregate_hallusion(scored: Scored) -> dict:
-    """aAcc (every question), fAcc (a figure counts when all its questions are right) and
-    qAcc (a question counts when it is right for every figure it is asked about), grouped
-    within `l2-category` and `set_id` as VLMEvalKit does. "score" is their mean: the
-    OpenCompass leaderboard's HallusionBench number, which the paper's column reproduces
-    (see the README's Evaluate section)."""
-    figures: dict[tuple, list[bool]] = defaultdict(list)
-    questions: dict[tuple, list[bool]] = defaultdict(list)
-    for item, o in scored:
+def _hallusion_accs(scored: Scored) -> tuple[float, float, float]:
+    figures: dict[str, list[bool]] = defaultdict(list)
+    questions: dict[str, list[bool]] = defaultdict(list)
+    for item, v in scored:
         set_id, figure_id, question_id = hallusion_ids(item)
         l2 = item.fields.get("l2-category", "")
-        figures[(l2, set_id, figure_id)].append(o.correct)
-        questions[(l2, set_id, question_id)].append(o.correct)
-    a = _pct(o.correct for _, o in scored)
-    f = _pct(all(v) for v in figures.values())
-    q = _pct(all(v) for v in questions.values())
-    return {"score": (a + f + q) / 3, "aAcc": a, "fAcc": f, "qAcc": q}
+        figures[f"{l2}_{set_id}_{figure_id}"].append(v.correct)
+        questions[f"{l2}_{set_id}_{question_id}"].append(v.correct)
+    return (_pct(v.correct for _, v in scored), _pct(all(g) for g in figures.values()),
+            _pct(all(g) for g in questions.values()))
 
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
-                  "landmark", "artwork", "OCR")
-MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+def aggregate_hallusion(scored: Scored) -> dict:
+    """utils/yorn.py Hallusion_rating: aAcc (questions), fAcc (a figure, keyed
+    l2-category_set_figure, counts when all its questions are right), qAcc (a question,
+    keyed l2-category_set_question, counts when right for every figure); Overall and per
+    `category` and `l2-category`. "score" is the mean of the three Overall values (the
+    OpenCompass leaderboard's number, which the paper's HallBench column reproduces)."""
+    a, f, q = _hallusion_accs(scored)
+    out = {"score": (a + f + q) / 3, "aAcc": a, "fAcc": f, "qAcc": q}
+    for column in ("category", "l2-category"):
+        groups: dict[str, Scored] = defaultdict(list)
+        for item, v in scored:
+            if column in item.fields:
+                groups[item.fields[column]].append((item, v))
+        for key, sub in sorted(groups.items()):
+            sa, sf, sq = _hallusion_accs(sub)
+            out.update({f"{column}={key} aAcc": sa, f"{column}={key} fAcc": sf, f"{column}={key} qAcc": sq})
+    return out
+
+
+MME_PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position",
+                  "posters", "scene")
+MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
 
 
 def aggregate_mme(scored: Scored) -> dict:
-    """Per category: accuracy (questions) + accuracy+ (images whose questions are all right,
-    MME's pairs), each in percent, so at most 200 a category; perception is the sum over its
-    10 categories, cognition over its 4, and "score" (MME_sum, the paper's column) both:
-    at most 2800. Categories absent from the file are listed in "missing_categories"."""
+    """utils/yorn.py MME_rating: per category, accuracy over questions + accuracy+ over images
+    (`image_path`, else the row holding the image; VLMEvalKit multiplies the image's first
+    two verdicts), in percent; perception sums its 10 categories, cognition (VLMEvalKit's
+    "reasoning") its 4; "score" = both (MME_sum, at most 2800). VLMEvalKit stops on a file
+    without every category; here those are listed in "missing_categories"."""
     per_category: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for item, o in scored:
-        per_category[item.fields["category"]][item.image_key].append(o.correct)
+    for item, v in scored:
+        per_category[item.fields["category"]][item.image_key].append(v.correct)
     out: dict = {}
     for category, images in sorted(per_category.items()):
-        answers = [c for v in images.values() for c in v]
-        out[f"category={category}"] = _pct(answers) + _pct(all(v) for v in images.values())
+        answers = [c for g in images.values() for c in g]
+        plus = [g[0] and g[1] if len(g) >= 2 else None for g in images.values()]
+        if any(p is None for p in plus):
+            raise ValueError(f"MME category {category}: an image with one question (VLMEvalKit's MME_rating "
+                             "needs the pair)")
+        out[f"category={category}"] = _pct(answers) + _pct(plus)
     perception = sum(out.get(f"category={c}", 0.0) for c in MME_PERCEPTION)
     cognition = sum(out.get(f"category={c}", 0.0) for c in MME_COGNITION)
     missing = [c for c in MME_PERCEPTION + MME_COGNITION if f"category={c}" not in out]
     return {"score": perception + cognition, "perception": perception, "cognition": cognition,
             "missing_categories": missing, **out}
+
+
+def is_nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)

@@ -39,9 +39,10 @@ def _cell(value: float | None, column: str, complete: bool = True) -> str:
 
 
 def table(results: list[dict], name: str) -> str:
-    """The markdown table (module docstring). A * marks a benchmark scored on part of its file."""
+    """The markdown table (module docstring). A * marks a benchmark scored on part of its file,
+    or with items left to a judge that was not given (rule-only)."""
     values = {r["column"]: r["score"] for r in results}
-    complete = {r["column"]: r["complete"] for r in results}
+    complete = {r["column"]: r["complete"] and not r["counts"].get("rule_only") for r in results}
     avg = average(values) if all(complete.values()) else None
     head = "| Model | " + " | ".join(COLUMNS) + " | AVG |\n|" + "---|" * (len(COLUMNS) + 2) + "\n"
     ours = f"| {name} (this run) | " + " | ".join(
@@ -51,11 +52,20 @@ def table(results: list[dict], name: str) -> str:
     notes = []
     for r in results:
         c = r["counts"]
-        extra = [f"{k} {c[k]}" for k in ("bad_rows", "skipped", "missing", "unparsed", "judged", "judge_failed",
-                                          "unknown_predictions") if c[k]]
+        extra = [f"{k} {c[k]}" for k in ("no_image", "bad_rows", "skipped", "missing", "judged", "judge_failed",
+                                          "unknown_predictions") if c.get(k)]
         score = _cell(r["score"], r["column"])
+        pending = ""
+        if c.get("rule_only"):
+            upper = _cell(r["metrics"].get("score_if_pending_right"), r["column"])
+            pending = (f"; RULE-ONLY: {c['rule_only']} items VLMEvalKit sends to its judge were not judged "
+                       f"(scored wrong; {upper} if all were right)")
+        how = f"; protocol {r.get('protocol', '?')}, judge {r.get('judge', 'none')}"
+        if r.get("fixes"):
+            how += f", fixes {', '.join(r['fixes'])}"
         notes.append(f"- {r['benchmark']} ({r['column']}): {score}; {c['scored']} of {c['items']} items scored"
-                     + (f"; {', '.join(extra)}" if extra else "") + (" (*incomplete)" if not r["complete"] else ""))
+                     + (f"; {', '.join(extra)}" if extra else "") + pending + how
+                     + (" (*incomplete)" if not r["complete"] else ""))
     hall = next((r for r in results if r["benchmark"] == "HallusionBench"), None)
     if hall is not None:
         m = hall["metrics"]
@@ -75,7 +85,7 @@ def write_report(results: list[dict], out_dir: str | Path, name: str) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     values = {r["column"]: r["score"] for r in results}
-    avg = average(values) if all(r["complete"] for r in results) else None
+    avg = average(values) if all(r["complete"] and not r["counts"].get("rule_only") for r in results) else None
     payload = {"model": name, "results": {r["benchmark"]: r for r in results},
                "table": {c: values.get(c) for c in COLUMNS}, "avg": avg,
                "paper_quoted": {m: dict(zip((*COLUMNS, "AVG"), row)) for m, row in PAPER.items()}}

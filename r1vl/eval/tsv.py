@@ -7,8 +7,18 @@ module relies on:
 - `index`: the item's id, unique in the file;
 - `image`: the image as base64 (PNG/JPEG bytes); a short value (<= 64 characters) is the
   `index` of another row whose image it shares (MME stores each image once for its pair of
-  questions); or, without an `image` column, `image_path`: a file relative to the TSV;
+  questions); an empty cell drops the row, counted in Table.no_image (VLMEvalKit's
+  skip_noimg: the real HallusionBench file has 178 such rows); or, without an `image`
+  column, `image_path`: a file relative to the TSV;
 - `question`, `answer` and each benchmark's own columns (see r1vl.eval.benchmarks).
+
+Numbers are read as VLMEvalKit reads them (pandas.read_csv): a column whose non-empty cells are
+all numbers holds numbers, whose text is what str() gives: "12" stays "12" in a column of whole
+numbers, and becomes "12.0" where another cell has a fraction or an empty cell (a float column);
+"007" becomes "7". This changes verdicts: ChartQA's zero answer
+"0.0" no longer equals "0" (MathVista's int() of a float answer still works: Item.float_columns).
+The real benchmark files' answer columns mix text and numbers (kept as
+text), so it shows only on subsets. `index`, `image` and `image_path` are left as written.
 
 Every problem is reported with the file, the 1-based data row (the header is row 0) and the
 item's index.
@@ -18,8 +28,9 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 _REFERENCE_MAX = 64  # VLMEvalKit's rule: an image field this short names another row
@@ -40,6 +51,7 @@ class Item:
     image_b64: str  # base64 image bytes ('' when image_path is used)
     image_path: str  # a file, when the TSV has no image column ('' otherwise)
     image_key: str  # what MME pairs questions by: image_path if given, else the row holding the image
+    float_columns: frozenset = frozenset()  # columns pandas reads as float64 (pandas_numbers)
 
     def where(self) -> str:
         return f"{self.source}: row {self.row} (index {self.index})"
@@ -64,6 +76,7 @@ class Table:
     path: Path
     items: list[Item]
     skipped: list[str]  # "row N (index I): reason"
+    no_image: list[str] = field(default_factory=list)  # indexes of rows dropped as VLMEvalKit's skip_noimg does
 
 
 def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question", "answer")) -> Table:
@@ -106,10 +119,39 @@ def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question",
                 rows.append((row_no, dict(zip(header, values))))
         except csv.Error as e:
             raise EvalInputError(f"{path}: row {row_no + 1}: unreadable ({e})") from None
-    return _items(path, rows)
+    return _items(path, rows, pandas_numbers(rows))
 
 
-def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_UNTYPED = ("index", "image", "image_path")
+
+
+def pandas_numbers(rows: list[tuple[int, dict[str, str]]]) -> frozenset:
+    """Rewrite, in place, the cells of each numeric column as pandas.read_csv's dtype and str()
+    give them (module docstring): int64 when every cell is a whole number, else float64 when every
+    non-empty cell is a number (empty cells stay ''). Returns the float64 columns."""
+    floats = set()
+    if not rows:
+        return frozenset()
+    for column in rows[0][1]:
+        if column in _UNTYPED:
+            continue
+        cells = [fields[column].strip() for _, fields in rows]
+        filled = [c for c in cells if c]
+        if not filled or not all(_FLOAT.fullmatch(c) for c in filled):
+            continue
+        whole = len(filled) == len(cells) and all(_INT.fullmatch(c) for c in filled)
+        if not whole:
+            floats.add(column)
+        for _, fields in rows:
+            cell = fields[column].strip()
+            if cell:
+                fields[column] = str(int(cell)) if whole else str(float(cell))
+    return frozenset(floats)
+
+
+def _items(path: Path, rows: list[tuple[int, dict[str, str]]], float_columns: frozenset = frozenset()) -> Table:
     by_index: dict[str, tuple[int, dict[str, str]]] = {}
     for row_no, fields in rows:
         index = fields["index"].strip()
@@ -118,13 +160,14 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
         if index in by_index:
             raise EvalInputError(f"{path}: row {row_no}: index {index!r} repeats row {by_index[index][0]}")
         by_index[index] = (row_no, fields)
-    items = []
+    items, no_image = [], []
     for index, (row_no, fields) in by_index.items():
         image = fields.get("image", "").strip()
         image_b64, image_path, key = "", "", index
         if "image" in fields:
-            if not image:
-                raise EvalInputError(f"{path}: row {row_no} (index {index}): empty image")
+            if not image:  # image_base.py ImageBaseDataset(skip_noimg=True) drops the row: counted, not an error
+                no_image.append(index)
+                continue
             if len(image) <= _REFERENCE_MAX:  # the index of the row holding this image
                 target = by_index.get(image)
                 if target is None or len(target[1].get("image", "").strip()) <= _REFERENCE_MAX:
@@ -141,11 +184,11 @@ def _items(path: Path, rows: list[tuple[int, dict[str, str]]]) -> Table:
         if fields.get("image_path", "").strip():  # MME pairs its questions by image_path when it has one
             key = fields["image_path"].strip()
         rest = {k: v for k, v in fields.items() if k != "image"}
-        items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key))
-    return Table(path, items, [])
+        items.append(Item(str(path), row_no, index, rest, image_b64, image_path, key, float_columns))
+    return Table(path, items, [], no_image)
 
 
 def without_images(table: Table) -> Table:
     """The same items without their base64 images (scoring never reads them): the eight
     benchmark files hold gigabytes of images, which need not stay in memory on every rank."""
-    return Table(table.path, [replace(item, image_b64="") for item in table.items], table.skipped)
+    return Table(table.path, [replace(item, image_b64="") for item in table.items], table.skipped, table.no_image)

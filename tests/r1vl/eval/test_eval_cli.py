@@ -16,7 +16,7 @@ Q = {"question": "How many red shapes?"}
 ROWS = {
     "MathVista": [{"index": "1", **Q, "question_type": "free_form", "answer_type": "integer", "answer": "3"},
                   {"index": "2", **Q, "question_type": "multi_choice", "answer_type": "text",
-                   "choices": "['3', '4']", "answer": "4"}],
+                   "choices": "['3', '4']", "answer": "4", "answer_option": "B"}],
     "MMStar": [{"index": str(i), **Q, "A": "3", "B": "4", "answer": "AB"[i]} for i in range(2)],
     "MathVision": [{"index": "1", **Q, "choices": "[]", "answer": "3"},
                    {"index": "2", **Q, "choices": "['3', '4']", "answer": "B"}],
@@ -24,8 +24,8 @@ ROWS = {
     "DynaMath": [{"index": str(i), **Q, "answer_type": t, "answer": a, "qid": "1", "varid": str(i)}
                  for i, (t, a) in enumerate([("float", "3.0"), ("multiple choice", "B")])],
     "HallusionBench": [{"index": f"VS_chart_x_0_0_{i}", **Q, "answer": a} for i, a in enumerate(["Yes", "No"])],
-    "MathVerse": [{"index": "1", **Q, "answer": "A", "question_type": "multi-choice"},
-                  {"index": "2", **Q, "answer": "3", "question_type": "free-form"}],
+    "MathVerse": [{"index": "1", **Q, "answer": "A", "question_type": "multi-choice", "question_for_eval": "q"},
+                  {"index": "2", **Q, "answer": "3", "question_type": "free-form", "question_for_eval": "q"}],
     "MME": [{"index": "1", "image": png_b64((9, 9, 9)), **Q, "answer": "Yes", "category": "count"},
             {"index": "2", "image": "1", **Q, "answer": "No", "category": "count"}],
 }
@@ -55,7 +55,10 @@ def test_end_to_end_resume_and_score_only(tmp_path, files, capsys):
     assert "| model (this run) |" in table and "| R1-VL-7B (paper, quoted) | 63.5 |" in table
     assert (out / "results.md").read_text() == table
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["results"]) == set(ROWS) and metrics["avg"] is not None
+    assert set(metrics["results"]) == set(ROWS)
+    # No judge: MathVerse's items (all sent to VLMEvalKit's judge) are rule-only, so no AVG.
+    assert metrics["results"]["MathVerse"]["counts"]["rule_only"] == 2 and metrics["avg"] is None
+    assert all(r["protocol"] == "vlmevalkit" for r in metrics["results"].values())
     for name in ROWS:
         lines = _lines(out / name / "predictions.rank0.jsonl")
         assert [r["index"] for r in lines] == [r["index"] for r in ROWS[name]]
@@ -84,7 +87,7 @@ def test_end_to_end_resume_and_score_only(tmp_path, files, capsys):
     assert "- MMStar (MMStar): 50.0; 2 of 2 items scored" in capsys.readouterr().out
 
     # Other generation settings in the same directory are refused.
-    assert main(["--model", str(model), "--out", str(out), *bench_args, *ARGS[:-2], "--prompt", "plain"]) == 2
+    assert main(["--model", str(model), "--out", str(out), *bench_args, *ARGS[:-2], "--protocol", "paper"]) == 2
     assert "holds predictions made with other settings" in capsys.readouterr().err
 
 

@@ -1,0 +1,161 @@
+"""How a benchmark item is asked and which part of the output VLMEvalKit scores: the protocols.
+
+- `vlmevalkit`: VLMEvalKit's own dataset prompts (build_prompt of the dataset class) and the
+  whole output as the prediction, as for a model wrapper without custom prompts.
+- `paper`: the R1-VL authors' VLMEvalKit wrapper (github jingyi0000/R1-VL, eval/qwen2_vl/
+  prompt.py and model.py), which produced the paper's Table 1: Qwen2VLPromptMixin's prompts
+  (MCQ choices "A: ...", HallusionBench asked as "Choices: A: Yes / B: No", VQA datasets the
+  bare question), wrapped in their REASONING_PROMPT; the prediction is everything after
+  "The final answer is:" when the output has exactly one such marker, and for HallusionBench
+  a letter is mapped back to Yes/No by their rule ('a' anywhere -> Yes, else 'b' -> No;
+  --fix paper-hallusion reads a standalone letter instead).
+
+The default (`auto`) is `paper` for R1-VL checkpoints (r1vl's own: a trainer_state.json in
+it or a results.json beside it, as train.py writes; or a directory named R1-VL*) and
+`vlmevalkit` otherwise (and with --score-only, unless the run's eval_config.json says); the report names the protocol of every number.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+
+from r1vl.eval.tsv import Item
+
+PROTOCOLS = ("auto", "paper", "vlmevalkit")
+
+# eval/qwen2_vl/model.py REASONING_PROMPT of the R1-VL authors' wrapper (sent identically: an interface).
+REASONING_PROMPT = """Generate an image description based on the question.
+Then, provide a rationale to analyze the question.
+Next, generate a step-by-step reasoning process to solve the problem. Ensure the steps are logical and concise.
+Finally, provide a concise summary of the final answer in the following format: 'The final answer is: xxx.
+
+Format your response with the following sections, separated by ###:
+### Image Description:
+### Rationales:
+### Let's think step by step.
+### Step 1:
+### Step 2:
+...
+### The final answer is: 
+
+{question}"""
+
+_MARKER = "The final answer is:"
+_AB = "\nChoices:\nA: Yes\nB: No"
+
+# dataset/dynamath.py Dynamath.GUIDE / TEXT_EXAMPLE (VLMEvalKit's DynaMath prompt; an interface).
+_DYNAMATH_GUIDE = (
+    "\n## Answer Instruction Please provide an answer to the question outlined above. Your response should adhere "
+    "to the following JSON format, which includes two keys: 'solution' and 'short answer'. The 'solution' key can "
+    "contain detailed steps needed to solve the question, and the 'short answer' key should provide a concise "
+    "response. {INST}\nExample of expected JSON response format:\n")
+_DYNAMATH_EXAMPLE = json.dumps({"solution": "[Detailed step-by-step explanation]",
+                                "short answer": "[Concise Answer]"}, indent=4)
+
+
+def resolve(protocol: str, model: str | None) -> str:
+    """`auto` -> `paper` for an R1-VL checkpoint, else `vlmevalkit`."""
+    if protocol != "auto":
+        return protocol
+    if model is None:
+        return "vlmevalkit"
+    path = Path(model)
+    name = path.resolve().name.lower().replace("_", "-") if path.exists() else path.name.lower()
+    # r1vl's own checkpoints: a trainer checkpoint, or train.py's RUN/final beside its results.json
+    r1vl_run = (path / "trainer_state.json").is_file() or (path.parent / "results.json").is_file()
+    return "paper" if "r1-vl" in name or "r1vl" in name or r1vl_run else "vlmevalkit"
+
+
+def _options(item: Item) -> dict[str, str]:
+    return {c: item.fields[c] for c in string.ascii_uppercase if item.fields.get(c, "") != ""}
+
+
+def _hint(item: Item) -> str:
+    hint = item.fields.get("hint", "")
+    return f"Hint: {hint}\n" if hint != "" else ""
+
+
+def vlmevalkit_question(bench: str, item: Item) -> str:
+    """The text VLMEvalKit's dataset class builds (image_mcq.py, image_vqa.py, image_yorn.py, dynamath.py)."""
+    q = item.fields["question"]
+    if bench == "MMStar":
+        options = _options(item)
+        text = _hint(item) + f"Question: {q}\n"
+        if options:
+            text += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+            text += "Please select the correct answer from the options above. \n"
+        return text
+    if bench == "ChartQA":
+        return q + "\nAnswer the question using a single word or phrase."
+    if bench == "DynaMath":
+        kind = item.fields["answer_type"]
+        if kind == "multiple choice":
+            inst = "Provide the corresponing choice option in the 'short answer' key, such as 'A', 'B', 'C', or 'D'."
+        elif kind == "float":
+            inst = "Format the answer as a three-digit floating-point number and provide it in the 'short answer' key."
+        else:
+            inst = "Float numbers in the answer should be formatted as three-digit floating-point numbers."
+        return f"## Question\n {q}" + _DYNAMATH_GUIDE.format(INST=inst) + _DYNAMATH_EXAMPLE
+    return q
+
+
+def paper_question(bench: str, item: Item) -> str:
+    """The R1-VL wrapper's text: Qwen2VLPromptMixin's prompt, then REASONING_PROMPT around it."""
+    q = item.fields["question"]
+    if bench == "MMStar":  # _build_mcq_prompt
+        options = _options(item)
+        text = _hint(item) + f"Question: {q}\n"
+        if options:
+            text += "Choices:\n" + "".join(f"{k}: {v}\n" for k, v in options.items())
+            text += "请直接回答选项字母。" if re.search("[\u4e00-\u9fff]", text) else \
+                "Please select the correct answer from the choices above."
+        text = text.rstrip()
+    elif bench == "HallusionBench":  # _build_yorn_prompt
+        if "Please answer yes or no" not in q:
+            text = q + _AB
+        elif "Please answer yes or no." in q:
+            text = q.replace("Please answer yes or no.", _AB)
+        elif "Please answer Yes or No." in q:
+            text = q.replace("Please answer Yes or No.", _AB)
+        elif "Yes or No" in q:
+            text = q.replace("Yes or No", _AB)
+        elif "yes or no" in q:
+            text = q.replace("yes or no", _AB)
+        else:
+            text = q
+    else:  # MME: the dataset's prompt; VQA datasets: _build_vqa_prompt, the bare question
+        text = q
+    if "Question: " not in text:
+        text = "Question: " + text
+    return REASONING_PROMPT.format(question=text)
+
+
+def question(bench: str, item: Item, protocol: str) -> str:
+    if bench == "R1VL":
+        return item.fields["question"]
+    return paper_question(bench, item) if protocol == "paper" else vlmevalkit_question(bench, item)
+
+
+_LETTER = re.compile(r"\b([AB])\b")
+
+
+def prediction(bench: str, output: str, protocol: str, fixes: frozenset = frozenset()) -> str:
+    """What VLMEvalKit receives as `prediction` for this model output under `protocol`
+    (the paper's: eval/qwen2_vl/model.py generate_inner's post-processing)."""
+    if protocol != "paper" or bench == "R1VL":
+        return output
+    parts = output.split(_MARKER)
+    if len(parts) != 2:
+        return output
+    answer = parts[-1].strip()
+    if bench == "HallusionBench":
+        if "paper-hallusion" in fixes:
+            m = _LETTER.search(answer.upper())
+            return {"A": "Yes", "B": "No"}[m.group(1)] if m else answer
+        if "a" in answer.lower():
+            return "Yes"
+        if "b" in answer.lower():
+            return "No"
+    return answer
