@@ -6,6 +6,7 @@
     python train.py --stage sft --model PATH --data train.jsonl   # the supervised warm-up only
     python train.py --run_dir runs/a --resume auto    # continue a killed run from its newest checkpoint
     python train.py --help                            # every option, with the paper's defaults
+    python train.py --plan --model configs/qwen2_vl_2b.json --gpu_memory_gb 80   # memory per GPU, then exit
     torchrun --nproc_per_node=8 train.py --deepspeed configs/zero3.json --model PATH --data train.jsonl
 
 One GRPO step, per data-parallel rank (train_grpo):
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from r1vl import distributed
+from r1vl.activation_checkpointing import enable_activation_checkpointing
 from r1vl.attention import use_varlen_attention
 from r1vl.checkpoints import Checkpointer, ResumePoint, find_resume_point, load_rng, open_resume_point
 from r1vl.config import Config, parse_config, to_dict
@@ -45,6 +47,7 @@ from r1vl.data import load_examples, load_sft
 from r1vl.engine import make_engine
 from r1vl.grpo import Rollout, grpo_update
 from r1vl.losses import kernel_impl, sft_loss_sum, step_advantages
+from r1vl.memory_plan import check_plan
 from r1vl.metrics import MetricsLog, Timer, UndecidedWarning, console_line, peak_memory_gb, reduce_over_ranks
 from r1vl.model import vision_tower
 from r1vl.packing import Sample, pack, plan_microbatches, plan_shared_microbatches
@@ -424,10 +427,16 @@ def main(argv=None) -> dict:
     """Parse and check the options (a bad one exits with status 2 and a message), then train."""
     try:
         cfg = parse_config(argv)
-        check_inputs(cfg)
+        if not cfg.plan:
+            check_inputs(cfg)
+        # Before any weight is loaded: a plan that does not fit stops here, naming the fixes.
+        cfg, plan = check_plan(cfg, cfg.plan_gpus or int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if cfg.plan:
+        print(plan.format())
+        return {"plan": plan}
     world = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
     try:
         results = run(cfg, world)
@@ -482,6 +491,8 @@ def start_policy(cfg: Config, model_path: str, world) -> Policy:
     distributed.broadcast_parameters(policy.model)
     if cfg.freeze_vision_tower:  # before any engine exists: engines optimize what requires grad
         vision_tower(policy.model).requires_grad_(False)
+    if cfg.activation_checkpointing == "on":  # "auto" was resolved by the memory plan
+        enable_activation_checkpointing(policy.model)
     return policy
 
 
