@@ -31,6 +31,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 GiB = 1 << 30
 FIT_FRACTION = 0.92  # of the device's memory: the rest is the CUDA context and fragmentation
 
@@ -147,7 +149,7 @@ class ModelShape:
         H, D, Hq, Hkv = self.hidden, self.head_dim, self.heads, self.kv_heads
         keys = tokens if keys is None else keys
         norms = 2 * (4 * H + 4 + 2 * e * H)  # fp32 input, rsqrt, normalized, next projection's input
-        attention = e * (3 * Hq * D) + 4 * Hq + 2 * e * D  # q, output, o_proj input; lse; M-RoPE cos/sin
+        attention = e * (3 * Hq * D) + 4 * Hq  # q, output, o_proj input; the log-sum-exp
         return tokens * (norms + attention + 4 * e * self.intermediate) + keys * (2 * e * Hkv * D)
 
     def vision_block_activation_bytes(self, e: int, patches: float) -> float:
@@ -164,29 +166,35 @@ class ModelShape:
         attention = e * 7 * C + 4 * self.v_heads + (0 if e == 4 else 8 * (C // self.v_heads))
         return patches * (norms + attention + mlp)
 
-    def vision_activation_bytes(self, e: int, patches: float, checkpointing: bool) -> float:
-        """The whole tower over `patches` patches (patch embedding, blocks, merger)."""
+    def vision_activation_bytes(self, e: int, patches: float, checkpointing: bool, recompute: bool = True) -> float:
+        """The whole tower over `patches` patches (patch embedding, blocks, merger); recompute
+        as for language_activation_bytes."""
         C = self.v_dim
-        shared = patches * (e * self.patch_pixels + (8 * (C // self.v_heads) if e == 4 else 0))
+        # The patch embedding's input (in fp32 the batch's own pixel_values: nothing new) and,
+        # in fp32, the RoPE tables every block shares.
+        shared = patches * (e * self.patch_pixels if e != 4 else 8 * (C // self.v_heads))
         if self.v_gated:
             merger = patches * (4 * C + 4 + 2 * e * C + e * C)
         else:
             merger = patches * (e * C + 8 + 3 * e * C)  # ln_q input + stats, fc1 input, GELU input, fc2 input
         if checkpointing:  # each block keeps its input; one block recomputed at a time
-            blocks = self.v_depth * e * C * patches + self.vision_block_activation_bytes(e, patches)
+            blocks = self.v_depth * e * C * patches \
+                + (self.vision_block_activation_bytes(e, patches) if recompute else 0)
         else:
             blocks = self.v_depth * self.vision_block_activation_bytes(e, patches)
         return shared + blocks + merger
 
     def language_activation_bytes(self, e: int, tokens: float, keys: float, targets: float,
-                                  checkpointing: bool) -> float:
+                                  checkpointing: bool, recompute: bool = True) -> float:
         """The language model's forward over a packed row (embedding to the completion rows'
-        final hidden states, which the fused loss saves)."""
+        final hidden states, which the fused loss saves). recompute: with checkpointing,
+        include the one layer recomputed at a time in backward (the peak), else only what
+        the forward leaves saved."""
         H = self.hidden
-        around = tokens * (8 + 1 + 4 * H + 4 + e * H) + targets * (8 + e * H + 16)  # ids, image mask, norm; loss inputs
-        if checkpointing:  # layer inputs, the shared M-RoPE tables, one layer recomputed
-            layers = self.layers * e * H * tokens + tokens * 6 * e * self.head_dim \
-                + self.layer_activation_bytes(e, tokens, keys)
+        # The image mask, the M-RoPE cos/sin every layer shares, the final norm; the loss's inputs.
+        around = tokens * (1 + 2 * e * self.head_dim + 4 * H + 4 + e * H) + targets * (8 + e * H + 16)
+        if checkpointing:  # layer inputs, one layer recomputed at a time
+            layers = self.layers * e * H * tokens + (self.layer_activation_bytes(e, tokens, keys) if recompute else 0)
         else:
             layers = self.layers * self.layer_activation_bytes(e, tokens, keys)
         return around + layers
@@ -523,4 +531,71 @@ def check_plan(cfg, world_size: int):
 
 class PlanDoesNotFit(ValueError):
     """A run whose memory plan exceeds the device, refused before loading anything."""
+
+
+# -------------------------------------------------------------------------------- measuring it
+
+
+class SavedTensors:
+    """Bytes a forward leaves saved for backward, counted as autograd saves them:
+
+        with SavedTensors(model, exclude=[batch tensors]) as saved:
+            loss = forward(...)
+        saved.bytes
+
+    Every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks) is counted once
+    per storage (views of one buffer keep the whole buffer alive), parameters and `exclude`
+    not at all. Inside a checkpointed layer autograd saves nothing (the checkpoint's own
+    hooks take over); what it keeps is the layer's input, which is counted by wrapping the
+    layers' checkpoint function: its positional tensor arguments, and with
+    count_checkpoint_keywords also the tensors among its keyword arguments (position
+    embeddings shared by all layers, counted once)."""
+
+    def __init__(self, model: torch.nn.Module, exclude=(), count_checkpoint_keywords: bool = True):
+        self.model, self.keywords = model, count_checkpoint_keywords
+        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *exclude]}
+        self.storages: dict[int, int] = {}
+        self._wrapped: list = []
+
+    def _count(self, t) -> None:
+        if isinstance(t, torch.Tensor):
+            key = t.untyped_storage().data_ptr()
+            if key not in self.skip:
+                self.storages[key] = t.untyped_storage().nbytes()
+        elif isinstance(t, (tuple, list)):
+            for x in t:
+                self._count(x)
+
+    def _pack(self, t):
+        self._count(t)
+        return t
+
+    def __enter__(self) -> SavedTensors:
+        from r1vl.activation_checkpointing import checkpointed_layers
+
+        for layer in checkpointed_layers(self.model):
+            original = getattr(layer, "_gradient_checkpointing_func", None)
+            if original is None:
+                continue
+
+            def recording(function, *args, _original=original, **kwargs):
+                self._count(args)
+                if self.keywords:
+                    self._count(list(getattr(function, "keywords", {}).values()))
+                return _original(function, *args, **kwargs)
+
+            layer._gradient_checkpointing_func = recording
+            self._wrapped.append((layer, original))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for layer, original in self._wrapped:
+            layer._gradient_checkpointing_func = original
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
 
