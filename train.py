@@ -6,6 +6,7 @@
     python train.py --stage sft --model PATH --data train.jsonl   # the supervised warm-up only
     python train.py --run_dir runs/a --resume auto    # continue a killed run from its newest checkpoint
     python train.py --help                            # every option, with the paper's defaults
+    python train.py --plan --model configs/qwen2_vl_2b.json --gpu_memory_gb 80   # memory per GPU, then exit
     torchrun --nproc_per_node=8 train.py --deepspeed configs/zero3.json --model PATH --data train.jsonl
 
 One GRPO step, per data-parallel rank, each a call into its stage (r1vl/<stage>/):
@@ -27,6 +28,7 @@ The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions fi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from r1vl.model.policy import Policy, load_trainable, save_full_policy
 from r1vl.rewards.scorer import Scorer
 from r1vl.run.checkpoints import Checkpointer, ResumePoint, load_rng
 from r1vl.progress import progress_bar
+from r1vl.run.memory_check import check_plan
 from r1vl.run.metrics import MetricsLog, Timer, UndecidedWarning, console_line, grpo_step_metrics
 from r1vl.run.plot import plot_run
 from r1vl.run.setup import (check_inputs, quiet_transformers, resume_invariants, resume_point, setup_run_dir,
@@ -57,10 +60,16 @@ def main(argv=None) -> dict:
     """Parse and check the options (a bad one exits with status 2 and a message), then train."""
     try:
         cfg = parse_config(argv)
-        check_inputs(cfg)
+        if not cfg.plan:
+            check_inputs(cfg)
+        # Before any weight is loaded: a plan that does not fit stops here, naming the fixes.
+        cfg, plan = check_plan(cfg, cfg.plan_gpus or int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if cfg.plan:
+        print(plan.format())
+        return {"plan": plan}
     world = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
     try:
         results = run(cfg, world)

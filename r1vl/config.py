@@ -28,9 +28,10 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "flash_attn", "varlen_attn", "sdpa", "sdpa_masked")
 
 
-def option(default, help: str):
-    """A Config field with its --help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help: str, bare=None):
+    """A Config field with its --help text. bare: the value of the option given without one
+    (booleans: True)."""
+    return dataclasses.field(default=default, metadata={"help": help, "bare": bare})
 
 
 @dataclass
@@ -90,6 +91,9 @@ class Config:
     share_prompts: bool = option(
         True, "pack each prompt once per group [prompt, c1..cG] in the update and log-prob forwards")
     max_bad_steps: int = option(3, "stop after this many updates skipped for a non-finite loss or gradient")
+    activation_checkpointing: str = option(
+        "auto", "recompute each decoder layer and vision block in backward: on (also the bare flag) / off / "
+                "auto (on when the memory plan without it does not fit the GPU; off on a CPU)", bare="on")
     freeze_vision_tower: bool = option(
         False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
 
@@ -106,6 +110,11 @@ class Config:
         "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (opt-in)")
     deepspeed: str = option(
         "", 'a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism')
+
+    # --- the memory plan (r1vl.run.memory_plan), checked at every start
+    plan: bool = option(False, "print the memory plan per GPU and exit; --model may be a config JSON file")
+    plan_gpus: int = option(0, "GPUs the plan is for; 0 = this run's world size")
+    gpu_memory_gb: float = option(0.0, "device memory (GiB) the plan is checked against; 0 = the GPU's own, none on a CPU run")
 
     # --- logging and evaluation
     eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
@@ -161,7 +170,10 @@ class Config:
              f"--max_prompt_length + --max_completion_length = {self.max_prompt_length + self.max_completion_length}")
         need(self.lr > 0 and self.sft_lr > 0, "--lr and --sft_lr must be > 0")
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        need(self.model == "tiny" or self.data or self.stage == "sft" and self.sft_data,
+        need(self.activation_checkpointing in ("auto", "on", "off"),
+             f"--activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
+        need(self.plan_gpus >= 0 and self.gpu_memory_gb >= 0, "--plan_gpus and --gpu_memory_gb must be >= 0")
+        need(self.plan or self.model == "tiny" or self.data or self.stage == "sft" and self.sft_data,
              f"--model {self.model} needs --data (the built-in synthetic task goes with --model tiny only)")
         need(not (self.stage == "sft" and self.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
         if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
@@ -223,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type]
         # default=SUPPRESS: only options actually given appear in the namespace, so that
         # the file and TINY_DEFAULTS can fill the rest.
+        bare = True if kind is _parse_bool else f.metadata["bare"]
         parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+                            help=f"{f.metadata['help']} (default: {f.default})",
+                            **({} if bare is None else {"nargs": "?", "const": bare}))
     return parser
 
 

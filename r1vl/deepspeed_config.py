@@ -37,7 +37,7 @@ def read_deepspeed_config(path: str, dtype: str, max_grad_norm: float) -> dict:
     """The JSON at `path` (--deepspeed), checked against r1vl's options (--dtype, --max_grad_norm).
 
     Raises ValueError naming --deepspeed (and the conflicting option) for a missing or
-    unparsable file, an unknown or refused key, a ZeRO stage other than 2/3, offloading,
+    unparsable file, an unknown or refused key, a ZeRO stage other than 2/3, NVMe offload or parameter offload without ZeRO-3,
     fp16, or a value that contradicts --dtype / --max_grad_norm. DeepSpeed itself checks the
     contents of zero_optimization when the engine is built.
     """
@@ -71,8 +71,13 @@ def read_deepspeed_config(path: str, dtype: str, max_grad_norm: float) -> dict:
         raise ValueError(f"{where}: zero_optimization.stage must be one of {ZERO_STAGES}")
     for offload in ("offload_optimizer", "offload_param"):
         section = zero.get(offload)
-        if section is not None and not (isinstance(section, dict) and section.get("device", "none") == "none"):
-            raise ValueError(f"{where}: zero_optimization.{offload} is not supported by r1vl's engine")
+        if section is None:
+            continue
+        if not isinstance(section, dict) or section.get("device", "none") not in ("none", "cpu"):
+            raise ValueError(f"{where}: zero_optimization.{offload}.device must be \"cpu\" or \"none\" (NVMe is "
+                             "not supported: r1vl's memory plan does not account for it)")
+        if offload == "offload_param" and section.get("device") == "cpu" and zero["stage"] != 3:
+            raise ValueError(f"{where}: zero_optimization.offload_param needs stage 3 (ZeRO-2 keeps whole weights)")
     if zero.get("compute_grad_norm", True) is False:
         raise ValueError(f"{where}: zero_optimization.compute_grad_norm must stay true: the norm is logged, and a "
                          "non-finite norm is how every rank skips an update (--max_bad_steps)")
@@ -118,4 +123,8 @@ def resolved_config(raw: dict, path: str, dtype: torch.dtype, max_grad_norm: flo
     out["bf16"] = {**raw.get("bf16", {}), "enabled": dtype == torch.bfloat16}
     out["fp16"] = {"enabled": False}
     out.setdefault("steps_per_print", 2**62)  # r1vl prints its own lines
+    if (raw["zero_optimization"].get("offload_optimizer") or {}).get("device") == "cpu":
+        # r1vl's torch AdamW then steps the fp32 shard on the CPU: the same update rule and
+        # the same checkpoint state as without offload (DeepSpeedCPUAdam would be faster).
+        out["zero_force_ds_cpu_optimizer"] = False
     return out

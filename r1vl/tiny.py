@@ -41,24 +41,33 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False) -> torch.nn.Module:
-    """A random fp32 Qwen2-VL for the tokenizer's vocabulary: 4 text layers of width 128
-    (grouped-query attention, 4 query / 2 key-value heads), a one-block vision tower.
-    tie_word_embeddings: lm_head shares the input embedding's weight, as in Qwen2-VL-2B."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def tiny_config(vocab_size: int = 1024, ids: dict | None = None, tie_word_embeddings: bool = False):
+    """The built-in model's Qwen2VLConfig: 4 text layers of width 128 (grouped-query attention,
+    4 query / 2 key-value heads), a one-block vision tower. ids: the special tokens' ids
+    (default: build_tokenizer's, 0.. in SPECIAL_TOKENS order)."""
+    from transformers import Qwen2VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
+    ids = ids or {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
                 bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=1, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
                   temporal_patch_size=2, spatial_merge_size=2)
-    config = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie_word_embeddings)
+
+
+def build_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False) -> torch.nn.Module:
+    """A random fp32 Qwen2-VL (tiny_config) for the tokenizer's vocabulary.
+    tie_word_embeddings: lm_head shares the input embedding's weight, as in Qwen2-VL-2B."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = tiny_config(len(tokenizer), ids, tie_word_embeddings)
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config).float()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from r1vl import distributed, files
+from r1vl.model.activation_checkpointing import enable_activation_checkpointing
 from r1vl.model.attention import sdpa_attention, use_varlen_attention
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -121,7 +122,7 @@ def load_trainable(path: str, cfg, world: distributed.Dist) -> Policy:
     attention, its vision tower frozen with --freeze_vision_tower.
 
     cfg: dtype ("auto": bf16 on CUDA, else fp32), min_pixels, max_pixels, attention,
-    freeze_vision_tower.
+    freeze_vision_tower, activation_checkpointing ("on": every decoder layer and vision block).
     """
     dtype = TORCH_DTYPES.get(cfg.dtype) or (torch.bfloat16 if world.device.type == "cuda" else torch.float32)
     policy = load_policy(path, dtype, world.device, cfg.min_pixels, cfg.max_pixels)
@@ -129,4 +130,6 @@ def load_trainable(path: str, cfg, world: distributed.Dist) -> Policy:
     distributed.broadcast_parameters(policy.model)
     if cfg.freeze_vision_tower:  # before any engine exists: engines optimize what requires grad
         vision_tower(policy.model).requires_grad_(False)
+    if cfg.activation_checkpointing == "on":  # "auto" was resolved by the memory plan
+        enable_activation_checkpointing(policy.model)
     return policy

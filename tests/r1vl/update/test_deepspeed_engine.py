@@ -68,7 +68,7 @@ def _config_file(tmp_path, content) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["zero2.json", "zero3.json"])
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"])
 def test_shipped_configs_are_accepted(name):
     raw = make_config(deepspeed=str(CONFIGS / name)).deepspeed_json
     assert raw["zero_optimization"]["stage"] == int(name[4])
@@ -92,7 +92,8 @@ ZERO2 = {"zero_optimization": {"stage": 2}}
     ({**ZERO2, "train_batch_sise": "auto"}, {}, "unknown or unsupported key 'train_batch_sise'"),
     ({"zero_optimization": {"stage": 1}}, {}, "stage must be one of"),
     ({}, {}, "stage must be one of"),
-    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, {}, "offload_param"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, {}, "offload_param needs stage 3"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, {}, "NVMe"),
     ({**ZERO2, "managed_gradient_accumulation": True}, {}, "managed_gradient_accumulation"),
     ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, {}, "compute_grad_norm"),
     ({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, {}, "elastic_checkpoint"),

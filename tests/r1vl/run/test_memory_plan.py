@@ -1,0 +1,218 @@
+"""The memory plan (r1vl.run.memory_plan) against what is actually allocated and saved on CPU:
+activation bytes counted with saved_tensors_hooks (one full-width Qwen2-VL-2B decoder layer
+in bf16, and the tiny model end to end, with and without checkpointing) within 10%; weights,
+gradients, optimizer state, the rollout's KV cache and the decode step's fused weights
+against the tensors themselves; a plan that does not fit refused before loading."""
+import copy
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from test_model import grpo_batch
+from tiny_qwen_vl import FAMILIES, tiny_model
+
+from r1vl.model.activation_checkpointing import enable_activation_checkpointing
+from r1vl.model.attention import register, use_varlen_attention
+from r1vl.config import make_config
+from r1vl.sampling.decode import fuse_layers
+from r1vl.update.engine import PlainEngine, UpdateSettings
+from r1vl.sampling.kv_cache import RolloutCache
+from r1vl.update.losses import policy_loss
+from r1vl.run.memory_plan import EngineSpec, ModelShape, load_model_config, plan_memory
+from r1vl.run.memory_check import PlanDoesNotFit, check_plan
+from r1vl.run.saved_tensors import SavedTensors
+from r1vl.update.packing import pack
+from r1vl.tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+LOSS = dict(temperature=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=16)
+
+
+def _batch_tensors(packed):
+    return [getattr(packed, f) for f in vars(packed) if isinstance(getattr(packed, f), torch.Tensor)]
+
+
+# -------------------------------------------------------------------------------- activations
+
+
+def _layer_2b(T: int, checkpointing: bool):
+    """(measured, planned) saved bytes of one Qwen2-VL-2B decoder layer, bf16, T packed
+    tokens in two sequences, r1vl's sdpa varlen attention."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding
+
+    config = load_model_config(str(ROOT / "configs" / "qwen2_vl_2b.json"))
+    text = config.get_text_config()
+    text._attn_implementation = register("sdpa")
+    torch.manual_seed(0)
+    layer = Qwen2VLDecoderLayer(text, 0).to(torch.bfloat16).train()
+    if checkpointing:
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    x = torch.randn(1, T, text.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(T).view(1, 1, T).expand(3, 1, T)
+    cos, sin = Qwen2VLRotaryEmbedding(text)(x, positions)
+    cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
+    wrapper = torch.nn.ModuleList([layer])  # SavedTensors finds the layer among the modules
+    with SavedTensors(wrapper, exclude=[x, cos, sin, cu], count_checkpoint_keywords=False) as saved:
+        out = layer(x, position_embeddings=(cos, sin), attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                    max_length_q=T // 2, max_length_k=T // 2)
+    saved_bytes = saved.bytes + (x.nbytes if checkpointing else 0)  # the checkpoint keeps the input x
+    out.float().sum().backward()
+    shape = ModelShape.from_config(config)
+    planned = T * 2 * shape.hidden if checkpointing else shape.layer_activation_bytes(2, T)
+    return saved_bytes, planned
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_full_width_2b_decoder_layer_saves_what_the_plan_says(checkpointing):
+    measured, planned = _layer_2b(T=128, checkpointing=checkpointing)
+    assert abs(measured - planned) <= 0.10 * planned, (measured, planned)
+    if not checkpointing:  # 104.1 KiB per token at the 2B shape (without the shared cos/sin)
+        assert measured / 128 == pytest.approx(106552, rel=0.01)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_tiny_model_forward_saves_what_the_plan_says(checkpointing, share_prompts):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    config = tiny_config(vocab_size=128, ids={"<|im_end|>": 1, "<|endoftext|>": 0, "<|image_pad|>": 120,
+                                              "<|video_pad|>": 121, "<|vision_start|>": 122, "<|vision_end|>": 123})
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).float()
+    use_varlen_attention(model, "sdpa")
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    packed = pack(grpo_batch(seed=2, G=4), model, share_prompts=share_prompts)
+    with SavedTensors(model, exclude=_batch_tensors(packed)) as saved:
+        out = policy_loss(model, packed, torch.randn(packed.num_sequences), None, None, impl="torch", **LOSS)
+    out.loss.backward()
+    shape = ModelShape.from_config(config)
+    T, N = packed.num_tokens, packed.target_ids.numel()
+    keys = packed.key_index.numel() if packed.shares_prompts else T
+    planned = shape.language_activation_bytes(4, T, keys, N, checkpointing, recompute=False) \
+        + shape.vision_activation_bytes(4, packed.pixel_values.shape[0], checkpointing, recompute=False)
+    assert abs(saved.bytes - planned) <= 0.10 * planned, (saved.bytes, planned)
+
+
+# -------------------------------------------------------------------------------- allocated tensors
+
+
+def _world():
+    return types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_count_is_the_models(family):
+    model = tiny_model(family)
+    assert ModelShape.from_config(model.config).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("freeze_vision_tower", [False, True])
+def test_weights_gradients_and_optimizer_state_are_the_tensors_allocated(freeze_vision_tower):
+    model = tiny_model("qwen2_vl")
+    use_varlen_attention(model)
+    if freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    engine = PlainEngine(model, UpdateSettings(lr=1e-3, total_steps=1), _world())
+    engine.train()
+    packed = pack(grpo_batch(seed=0, G=2), model, share_prompts=True)
+    engine.backward(engine.forward(policy_loss, packed, torch.randn(packed.num_sequences), None, None,
+                                   impl="torch", **LOSS).loss)
+    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    engine.step(True)
+    state = sum(t.nbytes for s in engine.optimizer.state.values() for k, t in s.items() if k != "step")
+    plan = plan_memory(ModelShape.from_config(model.config), dtype_bytes=4, engine=EngineSpec(), world_size=1,
+                       checkpointing=False, micro_batch_tokens=256, batch_size=4, num_generations=2,
+                       max_prompt_length=64, max_completion_length=32, max_pixels=3136, beta=0.04,
+                       freeze_vision_tower=freeze_vision_tower, on_cuda=False)
+    assert plan.item("weights") == sum(p.nbytes for p in model.parameters())
+    assert plan.item("reference model") == sum(p.nbytes for p in copy.deepcopy(model).parameters())
+    assert plan.item("gradients") == gradients
+    assert plan.item("optimizer state") == state
+
+
+@pytest.mark.parametrize("on_cuda", [False, True])
+def test_kv_cache_and_fused_decode_weights_are_the_tensors_allocated(on_cuda):
+    model = tiny_model("qwen2_vl")
+    shape = ModelShape.from_config(model.config)
+    prompts, G, P, C = 3, 4, 50, 20
+    text = model.config.get_text_config()
+    cache = RolloutCache.allocate([P] * prompts, G, C, text.num_hidden_layers, text.num_key_value_heads,
+                                  text.hidden_size // text.num_attention_heads, torch.float32, torch.device("cpu"),
+                                  prefix_capacity=64 if on_cuda else None)  # CUDA: rounded up to 64 (r1vl.rollout)
+    plan = plan_memory(shape, dtype_bytes=4, engine=EngineSpec(), world_size=1, checkpointing=False,
+                       micro_batch_tokens=1024, batch_size=prompts * G, num_generations=G, max_prompt_length=P,
+                       max_completion_length=C, max_pixels=3136, beta=0.0, on_cuda=on_cuda)
+    assert plan.item("rollout KV cache") == cache.nbytes()
+    assert plan.item("decode fused weights") == sum(t.nbytes for layer in fuse_layers(model) for t in layer
+                                                    if t.data_ptr() not in {p.data_ptr() for p in model.parameters()})
+
+
+def test_shipped_configs_give_the_published_parameter_counts():
+    for name, billions in (("qwen2_vl_2b", 2.209), ("qwen2_vl_7b", 8.291)):
+        shape = ModelShape.from_config(load_model_config(str(ROOT / "configs" / f"{name}.json")))
+        assert shape.params / 1e9 == pytest.approx(billions, abs=1e-3)
+
+
+# -------------------------------------------------------------------------------- fitting and refusing
+
+
+def test_readme_recipes_fit_by_the_plan():
+    """2B on one 80 GB GPU (plain engine); 7B on 4 x 80 GB with ZeRO-3: the README's commands."""
+    two = make_config(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=80.0,
+                      activation_checkpointing="on")
+    _, plan = check_plan(two, world_size=1)
+    assert plan.fits and plan.device_bytes == 80 * 2**30
+    seven = make_config(model=str(ROOT / "configs" / "qwen2_vl_7b.json"), plan=True, gpu_memory_gb=80.0,
+                        deepspeed=str(ROOT / "configs" / "zero3.json"), activation_checkpointing="on")
+    _, plan = check_plan(seven, world_size=4)
+    assert plan.fits and plan.engine.zero_stage == 3
+
+
+def test_auto_checkpointing_is_decided_by_the_plan():
+    base = dict(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=80.0)
+    small, _ = check_plan(make_config(**base), world_size=1)  # one prompt per rank: fits without it
+    assert small.activation_checkpointing == "off"
+    big, plan = check_plan(make_config(**base, batch_size=32), world_size=1)  # 16384-token micro-batches
+    assert big.activation_checkpointing == "on" and plan.checkpointing
+    cpu, _ = check_plan(make_config(), world_size=1)  # the tiny CPU demo: no device limit, no checkpointing
+    assert cpu.activation_checkpointing == "off"
+
+
+def test_plan_that_does_not_fit_names_the_fixes():
+    cfg = make_config(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=48.0,
+                      activation_checkpointing="off", batch_size=32)
+    with pytest.raises(PlanDoesNotFit) as info:
+        check_plan(cfg, world_size=1)
+    message = str(info.value)
+    assert "memory plan, per GPU" in message and "does not fit" in message
+    for fix in ("--activation_checkpointing on", "--micro_batch_tokens", "--batch_size"):
+        assert fix in message, message
+
+
+def test_train_refuses_before_loading_any_weight(tmp_path, capsys):
+    """A checkpoint directory whose weights file is empty: loading it would fail differently."""
+    import train
+
+    model = tmp_path / "qwen7b"
+    model.mkdir()
+    (model / "config.json").write_text((ROOT / "configs" / "qwen2_vl_7b.json").read_text())
+    for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        (model / name).write_text("")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"problem": "1+1?", "solution": "2", "answer": "2"}) + "\n")
+    with pytest.raises(SystemExit) as info:
+        train.main(["--model", str(model), "--data", str(data), "--gpu_memory_gb", "80", "--batch_size", "16",
+                    "--run_dir", str(tmp_path / "run")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the plan does not fit" in err and "--deepspeed configs/zero3" in err, err
+    assert not (tmp_path / "run").exists()  # stopped before the run directory, the model, anything
