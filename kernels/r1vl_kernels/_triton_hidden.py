@@ -8,38 +8,57 @@ partial sums are merged per token afterwards (O(N) work). Splitting the vocabula
 GPU busy when N is small.
 
 Backward, by token chunks, with no atomics: for each chunk of C tokens the logits
-hidden_c @ weight^T (+ bias) are materialized in the input dtype by a cuBLAS matmul, the
-vocabulary kernel of _triton_vocab overwrites them in place with
-dlogits = coef_t * (onehot - softmax(logits / T)), coef_t = dLoss/dlogp_t * grad / T (the
-per-token factor applied before any reduction over tokens, Liger #1298; the forward's lse),
-then dhidden_c = dlogits @ weight and dweight += dlogits^T @ hidden_c are two more matmuls.
+hidden_c @ weight^T (+ bias) are materialized in the input dtype by a cuBLAS matmul (fp32
+sums, one rounding to bf16/fp16), the vocabulary kernel of _triton_vocab overwrites them in
+place with dlogits = coef_t * (onehot - softmax(logits / T)), coef_t = dLoss/dlogp_t * grad
+/ T (the per-token factor applied before any reduction over tokens, Liger #1298), then
+dhidden_c = dlogits @ weight and dweight += dlogits^T @ hidden_c are two more matmuls.
+
+Which logits the softmax is taken of: the chunk's own. Its logsumexp is swept from the rounded
+chunk row itself (one more read of a row still in L2) rather than taken from the forward,
+whose lse came from fp32 sums that were never rounded: with the forward's lse the
+probabilities of a bf16 chunk do not sum to 1, off by up to |logit| * 2**-9 / T, and for a
+confident token 1 - p(target) is swamped (issue 26's replay at V = 151936, T = 1.2: dlogits'
+median relative error 23 at p(target) = 0.999, with sign flips; from the chunk's own lse,
+0.02-0.03, the error the bf16 rounding of the logits implies). The alternative, fp32 chunks, would halve
+the tokens per chunk for the same memory, need a separate bf16 copy of dlogits for the
+tensor-core matmuls, and still meet the forward's lse from other fp32 sums; it was not chosen.
+dweight and dbias are accumulated in fp32 across chunks (cuBLAS's fp32-output GEMM adds each
+chunk's fp32 products into the fp32 sum); per-chunk rounding of a bf16 sum would add up to half
+a bf16 ulp of the running sum per chunk.
+
 Tokens whose coef is exactly 0 (zero advantage, no KL) have zero gradient rows and are left
 out of the chunks (one host sync to count them); nothing is skipped on its values.
 Flops: 6 C H V per chunk, 6NHV in all (8NHV with the forward), all on the tensor cores.
-Extra memory, beyond the gradients dhidden (N, H) and dweight (V, H) in the inputs' dtype
-and an fp32 dbias (V,): one logits chunk, at most CHUNK_BYTES (C = CHUNK_BYTES / (V *
-element size) tokens rounded down to a multiple of 128, 512 MiB: 1664 tokens at
-V = 151936 in bf16), plus the gathered hidden rows of the tokens with a gradient (at most
-N x H: 117 MB at N = 16384, H = 3584 in bf16). dweight is accumulated in its own dtype
-by addmm (fp32 products and sums inside each matmul, one rounding per chunk): an fp32
-accumulator would add 4VH bytes, 2.2 GB at V = 151936, H = 3584. fp32 inputs multiply in
-fp32 unless torch.backends.cuda.matmul.allow_tf32 is set.
+Extra memory, beyond the gradients dhidden (N, H) in the input dtype and dweight (V, H), dbias
+(V,) in fp32 (4VH bytes: 2.2 GB at V = 151936, H = 3584; ops_hidden casts them to the
+weight's dtype at the end, 2VH more for the copy): one logits chunk, at most CHUNK_BYTES (C =
+CHUNK_BYTES / (V * element size) tokens rounded down to a multiple of 128, 512 MiB: 1664
+tokens at V = 151936 in bf16), plus the gathered hidden rows of the tokens with a gradient (at
+most N x H: 117 MB at N = 16384, H = 3584 in bf16). fp32 inputs multiply in fp32 unless
+torch.backends.cuda.matmul.allow_tf32 is set (the chunk's own lse keeps TF32 consistent too).
 
 The atomic design it replaces (one (BLOCK_N, BLOCK_V) tile per program, fp32 atomic adds
 into dhidden and dweight) moved 2.1e11 atomic adds, about 836 GB, per backward at
 N = 16384, H = 3584, V = 151936: traffic growing with N x V x H / tile. No GPU measurement
 has compared the two yet; the design argument alone decided.
 
-Interpreter (TRITON_INTERPRET=1): bf16 arithmetic is broken there, so UPCAST loads tiles as
-fp32 before tl.dot, and the backward's chunks are fp32; on a GPU half-precision tiles and
-chunks go to the tensor cores as they are.
+Off a GPU (the interpreter's tests) the backward runs the same half-precision steps with
+cuBLAS emulated in torch (_Matmuls: fp32 products and sums, then the one rounding cuBLAS
+makes), so the CPU tests see the GPU's numerics. The forward's UPCAST loads tiles as fp32
+before tl.dot there: bf16 arithmetic is broken in the interpreter; on a GPU half-precision
+tiles go to the tensor cores as they are, with fp32 accumulation, which UPCAST reproduces.
 """
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _triton_vocab
 from ._env import LN2, LOG2E, interpreting
+
+logger = logging.getLogger(__name__)
 
 # Forward tiles under the interpreter; tests lower them so that small shapes cross several.
 BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
@@ -201,36 +220,82 @@ def token_chunk(V: int, element_size: int) -> int:
     return rows // 128 * 128 if rows >= 128 else rows
 
 
+class _Matmuls:
+    """The backward's three matmuls as cuBLAS computes them on half-precision inputs: fp32
+    products and sums, one rounding to the output dtype at the end. On a GPU these are the
+    cuBLAS calls; elsewhere the same numbers are made in torch from fp32 copies, which is how
+    the CPU tests run the GPU's half-precision path."""
+
+    # addmm(out_dtype=float32) summing into an fp32 `self`: torch releases whose CUDA addmm
+    # lacks out_dtype, or wants `self` in the inputs' dtype, turn it off at the first call.
+    fp32_out_addmm = True
+
+    @staticmethod
+    def logits(h, weight, bias):
+        """(C, V) hidden_c @ weight^T (+ bias) in h's dtype."""
+        if h.is_cuda:
+            return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+        z = h.float() @ weight.float().t()
+        if bias is not None:
+            z += bias.float()
+        return z.to(h.dtype)
+
+    @staticmethod
+    def mm_into(a, b, out):
+        """out = a @ b, out in a's dtype."""
+        if a.is_cuda:
+            torch.mm(a, b, out=out)
+        else:
+            out.copy_(a.float() @ b.float())
+
+    @classmethod
+    def add_mm_fp32(cls, acc, a, b):
+        """acc += a @ b with acc fp32: the products are summed into acc in fp32, never rounded
+        to a's dtype."""
+        if a.dtype == torch.float32 or not a.is_cuda:
+            acc.addmm_(a.float(), b.float())
+            return
+        if cls.fp32_out_addmm:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except (TypeError, RuntimeError) as err:  # raised by the argument checks, before any launch
+                cls.fp32_out_addmm = False
+                logger.warning("r1vl_kernels: addmm(out_dtype=float32) into an fp32 sum is unavailable (%s); "
+                               "dweight adds each chunk's product rounded once to %s, in vocabulary slices",
+                               err, a.dtype)
+        # Each chunk's product rounded once (not the running sum), in slices of 8192 rows so
+        # that the temporary stays small.
+        for v0 in range(0, acc.shape[0], 8192):
+            acc[v0:v0 + 8192] += a[v0:v0 + 8192] @ b
+
+
 def grad_from_hidden(hidden, weight, bias, target_ids, lse, dlogp, grad_out, temperature: float):
-    """(dhidden (N, H), dweight (V, H)) in the inputs' dtypes (fp32 under the interpreter)
-    and dbias (V,) fp32 or None. The chunks and their memory bound: the module docstring."""
+    """(dhidden (N, H) in hidden's dtype, dweight (V, H) fp32, dbias (V,) fp32 or None).
+    lse, the forward's, is not used: each chunk's softmax takes its own (module docstring),
+    as do the chunks and their memory bound."""
     N, H = hidden.shape
     V = weight.shape[0]
-    if interpreting() and hidden.dtype != torch.float32:
-        # As UPCAST in the forward: the interpreter's fp32 -> bf16 casts truncate, so the CPU
-        # tests check the arithmetic in fp32; GPU tests check the half-precision chunks.
-        hidden, weight = hidden.float(), weight.float()
-        bias = bias.float() if bias is not None else None
     dhidden = torch.zeros_like(hidden)
-    dweight = torch.zeros_like(weight)
+    dweight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
     dbias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
     active = (dlogp != 0).nonzero().squeeze(1)  # host sync: the tokens with a gradient
     n_active = active.shape[0]
     if n_active == 0:
         return dhidden, dweight, dbias
     if n_active < N:
-        hidden, target_ids, lse, dlogp = (x.index_select(0, active) for x in (hidden, target_ids, lse, dlogp))
+        hidden, target_ids, dlogp = (x.index_select(0, active) for x in (hidden, target_ids, dlogp))
     grad_out = grad_out.to(torch.float32)
     chunk = token_chunk(V, hidden.element_size())
     dh = dhidden if n_active == N else hidden.new_empty(n_active, H)
     for c0 in range(0, n_active, chunk):
         c1 = min(c0 + chunk, n_active)
         h = hidden[c0:c1]
-        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-        _triton_vocab.logprob_bwd(logits, target_ids[c0:c1], lse[c0:c1], dlogp[c0:c1], grad_out, None, None,
-                                  temperature, out=logits)  # dlogits, in place
-        torch.mm(logits, weight, out=dh[c0:c1])
-        dweight.addmm_(logits.t(), h)
+        logits = _Matmuls.logits(h, weight, bias)
+        _triton_vocab.logprob_bwd(logits, target_ids[c0:c1], None, dlogp[c0:c1], grad_out, None, None,
+                                  temperature, out=logits)  # dlogits, in place; lse from each row
+        _Matmuls.mm_into(logits, weight, dh[c0:c1])
+        _Matmuls.add_mm_fp32(dweight, logits.t(), h)
         if dbias is not None:
             dbias += logits.sum(0, dtype=torch.float32)
     if n_active < N:

@@ -167,19 +167,27 @@ def _logprob_bwd_kernel(
     row_off_ptr,                # (N,) int64 as in forward, if INDIRECT
     tok_of_row_ptr,             # (R,) int64 token of each output row or -1, if INDIRECT
     V, scale, inv_temperature,
-    INDIRECT: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_V: tl.constexpr,
+    INDIRECT: tl.constexpr, ROW_ALIGN: tl.constexpr, LSE_FROM_ROW: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """dlogits[row] = grad_out * dlogp[tok] / T * (onehot(target) - softmax(logits / T)).
 
     Direct: output row r is token r, read at r * stride_row. Indirect (padded layouts):
     output row r holds token tok_of_row[r] (or nothing, -1: a zero row), read at row_off[tok].
+    LSE_FROM_ROW: the softmax's logsumexp is swept from the row itself (lse_ptr unread), for
+    rows recomputed after the forward (_triton_hidden's chunks): a stored lse of other
+    roundings of the same logits would make probabilities that do not sum to 1.
     """
     row = tl.program_id(0).to(tl.int64)
     tok, has_tok, src = _output_row_source(row, logits_ptr, stride_row, row_off_ptr, tok_of_row_ptr, INDIRECT,
                                            ROW_ALIGN)
     coef = tl.load(grad_out_ptr).to(tl.float32) * tl.load(dlogp_ptr + tok) * inv_temperature
     coef = tl.where(has_tok, coef, 0.0)
-    lse2 = tl.load(lse_ptr + tok) * _LOG2E
+    if LSE_FROM_ROW:
+        lse2 = tl.zeros((), tl.float32)
+        if coef != 0.0:  # a zero row is written without reading its logits
+            lse2, _ = _row_logsumexp(src, V, scale, False, BLOCK_V)
+    else:
+        lse2 = tl.load(lse_ptr + tok) * _LOG2E
     target = tl.load(target_ptr + tok)
     _write_dlogits(src, dlogits_ptr + row * stride_drow, V, scale, lse2, coef, target, BLOCK_V)
 
@@ -237,6 +245,9 @@ def logprob_bwd(logits, target_ids, lse, dlogp, grad_out, row_off, tok_of_row,
                 temperature: float, out):
     """Write dLoss/dlogits into `out` (R, V), which may be a view of `logits` (in place).
 
+    lse: (N,) fp32 logsumexp(logits / T) from the forward over these very logits, or None
+    to sweep it from each row first (one more read of the row, from L2 while it is fresh):
+    the form for logits recomputed in the backward, whose rounding is not the forward's.
     dlogp: (N,) fp32 dLoss/dlogp per token; grad_out: () fp32 on the device.
     Direct (row_off and tok_of_row None): logits is (R, V) and row r is token r.
     Indirect: row_off (N,) int64 as in logprob_fwd, tok_of_row (R,) int64 token of each
@@ -247,11 +258,12 @@ def logprob_bwd(logits, target_ids, lse, dlogp, grad_out, row_off, tok_of_row,
         return out
     indirect = tok_of_row is not None
     _logprob_bwd_kernel[(R,)](
-        logits, logits.stride(0), out, out.stride(0), target_ids, lse, dlogp,
+        logits, logits.stride(0), out, out.stride(0), target_ids, lse if lse is not None else dlogp, dlogp,
         grad_out.to(torch.float32), row_off if indirect else target_ids,
         tok_of_row if indirect else target_ids,
         V, LOG2E / temperature, 1.0 / temperature,
-        INDIRECT=indirect, ROW_ALIGN=row_align(logits) if indirect else 1, BLOCK_V=_block_v(V),
+        INDIRECT=indirect, ROW_ALIGN=row_align(logits) if indirect else 1, LSE_FROM_ROW=lse is None,
+        BLOCK_V=_block_v(V),
         num_warps=8,
     )
     return out

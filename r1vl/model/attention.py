@@ -3,25 +3,37 @@
 Three backends (and an opt-in fourth) compute the same thing, attention within each packed segment only, a
 segment being a sequence or, in the shared-prompt layout, a prompt or one completion that
 also sees its group's prompt (r1vl.update.packing.PackedBatch):
-  - "flash_attn":  flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; optional package);
-  - "varlen_attn": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
-  - "sdpa":        `scaled_dot_product_attention`, any device and dtype: on a CPU one call per
-                   segment; elsewhere one call with a segment-diagonal (T, T_k) mask (O(T^2)
-                   memory, but no host sync), the fallback and the reference;
-  - "sdpa_masked": the masked sdpa form on any device, CPU included (opt-in): its results
-                   differ from the CPU's per-segment calls by rounding only (about 1e-7), a
-                   perturbation of the numerics for benchmarks/bench_learning.py.
+  - "flash_attn":  flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; optional package,
+                   flash-attn 2.1 to 2.8: causal masks aligned to the bottom right, GQA native);
+  - "varlen_attn": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16; torch
+                   2.9 and later). Its keywords are read from its signature, not assumed:
+                   causal as `is_causal` (2.9, 2.10) or `window_size=(-1, 0)` (2.11 on);
+                   `scale` where it exists, else the queries are pre-scaled; `enable_gqa`
+                   where it exists (2.13), else the K/V heads are repeated to the query heads;
+  - "sdpa":        `scaled_dot_product_attention`, any device and dtype, one call per segment
+                   (the boundaries read on the host: one sync per layer on a GPU): its memory
+                   is linear in the packed length; the fallback and the reference;
+  - "sdpa_masked": one sdpa call with a segment-diagonal (T, T_k) mask: memory quadratic in
+                   the packed length (on CUDA the mask with GQA runs only on the math kernel,
+                   (heads, T, T_k) fp32 scores per layer), so `use_varlen_attention` refuses it
+                   for CUDA models; opt-in on a CPU, where its results differ from the
+                   per-segment calls by rounding only (about 1e-7), a perturbation of the
+                   numerics for benchmarks/bench_learning.py.
+Supported: torch 2.5 and later (varlen_attn from 2.9), flash-attn 2.1 to 2.8.
 A shared prompt's keys and values are gathered once per completion that sees them (key_index)
 and each completion's segment is one varlen batch entry [prompt keys, own keys] with the
 causal mask aligned to the bottom right: one exact kernel call, plain autograd.
 
 `use_varlen_attention(model)` picks one (or takes the one forced), registers it under its own
-name and switches the language model and the vision tower to it. Nothing is monkey-patched.
+name and switches the language model and the vision tower to it. A GPU backend is picked only
+if it imports and a tiny probe call runs (and agrees with sdpa): a flash-attn wheel built for
+another torch is found but not picked. Nothing is monkey-patched.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import functools
+import inspect
 import logging
 
 import torch
@@ -104,30 +116,56 @@ def varlen_attention(
             dropout_p=dropout, softmax_scale=scale, causal=causal,
         )
     if backend == "varlen_attn":
-        from torch.nn.attention.varlen import varlen_attn
-
         if dropout > 0.0:
             raise ValueError("varlen_attention: backend 'varlen_attn' has no dropout; use 0.0")
-        # window (-1, 0) is flash's causal window, aligned to the bottom right like flash-attn's.
-        return varlen_attn(
-            query, key, value, cu_seqlens, cu_k, max_seqlen, max_k,
-            scale=scale, window_size=(-1, 0) if causal else (-1, -1),
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
+        return _call_varlen_attn(query, key, value, cu_seqlens, cu_k, max_seqlen, max_k, causal, scale)
     if backend == "sdpa":
-        if query.device.type == "cpu":
-            return _sdpa_per_segment(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
-        return _sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
+        return _sdpa_per_segment(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
     if backend == "sdpa_masked":
         return _sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
     raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _varlen_attn_parameters() -> frozenset:
+    """The keyword names of this torch's varlen_attn (ImportError where it has none)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _call_varlen_attn(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale):
+    """torch's varlen_attn with the keywords its signature has (module docstring)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_attn_parameters()
+    kwargs = {}
+    if query.shape[1] != key.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # one K/V head per query head: memory linear in tokens, like the heads themselves
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # window (-1, 0) is flash's causal window, aligned to the bottom right like flash-attn's.
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif "is_causal" in params:
+        kwargs["is_causal"] = causal
+    else:
+        raise RuntimeError(f"varlen_attn of torch {torch.__version__} takes neither window_size nor is_causal; "
+                           "use backend 'flash_attn' or 'sdpa'")
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:  # its fixed scale is D**-0.5
+            query = query * (scale * query.shape[-1] ** 0.5)
+    return varlen_attn(query, key, value, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
 def _sdpa_per_segment(query, key, value, cu_q, cu_k, causal, scale, dropout):
-    """The CPU form: one SDPA call per segment, its keys already gathered. A (T, T) mask
-    costs T^2 work however short the segments are (measured: half of a tiny model's update
-    with 1024-token micro-batches); here the work is the sum of Lq * Lk. Reading the
-    boundaries on the host is free on a CPU, unlike on a GPU."""
+    """One SDPA call per segment, its keys already gathered: memory and work are the sum of
+    Lq * Lk over segments, never T^2 (a (T, T) mask costs T^2 however short the segments are;
+    measured: half of a tiny model's update with 1024-token micro-batches). The boundaries
+    are read on the host: free on a CPU, one sync per layer on a GPU."""
     gqa = query.shape[1] != key.shape[1]
     pieces = []
     for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
@@ -148,7 +186,7 @@ def _sdpa_per_segment(query, key, value, cu_q, cu_k, causal, scale, dropout):
 def _sdpa_masked(query, key, value, cu_q, cu_k, causal, scale, dropout):
     """One SDPA call over the whole packed batch with a (T, T_k) mask: segment-diagonal,
     causal aligned to each segment's bottom right. O(T * T_k) memory but no host sync: the
-    form for GPUs without a varlen kernel (fp32 on CUDA), and a reference for the others."""
+    opt-in "sdpa_masked" backend, a reference for the others."""
     def segments(cu, total):
         lengths = (cu[1:] - cu[:-1]).to(torch.int64)
         # output_size keeps repeat_interleave free of a device sync.
@@ -277,7 +315,7 @@ def implementation_name(backend: str) -> str:
     """The attention-implementation name a model's sub-configs carry for `backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return _NAME_PREFIX + backend
+    return _NAME_PREFIX + backend.replace("flash_attn", "fa2")  # no "flash" in it (see _NAME_PREFIX)
 
 
 def is_varlen_implementation(name: str | None) -> bool:
@@ -298,28 +336,63 @@ def register(backend: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def runs_gpu_kernels(device: torch.device) -> bool:
+    """Whether flash_attn / varlen_attn kernels can run on `device`: CUDA only. The one device
+    check of those backends; the CPU tests swap it to run stand-ins of the kernels."""
+    return device.type == "cuda"
+
+
+GPU_BACKENDS = ("flash_attn", "varlen_attn")
+
+
+@functools.lru_cache(maxsize=None)
+def probe(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if `backend` imports and a tiny call (two segments, grouped-query heads, causal)
+    runs on `device` in `dtype` and agrees with sdpa; else why not. Cached per process."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(5, h, 64, generator=gen).to(device, dtype) for h in (4, 2, 2))
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+        out = varlen_attention(q, k, v, cu, 3, causal=True, backend=backend)
+        expected = _sdpa_per_segment(q.float(), k.float(), v.float(), cu, cu, True, None, 0.0)
+        if out.shape != expected.shape or not torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2):
+            return "its probe call disagrees with sdpa"
+    except Exception as err:  # an ImportError, or a wheel built for another torch failing at its first call
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def pick_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The fastest backend that runs on `device` in `dtype`."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attn"
-        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
-            return "varlen_attn"
+    """The fastest backend that runs on `device` in `dtype`: a GPU backend only if its probe
+    call runs; else "sdpa" (per segment, memory linear in tokens)."""
+    if runs_gpu_kernels(device) and dtype in (torch.float16, torch.bfloat16):
+        for backend in GPU_BACKENDS:
+            reason = probe(backend, device, dtype)
+            if reason is None:
+                return backend
+            logger.info("r1vl varlen attention: %s not usable on %s: %s", backend, device, reason)
     return "sdpa"
 
 
 def _check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"use_varlen_attention: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "sdpa_masked" and device.type == "cuda":
+        raise ValueError(
+            "use_varlen_attention: backend 'sdpa_masked' takes memory quadratic in the packed length on CUDA "
+            "(a (heads, T, T) fp32 score tensor per layer); use 'flash_attn' (the flash-attn package), "
+            "'varlen_attn' (torch >= 2.9) or 'sdpa' (one call per segment)"
+        )
     if backend in PORTABLE:
         return
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    if not runs_gpu_kernels(device) or dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"use_varlen_attention: backend {backend!r} needs a CUDA model in fp16/bf16, "
             f"the model is on {device} in {dtype}; use 'sdpa'"
         )
-    if backend == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-        raise ImportError("use_varlen_attention: backend 'flash_attn' needs the flash-attn package")
+    reason = probe(backend, device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"use_varlen_attention: backend {backend!r} does not run here: {reason}")
 
 
 def use_varlen_attention(model, backend: str | None = None) -> str:
@@ -329,8 +402,8 @@ def use_varlen_attention(model, backend: str | None = None) -> str:
         model: a Qwen2-VL / Qwen2.5-VL model (ForConditionalGeneration or the base model),
             already on its device and in its dtype (they decide the automatic choice).
         backend: None to pick automatically (flash_attn, else varlen_attn on CUDA in
-            fp16/bf16, else sdpa), or one of BACKENDS to force it (sdpa_masked is
-            never picked automatically).
+            fp16/bf16, each only if its probe call runs, else sdpa), or one of BACKENDS to
+            force it (sdpa_masked is never picked automatically, and refused on CUDA).
 
     Returns:
         The backend in use; it is also logged. Undo with `model.set_attn_implementation("sdpa")`.

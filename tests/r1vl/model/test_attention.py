@@ -2,6 +2,8 @@
 registration, backend choice and refusals."""
 import logging
 
+import torch.nn.functional as F
+
 import pytest
 import torch
 from tiny_qwen_vl import IMAGE, make_sample, tiny_model
@@ -325,3 +327,217 @@ def test_gpu_backend_shared_prefix_matches_reference(backend, causal):
     for name, got, base, exp in zip(["out", "dq", "dk", "dv"], run(backend), run("sdpa"), expected):
         err, base_err = (got - exp).abs().max(), (base - exp).abs().max()
         assert err <= 2 * base_err + 1e-3, f"{backend} {name}: {err} vs sdpa {base_err}"
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU backends on CPU: strict stand-ins with each supported version's real signature,
+# injected where the code imports them; only the device check (runs_gpu_kernels) is swapped
+# --------------------------------------------------------------------------------------------
+
+
+def _checked_packed_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+    """What the real kernels require, asserted; then bottom-right causal attention per
+    segment with sdpa in fp32, as the kernels align it (the i-th of Lq queries sees the first
+    Lk - Lq + i + 1 keys), returned in q's dtype."""
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.is_contiguous(), f"{name}: {cu.dtype}"
+    assert type(max_q) is int and type(max_k) is int, (type(max_q), type(max_k))
+    lq, lk = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
+    assert max_q >= max(lq) and max_k >= max(lk)
+    for t in (q, k, v):
+        assert t.dim() == 3 and t.stride(-1) == 1, "last dimension must be contiguous"
+        assert t.dtype in (torch.float16, torch.bfloat16) and t.dtype == q.dtype
+    if k.shape[1] != q.shape[1]:
+        assert gqa and q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads, {k.shape[1]} K/V heads"
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    out = []
+    for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        qs, ks, vs = (t[a:b].float().transpose(0, 1) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        mask = None
+        if causal:
+            mask = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(out).to(q.dtype)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn 2.8's signature."""
+    assert dropout_p == 0.0 and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
+    return _checked_packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     softmax_scale, gqa=True)
+
+
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.9 / 2.10's signature: causal top-level flag, no scale, no GQA."""
+    assert return_aux is None
+    return _checked_packed_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, gqa=False)
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    """torch 2.11's signature: window_size and scale, no enable_gqa."""
+    assert return_aux is None and window_size in ((-1, -1), (-1, 0))
+    return _checked_packed_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0),
+                                     scale, gqa=False)
+
+
+def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.13's signature."""
+    assert return_aux is None and seqused_k is None and block_table is None
+    assert window_size in ((-1, -1), (-1, 0))
+    return _checked_packed_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0),
+                                     scale, gqa=enable_gqa)
+
+
+STAND_INS = {
+    "flash_attn 2.8": ("flash_attn", flash_attn_varlen_func),
+    "varlen_attn 2.10": ("varlen_attn", varlen_attn_2_10),
+    "varlen_attn 2.11": ("varlen_attn", varlen_attn_2_11),
+    "varlen_attn 2.13": ("varlen_attn", varlen_attn_2_13),
+}
+
+
+def _inject(monkeypatch, version):
+    """Put the stand-in where varlen_attention imports it; let the GPU backends run on CPU."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch.nn.attention.varlen as torch_varlen
+
+    import r1vl.model.attention as attention
+
+    backend, fn = STAND_INS[version]
+    if backend == "flash_attn":
+        module = types.ModuleType("flash_attn")
+        module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+        module.flash_attn_varlen_func = fn
+        monkeypatch.setitem(sys.modules, "flash_attn", module)
+    else:
+        monkeypatch.setattr(torch_varlen, "varlen_attn", fn)
+    monkeypatch.setattr(attention, "runs_gpu_kernels", lambda device: True)
+    attention.probe.cache_clear()
+    return backend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probes():
+    import r1vl.model.attention as attention
+
+    attention.probe.cache_clear()
+    yield
+    attention.probe.cache_clear()
+
+
+def _bf16_logprobs_and_grads(model, packed):
+    model.zero_grad(set_to_none=True)
+    hidden = completion_hidden(model, packed)
+    logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(1, packed.target_ids[:, None])[:, 0]
+    weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(1))
+    (weights * logp).sum().backward()
+    return logp.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("version", list(STAND_INS))
+@pytest.mark.parametrize("layout", ["plain", "shared", "split"])
+def test_gpu_backend_stand_ins_match_sdpa_through_the_model(version, layout, monkeypatch):
+    """Log-probs and every parameter's gradient (the vision tower's included) through a bf16
+    tiny Qwen2-VL with the stand-in backend, against the same model on sdpa: plain packing,
+    shared prompts, and a group split in two parts (each its own [prompt, completions])."""
+    import copy
+
+    from tiny_qwen_vl import make_group
+
+    gen = torch.Generator().manual_seed(31)
+    samples = make_group(gen, [(1, 4, 6)], [3, 1, 5]) + make_group(gen, [], [2, 4])
+    reference = tiny_model("qwen2_vl", seed=31).to(torch.bfloat16)
+    model = copy.deepcopy(reference)
+    backend = _inject(monkeypatch, version)
+    assert use_varlen_attention(model, backend) == backend
+    use_varlen_attention(reference, "sdpa")
+    parts = {"plain": [samples], "shared": [samples], "split": [samples[:2], samples[2:]]}[layout]
+    for part in parts:
+        packed = pack(part, model, share_prompts=layout != "plain")
+        logp, grads = _bf16_logprobs_and_grads(model, packed)
+        logp_ref, grads_ref = _bf16_logprobs_and_grads(reference, packed)
+        torch.testing.assert_close(logp, logp_ref, atol=3e-2, rtol=0)
+        assert grads.keys() == grads_ref.keys() and any("visual" in n for n in grads)
+        for name, g in grads.items():
+            ref = grads_ref[name]
+            assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, f"{name}: {(g - ref).norm()} vs {ref.norm()}"
+
+
+@pytest.mark.parametrize("version", list(STAND_INS))
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_backend_stand_ins_shared_prefix_gqa(version, causal, monkeypatch):
+    """varlen_attention itself on the shared-prompt layout with grouped-query heads (6 query,
+    2 K/V) and a scale other than D**-0.5, forward and backward against the float64
+    reference: every version's keywords (GQA by expansion where enable_gqa is missing,
+    scale folded into the queries where scale is)."""
+    backend = _inject(monkeypatch, version)
+    gen = torch.Generator().manual_seed(8)
+    cu, key_index, cu_k, max_q, max_k = shared_layout(SHARED_GROUPS)
+    T, D = int(cu[-1]), 16
+    q, k, v = (torch.randn(T, h, D, generator=gen).bfloat16().requires_grad_() for h in (6, 2, 2))
+    out = varlen_attention(q, k, v, cu, max_q, causal=causal, scale=0.4, backend=backend, key_index=key_index,
+                           cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+    ref = reference_shared_attention(q, k, v, cu, key_index, cu_k, causal, 0.4)
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+    grad_out = torch.randn(T, 6, D, generator=gen)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.bfloat16())
+    expected = torch.autograd.grad(ref, (q, k, v), grad_out.double())
+    for g, e in zip(got, expected):
+        assert (g.double() - e).norm() <= 0.02 * e.norm()
+
+
+def test_a_found_but_broken_flash_attn_is_not_picked(monkeypatch):
+    """A flash-attn that is found (its spec exists) but fails at its first call, as a wheel
+    built for another torch does: the probe call fails, varlen_attn is picked instead, and
+    the probe runs once per (backend, device, dtype)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import r1vl.model.attention as attention
+
+    _inject(monkeypatch, "varlen_attn 2.13")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("flash_attn_2_cuda: undefined symbol")
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.flash_attn_varlen_func = broken
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    assert attention.pick_backend(torch.device("cpu"), torch.bfloat16) == "varlen_attn"
+    assert attention.pick_backend(torch.device("cpu"), torch.bfloat16) == "varlen_attn"
+    assert len(calls) == 1
+    assert "undefined symbol" in attention.probe("flash_attn", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="'flash_attn' does not run here"):
+        use_varlen_attention(tiny_model("qwen2_vl").to(torch.bfloat16), "flash_attn")
+
+
+def test_sdpa_off_cpu_never_builds_a_packed_mask(monkeypatch):
+    """The sdpa backend on a device other than the CPU (meta tensors stand for a GPU's; the
+    boundaries on the host) calls sdpa once per segment: no call sees more than one
+    segment's queries and keys, so no (heads, T, T) scores."""
+    import r1vl.model.attention as attention
+
+    lengths = [5, 1, 9, 3]
+    T = sum(lengths)
+    seen = []
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.shape[-2], k.shape[-2]))
+        return torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.empty(T, h, 8, device="meta") for h in (4, 2, 2))
+    out = varlen_attention(q, k, v, _cu(lengths), max(lengths), causal=True, backend="sdpa")
+    assert out.shape == (T, 4, 8) and seen
+    assert max(lq * lk for lq, lk in seen) <= max(lengths) ** 2, seen
