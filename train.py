@@ -41,9 +41,9 @@ from r1vl.config import Config, parse_config
 from r1vl.data.records import load_sft, rank_batches
 from r1vl.heldout import HeldOut
 from r1vl.model.policy import Policy, load_trainable, save_full_policy
+from r1vl.progress import progress_bar
 from r1vl.rewards.scorer import Scorer
 from r1vl.run.checkpoints import Checkpointer, ResumePoint, load_rng
-from r1vl.progress import progress_bar
 from r1vl.run.memory_check import check_plan
 from r1vl.run.metrics import MetricsLog, Timer, UndecidedWarning, console_line, grpo_step_metrics
 from r1vl.run.plot import plot_run

@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-from r1vl.model.attention import register  # noqa: E402
 from r1vl.config import make_config  # noqa: E402
+from r1vl.model.attention import register  # noqa: E402
+from r1vl.run.memory_check import fixes, plan_for_config  # noqa: E402
 from r1vl.run.memory_plan import GiB, ModelShape, load_model_config  # noqa: E402
 from r1vl.run.saved_tensors import SavedTensors  # noqa: E402
-from r1vl.run.memory_check import fixes, plan_for_config  # noqa: E402
 
 DEVICE_GIB = 80.0
 TOKENS = 256  # of the measured layer

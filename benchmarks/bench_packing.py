@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from r1vl.update.packing import Sample  # noqa: E402
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches  # noqa: E402
+from r1vl.update.packing import Sample  # noqa: E402
 
 PROMPTS, G, WORLD_SIZE, STEPS = 64, 4, 4, 20
 # Rows of the filler micro-batch (train.filler_microbatch): Qwen2-VL's chat template around a

@@ -52,8 +52,8 @@ import torch
 from _common import append_csv, environment, print_table  # noqa: E402
 from r1vl.model.attention import use_varlen_attention  # noqa: E402
 from r1vl.update.losses import completion_logprobs, microbatch_weight, policy_loss  # noqa: E402
-from r1vl.update.packing import Sample, pack  # noqa: E402
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches  # noqa: E402
+from r1vl.update.packing import Sample, pack  # noqa: E402
 
 G, PROMPT_TOKENS, GRID = 4, 512, (1, 40, 40)  # 40 x 40 patches -> 400 image tokens
 MIN_COMPLETION, MAX_COMPLETION, MICRO_BATCH_TOKENS = 50, 1024, 16384

@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from r1vl.data.records import load_examples  # noqa: E402
-from r1vl.model.policy import eos_token_ids, load_policy  # noqa: E402
 from r1vl.data.prompts import PromptEncoder, encode_solution  # noqa: E402
+from r1vl.data.records import load_examples  # noqa: E402
+from r1vl.data.synthetic import TASKS, write_dataset  # noqa: E402
+from r1vl.model.policy import eos_token_ids, load_policy  # noqa: E402
 from r1vl.rewards import RewardConfig, score_groups  # noqa: E402
 from r1vl.rewards.rules import final_answer  # noqa: E402
 from r1vl.sampling.generate import generate  # noqa: E402
-from r1vl.data.synthetic import TASKS, write_dataset  # noqa: E402
 
 PIXELS = 56 * 56  # the built-in run's image size
 

@@ -49,9 +49,9 @@ import torch
 from transformers import AutoTokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from r1vl.data.prompts import SYSTEM
 from r1vl.data.records import load_examples, load_image
 from r1vl.run.metrics import peak_memory_gb
-from r1vl.data.prompts import SYSTEM
 
 # Qwen2-VL's chat layout as r1vl.data.prompts writes it: a default system turn, then each message;
 # an image part becomes <|vision_start|><|image_pad|><|vision_end|>, which the processor then

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from r1vl.rewards.advantages import REWARD_SETS  # what each one sums
 from r1vl.deepspeed_config import read_deepspeed_config
+from r1vl.rewards.advantages import REWARD_SETS  # what each one sums
 
 STAGES = ("grpo", "sft", "sft+grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _torch_impl
 from ._terms import TermsConfig
 
-_LIB = "r1vl_kernels"
+LIBRARY = "r1vl_kernels"
 
 
 def op(name: str):
@@ -32,7 +32,7 @@ def op(name: str):
     transformers had been imported afterwards; the same call through torch.ops never did in
     the same reproduction (tests/kernels/test_op_calls.py). The cause is not understood.
     """
-    return getattr(getattr(torch.ops, _LIB), name).default
+    return getattr(getattr(torch.ops, LIBRARY), name).default
 
 
 def _backend(impl: str):
@@ -45,7 +45,7 @@ def _backend(impl: str):
         group_advantages=_triton_grpo.group_advantages, grpo_terms=_triton_grpo.grpo_terms)
 
 
-def _row_offsets(logits: Tensor, flat_idx: Optional[Tensor]) -> Optional[Tensor]:
+def row_offsets(logits: Tensor, flat_idx: Optional[Tensor]) -> Optional[Tensor]:
     """Element offset of each token's row: (N,) int64, or None for direct addressing."""
     if flat_idx is None:
         return None
@@ -58,12 +58,12 @@ def _row_offsets(logits: Tensor, flat_idx: Optional[Tensor]) -> Optional[Tensor]
 # ----------------------------------------------------------------------------- token log-probs
 
 
-@torch.library.custom_op(f"{_LIB}::token_logprobs", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, target_ids: Tensor, flat_idx: Optional[Tensor],
                       temperature: float, with_entropy: bool, impl: str) -> tuple[Tensor, Tensor]:
     """(N,) fp32 log-probs and entropies (empty unless with_entropy) of the target tokens."""
     logp, _, entropy = _backend(impl).logprob_fwd(
-        logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
+        logits, target_ids, row_offsets(logits, flat_idx), temperature, with_entropy)
     return logp, entropy
 
 
@@ -76,7 +76,7 @@ def _(logits, target_ids, flat_idx, temperature, with_entropy, impl):
 # ----------------------------------------------------------------------------- advantages
 
 
-@torch.library.custom_op(f"{_LIB}::group_advantages", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::group_advantages", mutates_args=())
 def group_advantages_op(rewards: Tensor, group_size: int, scale_rewards: str, eps: float,
                         impl: str) -> Tensor:
     """(S,) fp32 group-normalized advantages of (S,) fp32 rewards."""
@@ -109,12 +109,12 @@ def grpo_loss_fwd(
     cfg = terms_config(locals())  # first statement: locals() holds exactly the arguments
     backend = _backend(impl)
     logp, lse, entropy = backend.logprob_fwd(
-        logits, target_ids, _row_offsets(logits, flat_idx), temperature, with_entropy)
+        logits, target_ids, row_offsets(logits, flat_idx), temperature, with_entropy)
     return loss_terms(backend, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
                       vespo_log_offset, advantages, cu_seqlens, cfg)
 
 
-grpo_loss_fwd_op = torch.library.custom_op(f"{_LIB}::grpo_loss_fwd", mutates_args=())(grpo_loss_fwd)
+grpo_loss_fwd_op = torch.library.custom_op(f"{LIBRARY}::grpo_loss_fwd", mutates_args=())(grpo_loss_fwd)
 
 
 def terms_config(op_arguments: dict) -> TermsConfig:
@@ -169,14 +169,14 @@ def _write_grad(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature
     if flat_idx is None:
         row_off = tok_of_row = None
     else:
-        row_off = _row_offsets(logits, flat_idx)
+        row_off = row_offsets(logits, flat_idx)
         tok_of_row = torch.full((out2d.shape[0],), -1, dtype=torch.int64, device=out2d.device)
         tok_of_row[flat_idx] = torch.arange(flat_idx.shape[0], device=out2d.device)
     _backend(impl).logprob_bwd(logits, target_ids, lse, dlogp, grad_loss, row_off, tok_of_row,
                                temperature, out2d)
 
 
-@torch.library.custom_op(f"{_LIB}::grpo_loss_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::grpo_loss_bwd", mutates_args=())
 def grpo_loss_bwd_op(grad_loss: Tensor, logits: Tensor, target_ids: Tensor,
                      flat_idx: Optional[Tensor], lse: Tensor, dlogp: Tensor, temperature: float,
                      impl: str) -> Tensor:
@@ -192,7 +192,7 @@ def _(grad_loss, logits, target_ids, flat_idx, lse, dlogp, temperature, impl):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op(f"{_LIB}::grpo_loss_bwd_inplace", mutates_args=("logits",))
+@torch.library.custom_op(f"{LIBRARY}::grpo_loss_bwd_inplace", mutates_args=("logits",))
 def grpo_loss_bwd_inplace_op(grad_loss: Tensor, logits: Tensor, target_ids: Tensor,
                              flat_idx: Optional[Tensor], lse: Tensor, dlogp: Tensor,
                              temperature: float, impl: str) -> None:

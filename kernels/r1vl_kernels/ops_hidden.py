@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_hidden, _torch_impl
-from .ops import _LIB, fake_loss_outputs, input_grads, loss_terms, named_inputs, op, terms_config
+from .ops import LIBRARY, fake_loss_outputs, input_grads, loss_terms, named_inputs, op, terms_config
 
 
 def _backend(impl: str):
@@ -20,7 +20,7 @@ def _backend(impl: str):
                                  grpo_terms=_triton_grpo.grpo_terms)
 
 
-@torch.library.custom_op(f"{_LIB}::token_logprobs_from_hidden", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::token_logprobs_from_hidden", mutates_args=())
 def token_logprobs_from_hidden_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   target_ids: Tensor, temperature: float, with_entropy: bool,
                                   impl: str) -> tuple[Tensor, Tensor]:
@@ -54,7 +54,7 @@ def grpo_loss_from_hidden_fwd(
 
 
 grpo_loss_from_hidden_fwd_op = torch.library.custom_op(
-    f"{_LIB}::grpo_loss_from_hidden_fwd", mutates_args=())(grpo_loss_from_hidden_fwd)
+    f"{LIBRARY}::grpo_loss_from_hidden_fwd", mutates_args=())(grpo_loss_from_hidden_fwd)
 
 
 @grpo_loss_from_hidden_fwd_op.register_fake
@@ -63,7 +63,7 @@ def _(*args, **kwargs):
     return fake_loss_outputs(x["hidden"], x["target_ids"].shape[0], x["ref_logp"] is not None, x["with_entropy"])
 
 
-@torch.library.custom_op(f"{_LIB}::grpo_loss_from_hidden_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::grpo_loss_from_hidden_bwd", mutates_args=())
 def grpo_loss_from_hidden_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
                                  bias: Optional[Tensor], target_ids: Tensor, lse: Tensor,
                                  dlogp: Tensor, temperature: float,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._terms import TermsConfig
-from .ops import _LIB, _row_offsets, fake_loss_outputs, input_grads, loss_terms
+from .ops import LIBRARY, row_offsets, fake_loss_outputs, input_grads, loss_terms
 
 
 def _per_token(cu_seqlens: Tensor, advantages: Tensor, n_tokens: int, inv_norm: float, per_seq_mean: bool):
@@ -47,7 +47,7 @@ def grpo_loss_one_sweep(
     if flat_idx is None:
         rows, row_off, tok_of_row = logits.view(-1, V), None, None
     else:
-        rows, row_off = logits, _row_offsets(logits, flat_idx)
+        rows, row_off = logits, row_offsets(logits, flat_idx)
         tok_of_row = torch.full((out2d.shape[0],), -1, dtype=torch.int64, device=logits.device)
         tok_of_row[flat_idx] = torch.arange(n, device=logits.device)
     adv_tok, weight_tok = _per_token(cu_seqlens, advantages, n, inv_norm, per_seq_mean)
@@ -63,7 +63,7 @@ def grpo_loss_one_sweep(
     return loss, logp, lse, dlogp, kl, entropy, low, high, dlogits
 
 
-grpo_loss_one_sweep_op = torch.library.custom_op(f"{_LIB}::grpo_loss_one_sweep", mutates_args=())(
+grpo_loss_one_sweep_op = torch.library.custom_op(f"{LIBRARY}::grpo_loss_one_sweep", mutates_args=())(
     grpo_loss_one_sweep)
 
 

@@ -9,14 +9,14 @@ import torch
 
 from r1vl import distributed  # noqa: F401  (init, barrier, destroy)
 from r1vl.chat_api import chat_completion  # noqa: F401  (the judge's requests)
+from r1vl.data.prompts import Prompt, encode_prompt  # noqa: F401
+from r1vl.data.records import BadRecordError, Example, load_examples, load_image  # noqa: F401
 from r1vl.distributed import Dist  # noqa: F401
 from r1vl.model.policy import Policy, check_checkpoint_dir, eos_token_ids, load_policy  # noqa: F401
-from r1vl.data.records import BadRecordError, Example, load_examples, load_image  # noqa: F401
-from r1vl.data.prompts import Prompt, encode_prompt  # noqa: F401
 from r1vl.progress import progress_bar  # noqa: F401
+from r1vl.rewards import RewardConfig, score
 from r1vl.rewards.normalize import normalize_math  # noqa: F401
 from r1vl.rewards.rules import FINAL_ANSWER, final_answer, reference_answer  # noqa: F401
-from r1vl.rewards import RewardConfig, score
 from r1vl.sampling.generate import generate
 
 # The sampler draws from the nucleus of softmax(logits / T). With top_p this small the

@@ -22,9 +22,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from r1vl.data.prompts import Prompt
 from r1vl.model.attention import pick_backend, varlen_attention
 from r1vl.sampling.kv_cache import RolloutCache, shared_prefix_attention
-from r1vl.data.prompts import Prompt
 
 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from r1vl.data.prompts import Prompt
 from r1vl.progress import progress_bar
 from r1vl.sampling.decode import decode_step, fuse_layers, language_model, prefill, prompt_positions
-from r1vl.sampling.kv_cache import RolloutCache
-from r1vl.data.prompts import Prompt
 from r1vl.sampling.draw import sample_tokens
+from r1vl.sampling.kv_cache import RolloutCache
 
 
 @dataclass

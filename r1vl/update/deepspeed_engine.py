@@ -50,9 +50,9 @@ import torch
 
 from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
-from r1vl.update.packing import Sample, pack
-from r1vl.update.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
 from r1vl.model.attention import attention_implementations
+from r1vl.update.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
+from r1vl.update.packing import Sample, pack
 
 # -------------------------------------------------------------------------------- the engine
 

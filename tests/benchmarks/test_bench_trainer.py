@@ -14,10 +14,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_trainer  # noqa: E402
 import trl_trainer_driver  # noqa: E402
 
-from r1vl.model.policy import load_policy  # noqa: E402
-from r1vl.data.records import load_examples  # noqa: E402
 from r1vl.data.prompts import encode_prompt  # noqa: E402
+from r1vl.data.records import load_examples  # noqa: E402
 from r1vl.data.synthetic import write_dataset  # noqa: E402
+from r1vl.model.policy import load_policy  # noqa: E402
 from r1vl.tiny import build_tokenizer, write_tiny_checkpoint  # noqa: E402
 
 PIXELS = 56 * 56

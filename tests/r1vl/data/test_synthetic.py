@@ -11,8 +11,8 @@ import pytest
 
 import r1vl
 from r1vl.data.records import load_examples, load_image, smart_resize
-from r1vl.rewards import RewardConfig, score
 from r1vl.data.synthetic import BAR_UNIT, COLOURS, TASKS, main, make_example, write_dataset
+from r1vl.rewards import RewardConfig, score
 
 N = 24
 ALL_TASKS = tuple(dict.fromkeys((*TASKS, "add")))  # "add" is not a default task, still tested

@@ -4,10 +4,10 @@ import json
 import pytest
 from evalkit_files import final, write_predictions
 
+from r1vl.data.synthetic import write_dataset
 from r1vl.eval import benchmarks
 from r1vl.eval.score import score_benchmark
 from r1vl.eval.tsv import EvalInputError
-from r1vl.data.synthetic import write_dataset
 
 
 def test_held_out_records_scored_by_the_trainers_rule(tmp_path):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from r1vl.config import make_config
+from r1vl.rewards import RewardConfig, score
 from r1vl.rewards.advantages import REWARD_SETS
 from r1vl.rewards.advantages import trained_reward
-from r1vl.rewards import RewardConfig, score
 
 
 def _solution(answer: str, steps: list[str]) -> str:

@@ -13,18 +13,18 @@ import torch
 from test_model import grpo_batch
 from tiny_qwen_vl import FAMILIES, tiny_model
 
+from r1vl.config import make_config
 from r1vl.model.activation_checkpointing import enable_activation_checkpointing
 from r1vl.model.attention import register, use_varlen_attention
-from r1vl.config import make_config
-from r1vl.sampling.decode import fuse_layers
-from r1vl.update.engine import PlainEngine, UpdateSettings
-from r1vl.sampling.kv_cache import RolloutCache
-from r1vl.update.losses import policy_loss
-from r1vl.run.memory_plan import EngineSpec, ModelShape, load_model_config, plan_memory
 from r1vl.run.memory_check import PlanDoesNotFit, check_plan
+from r1vl.run.memory_plan import EngineSpec, ModelShape, load_model_config, plan_memory
 from r1vl.run.saved_tensors import SavedTensors
-from r1vl.update.packing import pack
+from r1vl.sampling.decode import fuse_layers
+from r1vl.sampling.kv_cache import RolloutCache
 from r1vl.tiny import tiny_config
+from r1vl.update.engine import PlainEngine, UpdateSettings
+from r1vl.update.losses import policy_loss
+from r1vl.update.packing import pack
 
 ROOT = Path(__file__).resolve().parents[2]
 LOSS = dict(temperature=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=16)

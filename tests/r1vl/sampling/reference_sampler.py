@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from r1vl.model.attention import sdpa_attention
 from r1vl.data.prompts import Prompt
+from r1vl.model.attention import sdpa_attention
 from r1vl.sampling.generate import Completions
 
 

@@ -3,9 +3,9 @@ the model's own forward (transformers, DynamicCache) for each prompt alone."""
 import torch
 from tiny_qwen_vl import make_sample, tiny_model
 
+from r1vl.data.prompts import Prompt
 from r1vl.sampling.decode import prefill, prompt_positions
 from r1vl.sampling.kv_cache import RolloutCache
-from r1vl.data.prompts import Prompt
 
 
 def test_packed_prefill_equals_each_prompts_own_forward():

@@ -6,8 +6,8 @@ import torch
 from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
 
 import r1vl.sampling.generate
-from r1vl.data.records import load_examples
 from r1vl.data.prompts import Prompt, encode_prompt
+from r1vl.data.records import load_examples
 from r1vl.sampling.generate import bucket_size, generate
 from reference_sampler import generate_reference
 from r1vl.data.synthetic import write_dataset

@@ -22,12 +22,12 @@ import torch
 
 from r1vl import distributed
 from r1vl.config import make_config
-from r1vl.update.engines import make_engine
-from r1vl.update.losses import completion_logprobs, policy_loss
-from r1vl.update.packing import Sample, pack
 from r1vl.data.prompts import blank_prompt
 from r1vl.sampling.generate import generate
 from r1vl.tiny import build_model, build_tokenizer
+from r1vl.update.engines import make_engine
+from r1vl.update.losses import completion_logprobs, policy_loss
+from r1vl.update.packing import Sample, pack
 
 STEPS, RESUME_AT = 4, 2
 MICROBATCHES = {0: [2, 3, 2, 2], 1: [1, 0, 1, 2]}  # per rank, per step; rank 1 idles in step 2

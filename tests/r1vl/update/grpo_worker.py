@@ -20,13 +20,13 @@ from grpo_reference import full_batch_gradient, group_advantages
 
 from r1vl import distributed
 from r1vl.config import make_config
+from r1vl.data.prompts import blank_prompt
+from r1vl.rewards.advantages import step_advantages
+from r1vl.tiny import build_model, build_tokenizer
 from r1vl.update.engines import make_engine
 from r1vl.update.grpo import grpo_update
 from r1vl.update.microbatches import Batch, MicroBatch
-from r1vl.rewards.advantages import step_advantages
 from r1vl.update.packing import Sample, pack
-from r1vl.data.prompts import blank_prompt
-from r1vl.tiny import build_model, build_tokenizer
 
 G = 2
 REWARDS = {0: [1.0, 0.0, 0.3, 1.2, 2.1, 0.4], 1: [0.0, 1.1]}  # per rank, prompt-major

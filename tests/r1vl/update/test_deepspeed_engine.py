@@ -29,8 +29,8 @@ import torch
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
 from r1vl.update.deepspeed_engine import _plain_optimizer_state
-from r1vl.update.packing import Sample
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches
+from r1vl.update.packing import Sample
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"

@@ -12,8 +12,8 @@ import torch
 from tiny_qwen_vl import FAMILIES, IMAGE, make_group, make_sample, tiny_model
 
 from r1vl.model.attention import use_varlen_attention
-from r1vl.update.forward import completion_hidden
 from r1vl.model.policy import vision_tower
+from r1vl.update.forward import completion_hidden
 from r1vl.update.packing import pack
 
 

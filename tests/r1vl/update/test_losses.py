@@ -8,8 +8,8 @@ from tiny_qwen_vl import make_group, make_sample, tiny_model
 
 from r1vl.model.attention import use_varlen_attention
 from r1vl.update.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss
-from r1vl.update.packing import pack
 from r1vl.update.microbatches import plan_shared_microbatches
+from r1vl.update.packing import pack
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 

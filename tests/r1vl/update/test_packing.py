@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_qwen_vl import IMAGE, PIXEL_ROW, VIDEO, VISION_END, VISION_START, make_group, make_sample, tiny_model
 
-from r1vl.update.packing import PackedBatch, Sample, pack
 from r1vl.update.microbatches import SharedPlan, plan_microbatches, plan_shared_microbatches
+from r1vl.update.packing import PackedBatch, Sample, pack
 
 
 @pytest.fixture(scope="module")
