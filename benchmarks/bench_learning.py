@@ -12,7 +12,7 @@ for every seed and numerics variant:
                  per packed segment (`--attention sdpa_masked`), about 1e-7 away from default;
   - float64_softmax:   the GRPO loss's softmax in float64 (`--loss_softmax float64`).
 Each run is its own random trajectory once the numerics differ, so the variants are extra
-draws of the same experiment. The bar (issue 13): every run raises the held-out mean reward
+draws of the same experiment. The bar: every run raises the held-out mean reward
 by at least 0.3 and the accuracy by at least 0.1 from before StepGRPO to after it.
 
 Prints a table and appends it, with the command, to benchmarks/results/learning.md (--out).

@@ -3,7 +3,7 @@
     python benchmarks/bench_rewards.py                       # 32 towers + 32 honest, 2 workers, 0.5 s budget
     python benchmarks/bench_rewards.py --hostile 32 --honest 32 --workers 2 --timeout 0.5
 
-1. Hostile batch (issue 11): `--hostile` exponent towers (9^{9^{9^9}} and the like, each a
+1. Hostile batch: `--hostile` exponent towers (9^{9^{9^9}} and the like, each a
    distinct answer) scored together with `--honest` honest completions whose verdicts need
    math-verify, hostile ones first and then interleaved. Prints the honest verdicts alone
    and together (they must be identical), the wall time of each batch, and the bound

@@ -7,7 +7,7 @@ Scores one saved policy with train.py's own evaluation, r1vl.heldout (the run's 
 lengths, reward) on the last PROMPTS of the run's held-out records, SAMPLES completions
 each, once per sampling seed, and prints per size each seed's mean reward and accuracy and
 their spread. A gain between two evaluations is the policy's only where it is large next to
-this spread; issue 13 chose the built-in run's 1024 x 1 with it (1024 x 1 read a final
+this spread; the built-in run's 1024 x 1 was chosen with it (1024 x 1 read a final
 policy's accuracy within sd 0.012 over four seeds, 128 x 2 within sd 0.033).
 
 Runs on the CPU, one process; a size asks for at most the run's --eval_prompts prompts.

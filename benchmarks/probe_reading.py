@@ -9,7 +9,7 @@
 - sampled accuracy (G samples per prompt at --temperature) and greedy accuracy, with the
   greedy answers tallied: a policy that cannot see answers every prompt of a task the same.
 
-This is how issue 13 found the built-in run blind (its vision tower, trained at the warm-up's
+This is how the built-in run was found blind (its vision tower, trained at the warm-up's
 rate, collapsed to a constant: evidence 0.00 nats on every task) and checked the fix.
 Everything runs on the CPU in float32; 96 records take about a minute on one core.
 """

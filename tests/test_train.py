@@ -34,7 +34,7 @@ def test_builtin_run_learns(tmp_path):
     steps, seed 0), on one thread so that it is deterministic.
 
     The signs of the whole loop (rewards, advantages, loss, optimizer) are right only if the
-    policy earns more on the 1024 held-out prompts it never trained on. Issue 13's bar is +0.3
+    policy earns more on the 1024 held-out prompts it never trained on. The bar is +0.3
     reward and +0.1 accuracy, and in benchmarks/results/learning.md every one of 15 runs
     (seeds 0-4, plain and with perturbed numerics) clears it, the worst gaining +0.360
     and +0.151 (seed 0 here: reward 0.873 -> 1.335, accuracy 0.354 -> 0.534). So this

@@ -18,7 +18,7 @@ Which logits the softmax is taken of: the chunk's own. Its logsumexp is swept fr
 chunk row itself (one more read of a row still in L2) rather than taken from the forward,
 whose lse came from fp32 sums that were never rounded: with the forward's lse the
 probabilities of a bf16 chunk do not sum to 1, off by up to |logit| * 2**-9 / T, and for a
-confident token 1 - p(target) is swamped (issue 26's replay at V = 151936, T = 1.2: dlogits'
+confident token 1 - p(target) is swamped (a replay at V = 151936, T = 1.2: dlogits'
 median relative error 23 at p(target) = 0.999, with sign flips; from the chunk's own lse,
 0.02-0.03, the error the bf16 rounding of the logits implies). The alternative, fp32 chunks, would halve
 the tokens per chunk for the same memory, need a separate bf16 copy of dlogits for the

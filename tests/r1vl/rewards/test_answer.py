@@ -1,4 +1,4 @@
-"""The answer check grades the answer a line states (issue 11): no last-number guessing, hedges
+"""The answer check grades the answer a line states: no last-number guessing, hedges
 are wrong, trailing explanations are ignored, lists / sets / intervals are read whole."""
 import time
 
