@@ -1,4 +1,6 @@
-"""Steps 2 and 3, score and advantages: StepGRPO's rule-based rewards (R1-VL): StepRAR + StepRVR, with a time-bounded answer check.
+"""Steps 2 and 3, score and advantages: StepGRPO's rule-based rewards (R1-VL), StepRAR +
+StepRVR with a time-bounded answer check; the Scorer (scorer.py) and the advantages
+(advantages.py).
 
     from r1vl.rewards import score, score_groups, RewardConfig
     breakdown = score_groups(completions_per_prompt, examples)   # arrays of P*G entries
