@@ -19,11 +19,14 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 KILLED_TRAIN = ROOT / "tests" / "r1vl" / "run" / "killed_train.py"
 
-# 40 warm-up steps at 3e-3 on 32 synthetic records make the tiny policy nearly recite them, so
+# WARMUP steps at 3e-3 on 32 synthetic records make the tiny policy nearly recite them, so
 # that sampled at temperature 1 its groups earn rewards that differ within 4 StepGRPO steps and
-# the GRPO updates (and Adam's moments, the sampler's state, the KL reference) matter. (On the
-# built-in 4096 records, 40 steps earn no reward at all.)
-ARGS = ["--sft_steps", "40", "--sft_lr", "3e-3", "--num_steps", "4", "--batch_size", "16", "--eval_prompts", "0",
+# the GRPO updates (and Adam's moments, the sampler's state, the KL reference) matter. Measured
+# with transformers 5.25 / tokenizers 0.23: after 40 steps (SFT loss 0.39) every completion
+# still earned 0 and GRPO moved nothing; after 80 (loss 0.08) the first GRPO steps earn 0.9-1.3.
+# (On the built-in 4096 records, such short warm-ups earn no reward at all.)
+WARMUP = 80
+ARGS = ["--sft_steps", str(WARMUP), "--sft_lr", "3e-3", "--num_steps", "4", "--batch_size", "16", "--eval_prompts", "0",
         "--temperature", "1.0", "--max_completion_length", "128", "--save_every", "2", "--keep_last", "2",
         "--beta", "0.04", "--progress", "false"]
 DATA: Path | None = None  # the records every run of this module trains on (small_data)
@@ -73,26 +76,26 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path, uninterrupted):
     result = _train(run_dir, kill_at="after_checkpoint:20")
     assert result.returncode == -9, result.stderr[-3000:]
     assert _steps(run_dir) == [18, 20]
-    # 2. resumed; killed right after GRPO step 2 (global step 42)
-    result = _train(run_dir, "--resume", "auto", kill_at="after_checkpoint:42")
+    # 2. resumed; killed right after GRPO step 2 (global step WARMUP + 2)
+    result = _train(run_dir, "--resume", "auto", kill_at=f"after_checkpoint:{WARMUP + 2}")
     assert result.returncode == -9, result.stderr[-3000:]
     assert "resuming from" in result.stdout and "step_00000020 (sft step 20)" in result.stdout
-    assert _steps(run_dir) == [40, 42]
-    intact = _digest(run_dir / "checkpoints" / "step_00000042")
-    # 3. resumed; killed halfway through writing the checkpoint of step 44 (the policy written,
+    assert _steps(run_dir) == [WARMUP, WARMUP + 2]
+    intact = _digest(run_dir / "checkpoints" / f"step_{WARMUP + 2:08d}")
+    # 3. resumed; killed halfway through writing the checkpoint of GRPO step 4 (the policy written,
     #    the optimizer not yet)
-    result = _train(run_dir, "--resume", "auto", kill_at="checkpoint_write:44")
+    result = _train(run_dir, "--resume", "auto", kill_at=f"checkpoint_write:{WARMUP + 4}")
     assert result.returncode == -9, result.stderr[-3000:]
-    assert "step_00000042 (grpo step 2)" in result.stdout
-    assert _steps(run_dir) == [40, 42]
-    assert (run_dir / "checkpoints" / ".tmp-step_00000044" / "policy").is_dir()
-    assert _digest(run_dir / "checkpoints" / "step_00000042") == intact
-    # 4. resumed from the intact step 42; runs to the end
+    assert f"step_{WARMUP + 2:08d} (grpo step 2)" in result.stdout
+    assert _steps(run_dir) == [WARMUP, WARMUP + 2]
+    assert (run_dir / "checkpoints" / f".tmp-step_{WARMUP + 4:08d}" / "policy").is_dir()
+    assert _digest(run_dir / "checkpoints" / f"step_{WARMUP + 2:08d}") == intact
+    # 4. resumed from the intact GRPO step 2; runs to the end
     result = _train(run_dir, "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step_00000042 (grpo step 2)" in result.stdout
-    assert _steps(run_dir) == [42, 44]
-    assert not (run_dir / "checkpoints" / ".tmp-step_00000044").exists()
+    assert f"step_{WARMUP + 2:08d} (grpo step 2)" in result.stdout
+    assert _steps(run_dir) == [WARMUP + 2, WARMUP + 4]
+    assert not (run_dir / "checkpoints" / f".tmp-step_{WARMUP + 4:08d}").exists()
 
     expected = load_file(uninterrupted / "final" / "model.safetensors")
     got = load_file(run_dir / "final" / "model.safetensors")
@@ -100,11 +103,13 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path, uninterrupted):
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     # The GRPO updates did change the weights (the comparison above is not vacuous).
+    plain_grpo = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()][WARMUP:]
+    assert any(r["reward_std_in_group"] > 0 for r in plain_grpo), "the warm-up left GRPO nothing to learn: raise WARMUP"
     before_grpo = load_file(run_dir / "reference" / "model.safetensors")
     assert any(not torch.equal(before_grpo[n], got[n]) for n in got)
     # Each step appears once in the metrics, as in the uninterrupted run.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in records] == [("sft", s) for s in range(1, 41)] + [
+    assert [(r["stage"], r["step"]) for r in records] == [("sft", s) for s in range(1, WARMUP + 1)] + [
         ("grpo", s) for s in range(1, 5)]
     plain = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in plain], rel=1e-5, abs=1e-7)
@@ -117,9 +122,9 @@ def test_two_ranks_resume_to_the_same_weights(tmp_path):
     plain, run_dir = tmp_path / "plain", tmp_path / "run"
     result = _train(plain, *per_rank, ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = _train(run_dir, *per_rank, ranks=2, kill_at="after_checkpoint:42")
-    assert result.returncode != 0 and _steps(run_dir) == [40, 42]
-    assert {p.name for p in (run_dir / "checkpoints" / "step_00000042").glob("rng_rank*.pt")} == {
+    result = _train(run_dir, *per_rank, ranks=2, kill_at=f"after_checkpoint:{WARMUP + 2}")
+    assert result.returncode != 0 and _steps(run_dir) == [WARMUP, WARMUP + 2]
+    assert {p.name for p in (run_dir / "checkpoints" / f"step_{WARMUP + 2:08d}").glob("rng_rank*.pt")} == {
         "rng_rank0.pt", "rng_rank1.pt"}
     result = _train(run_dir, *per_rank, "--resume", "auto", ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,7 +152,7 @@ def test_resume_refuses_what_does_not_fit(tmp_path):
 
 def test_checkpoint_contents_load_safely(uninterrupted):
     """Every file a checkpoint holds is JSON, safetensors, or torch.load(weights_only=True)."""
-    newest = uninterrupted / "checkpoints" / "step_00000044"
+    newest = uninterrupted / "checkpoints" / f"step_{WARMUP + 4:08d}"
     state = json.loads((newest / "trainer_state.json").read_text())
     assert state["stage"] == "grpo" and state["step"] == 4 and state["world_size"] == 1
     assert Path(state["reference"]).name == "reference"
