@@ -31,6 +31,7 @@ import torch
 from _common import copy_bandwidth, matmul_flops
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
+BASELINE = "torch_eager"  # the provider the summary's speedups are relative to
 # Untimed rounds before the timed ones: the first compiles (torch.compile, Triton's JIT) and
 # autotunes; on a GPU a second one, settled, sizes the number of timed rounds.
 WARMUP_ROUNDS = {"cuda": 2, "cpu": 1}
@@ -168,3 +169,41 @@ def measure(benchmark, config, ceilings: Ceilings, env: dict, pass_: str, loss_f
                 device=env["device"] if device == "cuda" else "cpu", torch=env["torch"], triton=env["triton"],
                 liger_kernel=env["liger"] or None, commit=env["commit"])
     benchmark.extra_info.update(info)
+    ROWS.append((benchmark.group, info))
+
+
+# ----------------------------------------------------------------------------- the summary
+
+ROWS: list = []  # (group, extra_info) of every timed row of the session, for summary()
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def summary() -> list[str]:
+    """Lines of one table per group: each provider's median, speedup over torch_eager, the
+    work rate and its share of the ceiling, and the peak memory added (what the timing
+    tables of pytest-benchmark do not show)."""
+    groups: dict = {}
+    for group, info in ROWS:
+        groups.setdefault(group, []).append(info)
+    lines = []
+    for group, rows in groups.items():
+        rows.sort(key=lambda r: r["median_ms"])
+        base = next((r["median_ms"] for r in rows if r["provider"] == BASELINE), None)
+        hidden = "flops" in rows[0]
+        rate, share = ("TFLOP/s", "of_matmul") if hidden else ("GB/s", "of_floor")
+        floor = rows[0]["matmul_ceiling_ms"] if hidden else rows[0]["hbm_floor_ms"]
+        lines.append(f"{group}   ({'matmul ceiling' if hidden else 'copy-bandwidth floor'} {floor:,.3f} ms)")
+        table = [("provider", "median ms", f"vs {BASELINE}", rate, share, "peak MB")]
+        for r in rows:
+            table.append((r["provider"], _fmt(r["median_ms"], 3), "-" if base is None else f"{base / r['median_ms']:.2f}x",
+                          _fmt(r["TFLOP_s"] if hidden else r["GB_s"], 2),
+                          _fmt(r["of_matmul_ceiling"] if hidden else r["of_hbm_floor"], 3),
+                          _fmt(r["peak_mem_added_MB"], 0)))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                  for row in table]
+        lines.append("")
+    return lines

@@ -13,7 +13,7 @@ import torch
 import torch._dynamo.config
 
 from _common import environment
-from _suite import Ceilings, measure as _measure
+from _suite import Ceilings, measure as _measure, summary
 
 # One torch.compile'd TRL loss serves every shape and level of both losses: each is a
 # recompile of the same code object, past dynamo's default limit of 8, after which it would
@@ -30,6 +30,15 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     env = environment()
     machine_info.update(gpu=env["device"] if torch.cuda.is_available() else None, torch=env["torch"],
                         triton=env["triton"], liger_kernel=env["liger"] or None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    lines = summary()
+    if lines:
+        terminalreporter.section("loss kernels: speedup, work rate, share of the ceiling, memory")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

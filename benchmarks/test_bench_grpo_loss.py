@@ -57,9 +57,9 @@ class Shape:
 # The scripts' GPU sweep (Llama's and Qwen2's vocabularies), sequence-level ratios (GSPO) at
 # the reference shape of KERNELS.md. On the CPU one small shape, both levels (the CI mode: it
 # keeps the suite working; the kernels' speed is measured on a GPU).
-SHAPES = [Shape("cpu", 1024, 4096, levels=("token", "sequence"))] + [
+SHAPES = {s.id: s for s in [Shape("cpu", 1024, 4096, levels=("token", "sequence"))] + [
     Shape("cuda", N, V, levels=("token", "sequence") if (N, V) == (16384, 151936) else ("token",))
-    for N in (4096, 16384, 65536) for V in (32000, 151936)]
+    for N in (4096, 16384, 65536) for V in (32000, 151936)]}
 
 
 @functools.lru_cache(maxsize=1)  # one shape at a time: the cases run shape by shape
@@ -120,7 +120,7 @@ def _liger(inplace):
     return build
 
 
-PROVIDERS = [
+PROVIDERS = {p.name: p for p in [
     Provider("torch_eager", False, _trl(trl_grpo_loss)),
     Provider("torch_compile", False, _trl(torch.compile(trl_grpo_loss, dynamic=False))),
     Provider("r1vl", True, _r1vl()),
@@ -128,17 +128,18 @@ PROVIDERS = [
     Provider("r1vl_padded", False, _r1vl_padded, gpu_only=True),
     Provider("liger", False, _liger(False), gpu_only=True),
     Provider("liger_inplace", False, _liger(True), inplace=True, gpu_only=True),
-]
+]}
 
 
 def cases():
-    for shape in SHAPES:
+    """(shape id, level, pass, provider name): plain strings, so the JSON's params read."""
+    for shape in SHAPES.values():
         for level in shape.levels:
             for pass_ in PASSES:
-                for p in PROVIDERS:
+                for p in PROVIDERS.values():
                     if shape.device == "cpu" and p.gpu_only:
                         continue
-                    yield pytest.param(shape, level, pass_, p, id=f"{shape.id}-{level}-{pass_}-{p.name}",
+                    yield pytest.param(shape.id, level, pass_, p.name, id=f"{shape.id}-{level}-{pass_}-{p.name}",
                                        marks=device_marks(shape.device))
 
 
@@ -147,6 +148,7 @@ def cases():
 
 @pytest.mark.parametrize("shape, level, pass_, provider", list(cases()))
 def test_grpo_loss(benchmark, measure, shape, level, pass_, provider):
+    shape, provider = SHAPES[shape], PROVIDERS[provider]
     x = inputs(shape)
     base = x["logits"]
     if provider.packed:
@@ -155,9 +157,12 @@ def test_grpo_loss(benchmark, measure, shape, level, pass_, provider):
         leaf = base.clone() if provider.inplace else base.detach()
     leaf.requires_grad_()
     restore = None
-    if provider.inplace:
+    if provider.inplace:  # its backward leaves dlogits in the leaf: put the logits back (untimed)
         pristine = leaf.detach().clone() if provider.packed else base
-        restore = lambda: leaf.data.copy_(pristine)  # noqa: E731
+
+        @torch.no_grad()
+        def restore():
+            leaf.copy_(pristine)
     impl = "triton" if shape.device == "cuda" else "torch"
     loss_fn = provider.build(x, leaf, level, impl)
 
