@@ -8,7 +8,7 @@ with torch.cuda.synchronize(); target() runs the pass and synchronizes before it
 pytest-benchmark's wall clock (time.perf_counter) spans the launches and all the GPU work of
 the pass, and nothing queued before it. Warm-up rounds (torch.compile's compilation, Triton's
 JIT and autotuning, the caching allocator's first allocations) run outside the timed rounds;
-the number of timed rounds is what fills --benchmark-max-time, at least
+the number of timed rounds is what fills --benchmark-max-time (setup included), at least
 --benchmark-min-rounds. The GPU shapes are far larger than the L2 cache, so no flush between
 rounds.
 
@@ -120,9 +120,9 @@ def pass_functions(pass_: str, loss_fn: Callable, leaves: list, restore: Optiona
 
 
 def _run(setup, target) -> float:
-    """One round outside pytest-benchmark; returns the seconds target() took."""
-    args, kwargs = setup() or ((), {})
+    """One round outside pytest-benchmark; returns the seconds it took, setup included."""
     start = time.perf_counter()
+    args, kwargs = setup() or ((), {})
     target(*args, **kwargs)
     return time.perf_counter() - start
 
@@ -147,6 +147,8 @@ def measure(benchmark, config, ceilings: Ceilings, env: dict, pass_: str, loss_f
         for _ in range(WARMUP_ROUNDS[device]):
             once = _run(setup, target)
         peak = _peak_added(setup, target) if device == "cuda" else None
+        # Rounds to fill max_time with setup included: a backward that only hands over what
+        # its forward computed takes microseconds, its setup (that forward) does not.
         rounds = max(int(config.getoption("benchmark_min_rounds")),
                      math.ceil(float(config.getoption("benchmark_max_time")) / max(once, 1e-9)))
         benchmark.pedantic(target, setup=setup, rounds=rounds)
