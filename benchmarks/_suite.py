@@ -33,8 +33,8 @@ from _common import copy_bandwidth, matmul_flops
 PASSES = ("fwd", "bwd", "fwd+bwd")
 BASELINE = "torch_eager"  # the provider the summary's speedups are relative to
 # Untimed rounds before the timed ones: the first compiles (torch.compile, Triton's JIT) and
-# autotunes; on a GPU a second one, settled, sizes the number of timed rounds.
-WARMUP_ROUNDS = {"cuda": 2, "cpu": 1}
+# autotunes, the second, settled, sizes the number of timed rounds.
+WARMUP_ROUNDS = 2
 
 
 def device_marks(device: str) -> list:
@@ -144,7 +144,7 @@ def measure(benchmark, config, ceilings: Ceilings, env: dict, pass_: str, loss_f
         benchmark.pedantic(target, setup=setup)
         return
     try:
-        for _ in range(WARMUP_ROUNDS[device]):
+        for _ in range(WARMUP_ROUNDS):
             once = _run(setup, target)
         peak = _peak_added(setup, target) if device == "cuda" else None
         # Rounds to fill max_time with setup included: a backward that only hands over what

@@ -32,13 +32,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                         triton=env["triton"], liger_kernel=env["liger"] or None)
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_terminal_summary(terminalreporter):
-    lines = summary()
-    if lines:
-        terminalreporter.section("loss kernels: speedup, work rate, share of the ceiling, memory")
-        for line in lines:
-            terminalreporter.write_line(line)
+    """After pytest-benchmark's timing tables, even when --benchmark-compare-fail raises."""
+    try:
+        return (yield)
+    finally:
+        lines = summary()
+        if lines:
+            terminalreporter.section("loss kernels: speedup, work rate, share of the ceiling, memory")
+            for line in lines:
+                terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
