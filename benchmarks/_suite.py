@@ -200,7 +200,8 @@ def summary() -> list[str]:
         lines.append(f"{group}   ({'matmul ceiling' if hidden else 'copy-bandwidth floor'} {floor:,.3f} ms)")
         table = [("provider", "median ms", f"vs {BASELINE}", rate, share, "peak MB")]
         for r in rows:
-            table.append((r["provider"], _fmt(r["median_ms"], 3), "-" if base is None else f"{base / r['median_ms']:.2f}x",
+            speedup = "-" if base is None else f"{base / r['median_ms']:.2f}x"
+            table.append((r["provider"], _fmt(r["median_ms"], 3), speedup,
                           _fmt(r["TFLOP_s"] if hidden else r["GB_s"], 2),
                           _fmt(r["of_matmul_ceiling"] if hidden else r["of_hbm_floor"], 3),
                           _fmt(r["peak_mem_added_MB"], 0)))

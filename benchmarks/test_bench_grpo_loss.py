@@ -4,8 +4,8 @@ computes it, the same under torch.compile, and Liger-Kernel's triton_grpo_loss.
     pytest benchmarks/test_bench_grpo_loss.py --benchmark-only          # the GPU cases skip without one
     pytest benchmarks/test_bench_grpo_loss.py --benchmark-only -k cpu   # one small shape on the CPU
 
-One group per shape, importance-sampling level and pass ("grpo_loss cuda N=16384 V=151936 bf16
-token fwd+bwd"): its rows are the providers doing the same work. Providers:
+One group per shape, importance-sampling level and pass ("grpo_loss cuda N=16384 V=151936
+bfloat16 token fwd+bwd"): its rows are the providers doing the same work. Providers:
   torch_eager    trl_eager.trl_grpo_loss on padded (B, L+1, V) logits, sliced [:, :-1]
   torch_compile  the same under torch.compile (compiled in the warm-up rounds)
   r1vl           grpo_loss on packed (N, V) logits; on a GPU the Triton kernels (token level:
@@ -146,6 +146,11 @@ def cases():
 # ----------------------------------------------------------------------------- the benchmark
 
 
+@torch.no_grad()
+def _copy_into(dst, src):
+    dst.copy_(src)
+
+
 @pytest.mark.parametrize("shape, level, pass_, provider", list(cases()))
 def test_grpo_loss(benchmark, measure, shape, level, pass_, provider):
     shape, provider = SHAPES[shape], PROVIDERS[provider]
@@ -158,11 +163,7 @@ def test_grpo_loss(benchmark, measure, shape, level, pass_, provider):
     leaf.requires_grad_()
     restore = None
     if provider.inplace:  # its backward leaves dlogits in the leaf: put the logits back (untimed)
-        pristine = leaf.detach().clone() if provider.packed else base
-
-        @torch.no_grad()
-        def restore():
-            leaf.copy_(pristine)
+        restore = functools.partial(_copy_into, leaf, leaf.detach().clone() if provider.packed else base)
     impl = "triton" if shape.device == "cuda" else "torch"
     loss_fn = provider.build(x, leaf, level, impl)
 

@@ -6,7 +6,7 @@ LigerFusedLinearGRPOLoss.
     pytest benchmarks/test_bench_grpo_loss_from_hidden.py --benchmark-only          # the GPU cases skip without one
     pytest benchmarks/test_bench_grpo_loss_from_hidden.py --benchmark-only -k cpu   # one small shape on the CPU
 
-One group per shape and pass ("grpo_loss_from_hidden cuda N=16384 H=3584 V=152064 bf16
+One group per shape and pass ("grpo_loss_from_hidden cuda N=16384 H=3584 V=152064 bfloat16
 fwd+bwd"). Providers:
   torch_eager             hidden @ weight.T, then trl_eager.trl_grpo_loss
   torch_compile           the same, the loss under torch.compile (compiled in the warm-up rounds)
@@ -135,7 +135,8 @@ def cases():
     for shape in SHAPES.values():
         for pass_ in PASSES:
             for name in PROVIDERS:
-                yield pytest.param(shape.id, pass_, name, id=f"{shape.id}-{pass_}-{name}", marks=device_marks(shape.device))
+                yield pytest.param(shape.id, pass_, name, id=f"{shape.id}-{pass_}-{name}",
+                                   marks=device_marks(shape.device))
 
 
 # ----------------------------------------------------------------------------- the benchmark
