@@ -206,7 +206,19 @@ def summary() -> list[str]:
                           _fmt(r["of_matmul_ceiling"] if hidden else r["of_hbm_floor"], 3),
                           _fmt(r["peak_mem_added_MB"], 0)))
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        notes = [""] + [f"  ({r['note']})" if r.get("note") else "" for r in rows]
         lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                  for row in table]
+                  + note for row, note in zip(table, notes)]
         lines.append("")
     return lines
+
+
+if __name__ == "__main__":  # python benchmarks/_suite.py RUN.json ...: the summary of stored runs
+    import json
+    import sys
+
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            timed = [b for b in json.load(f)["benchmarks"] if "median_ms" in b["extra_info"]]
+        ROWS[:] = [(b["group"], b["extra_info"]) for b in timed]
+        print(f"{path}\n" + "\n".join(summary()))
