@@ -30,10 +30,11 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-# trl (the bench extra) is the end-to-end baseline of bench_trainer.py.
+# The loss kernels' suite (pytest-benchmark; on a CPU only its small cases run, the GPU ones
+# skip), saved under .benchmarks/ for --benchmark-compare; then the end-to-end scripts. trl
+# (the bench extra) is the end-to-end baseline of bench_trainer.py.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_grpo_loss.py
-	$(PY) benchmarks/bench_grpo_loss_from_hidden.py
+	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-autosave
 	$(PY) benchmarks/bench_packing.py --out benchmarks/results/packing_efficiency.md
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_trl_loss.py

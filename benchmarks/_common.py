@@ -1,4 +1,4 @@
-"""Timing, ceilings, memory and CSV helpers shared by the benchmark scripts."""
+"""Timing, ceilings, the environment fields and CSV helpers shared by the benchmarks."""
 import csv
 import datetime
 import os
@@ -47,48 +47,6 @@ def matmul_flops(device, dtype):
     return 2 * n**3 / (bench(lambda: a @ b, device) * 1e-3)
 
 
-def peak_extra_bytes(fn, device):
-    """Peak allocated memory fn() adds on top of what is allocated before it (CUDA only)."""
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def time_modes(leaves, fn, device, restore=None):
-    """{"fwd", "bwd", "fwd+bwd": ms} and the peak extra bytes of a forward + backward.
-
-    fn() returns a scalar loss of the leaves. restore: for in-place backward kernels that
-    overwrite their inputs, a function putting them back; backward alone is then not timed
-    and the restore's own time is taken out of fwd+bwd.
-    """
-    out = {"fwd": bench(fn, device)}  # a training forward: autograd records
-
-    def fwd_bwd():
-        for leaf in leaves:
-            leaf.grad = None
-        fn().backward()
-        if restore is not None:
-            restore()
-
-    if restore is None:
-        out["fwd+bwd"] = bench(fwd_bwd, device)
-        loss = fn()
-
-        def bwd():
-            for leaf in leaves:
-                leaf.grad = None
-            loss.backward(retain_graph=True)
-        out["bwd"] = bench(bwd, device)
-    else:
-        out["fwd+bwd"] = bench(fwd_bwd, device) - bench(restore, device)
-    return out, peak_extra_bytes(fwd_bwd, device)
-
-
 def environment():
     """Fields every result row carries: time, commit, device, library versions."""
     try:
@@ -122,12 +80,3 @@ def print_table(rows: list, columns: list) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
-
-
-def parse_args(doc: str):
-    """The options every benchmark takes: --quick (a smaller sweep), --no-save."""
-    import argparse
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sweep")
-    parser.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
-    return parser.parse_args()

@@ -2,7 +2,8 @@
 
 Padded (B, L, V) logits: divide by the temperature (a copy), per-token log-probs through a
 log-softmax (row by row for half precision, as TRL's selective_log_softmax does to bound its
-memory), then the clipped-ratio loss, the k3 KL and the "grpo" reduction.
+memory), then the clipped-ratio loss (token- or sequence-level ratios), the k3 KL and the
+"grpo" reduction.
 """
 import torch
 
@@ -18,10 +19,15 @@ def selective_log_softmax(logits, index):
 
 
 def trl_grpo_loss(logits, target_ids, mask, advantages, old_logp, ref_logp, *, temperature=1.0,
-                  beta=0.04, epsilon_low=0.2, epsilon_high=0.2):
-    """logits (B, L, V); target_ids, mask, old_logp, ref_logp (B, L); advantages (B,)."""
+                  beta=0.04, epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="token"):
+    """logits (B, L, V); target_ids, mask, old_logp, ref_logp (B, L); advantages (B,).
+    importance_sampling_level "sequence" (GSPO): one ratio per sequence, exp of the masked
+    mean of logp - old_logp."""
     logp = selective_log_softmax(logits / temperature, target_ids)
-    coef_1 = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.unsqueeze(1)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
