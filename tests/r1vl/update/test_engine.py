@@ -25,19 +25,19 @@ def _start(dtype: torch.dtype) -> torch.nn.Module:
     return model.train()
 
 
-def _microbatches(model: torch.nn.Module, seed: int = 0):
-    """Two packed micro-batches of SFT pairs (prompt with an image, assistant tokens) and
-    the step's target count."""
+def _microbatches(model: torch.nn.Module, seed: int = 0, split: bool = True):
+    """Four SFT pairs (a prompt with an image, assistant tokens) packed as two micro-batches
+    (one with split=False), and the step's target count."""
     gen = torch.Generator().manual_seed(seed)
     samples = [make_sample(gen, [(1, 4, 4)], completion_len=6 + 3 * i) for i in range(4)]
-    parts = [pack(samples[:2], model), pack(samples[2:], model)]
+    parts = [pack(samples[:2], model), pack(samples[2:], model)] if split else [pack(samples, model)]
     return parts, sum(p.target_ids.numel() for p in parts)
 
 
-def _sft(engine: PlainEngine, steps: int, seed: int = 0) -> list[float]:
-    """`steps` optimizer steps on the same two micro-batches, the loss a token mean as
+def _sft(engine: PlainEngine, steps: int, seed: int = 0, split: bool = True) -> list[float]:
+    """`steps` optimizer steps on the same micro-batches, the loss a token mean as
     r1vl.update.sft computes it; returns the gradient norms."""
-    parts, n_tokens = _microbatches(engine.model, seed)
+    parts, n_tokens = _microbatches(engine.model, seed, split)
     norms = []
     for _ in range(steps):
         for packed in parts:
@@ -75,7 +75,7 @@ def test_bf16_sft_run_moves_the_weights_as_far_as_fp32():
         model = _start(dtype)
         initial = _weights(model)
         engine = PlainEngine(model, settings, WORLD)
-        _sft(engine, 30)
+        _sft(engine, 30, split=False)
         runs[dtype] = initial, _weights(model), engine
     start, fp32, _ = runs[torch.float32]
     _, bf16, engine = runs[torch.bfloat16]
