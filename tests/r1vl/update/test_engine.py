@@ -125,6 +125,49 @@ def test_microbatch_gradients_accumulate_in_fp32():
     engine.close()
 
 
+def _data_parallel_rank(rank: int, store: str, out: str) -> None:
+    """One of two gloo ranks: micro-batch `rank` of the step, 3 steps; rank 0 saves what it got."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        world = types.SimpleNamespace(rank=rank, world_size=2, device=torch.device("cpu"), is_main=rank == 0)
+        model = _start(torch.bfloat16)
+        engine = PlainEngine(model, UpdateSettings(lr=1e-4, total_steps=3), world)
+        parts, n_tokens = _microbatches(model)
+        norms = []
+        for _ in range(3):
+            engine.backward(engine.forward(sft_loss_sum, parts[rank]) / n_tokens)
+            norms.append(engine.step(True))
+        if rank == 0:
+            torch.save({"norms": torch.tensor(norms, dtype=torch.float64), "weights": model.state_dict(),
+                        "masters": {n: m.detach() for n, m in engine.masters.items()}}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_gradients_sum_over_ranks(tmp_path):
+    """Two gloo ranks, one micro-batch each, end bit for bit where one process running both
+    ends: the fp32 master gradients are what the ranks sum."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_data_parallel_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank0.pt")), nprocs=2)
+    ranks = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    model = _start(torch.bfloat16)
+    engine = PlainEngine(model, UpdateSettings(lr=1e-4, total_steps=3), WORLD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: CPU matmuls round by how they split the work
+    try:
+        assert _sft(engine, 3) == ranks["norms"].tolist()
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ranks["weights"][name]), name
+    for name, master in engine.masters.items():
+        assert torch.equal(master, ranks["masters"][name]), name
+
+
 # -------------------------------------------------------------------------------- checkpoints
 
 
