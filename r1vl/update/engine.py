@@ -25,7 +25,7 @@ DeepSpeed's bf16 optimizer does. Per step:
 
     backward   each bf16 gradient is added into its master's fp32 .grad as soon as autograd
                has accumulated it (a post-accumulate-grad hook), then freed: micro-batches
-               accumulate in fp32, and only one bf16 gradient lives at a time
+               accumulate in fp32, and no bf16 .grad outlives its hook
     step       the fp32 gradients summed over ranks, clipped, AdamW on the masters (fp32
                moments), each weight set to its master rounded to nearest
 
