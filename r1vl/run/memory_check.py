@@ -44,7 +44,7 @@ def fixes(cfg, plan: MemoryPlan, **where) -> list[str]:
     """The options that would make a plan fit, each tried alone, then combined."""
     from r1vl.deepspeed_config import read_deepspeed_config
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository: configs/
     found = []
 
     def fits(**change) -> MemoryPlan:

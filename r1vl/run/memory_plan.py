@@ -224,9 +224,9 @@ def load_model_config(source: str):
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How the weights, gradients and optimizer state are held (r1vl.engine / deepspeed_engine)."""
+    """How the weights, gradients and optimizer state are held (r1vl.update.engine / deepspeed_engine)."""
 
-    zero_stage: int = 0  # 0 = PlainEngine (every rank holds everything)
+    zero_stage: int = 0  # 0 = PlainEngine (every rank holds everything, fp32 masters of bf16 weights)
     offload_optimizer: bool = False  # fp32 master weights, AdamW moments and fp32 gradients on the CPU
     offload_param: bool = False  # ZeRO-3: the weights' shards on the CPU
     reduce_bucket: int = 0  # elements of ZeRO's gradient reduction buckets
@@ -338,9 +338,10 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
         plan.persistent.append(Item("weights", 0 if engine.offload_param else Phi * e / N, where))
     else:
         plan.persistent.append(Item("weights", Phi * e, "whole on every rank"))
-    if z == 0:
-        plan.persistent.append(Item("optimizer state", 2 * Psi * e, "AdamW moments in the weights' dtype"))
-        plan.persistent.append(Item("master weights", 0, "none: AdamW steps the weights in place"))
+    if z == 0:  # r1vl.update.engine: fp32 masters of weights that are not fp32, AdamW on them
+        plan.persistent.append(Item("optimizer state", 8 * Psi, "fp32 AdamW moments"))
+        plan.persistent.append(Item("master weights", 4 * Psi, "fp32 copy of the trainable weights") if e < 4 else
+                               Item("master weights", 0, "none: AdamW steps the fp32 weights in place"))
     elif engine.offload_optimizer:
         plan.persistent.append(Item("optimizer state", 0, "fp32 AdamW moments on the CPU (offload_optimizer)"))
         plan.persistent.append(Item("master weights", 0, "fp32, on the CPU (offload_optimizer)"))
@@ -386,8 +387,11 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
     targets = groups * num_generations * max_completion_length
     lm = s.language_activation_bytes(e, T, keys, targets, checkpointing)
     vision = s.vision_activation_bytes(e, patches, checkpointing) if not freeze_vision_tower else patches * e * s.v_out
-    plan.update.append(Item("gradients", (Psi * e / N + 2 * engine.reduce_bucket * e) if z else Psi * e,
-                            f"a 1/{N} shard + reduction buckets" if z else "whole"))
+    if z:
+        plan.update.append(Item("gradients", Psi * e / N + 2 * engine.reduce_bucket * e,
+                                f"a 1/{N} shard + reduction buckets"))
+    else:  # fp32 whatever the weights' dtype: bf16 gradients are accumulated on the masters
+        plan.update.append(Item("gradients", 4 * Psi, "whole, fp32" + (" (on the master weights)" if e < 4 else "")))
     plan.update.append(Item("activations, language model", lm,
                             f"{T} tokens ({keys:.0f} key rows), checkpointed" if checkpointing else f"{T} tokens"))
     plan.update.append(Item("activations, vision tower", vision,

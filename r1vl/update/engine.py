@@ -16,6 +16,27 @@ The update talks to an engine only:
 `PlainEngine` is torch's AdamW with a warm-up/decay schedule and data parallelism by hand
 (gradients summed over ranks once per step, r1vl.distributed). `r1vl.update.deepspeed_engine`
 puts DeepSpeed's engine (ZeRO-2/3) behind the same methods.
+
+Mixed precision (a bf16 policy, `--dtype auto` on CUDA): the weights stay bf16 and the
+optimizer steps an fp32 master copy of each of them. AdamW straight on bf16 weights loses
+most updates to rounding (an update below half a bf16 step, 2**-9 relative, rounds away:
+RMSNorm weights near 1.0 never move at lr 2e-5); on the masters it keeps every bit, as
+DeepSpeed's bf16 optimizer does. Per step:
+
+    backward   each bf16 gradient is added into its master's fp32 .grad as soon as autograd
+               has accumulated it (a post-accumulate-grad hook), then freed: micro-batches
+               accumulate in fp32, and no bf16 .grad outlives its hook
+    step       the fp32 gradients summed over ranks, clipped, AdamW on the masters (fp32
+               moments), each weight set to its master rounded to nearest
+
+Masters rather than fp32 weights under autocast: everything else that reads the policy
+(the rollout's decode step, its CUDA graphs and fused weights, the KL reference, the fused
+loss on the lm_head weight, the saved policy) keeps reading bf16 weights that exist once,
+instead of casting fp32 weights on every forward. The cost is 4 bytes per trainable
+parameter for the masters, 8 for AdamW's moments (fp32, as the masters are), and fp32
+gradients (4 instead of 2). fp32 weights (the CPU default) have no masters: AdamW steps
+them in place, exactly as without mixed precision. float16 gets masters too, but no loss
+scaling: bf16 is the low precision to train in.
 """
 from __future__ import annotations
 
@@ -127,11 +148,19 @@ class Engine:
 
 
 class PlainEngine(Engine):
-    """AdamW + LambdaLR on `model`'s trainable parameters, gradients summed over ranks by hand.
+    """AdamW + LambdaLR on `model`'s trainable parameters, gradients summed over ranks by hand;
+    an fp32 master copy of every trainable parameter that is not fp32 (see the module's
+    docstring).
 
     Args:
         model: the policy (any nn.Module), already on its device, identical on every rank.
+            Only one live engine per model: the next one is made after close().
         settings: the rate, its schedule, AdamW's, clipping, the skip limit.
+
+    Attributes:
+        params: what AdamW steps, one per trainable parameter in model order: the parameter
+            itself when fp32, else its master.
+        masters: {name: fp32 master} of the trainable parameters that are not fp32.
     """
 
     def __init__(self, model: torch.nn.Module, settings: UpdateSettings, world: distributed.Dist):
@@ -139,14 +168,20 @@ class PlainEngine(Engine):
         self.max_grad_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
         self.max_bad_steps = settings.max_bad_steps
         self.skipped = 0
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.masters = {name: torch.nn.Parameter(p.detach().float()) for name, p in trainable
+                        if p.dtype != torch.float32}
+        self.params = [self.masters.get(name, p) for name, p in trainable]
+        self._low = [(p, self.masters[name]) for name, p in trainable if name in self.masters]
+        self._hooks = [p.register_post_accumulate_grad_hook(_into_master(master)) for p, master in self._low]
         self.optimizer, self.scheduler = adamw_with_schedule(self.params, settings)
 
     # ------------------------------------------------------------------ the update
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate d(loss)/d(params); the loss is already weighted by its share of the
-        global batch (r1vl.update.losses.microbatch_weight), so gradients sum, never average."""
+        global batch (r1vl.update.losses.microbatch_weight), so gradients sum, never average.
+        A parameter with a master accumulates in the master's fp32 .grad, never its own."""
         loss.backward()
 
     def step(self, loss_finite: bool) -> float:
@@ -162,9 +197,16 @@ class PlainEngine(Engine):
             self._skip(float(norm))
             return float(norm)
         self.optimizer.step()
+        self._masters_to_weights()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    @torch.no_grad()
+    def _masters_to_weights(self) -> None:
+        """Every low-precision weight := its master rounded to nearest (copy_ rounds)."""
+        for p, master in self._low:
+            p.copy_(master)
 
     def forward(self, fn, *args, **kwargs):
         """fn(model, *args, **kwargs): a loss or log-probs of the policy (r1vl.update.losses)."""
@@ -172,7 +214,7 @@ class PlainEngine(Engine):
 
     def reference(self, model: torch.nn.Module | None = None) -> Frozen:
         """The KL reference, frozen: `model` (a copy the caller loaded, e.g. on resume) or,
-        when None, a copy of the policy as it is now."""
+        when None, a copy of the policy as it is now (a deep copy takes no hooks along)."""
         return Frozen(copy.deepcopy(self.model) if model is None else model)
 
     def gathered(self):
@@ -186,22 +228,65 @@ class PlainEngine(Engine):
     def eval(self) -> None:
         self.model.eval()
 
+    def close(self) -> None:
+        """End of a stage: the gradient hooks removed from the model, so that the next
+        engine on it gets the gradients; the masters and AdamW state go with this object."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, directory: Path) -> None:
-        """Optimizer and schedule into `directory` (every rank calls this; the state is the
-        same on every rank, so rank 0 writes it). The weights are saved by the caller."""
+        """Optimizer and schedule into `directory`, and the fp32 masters (master_weights.pt,
+        {name: tensor}) when there are any: the saved policy holds only their rounding.
+        Every rank calls this; the state is the same on every rank, so rank 0 writes it.
+        The weights are saved by the caller."""
         if self.world.is_main:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            if self.masters:
+                torch.save({name: m.detach() for name, m in self.masters.items()}, directory / MASTERS_FILE)
             write_engine_json(directory, self.scheduler, self.skipped)
 
     def load_state(self, directory: Path) -> None:
-        """Inverse of save_state; the optimizer file is read with torch.load(weights_only=True)."""
+        """Inverse of save_state, after the caller loaded the policy; files are read with
+        torch.load(weights_only=True). Saved masters replace the weights they belong to
+        (this engine's masters, or the fp32 weights of a run resumed in fp32); without
+        them (a checkpoint of an fp32 run) the masters are the loaded weights."""
         if not (directory / "optimizer.pt").is_file():
             raise ValueError(f"{directory}: no optimizer.pt (written with --deepspeed?); resume with the same engine")
         state = torch.load(directory / "optimizer.pt", map_location=self.world.device, weights_only=True)
         self.optimizer.load_state_dict(state)
+        if (directory / MASTERS_FILE).is_file():
+            self._load_masters(torch.load(directory / MASTERS_FILE, map_location=self.world.device,
+                                          weights_only=True), directory)
         self.skipped = read_engine_json(directory, self.scheduler)["skipped"]
+
+    @torch.no_grad()
+    def _load_masters(self, saved: dict[str, torch.Tensor], directory: Path) -> None:
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        unknown = sorted(set(saved) - set(trainable))
+        if unknown:
+            raise ValueError(f"{directory / MASTERS_FILE}: master weights of parameters this run does not train: "
+                             f"{unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
+        for name, value in saved.items():
+            self.masters.get(name, trainable[name]).copy_(value)
+        self._masters_to_weights()
+
+
+MASTERS_FILE = "master_weights.pt"
+
+
+def _into_master(master: torch.nn.Parameter):
+    """The post-accumulate-grad hook of a low-precision parameter: its gradient, just
+    accumulated by autograd, added into `master`'s fp32 .grad and freed."""
+    def hook(param: torch.Tensor) -> None:
+        if master.grad is None:
+            master.grad = param.grad.float()
+        else:
+            master.grad.add_(param.grad)  # in place in fp32: the sum is never rounded to bf16
+        param.grad = None
+    return hook
 
 
 def write_engine_json(directory: Path, scheduler, skipped: int, **extra) -> None:

@@ -97,3 +97,14 @@ def make_group(gen: torch.Generator, grids: list[tuple[int, int, int]], completi
         sibling.prompt_ids = first.prompt_ids
         group.append(sibling)
     return group
+
+
+def grpo_batch(seed: int, G: int):
+    """Three prompts x G completions of uneven lengths (one of length 1 in every group):
+    a prompt with one image, one with two images, a text-only one; prompt-major order."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for grids in ([(1, 4, 6)], [(1, 2, 2), (1, 10, 4)], []):
+        lens = [1] + [int(torch.randint(2, 14, (1,), generator=gen)) for _ in range(G - 1)]
+        samples += make_group(gen, grids, lens)
+    return samples

@@ -7,8 +7,7 @@ import types
 
 import pytest
 import torch
-from test_model import grpo_batch
-from tiny_qwen_vl import FAMILIES, tiny_model
+from tiny_qwen_vl import FAMILIES, grpo_batch, tiny_model
 
 from r1vl import distributed
 from r1vl.model.activation_checkpointing import checkpointed_layers, enable_activation_checkpointing

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import grpo_batch
-from tiny_qwen_vl import FAMILIES, tiny_model
+from tiny_qwen_vl import FAMILIES, grpo_batch, tiny_model
 
 from r1vl.config import make_config
 from r1vl.model.activation_checkpointing import enable_activation_checkpointing
@@ -26,7 +25,7 @@ from r1vl.update.engine import PlainEngine, UpdateSettings
 from r1vl.update.losses import policy_loss
 from r1vl.update.packing import pack
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LOSS = dict(temperature=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=16)
 
 
@@ -115,9 +114,11 @@ def test_parameter_count_is_the_models(family):
     assert ModelShape.from_config(model.config).params == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("freeze_vision_tower", [False, True])
-def test_weights_gradients_and_optimizer_state_are_the_tensors_allocated(freeze_vision_tower):
-    model = tiny_model("qwen2_vl")
+def test_weights_gradients_and_optimizer_state_are_the_tensors_allocated(freeze_vision_tower, dtype):
+    """The plain engine's: bf16 weights get fp32 masters, fp32 gradients and fp32 AdamW moments."""
+    model = tiny_model("qwen2_vl").to(dtype)
     use_varlen_attention(model)
     if freeze_vision_tower:
         model.model.visual.requires_grad_(False)
@@ -126,17 +127,19 @@ def test_weights_gradients_and_optimizer_state_are_the_tensors_allocated(freeze_
     packed = pack(grpo_batch(seed=0, G=2), model, share_prompts=True)
     engine.backward(engine.forward(policy_loss, packed, torch.randn(packed.num_sequences), None, None,
                                    impl="torch", **LOSS).loss)
-    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    gradients = sum(p.grad.nbytes for p in [*model.parameters(), *engine.masters.values()] if p.grad is not None)
     engine.step(True)
     state = sum(t.nbytes for s in engine.optimizer.state.values() for k, t in s.items() if k != "step")
-    plan = plan_memory(ModelShape.from_config(model.config), dtype_bytes=4, engine=EngineSpec(), world_size=1,
-                       checkpointing=False, micro_batch_tokens=256, batch_size=4, num_generations=2,
+    plan = plan_memory(ModelShape.from_config(model.config), dtype_bytes=dtype.itemsize, engine=EngineSpec(),
+                       world_size=1, checkpointing=False, micro_batch_tokens=256, batch_size=4, num_generations=2,
                        max_prompt_length=64, max_completion_length=32, max_pixels=3136, beta=0.04,
                        freeze_vision_tower=freeze_vision_tower, on_cuda=False)
     assert plan.item("weights") == sum(p.nbytes for p in model.parameters())
     assert plan.item("reference model") == sum(p.nbytes for p in copy.deepcopy(model).parameters())
     assert plan.item("gradients") == gradients
     assert plan.item("optimizer state") == state
+    assert plan.item("master weights") == sum(m.nbytes for m in engine.masters.values())
+    assert (plan.item("master weights") > 0) == (dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("on_cuda", [False, True])
@@ -188,7 +191,9 @@ def test_auto_checkpointing_is_decided_by_the_plan():
 
 
 def test_plan_that_does_not_fit_names_the_fixes():
-    cfg = make_config(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=48.0,
+    """2B in bf16 on the plain engine (fp32 masters, moments and gradients: 16 bytes per
+    parameter) on 72 GB: each of the three fixes alone makes it fit."""
+    cfg = make_config(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=72.0,
                       activation_checkpointing="off", batch_size=32)
     with pytest.raises(PlanDoesNotFit) as info:
         check_plan(cfg, world_size=1)

@@ -446,7 +446,7 @@ def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path
 def test_plain_runs_never_import_deepspeed():
     code = ("import sys, torch, train\n"
             "from r1vl import distributed\n"
-            "from r1vl.update.engine import make_engine\n"
+            "from r1vl.update.engines import make_engine\n"
             "from r1vl.config import make_config\n"
             "from r1vl.tiny import build_model, build_tokenizer\n"
             "model = build_model(build_tokenizer(['a b'] * 2, vocab_size=300))\n"

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_group, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, grpo_batch, make_sample, tiny_model
 
 from r1vl.model.attention import use_varlen_attention
 from r1vl.model.policy import vision_tower
@@ -152,17 +152,6 @@ def test_sdpa_model_without_varlen_registration_gives_the_same_hidden_states():
 # The shared-prompt layout (pack(..., share_prompts=True)) against the padded forward and the
 # unshared packing
 # --------------------------------------------------------------------------------------------
-
-
-def grpo_batch(seed: int, G: int):
-    """Three prompts x G completions of uneven lengths (one of length 1 in every group):
-    a prompt with one image, one with two images, a text-only one; prompt-major order."""
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for grids in ([(1, 4, 6)], [(1, 2, 2), (1, 10, 4)], []):
-        lens = [1] + [int(torch.randint(2, 14, (1,), generator=gen)) for _ in range(G - 1)]
-        samples += make_group(gen, grids, lens)
-    return samples
 
 
 def _grads(model):
