@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from r1vl import keysteps
 from r1vl.data.synthetic import write_dataset
+from r1vl.rewards import keysteps
 from r1vl.rewards import key_step_match
 from r1vl.rewards.keysteps import KeyStepError, LLMExtractor, alternatives, extract_rule_based, fill_key_steps, main, parse_reply
 
