@@ -37,7 +37,7 @@ class Benchmark:
 
 def _check_list(column: str) -> Callable[[Item], None]:
     def check(item: Item) -> None:
-        if vlmevalkit.literal(item.fields[column]) is vlmevalkit._MISSING:
+        if vlmevalkit.literal(item.fields[column]) is vlmevalkit.MISSING:
             raise ValueError(f"{column} is not a list literal: {item.fields[column][:80]!r}")
     return check
 

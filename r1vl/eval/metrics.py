@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1vl.eval import vlmevalkit as vk
+from r1vl.eval import vlmevalkit_math as vkm
+
 from r1vl.eval.tsv import Item
 
 
@@ -123,14 +125,14 @@ def score_mathvista(item: Item, prediction: str, ask: Ask | None, fixes: frozens
     otherwise the judge extracts (build_mathvista_gpt4_prompt, 5 tries) and post_check scores
     its reply."""
     fix_text, floats = "mathvista-text" in fixes, "answer" in item.float_columns
-    res = vk.mathvista_post_check(item.fields, prediction, True, fix_text, floats)
+    res = vkm.mathvista_post_check(item.fields, prediction, True, fix_text, floats)
     if _prefetched(res, fixes):
-        return Verdict(bool(vk.mathvista_post_check(item.fields, str(res), False, fix_text, floats)), str(res))
+        return Verdict(bool(vkm.mathvista_post_check(item.fields, str(res), False, fix_text, floats)), str(res))
     if ask is None:
         return _pending()
-    reply = _retry(ask, vk.mathvista_prompt(item.fields["question"], prediction), 5)
+    reply = _retry(ask, vkm.mathvista_prompt(item.fields["question"], prediction), 5)
     reply = "" if reply is None else reply
-    return Verdict(bool(vk.mathvista_post_check(item.fields, reply, False, fix_text, floats)), reply, judged=True,
+    return Verdict(bool(vkm.mathvista_post_check(item.fields, reply, False, fix_text, floats)), reply, judged=True,
                    judge_failed=reply == "")
 
 
@@ -138,14 +140,14 @@ def score_mathvision(item: Item, prediction: str, ask: Ask | None, fixes: frozen
     """dataset/image_vqa.py MathVision.evaluate_heuristic -> utils/mathv.py MATH_V_auxeval and
     MATH_V_acc: post_check (can_infer for a choices list, else the whole prediction, then
     is_equal); otherwise the judge extracts (build_mathv_gpt4_prompt, 5 tries)."""
-    res = vk.mathv_post_check(item.fields, prediction, True)
+    res = vkm.mathv_post_check(item.fields, prediction, True)
     if _prefetched(res, fixes):
-        return Verdict(bool(vk.mathv_post_check(item.fields, str(res), False)), str(res))
+        return Verdict(bool(vkm.mathv_post_check(item.fields, str(res), False)), str(res))
     if ask is None:
         return _pending()
-    reply = _retry(ask, vk.mathv_prompt(item.fields["question"], prediction), 5)
+    reply = _retry(ask, vkm.mathv_prompt(item.fields["question"], prediction), 5)
     reply = "" if reply is None else reply
-    return Verdict(bool(vk.mathv_post_check(item.fields, reply, False)), reply, judged=True,
+    return Verdict(bool(vkm.mathv_post_check(item.fields, reply, False)), reply, judged=True,
                    judge_failed=reply == "")
 
 
@@ -155,12 +157,12 @@ def score_mathverse(item: Item, prediction: str, ask: Ask | None, fixes: frozens
     the answer (post_check_score), MathVerse_auxeval_score (5 tries until the reply is 0/1)."""
     if ask is None:
         return _pending()
-    extract = _retry(ask, vk.mathverse_extract_prompt(prediction), 5)
+    extract = _retry(ask, vkm.mathverse_extract_prompt(prediction), 5)
     failed = extract is None
     extract = "" if extract is None else extract
-    if vk.mathverse_post_check_score(item.fields["answer"], extract):
+    if vkm.mathverse_post_check_score(item.fields["answer"], extract):
         return Verdict(True, extract, judged=True)
-    prompt = vk.mathverse_score_prompt(item.fields["question_for_eval"], item.fields["answer"], extract)
+    prompt = vkm.mathverse_score_prompt(item.fields["question_for_eval"], item.fields["answer"], extract)
     for i in range(5):
         reply = ask(prompt, 0.5 * i, None)
         if vk.JUDGE_FAILED not in reply and reply.strip() in ("0", "1"):
@@ -173,21 +175,21 @@ def score_dynamath(item: Item, prediction: str, ask: Ask | None, fixes: frozense
     letter upper-cased), else parse_answer on the whole (preprocessed) prediction, else one
     judge call (system prompt set, one try); then the answer_type's rule."""
     kind, answer = item.fields["answer_type"], item.fields["answer"]
-    pred = vk.dynamath_preprocess(prediction)
-    short = vk.dynamath_json_answer(pred, kind)
+    pred = vkm.dynamath_preprocess(prediction)
+    short = vkm.dynamath_json_answer(pred, kind)
     judged = False
     if short is not None:
         ok = True
     else:
-        ok, short = vk.dynamath_parse(pred, kind)
+        ok, short = vkm.dynamath_parse(pred, kind)
         if not ok:
             if ask is None:
                 return _pending()
             judged = True
-            reply = ask(vk.dynamath_prompt(pred, kind), 0.0, vk.DYNAMATH_SYSTEM)
-            ok, short = vk.dynamath_parse(reply, kind)
+            reply = ask(vkm.dynamath_prompt(pred, kind), 0.0, vkm.DYNAMATH_SYSTEM)
+            ok, short = vkm.dynamath_parse(reply, kind)
     try:
-        right = vk.dynamath_verdict(answer, kind, pred, ok, short)
+        right = vkm.dynamath_verdict(answer, kind, pred, ok, short)
     except ValueError:  # float(answer) fails: VLMEvalKit's worker errors; the item counts wrong
         right = False
     return Verdict(bool(right), None if short is None else str(short), judged=judged)

@@ -6,6 +6,8 @@ from evalkit_files import png_b64, write_tsv
 
 from r1vl.eval import benchmarks, metrics, protocols
 from r1vl.eval import vlmevalkit as vk
+from r1vl.eval import vlmevalkit_math as vkm
+
 from r1vl.eval.judge import Judge
 from r1vl.eval.tsv import Item
 
@@ -73,7 +75,7 @@ def test_mathvista_prefetch(fields, prediction, verdict):
 ])
 def test_mathv_is_equal(answer, prediction, right):
     # vlmeval/dataset/utils/mathv.py is_equal
-    assert vk.mathv_is_equal(prediction, answer) is right
+    assert vkm.mathv_is_equal(prediction, answer) is right
 
 
 @pytest.mark.parametrize("kind, answer, prediction, verdict", [
@@ -140,5 +142,5 @@ def test_judge_prompts_match_vlmevalkit(chat_server):
     v = metrics.score_mathvista(item(**MV_INT), "three apples", ask)
     assert v.correct and v.judged
     sent = server.requests[-1]["body"]["messages"][-1]["content"]
-    assert sent == vk.mathvista_prompt("q", "three apples")
+    assert sent == vkm.mathvista_prompt("q", "three apples")
     assert sent.endswith("Extracted answer: B\n\nq\nModel respone: three applesExtracted answer:")
