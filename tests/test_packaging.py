@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -89,10 +90,14 @@ def _source_modules() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel pip builds from the checkout (setuptools from the environment: no download)."""
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel pip builds from a copy of the checkout's sources (setuptools from the
+    environment: no download). A copy, because setuptools reuses the build/ folder of an
+    earlier build in the checkout, which may hold modules since moved or deleted."""
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "r1vl"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", "__pycache__", ".pytest_cache", ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+                    "-w", str(out), str(source)], check=True, capture_output=True, text=True, timeout=300)
     (path,) = out.glob("r1vl-*.whl")
     return path
 

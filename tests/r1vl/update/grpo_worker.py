@@ -67,8 +67,9 @@ def setup():
 
 def capture_gradients(engine, model) -> dict:
     """{name: gradient} filled by PlainEngine's optimizer right before it steps: the summed
-    gradient the update applies."""
+    gradient the update applies (on a bf16 model, the fp32 gradient of the parameter's master)."""
     grads, names = {}, {id(p): n for n, p in model.named_parameters()}
+    names.update({id(m): n for n, m in getattr(engine, "masters", {}).items()})  # bf16 weights' fp32 masters
     engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.update(
         {names[id(p)]: p.grad.detach().clone() for group in opt.param_groups for p in group["params"]}))
     return grads
