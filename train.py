@@ -107,8 +107,8 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
     resume = resume_point(cfg, run_dir, world)
     data, model_path = prepare_demo(cfg, run_dir, world) if cfg.model == "tiny" else (cfg.data, cfg.model)
     policy = load_trainable(str(resume.path / "policy") if resume is not None else model_path, cfg, world)
-    distributed.print0(f"r1vl: {cfg.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}; "
-                       f"run dir {run_dir}")
+    distributed.print0(f"r1vl: {cfg.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
+                       f"activation checkpointing {cfg.activation_checkpointing}; run dir {run_dir}")
     examples, eval_examples = split_data(data, cfg)
     log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
     saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stages else 0, world,

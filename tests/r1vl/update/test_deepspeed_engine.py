@@ -317,9 +317,10 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
     """`torchrun train.py` (SFT + StepGRPO with a KL reference, from the warmed-up tiny model)
     plain, with --deepspeed configs/zero2.json and configs/zero3.json: same per-step numbers,
     identical ranks, and a saved final policy that loads and equals plain's within tolerance.
-    Then a ZeRO-3 run killed after its checkpoint of GRPO step 1 and resumed (the policy and
-    the ZeRO-3 optimizer shards from the checkpoint, the KL reference loaded from
-    RUN_DIR/reference and sharded again) ends with exactly the uninterrupted run's weights.
+    ZeRO-3 with --activation_checkpointing on gives exactly ZeRO-3's numbers and weights. Then
+    a ZeRO-3 run with checkpointing, killed after its checkpoint of GRPO step 1 and resumed
+    (the policy and the ZeRO-3 optimizer shards from the checkpoint, the KL reference loaded
+    from RUN_DIR/reference and sharded again) ends with exactly the uninterrupted run's weights.
 
     The GRPO updates are not zero: every step has groups whose rewards differ, and GRPO moves
     the weights far beyond the tolerance of the comparison, so a wrong advantage, weighting,
@@ -337,11 +338,14 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
             "--max_prompt_length", "128", "--max_completion_length", "128", "--micro_batch_tokens", "256",
             "--reward_symbolic", "false", "--beta", "0.04", "--num_iterations", "2"]
     zero3 = ["--deepspeed", str(CONFIGS / "zero3.json"), "--save_every", "1", "--keep_last", "1"]
-    extras = {"plain": [], "zero2": ["--deepspeed", str(CONFIGS / "zero2.json")], "zero3": zero3}
+    checkpointed = [*zero3, "--activation_checkpointing", "on"]
+    extras = {"plain": [], "zero2": ["--deepspeed", str(CONFIGS / "zero2.json")], "zero3": zero3,
+              "zero3-checkpointed": checkpointed}
     runs = {}
     for kind, extra in extras.items():
         run_dir = tmp_path / kind
         result = _torchrun([str(ROOT / "train.py"), "--run_dir", str(run_dir), *args, *extra], cwd=tmp_path)
+        assert f"activation checkpointing {'on' if kind == 'zero3-checkpointed' else 'off'}" in result.stdout, kind
         if kind == "plain":
             assert "real_accelerator" not in result.stderr  # deepspeed was never imported
         results = json.loads((run_dir / "results.json").read_text())
@@ -380,15 +384,27 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
         for name, tensor in final.items():  # full weights, not ZeRO-3's empty placeholders
             torch.testing.assert_close(tensor, final_plain[name], rtol=0, atol=WEIGHT_ATOL, msg=f"{kind} {name}")
 
-    # ZeRO-3, killed after the checkpoint of global step 3 (SFT 2 + GRPO 1), then resumed.
+    # Activation checkpointing under ZeRO-3 changes no number: the recomputed layers gather
+    # their weights again and give back the same activations, so every step's loss and the
+    # final weights equal the run without it.
+    for stage in ("sft", "grpo"):
+        for a, b in zip(_records(runs["zero3-checkpointed"], stage), _records(runs["zero3"], stage)):
+            assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (stage, a["step"])
+    expected = load_file(runs["zero3"] / "final" / "model.safetensors")
+    got = load_file(runs["zero3-checkpointed"] / "final" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+    # ZeRO-3 with activation checkpointing, killed after the checkpoint of global step 3 (SFT 2
+    # + GRPO 1), then resumed: exactly the uninterrupted run's weights.
     run_dir = tmp_path / "zero3-resumed"
-    train = [str(ROOT / "train.py"), "--run_dir", str(run_dir), *args, *zero3]
+    train = [str(ROOT / "train.py"), "--run_dir", str(run_dir), *args, *checkpointed]
     _torchrun(train, cwd=tmp_path, kill_at="after_checkpoint:3")
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step_00000003").glob("zero_rank*.pt")) == [
         "zero_rank00000.pt", "zero_rank00001.pt"]
     result = _torchrun([*train, "--resume", "auto"], cwd=tmp_path)
     assert "step_00000003 (grpo step 1)" in result.stdout
-    expected = load_file(runs["zero3"] / "final" / "model.safetensors")
+    expected = load_file(runs["zero3-checkpointed"] / "final" / "model.safetensors")
     got = load_file(run_dir / "final" / "model.safetensors")
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
