@@ -60,10 +60,7 @@ class Sampler:
 
     def with_settings(self, generator: torch.Generator, num_generations: int) -> Sampler:
         """The same sampler with another random stream and group size (held-out evaluation)."""
-        other = Sampler.__new__(Sampler)
-        other.__dict__.update(self.__dict__)
-        other.generator, other.cfg = generator, dataclasses.replace(self.cfg, num_generations=num_generations)
-        return other
+        return Sampler(self.policy, dataclasses.replace(self.cfg, num_generations=num_generations), generator)
 
     def sample(self, examples) -> Samples:
         """Encode `examples` and sample cfg.num_generations completions for each."""

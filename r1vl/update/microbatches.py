@@ -182,6 +182,11 @@ def plan_batch(samples: list[Sample], advantages: torch.Tensor | None, group_siz
     """
     if advantages is None:
         advantages = torch.zeros(len(samples))
+    if advantages.shape != (len(samples),):
+        raise ValueError(f"plan_batch: advantages must have shape ({len(samples)},), one per sample, "
+                         f"got {tuple(advantages.shape)}")
+    if group_size < 1 or len(samples) % group_size:
+        raise ValueError(f"plan_batch: {len(samples)} samples are not groups of group_size={group_size}")
     if cfg.share_prompts:
         shared = plan_shared_microbatches(samples, cfg.micro_batch_tokens)
         plan, split = shared.microbatches, shared.split_groups
