@@ -38,7 +38,11 @@ def option(default, help: str, bare=None):
 class Config:
     # --- what to train, on what
     model: str = option(
-        "tiny", '"tiny" (built-in Qwen2-VL from a config) or a local Qwen2-VL / Qwen2.5-VL HF directory')
+        "tiny", '"tiny" (built-in tiny model from a config, --family) or a local Qwen2-VL / Qwen2.5-VL / '
+                'Qwen3-VL HF directory')
+    family: str = option(
+        "", 'the built-in tiny model\'s family with --model tiny: qwen2_vl (""), qwen2_5_vl or qwen3_vl; '
+            'a checkpoint\'s family is its config.json\'s model_type')
     stage: str = option("grpo", '"grpo", "sft" (warm-up only) or "sft+grpo"')
     data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
     sft_data: str = option("", "SFT data, chat form (r1vl.data.records.load_sft); \"\" = the RL data's solutions")
@@ -176,6 +180,11 @@ class Config:
         need(self.plan or self.model == "tiny" or self.data or self.stage == "sft" and self.sft_data,
              f"--model {self.model} needs --data (the built-in synthetic task goes with --model tiny only)")
         need(not (self.stage == "sft" and self.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
+        need(self.family in ("", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+             f"--family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {self.family!r}")
+        need(not self.family or self.model == "tiny",
+             f"--family {self.family} picks the built-in tiny model's family; --model {self.model}'s family is "
+             "the model_type in its config.json")
         if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
             need(self.device != "cpu", f"--kernel_impl {self.kernel_impl} / --attention {self.attention} need a GPU")
         if self.deepspeed:
@@ -213,6 +222,10 @@ TINY_DEFAULTS = dict(
     max_prompt_length=128, max_completion_length=160, max_pixels=56 * 56, micro_batch_tokens=1024,
     reward_symbolic=False, eval_prompts=1024, eval_generations=1, eval_every=50,
 )
+# Per family, on top of TINY_DEFAULTS: Qwen3-VL's image sides are multiples of 32 pixels, so the
+# 56-pixel synthetic pictures are read at 64 x 64: 2 x 2 merged tokens, one per quadrant, as the
+# 56-pixel ones give Qwen2-VL.
+TINY_FAMILY_DEFAULTS = {"qwen3_vl": dict(max_pixels=64 * 64)}
 
 
 def _parse_bool(text: str) -> bool:
@@ -271,7 +284,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 def make_config(**values) -> Config:
     """Config from keyword values, with TINY_DEFAULTS under them for model=tiny, validated."""
     if values.get("model", Config.model) == "tiny":
-        values = {**TINY_DEFAULTS, **values}
+        values = {**TINY_DEFAULTS, **TINY_FAMILY_DEFAULTS.get(values.get("family", ""), {}), **values}
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     for name, value in values.items():
         if name not in types:

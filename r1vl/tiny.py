@@ -1,10 +1,10 @@
-"""The built-in tiny Qwen2-VL: a checkpoint directory made offline, loaded like any other.
+"""The built-in tiny model: a checkpoint directory made offline, loaded like any other.
 
 `write_tiny_checkpoint(out_dir, texts)` trains a byte-level BPE tokenizer on `texts` (with
-the Qwen special tokens), builds a randomly initialised Qwen2-VL from a config sized for
-a CPU, and saves model (safetensors), tokenizer and image processor in Hugging Face
-format. The trainer then loads it through the same path as `--model PATH`, so the demo
-exercises the real loading code.
+the Qwen special tokens), builds a randomly initialised Qwen2-VL (or, with family=, a
+Qwen2.5-VL or Qwen3-VL) from a config sized for a CPU, and saves model (safetensors),
+tokenizer and image processor in Hugging Face format. The trainer then loads it through the
+same path as `--model PATH`, so the demo exercises the real loading code.
 """
 from __future__ import annotations
 
@@ -41,48 +41,73 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     return tokenizer
 
 
-def tiny_config(vocab_size: int = 1024, ids: dict | None = None, tie_word_embeddings: bool = False):
-    """The built-in model's Qwen2VLConfig: 4 text layers of width 128 (grouped-query attention,
-    4 query / 2 key-value heads), a one-block vision tower. ids: the special tokens' ids
-    (default: build_tokenizer's, 0.. in SPECIAL_TOKENS order)."""
-    from transformers import Qwen2VLConfig
+# The tiny model of each family: the same language model width and depth, each family's own
+# layers (Qwen3-VL: q/k norms, unbiased projections, interleaved M-RoPE) and vision tower.
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PATCH_SIZE = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
 
+
+def tiny_config(vocab_size: int = 1024, ids: dict | None = None, tie_word_embeddings: bool = False,
+                family: str = "qwen2_vl"):
+    """The built-in model's config: 4 text layers of width 128 (grouped-query attention, 4
+    query / 2 key-value heads of 32), a one-block vision tower of width 64 (Qwen3-VL: 16-pixel
+    patches, 64 learned position embeddings, a DeepStack merger after its block feeding
+    decoder layer 0). ids: the special tokens' ids (default: build_tokenizer's, 0.. in
+    SPECIAL_TOKENS order)."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny model: family {family!r} is not one of {TINY_FAMILIES}")
     ids = ids or {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
     text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                max_position_embeddings=2048, rope_parameters=rope,
                 bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=1, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                  temporal_patch_size=2, spatial_merge_size=2)
-    return Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+    common_vision = dict(num_heads=2, patch_size=PATCH_SIZE[family], temporal_patch_size=2, spatial_merge_size=2)
+    if family == "qwen2_vl":
+        config_class, vision = transformers.Qwen2VLConfig, dict(depth=1, embed_dim=64, hidden_size=128, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        config_class = transformers.Qwen2_5_VLConfig
+        vision = dict(depth=1, hidden_size=64, intermediate_size=128, out_hidden_size=128, fullatt_block_indexes=[0])
+    else:
+        config_class = transformers.Qwen3VLConfig
+        text.update(head_dim=32, rope_parameters=dict(rope, mrope_interleaved=True))
+        vision = dict(depth=1, hidden_size=64, intermediate_size=128, out_hidden_size=128,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return config_class(
+        text_config=text, vision_config={**common_vision, **vision}, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie_word_embeddings)
 
 
-def build_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False) -> torch.nn.Module:
-    """A random fp32 Qwen2-VL (tiny_config) for the tokenizer's vocabulary.
-    tie_word_embeddings: lm_head shares the input embedding's weight, as in Qwen2-VL-2B."""
-    from transformers import Qwen2VLForConditionalGeneration
+def build_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False, family: str = "qwen2_vl") -> torch.nn.Module:
+    """A random fp32 model of `family` (tiny_config) for the tokenizer's vocabulary.
+    tie_word_embeddings: lm_head shares the input embedding's weight, as in Qwen2-VL-2B and
+    the small Qwen3-VL models."""
+    import transformers
+
+    from r1vl.model.families import FAMILIES
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = tiny_config(len(tokenizer), ids, tie_word_embeddings)
+    config = tiny_config(len(tokenizer), ids, tie_word_embeddings, family)
     torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration(config).float()
+    return getattr(transformers, FAMILIES[family].model_class)(config).float()
 
 
 def write_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], seed: int = 0,
-                          max_pixels: int = 56 * 56, min_pixels: int = 56 * 56) -> Path:
-    """Write a tiny Qwen2-VL checkpoint (config, safetensors, tokenizer, image processor)."""
+                          max_pixels: int = 56 * 56, min_pixels: int = 56 * 56, family: str = "qwen2_vl") -> Path:
+    """Write a tiny checkpoint of `family` (config, safetensors, tokenizer, image processor)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(texts)
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, family=family)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out_dir)
+    # Qwen3-VL's processor: 16-pixel patches, pixels scaled to [-1, 1] (mean = std = 0.5).
+    qwen3 = dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **qwen3).save_pretrained(out_dir)
     return out_dir
 
 
@@ -95,7 +120,7 @@ SYNTHETIC_TRAINING_RECORDS = 4096
 def prepare_demo(cfg, run_dir: Path, world) -> tuple[str, str]:
     """The built-in demo's data and model: the synthetic task and a tiny checkpoint written by
     rank 0 into the run directory, then loaded by every rank like any other. Returns (data
-    file, model directory). cfg: data, eval_prompts, seed, image_root, min/max_pixels."""
+    file, model directory). cfg: data, eval_prompts, seed, image_root, min/max_pixels, family."""
     from r1vl import distributed
     from r1vl.data.records import load_examples
     from r1vl.data.synthetic import write_dataset
@@ -108,6 +133,7 @@ def prepare_demo(cfg, run_dir: Path, world) -> tuple[str, str]:
             write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + cfg.eval_prompts, seed=cfg.seed)
         corpus = load_examples(data, cfg.image_root or None).items
         texts = [e.problem for e in corpus] + [e.solution for e in corpus]
-        write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
+        write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                              family=cfg.family or "qwen2_vl")
     distributed.barrier()
     return data, str(model_dir)

@@ -1,12 +1,14 @@
-"""Examples to token ids: Qwen2-VL's chat format with the image placeholders expanded.
+"""Examples to token ids: the Qwen-VL chat format with the image placeholders expanded.
 
-    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
-    <|im_start|>user\\n<|vision_start|><|image_pad|> x n<|vision_end|>{problem}<|im_end|>\\n
-    <|im_start|>assistant\\n
+    <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n      (Qwen2-VL, Qwen2.5-VL only)
+    <|im_start|>user\n<|vision_start|><|image_pad|> x n<|vision_end|>{problem}<|im_end|>\n
+    <|im_start|>assistant\n
 
-(one string, no line breaks but the \\n shown) with n = t*h*w / merge**2 merged patches,
-as Qwen2-VL's own chat template and processor would produce. The assistant turn ends with
-<|im_end|>, the token the sampler stops at.
+(one string, no line breaks but the \n shown) with n = t*h*w / merge**2 merged patches,
+as the model's own chat template and processor would produce: Qwen2-VL's and Qwen2.5-VL's
+templates add the system turn when the conversation has none, Qwen3-VL's adds none
+(`system`, r1vl.model.families). The assistant turn ends with <|im_end|>, the token the
+sampler stops at.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from r1vl.data.records import Example, SFTExample, load_image
+from r1vl.model.families import QWEN2_SYSTEM
 
-SYSTEM = "You are a helpful assistant."
+SYSTEM = QWEN2_SYSTEM  # the default system turn (Qwen2-VL's template)
 END = "<|im_end|>"
 
 
@@ -46,17 +49,28 @@ def _turn(role: str, text: str) -> str:
     return f"<|im_start|>{role}\n{text}{END}\n"
 
 
+def _system_turn(system: str | None) -> str:
+    return "" if system is None else _turn("system", system)
+
+
+def _resize_factor(image_processor, merge: int) -> int:
+    """Image sides are multiples of patch x merge pixels: 28 for Qwen2-VL, 32 for Qwen3-VL."""
+    return int(image_processor.patch_size) * merge
+
+
 def encode_prompt(example: Example, tokenizer, image_processor, merge: int, max_pixels: int,
-                  min_pixels: int) -> Prompt:
-    """The paper's prompt: one user turn, the image then the question."""
-    image = load_image(example.image_path, max_pixels=max_pixels, min_pixels=min_pixels)
+                  min_pixels: int, system: str | None = SYSTEM) -> Prompt:
+    """The paper's prompt: one user turn, the image then the question, after the system turn
+    (None: no system turn, as Qwen3-VL's template)."""
+    image = load_image(example.image_path, max_pixels=max_pixels, min_pixels=min_pixels,
+                       factor=_resize_factor(image_processor, merge))
     block, pixels, grid = _image_block(image_processor, image, merge)
-    text = _turn("system", SYSTEM) + _turn("user", block + example.problem) + "<|im_start|>assistant\n"
+    text = _system_turn(system) + _turn("user", block + example.problem) + "<|im_start|>assistant\n"
     ids = _token_ids(tokenizer, text)
     return Prompt(ids, pixels, grid, example)
 
 
-def blank_prompt(tokenizer, image_processor, merge: int, min_pixels: int) -> Prompt:
+def blank_prompt(tokenizer, image_processor, merge: int, min_pixels: int, system: str | None = SYSTEM) -> Prompt:
     """The chat prompt around a black image of about min_pixels and no question: the input
     of filler micro-batches (r1vl.update.engine's lockstep), which must run every module a real
     batch runs, the vision tower included."""
@@ -64,7 +78,7 @@ def blank_prompt(tokenizer, image_processor, merge: int, min_pixels: int) -> Pro
 
     side = max(1, int(min_pixels ** 0.5))
     block, pixels, grid = _image_block(image_processor, Image.new("RGB", (side, side)), merge)
-    text = _turn("system", SYSTEM) + _turn("user", block) + "<|im_start|>assistant\n"
+    text = _system_turn(system) + _turn("user", block) + "<|im_start|>assistant\n"
     ids = _token_ids(tokenizer, text)
     return Prompt(ids, pixels, grid, None)
 
@@ -75,7 +89,7 @@ def encode_solution(solution: str, tokenizer) -> torch.Tensor:
 
 
 def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_pixels: int,
-               min_pixels: int) -> tuple[Prompt, torch.Tensor]:
+               min_pixels: int, system: str | None = SYSTEM) -> tuple[Prompt, torch.Tensor]:
     """A chat-form SFT example as (prompt of every turn before the last assistant turn,
     that turn's ids). Only single-image conversations are supported (pack's Sample takes
     one grid per image and the paper's data has one image per example)."""
@@ -84,9 +98,10 @@ def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_
         raise ValueError(f"{example.source}: the last message must be the assistant's")
     if len(example.image_paths) != 1:
         raise ValueError(f"{example.source}: expected exactly one image, got {len(example.image_paths)}")
-    image = load_image(example.image_paths[0], max_pixels=max_pixels, min_pixels=min_pixels)
+    image = load_image(example.image_paths[0], max_pixels=max_pixels, min_pixels=min_pixels,
+                       factor=_resize_factor(image_processor, merge))
     block, pixels, grid = _image_block(image_processor, image, merge)
-    text = "" if messages[0]["role"] == "system" else _turn("system", SYSTEM)
+    text = "" if messages[0]["role"] == "system" else _system_turn(system)
     for message in messages[:-1]:
         parts = [block if p["type"] == "image" else p["text"] for p in message["content"]]
         text += _turn(message["role"], "".join(parts))
@@ -106,18 +121,19 @@ class PromptEncoder:
     merge: int  # the vision tower's spatial merge size (config.vision_config.spatial_merge_size)
     max_pixels: int
     min_pixels: int
+    system: str | None = SYSTEM  # the family's default system turn (r1vl.model.families)
 
     def prompt(self, example: Example) -> Prompt:
         return encode_prompt(example, self.tokenizer, self.image_processor, self.merge, self.max_pixels,
-                             self.min_pixels)
+                             self.min_pixels, self.system)
 
     def sft(self, example: SFTExample) -> tuple[Prompt, torch.Tensor]:
         return encode_sft(example, self.tokenizer, self.image_processor, self.merge, self.max_pixels,
-                          self.min_pixels)
+                          self.min_pixels, self.system)
 
     def solution(self, example: Example) -> tuple[Prompt, torch.Tensor]:
         """An RL example as an SFT pair: its prompt and its reference solution."""
         return self.prompt(example), encode_solution(example.solution, self.tokenizer)
 
     def blank(self) -> Prompt:
-        return blank_prompt(self.tokenizer, self.image_processor, self.merge, self.min_pixels)
+        return blank_prompt(self.tokenizer, self.image_processor, self.merge, self.min_pixels, self.system)

@@ -336,9 +336,11 @@ def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR,
     return h, w
 
 
-def load_image(path: str | Path, max_pixels: int | None = None, min_pixels: int = MIN_PIXELS):
+def load_image(path: str | Path, max_pixels: int | None = None, min_pixels: int = MIN_PIXELS,
+               factor: int = PATCH_FACTOR):
     """Open an image as RGB (a PIL.Image). With max_pixels, resize it (bicubic, as the
-    processor does) to `smart_resize`'s size, so the processor will not resize it again.
+    processor does) to `smart_resize`'s size for sides that are multiples of `factor` (patch
+    x merge: 28 for Qwen2-VL, 32 for Qwen3-VL), so the processor will not resize it again.
 
     Raises:
         ValueError: the file cannot be read as an image (the message names it).
@@ -358,7 +360,7 @@ def load_image(path: str | Path, max_pixels: int | None = None, min_pixels: int 
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if max_pixels is not None:
-        h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+        h, w = smart_resize(image.height, image.width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
         if (h, w) != (image.height, image.width):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
     return image

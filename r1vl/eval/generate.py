@@ -14,7 +14,8 @@ from pathlib import Path
 
 from r1vl.eval import predictions
 from r1vl.eval.benchmarks import Benchmark
-from r1vl.eval.trainer_api import Example, Policy, Prompt, distributed, encode_prompt, eos_ids, greedy, progress_bar
+from r1vl.eval.trainer_api import (Example, Policy, Prompt, distributed, encode_prompt, eos_ids, family_of, greedy,
+                                   progress_bar)
 from r1vl.eval.tsv import EvalInputError, Item, Table
 
 
@@ -26,7 +27,8 @@ def encode_item(item: Item, question: str, policy: Policy, scratch: Path, max_pi
     example = Example(image_path=path, problem=question, solution="", source=item.where())
     merge = policy.model.config.vision_config.spatial_merge_size
     try:
-        return encode_prompt(example, policy.tokenizer, policy.image_processor, merge, max_pixels, min_pixels)
+        return encode_prompt(example, policy.tokenizer, policy.image_processor, merge, max_pixels, min_pixels,
+                             family_of(policy.model).default_system)
     except ValueError as e:
         raise EvalInputError(f"{item.where()}: unreadable image ({str(e).replace(str(path), 'image')})") from None
 

@@ -12,6 +12,7 @@ from r1vl.chat_api import chat_completion  # noqa: F401  (the judge's requests)
 from r1vl.data.prompts import Prompt, encode_prompt  # noqa: F401
 from r1vl.data.records import BadRecordError, Example, load_examples, load_image  # noqa: F401
 from r1vl.distributed import Dist  # noqa: F401
+from r1vl.model.families import family_of  # noqa: F401  (the family's default system turn)
 from r1vl.model.policy import Policy, check_checkpoint_dir, eos_token_ids, load_policy  # noqa: F401
 from r1vl.progress import progress_bar  # noqa: F401
 from r1vl.rewards import RewardConfig, score

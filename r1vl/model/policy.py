@@ -1,4 +1,4 @@
-"""The policy: a local Qwen2-VL / Qwen2.5-VL checkpoint in Hugging Face format, loaded and saved.
+"""The policy: a local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint in Hugging Face format, loaded and saved.
 
 (Trainer checkpoints, which hold a policy next to the optimizer and the random states, are
 r1vl.run.checkpoints.)
@@ -17,13 +17,12 @@ import torch
 from r1vl import distributed, files
 from r1vl.model.activation_checkpointing import enable_activation_checkpointing
 from r1vl.model.attention import sdpa_attention, use_varlen_attention
-
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+from r1vl.model.families import FAMILIES, family
 
 
 @dataclass
 class Policy:
-    model: torch.nn.Module  # Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration
+    model: torch.nn.Module  # a FAMILIES ForConditionalGeneration (r1vl.model.families)
     tokenizer: object  # a transformers tokenizer holding the Qwen special tokens
     image_processor: object  # Qwen2VLImageProcessor(Pil): PIL image -> pixel_values, image_grid_thw
 
@@ -37,8 +36,7 @@ def check_checkpoint_dir(path: str | Path) -> str:
     if not config_file.is_file():
         raise ValueError(f"--model {path}: no config.json; not a Hugging Face checkpoint directory")
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type not in FAMILIES:
-        raise ValueError(f"--model {path}: model_type {model_type!r} is not one of {FAMILIES}")
+    family(model_type, f"--model {path}")
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"--model {path}: no *.safetensors weights")
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
@@ -55,15 +53,16 @@ def load_policy(path: str | Path, dtype: torch.dtype, device: torch.device,
     The image processor takes min/max_pixels from the trainer's options, not the file, so
     that the paper's max_pixels applies to any checkpoint.
     """
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    family = check_checkpoint_dir(path)
-    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    cls = getattr(transformers, FAMILIES[check_checkpoint_dir(path)].model_class)
     model = cls.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # The PIL processor: the same arithmetic as the torchvision one, without torchvision.
+    # The PIL processor: the same arithmetic as the torchvision one, without torchvision (all
+    # three families use Qwen2-VL's image processor; Qwen3-VL's file sets 16-pixel patches).
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(
         path, local_files_only=True, min_pixels=min_pixels, max_pixels=max_pixels)
     for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
@@ -101,8 +100,8 @@ def save_full_policy(policy: Policy, out_dir: str | Path, world: distributed.Dis
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision tower (ViT blocks and patch merger) of a Qwen2-VL / Qwen2.5-VL model, its
-    ForConditionalGeneration or its base model, in either module layout of transformers."""
+    """The vision tower (ViT blocks, patch merger, Qwen3-VL's DeepStack mergers) of a FAMILIES
+    model, its ForConditionalGeneration or its base model, in either module layout of transformers."""
     for owner in (model, getattr(model, "model", None)):
         if owner is not None and hasattr(owner, "visual"):
             return owner.visual

@@ -36,7 +36,7 @@ def model_config(cfg):
     if cfg.model == "tiny":
         from r1vl.tiny import tiny_config
 
-        return tiny_config()
+        return tiny_config(family=cfg.family or "qwen2_vl")
     return load_model_config(cfg.model)
 
 

@@ -45,9 +45,9 @@ TORCH_CHUNK_BYTES = 1024 * 8192 * 4
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The numbers of a Qwen2-VL / Qwen2.5-VL config that memory depends on."""
+    """The numbers of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config that memory depends on."""
 
-    family: str  # "qwen2_vl" or "qwen2_5_vl"
+    family: str  # "qwen2_vl", "qwen2_5_vl" or "qwen3_vl"
     hidden: int  # H, language model width
     intermediate: int  # I, its MLP width
     layers: int  # L
@@ -66,25 +66,35 @@ class ModelShape:
     patch_pixels: int  # in_channels * temporal_patch * patch**2 values per patch
     patch: int  # patch side in pixels
     temporal_patch: int
+    # Qwen3-VL: unbiased q/k/v with RMSNorms of each query and key head; a biased patch
+    # embedding, learned position embeddings and DeepStack mergers in the vision tower.
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    v_patch_bias: bool = False
+    v_positions: int = 0  # learned position embeddings (rows of width C)
+    deepstack: int = 0  # DeepStack mergers (each feeds one decoder layer)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
-        """From a transformers Qwen2VLConfig / Qwen2_5_VLConfig."""
+        """From a transformers Qwen2VLConfig / Qwen2_5_VLConfig / Qwen3VLConfig."""
         text, vision = config.get_text_config(), config.vision_config
         family = config.model_type
-        if family not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"memory plan: model_type {family!r} is not qwen2_vl or qwen2_5_vl")
+        if family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+            raise ValueError(f"memory plan: model_type {family!r} is not qwen2_vl, qwen2_5_vl or qwen3_vl")
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        gated = family == "qwen2_5_vl"
-        v_dim = vision.hidden_size if gated else vision.embed_dim
-        v_mlp = vision.intermediate_size if gated else int(vision.embed_dim * vision.mlp_ratio)
-        v_out = vision.out_hidden_size if gated else vision.hidden_size
+        gated, qwen3 = family == "qwen2_5_vl", family == "qwen3_vl"
+        v_dim = vision.embed_dim if family == "qwen2_vl" else vision.hidden_size
+        v_mlp = int(vision.embed_dim * vision.mlp_ratio) if family == "qwen2_vl" else vision.intermediate_size
+        v_out = vision.hidden_size if family == "qwen2_vl" else vision.out_hidden_size
         tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+        qwen3_fields = dict(qkv_bias=False, qk_norm=True, v_patch_bias=True,
+                            v_positions=vision.num_position_embeddings,
+                            deepstack=len(vision.deepstack_visual_indexes)) if qwen3 else {}
         return cls(family, text.hidden_size, text.intermediate_size, text.num_hidden_layers,
                    text.num_attention_heads, text.num_key_value_heads, head_dim, text.vocab_size, tied,
                    v_dim, vision.depth, v_mlp, vision.num_heads, gated, v_out, vision.spatial_merge_size,
                    vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
-                   vision.patch_size, vision.temporal_patch_size)
+                   vision.patch_size, vision.temporal_patch_size, **qwen3_fields)
 
     # ---- parameters
 
@@ -92,7 +102,8 @@ class ModelShape:
     def layer_params(self) -> int:
         H, D = self.hidden, self.head_dim
         q, kv = self.heads * D, self.kv_heads * D
-        attention = H * q + q + 2 * (H * kv + kv) + q * H  # q, k, v with bias; o without
+        attention = H * q + 2 * H * kv + q * H  # q, k, v, o
+        attention += (q + 2 * kv) * self.qkv_bias + 2 * D * self.qk_norm  # q/k/v biases; q_norm, k_norm
         return attention + 3 * H * self.intermediate + 2 * H  # SwiGLU MLP, two RMSNorms
 
     @property
@@ -115,8 +126,11 @@ class ModelShape:
     @property
     def vision_params(self) -> int:
         C, wide = self.v_dim, self.v_dim * self.merge ** 2
-        merger = (C if self.v_gated else 2 * C) + wide * wide + wide + wide * self.v_out + self.v_out
-        return self.patch_pixels * C + self.v_depth * self.vision_block_params + merger
+        mlp = wide * wide + wide + wide * self.v_out + self.v_out
+        merger = (C if self.v_gated else 2 * C) + mlp
+        deepstack = self.deepstack * (2 * wide + mlp)  # LayerNorm over the merged width, then the MLP
+        patch_embed = self.patch_pixels * C + C * self.v_patch_bias
+        return patch_embed + self.v_positions * C + self.v_depth * self.vision_block_params + merger + deepstack
 
     @property
     def params(self) -> int:
@@ -127,7 +141,7 @@ class ModelShape:
         """What r1vl.decode.fuse_layers concatenates per rollout: q/k/v (weights and biases) and
         gate/up of every layer."""
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
-        return self.layers * (self.hidden * qkv + qkv + 2 * self.intermediate * self.hidden)
+        return self.layers * (self.hidden * qkv + qkv * self.qkv_bias + 2 * self.intermediate * self.hidden)
 
     @property
     def largest_layer_params(self) -> int:
@@ -148,6 +162,8 @@ class ModelShape:
         keys = tokens if keys is None else keys
         norms = 2 * (4 * H + 4 + 2 * e * H)  # fp32 input, rsqrt, normalized, next projection's input
         attention = e * (3 * Hq * D) + 4 * Hq  # q, output, o_proj input; the log-sum-exp
+        if self.qk_norm:  # q_norm, k_norm: fp32 input, rsqrt, normalized heads (RoPE's input)
+            attention += (4 + e) * (Hq + Hkv) * D + 4 * (Hq + Hkv)
         return tokens * (norms + attention + 4 * e * self.intermediate) + keys * (2 * e * Hkv * D)
 
     def vision_block_activation_bytes(self, e: int, patches: float) -> float:
@@ -158,7 +174,9 @@ class ModelShape:
             mlp = 4 * e * M
         else:
             norms = 2 * (2 * e * C + 8)  # LayerNorm input, mean/rstd, next projection's input
-            mlp = 3 * e * M  # fc1 output, sigmoid, fc2 input (QuickGELU)
+            # fc1 output, sigmoid, fc2 input (Qwen2-VL's QuickGELU); Qwen3-VL's tanh GELU
+            # saves no sigmoid
+            mlp = (2 if self.family == "qwen3_vl" else 3) * e * M
         # q and k after RoPE, the qkv buffer (v is a view of it), output and proj input; lse;
         # RoPE tables in fp32 (fresh per block unless the model is fp32).
         attention = e * 7 * C + 4 * self.v_heads + (0 if e == 4 else 8 * (C // self.v_heads))
@@ -175,6 +193,10 @@ class ModelShape:
             merger = patches * (4 * C + 4 + 2 * e * C + e * C)
         else:
             merger = patches * (e * C + 8 + 3 * e * C)  # ln_q input + stats, fc1 input, GELU input, fc2 input
+        # Qwen3-VL: each DeepStack merger normalizes the merged width (input, stats), then fc1
+        # input, GELU input, fc2 input; the position embeddings' bilinear weights and indices.
+        merger += self.deepstack * patches * (4 * e * C + 8 / self.merge ** 2)
+        shared += patches * 48 * (self.v_positions > 0)
         if checkpointing:  # each block keeps its input; one block recomputed at a time
             blocks = self.v_depth * e * C * patches \
                 + (self.vision_block_activation_bytes(e, patches) if recompute else 0)

@@ -13,7 +13,10 @@ q/k/v and gate/up projections each as one matmul, residual adds inside the matmu
     column t, attention by `shared_prefix_attention`. Shapes depend only on the batch size
     and the number of columns read, so torch.compile can capture it (and CUDA graphs replay it).
 
-Works for Qwen2-VL and Qwen2.5-VL (same decoder), refused for sliding-window layers.
+Works for Qwen2-VL and Qwen2.5-VL (the same decoder) and Qwen3-VL (unbiased q/k/v projections
+followed by RMSNorms of each head, q_norm and k_norm; interleaved M-RoPE, which the model's own
+rotary embedding computes; DeepStack features added to the first layers' outputs at the image
+tokens in the prefill). Refused for sliding-window layers.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from r1vl.sampling.kv_cache import RolloutCache, shared_prefix_attention
 
 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack of a Qwen2-VL / Qwen2.5-VL ForConditionalGeneration, checked."""
+    """The decoder stack of a Qwen-VL ForConditionalGeneration (r1vl.model.families), checked."""
     lm = model.model.language_model
     types = getattr(lm.config, "layer_types", None) or []
     if any(t != "full_attention" for t in types):
@@ -65,7 +68,7 @@ class FusedLayer(NamedTuple):
     """One decoder layer's weights joined for the decode step (fewer, larger ops)."""
 
     qkv_weight: torch.Tensor  # (Hq*D + 2*Hkv*D, hidden): q, k and v projections as one matmul
-    qkv_bias: torch.Tensor  # (Hq*D + 2*Hkv*D,)
+    qkv_bias: torch.Tensor | None  # (Hq*D + 2*Hkv*D,); None for Qwen3-VL (unbiased projections)
     o_weight: torch.Tensor  # (hidden, Hq*D): o_proj, applied with the residual add (addmm)
     gate_up_weight: torch.Tensor  # (2*I, hidden): gate and up projections as one matmul
     down_weight: torch.Tensor  # (hidden, I): down_proj, applied with the residual add
@@ -73,24 +76,29 @@ class FusedLayer(NamedTuple):
 
 def fuse_layers(model: torch.nn.Module) -> list[FusedLayer] | None:
     """Every layer's FusedLayer, built from the current weights (once per rollout), or None
-    unless every layer is the stock one: plain nn.Linear projections (biased q/k/v, unbiased
-    o/gate/up/down) and a SiLU MLP. Anything else (adapters, ...) runs through its modules."""
+    unless every layer is a stock one: plain nn.Linear projections (q/k/v all biased, or all
+    unbiased with q_norm / k_norm as in Qwen3-VL; unbiased o/gate/up/down) and a SiLU MLP.
+    Anything else (adapters, ...) runs through its modules."""
     fused = []
     for layer in language_model(model).layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         rest = [attn.o_proj, getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None),
                 getattr(mlp, "down_proj", None)]
-        if (any(type(m) is not torch.nn.Linear for m in qkv + rest) or any(m.bias is None for m in qkv)
-                or any(m.bias is not None for m in rest) or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation")):
+        biased = [m.bias is not None for m in qkv if type(m) is torch.nn.Linear]
+        if (any(type(m) is not torch.nn.Linear for m in qkv + rest) or len(set(biased)) != 1
+                or any(m.bias is not None for m in rest)
+                or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation")):
             return None
-        fused.append(FusedLayer(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]),
+        fused.append(FusedLayer(torch.cat([m.weight for m in qkv]),
+                                torch.cat([m.bias for m in qkv]) if biased[0] else None,
                                 attn.o_proj.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                                 mlp.down_proj.weight))
     return fused
 
 
-_RMS_NORMS = ("Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), fp32 statistics
+# weight * x / rms(x), fp32 statistics
+_RMS_NORMS = ("Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "Qwen3VLTextRMSNorm")
 
 
 def _norm(module, x: torch.Tensor) -> torch.Tensor:
@@ -105,17 +113,24 @@ def _norm(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: FusedLayer | None = None):
-    """(N, hidden) -> q (N, Hq, D), k, v (N, Hkv, D), RoPE applied to q and k."""
+    """(N, hidden) -> q (N, Hq, D), k, v (N, Hkv, D): projected, each head of q and k through
+    the layer's q_norm / k_norm where it has them (Qwen3-VL), then RoPE applied to q and k."""
     N, D = hidden.shape[0], attn.head_dim
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if fused is None:
         q = attn.q_proj(hidden).view(N, -1, D)
         k = attn.k_proj(hidden).view(N, -1, D)
         v = attn.v_proj(hidden).view(N, -1, D)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
-    Hkv = attn.k_proj.out_features // D
-    qkv = F.linear(hidden, fused.qkv_weight, fused.qkv_bias).view(N, -1, D)  # heads: Hq query, Hkv key, Hkv value
-    qk = _rope(qkv[:, :-Hkv], cos, sin)  # q and k rotate alike
-    return qk[:, :-Hkv], qk[:, -Hkv:], qkv[:, -Hkv:]
+    else:
+        Hkv = attn.k_proj.out_features // D
+        qkv = F.linear(hidden, fused.qkv_weight, fused.qkv_bias).view(N, -1, D)  # heads: Hq query, Hkv key, Hkv value
+        if q_norm is None:
+            qk = _rope(qkv[:, :-Hkv], cos, sin)  # q and k rotate alike: one op for both
+            return qk[:, :-Hkv], qk[:, -Hkv:], qkv[:, -Hkv:]
+        q, k, v = qkv[:, :-2 * Hkv], qkv[:, -2 * Hkv:-Hkv], qkv[:, -Hkv:]
+    if q_norm is not None:
+        q, k = _norm(q_norm, q), _norm(k_norm, k)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
 def _mlp_block(layer, hidden: torch.Tensor, fused: FusedLayer | None = None) -> torch.Tensor:
@@ -164,12 +179,16 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
     # The vision tower sees every image once, in one call (it attends within each image).
     pixels = torch.cat([p.pixel_values for p in prompts]).to(device, base.visual.dtype)
     grids = torch.cat([p.image_grid_thw for p in prompts]).to(device)
-    features = torch.cat(base.get_image_features(pixels, grids).pooler_output).to(hidden.dtype)
+    vision = base.get_image_features(pixels, grids)
+    features = torch.cat(vision.pooler_output).to(hidden.dtype)
     is_image = ids == model.config.image_token_id
     if int(is_image.sum()) != features.shape[0]:
         raise ValueError(f"generate: the prompts hold {int(is_image.sum())} image tokens for "
                          f"{features.shape[0]} image features")
     hidden = hidden.masked_scatter(is_image[:, None], features)
+    # Qwen3-VL: DeepStack features of intermediate vision layers, added to the output of decoder
+    # layer i at the image tokens, as the model's _deepstack_process does (in the hidden dtype).
+    deepstack = [torch.cat(layer).to(hidden.dtype) for layer in getattr(vision, "deepstack_features", None) or []]
 
     T = ids.numel()
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
@@ -202,6 +221,8 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
             out = varlen_attention(q, k, v, cu, max(lengths), causal=True, scale=attn.scaling, backend=backend)
         hidden = hidden + attn.o_proj(out.reshape(T, -1))
         hidden = _mlp_block(layer, hidden)
+        if i < len(deepstack):
+            hidden[is_image] = hidden[is_image] + deepstack[i]
     last = _norm(lm.norm, hidden[cu[1:].to(torch.int64) - 1])  # (P, hidden): only the last token's logits
     return model.lm_head(last).float()
 

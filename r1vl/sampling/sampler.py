@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from r1vl.data.prompts import Prompt, PromptEncoder
+from r1vl.model.families import family_of
 from r1vl.model.policy import Policy, eos_token_ids
 from r1vl.sampling.generate import Completions, generate
 
@@ -42,7 +43,8 @@ class Samples:
 def prompt_encoder(policy: Policy, cfg) -> PromptEncoder:
     """The run's prompt encoder for `policy` (cfg: min_pixels, max_pixels)."""
     merge = policy.model.config.vision_config.spatial_merge_size
-    return PromptEncoder(policy.tokenizer, policy.image_processor, merge, cfg.max_pixels, cfg.min_pixels)
+    return PromptEncoder(policy.tokenizer, policy.image_processor, merge, cfg.max_pixels, cfg.min_pixels,
+                         family_of(policy.model).default_system)
 
 
 class Sampler:

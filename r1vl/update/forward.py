@@ -1,4 +1,4 @@
-"""One forward of a packed batch through Qwen2-VL, down to the completion rows only; the
+"""One forward of a packed batch through a Qwen-VL model, down to the completion rows only; the
 switch to plain sdpa attention for what cannot run packed."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tens
     predicts each sibling's first token) are repeated, so their gradient is the sum.
 
     Args:
-        model: Qwen2-VL or Qwen2.5-VL, ForConditionalGeneration or the base model. With
+        model: Qwen2-VL, Qwen2.5-VL or Qwen3-VL, ForConditionalGeneration or the base model. With
             r1vl.model.attention's implementation the boundaries below are used directly; with
             "sdpa"/"eager" transformers rebuilds a block-diagonal mask from the restarting
             positions, which only the unshared layout has (a shared-prompt batch needs
@@ -52,8 +52,7 @@ def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tens
         # images alone, and the text boundaries passed below must not reach the tower, whose
         # own attention takes per-image cu_seqlens.
         vision = base.get_image_features(packed.pixel_values, packed.image_grid_thw)
-        features = torch.cat(vision.pooler_output).index_select(0, packed.image_token_source)
-        mm_encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
+        mm_encoder_outputs = {"image": image_token_features(vision, packed.image_token_source)}
 
     out = base(
         input_ids=packed.input_ids,
@@ -70,6 +69,25 @@ def completion_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tens
         **shared,
     )
     return out.last_hidden_state[0].index_select(0, packed.completion_index)
+
+
+def image_token_features(vision, token_source: torch.Tensor) -> BaseModelOutputWithPooling:
+    """The vision tower's output on the distinct images, laid out for the packed row's image
+    tokens: row i is the features of image-token row token_source[i].
+
+    vision: what `get_image_features` returns, pooler_output a tuple of (n_j, H) per image;
+    Qwen3-VL's also has deepstack_features, one such tuple per DeepStack layer (the features
+    its decoder adds to the first layers' hidden states at the image tokens), which follow
+    the same rows. Returned in the form the model's forward takes as mm_encoder_outputs.
+    """
+    def for_tokens(per_image) -> tuple[torch.Tensor]:
+        return (torch.cat(per_image).index_select(0, token_source),)
+
+    deepstack = getattr(vision, "deepstack_features", None)
+    if deepstack is None:
+        return BaseModelOutputWithPooling(pooler_output=for_tokens(vision.pooler_output))
+    return type(vision)(pooler_output=for_tokens(vision.pooler_output),
+                        deepstack_features=[for_tokens(layer) for layer in deepstack])
 
 
 

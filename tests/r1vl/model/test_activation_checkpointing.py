@@ -54,7 +54,7 @@ class _CountRecompute:
 @pytest.mark.parametrize("share_prompts", [False, True])
 def test_loss_logprobs_and_every_gradient_are_unchanged(family, share_prompts):
     plain, checkpointed = _pair(family)
-    samples = grpo_batch(seed=3, G=4)
+    samples = grpo_batch(seed=3, G=4, family=family)
     packed = pack(samples, plain, share_prompts=share_prompts)
     assert packed.shares_prompts == share_prompts
     gen = torch.Generator().manual_seed(1)

@@ -76,20 +76,24 @@ def test_full_width_2b_decoder_layer_saves_what_the_plan_says(checkpointing):
         assert measured / 128 == pytest.approx(106552, rel=0.01)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("share_prompts", [False, True])
-def test_tiny_model_forward_saves_what_the_plan_says(checkpointing, share_prompts):
-    from transformers import Qwen2VLForConditionalGeneration
+def test_tiny_model_forward_saves_what_the_plan_says(checkpointing, share_prompts, family):
+    import transformers
+
+    from r1vl.model.families import FAMILIES as MODEL_CLASSES
 
     config = tiny_config(vocab_size=128, ids={"<|im_end|>": 1, "<|endoftext|>": 0, "<|image_pad|>": 120,
-                                              "<|video_pad|>": 121, "<|vision_start|>": 122, "<|vision_end|>": 123})
+                                              "<|video_pad|>": 121, "<|vision_start|>": 122, "<|vision_end|>": 123},
+                         family=family)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).float()
+    model = getattr(transformers, MODEL_CLASSES[family].model_class)(config).float()
     use_varlen_attention(model, "sdpa")
     if checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    packed = pack(grpo_batch(seed=2, G=4), model, share_prompts=share_prompts)
+    packed = pack(grpo_batch(seed=2, G=4, family=family), model, share_prompts=share_prompts)
     with SavedTensors(model, exclude=_batch_tensors(packed)) as saved:
         out = policy_loss(model, packed, torch.randn(packed.num_sequences), None, None, impl="torch", **LOSS)
     out.loss.backward()

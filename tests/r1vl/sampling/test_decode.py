@@ -1,23 +1,28 @@
 """The packed prefill: the keys and values it caches, and its last-token logits, equal those of
 the model's own forward (transformers, DynamicCache) for each prompt alone."""
+import pytest
 import torch
-from tiny_qwen_vl import make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, make_sample, tiny_model
 
+import r1vl.sampling.decode
 from r1vl.data.prompts import Prompt
 from r1vl.sampling.decode import prefill, prompt_positions
 from r1vl.sampling.kv_cache import RolloutCache
 
 
-def test_packed_prefill_equals_each_prompts_own_forward():
-    model = tiny_model("qwen2_vl")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_prefill_equals_each_prompts_own_forward(family):
+    # Qwen3-VL: the keys pass k_norm, and DeepStack features join the first layers' outputs.
+    model = tiny_model(family)
     gen = torch.Generator().manual_seed(0)
-    samples = [make_sample(gen, [grid], 1, text_lens=lens)
+    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family)
                for grid, lens in [((1, 4, 6), [3, 2]), ((1, 8, 8), [1, 6]), ((1, 4, 4), [5, 5])]]
     prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
     lengths = [p.ids.numel() for p in prompts]
     text = model.config.text_config
     cache = RolloutCache.allocate(lengths, 2, 4, text.num_hidden_layers, text.num_key_value_heads,
-                                  text.hidden_size // text.num_attention_heads, torch.float32, torch.device("cpu"))
+                                  model.model.language_model.layers[0].self_attn.head_dim, torch.float32,
+                                  torch.device("cpu"))
     with torch.no_grad():
         logits = prefill(model, prompts, cache, [prompt_positions(model, p)[0] for p in prompts])
         for p, prompt in enumerate(prompts):
@@ -34,25 +39,28 @@ def test_packed_prefill_equals_each_prompts_own_forward():
             assert (cache.prefix_k[:, p, :, n:] == 0).all()  # padding untouched
 
 
-def test_fused_rms_norm_is_the_models_norm_for_both_families():
-    from tiny_qwen_vl import FAMILIES
-
+def test_fused_rms_norm_is_the_models_norm_for_every_family():
     from r1vl.sampling.decode import _norm
 
     for family in FAMILIES:
-        norm = tiny_model(family).model.language_model.norm
-        with torch.no_grad():
-            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
-            x = torch.randn(5, norm.weight.numel()) * 3
-            assert _norm(norm, x) is not None and type(norm).__name__.endswith("RMSNorm")
-            torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
+        lm = tiny_model(family).model.language_model
+        attn = lm.layers[0].self_attn
+        norms = [lm.norm] + [getattr(attn, name) for name in ("q_norm", "k_norm") if hasattr(attn, name)]
+        assert len(norms) == (3 if family == "qwen3_vl" else 1)
+        for norm in norms:
+            assert type(norm).__name__ in r1vl.sampling.decode._RMS_NORMS  # the fused form, not the module
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+                x = torch.randn(5, 3, norm.weight.numel()) * 3
+                torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
 
 
-def test_text_rope_tables_equal_the_models_rotary_embedding():
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # sectioned and interleaved M-RoPE
+def test_text_rope_tables_equal_the_models_rotary_embedding(family):
     from r1vl.sampling.decode import _rope_tables, _text_rope_tables
 
-    lm = tiny_model("qwen2_5_vl").model.language_model
+    lm = tiny_model(family).model.language_model
     positions = torch.tensor([0, 7, 300, 4095])
     hidden = torch.zeros(4, 64)
     for got, expected in zip(_text_rope_tables(lm, hidden, positions),

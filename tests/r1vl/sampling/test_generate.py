@@ -82,10 +82,10 @@ def test_image_tower_sees_each_image_once(setup):
     assert len(out.ids) == 12 and all(1 <= len(ids) <= 5 for ids in out.ids)
 
 
-def _tiny_prompts(gen, text_lens):
+def _tiny_prompts(gen, text_lens, family):
     """Prompts of uneven lengths (images of different grids, text around them)."""
     grids = [(1, 4, 6), (1, 8, 8), (1, 4, 4)]
-    samples = [make_sample(gen, [grid], 1, text_lens=lens) for grid, lens in zip(grids, text_lens)]
+    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family) for grid, lens in zip(grids, text_lens)]
     return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
 
 
@@ -107,7 +107,7 @@ def _stop_set(model, n=12):
 
 @pytest.mark.parametrize("family,temperature,top_p,fused", [
     ("qwen2_vl", 1.0, 1.0, True), ("qwen2_5_vl", 1.0, 1.0, True), ("qwen2_vl", 0.7, 0.9, True),
-    ("qwen2_5_vl", 0.7, 0.9, False)])
+    ("qwen2_5_vl", 0.7, 0.9, False), ("qwen3_vl", 1.0, 1.0, True), ("qwen3_vl", 0.7, 0.9, False)])
 def test_decoding_logprobs_equal_one_uncached_forward(family, temperature, top_p, fused, monkeypatch):
     # Uneven prompts, completions stopping at different steps (rows compacted away mid-way):
     # every sampled token's log-probability, computed while decoding, must equal that of one
@@ -117,9 +117,12 @@ def test_decoding_logprobs_equal_one_uncached_forward(family, temperature, top_p
     if not fused:
         monkeypatch.setattr(r1vl.sampling.generate, "fuse_layers", lambda model: None)
     model = tiny_model(family)
-    prompts = _tiny_prompts(torch.Generator().manual_seed(1), [[2, 5], [7, 1], [4, 9]])
+    prompts = _tiny_prompts(torch.Generator().manual_seed(1), [[2, 5], [7, 1], [4, 9]], family)
     G, max_new = 4, 24
-    out = generate(model, prompts, G, max_new, _stop_set(model), temperature=temperature, top_p=top_p,
+    # 12 stop tokens (8 for Qwen3-VL, whose random tiny model draws them more often): some
+    # completions stop within a few tokens, some never.
+    stops = _stop_set(model, 8 if family == "qwen3_vl" else 12)
+    out = generate(model, prompts, G, max_new, stops, temperature=temperature, top_p=top_p,
                    generator=torch.Generator().manual_seed(2))
     lengths = [len(ids) for ids in out.ids]
     assert min(lengths) < max_new // 2 and max(lengths) == max_new, lengths  # rows did leave mid-way
@@ -130,9 +133,10 @@ def test_decoding_logprobs_equal_one_uncached_forward(family, temperature, top_p
                                    msg=lambda m: f"sequence {i}: {m}")
 
 
-def test_decode_positions_equal_the_models_rope_index(setup, monkeypatch):
-    model, prompts, _ = setup
-    prompts = prompts[:3]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_positions_equal_the_models_rope_index(family, monkeypatch):
+    model = tiny_model(family, seed=5)
+    prompts = _tiny_prompts(torch.Generator().manual_seed(5), [[2, 3], [1, 1], [5, 2]], family)
     seen = []
 
     def recording_step(model_, tokens, positions, column, *args):
@@ -158,7 +162,7 @@ def test_decode_positions_equal_the_models_rope_index(setup, monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_decoding_equals_full_forwards_with_compaction(family):
     model = tiny_model(family, seed=3)
-    prompts = _tiny_prompts(torch.Generator().manual_seed(4), [[3, 1], [1, 8], [6, 2]])
+    prompts = _tiny_prompts(torch.Generator().manual_seed(4), [[3, 1], [1, 8], [6, 2]], family)
     G, max_new = 3, 16
     out = generate(model, prompts, G, max_new, _stop_set(model, 24), temperature=1e-6,
                    generator=torch.Generator().manual_seed(0))
@@ -349,7 +353,7 @@ def test_empty_eos_list_decodes_every_completion_to_full_length(setup, head):
 def test_cuda_graphed_step_equals_eager_in_bf16(family):
     # On a GPU the step is compiled by inductor and replayed as CUDA graphs, one per bucket.
     model = tiny_model(family).to("cuda", torch.bfloat16)
-    prompts = _tiny_prompts(torch.Generator().manual_seed(1), [[2, 5], [7, 1], [4, 9]])
+    prompts = _tiny_prompts(torch.Generator().manual_seed(1), [[2, 5], [7, 1], [4, 9]], family)
     stop = _stop_set(model, 20)
     runs = [generate(model, prompts, 8, 40, stop, temperature=1e-6, compile_step=compiled,
                      generator=torch.Generator("cuda").manual_seed(0)) for compiled in (False, True, True)]

@@ -6,6 +6,7 @@ and completions from 1 token up. The reference is a right-padded batch through t
 own forward with sdpa attention, every image encoded for every sequence that shows it.
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -17,19 +18,20 @@ from r1vl.update.forward import completion_hidden
 from r1vl.update.packing import pack
 
 
-def rollout_batch(seed: int):
+def rollout_batch(seed: int, family: str = "qwen2_vl"):
     gen = torch.Generator().manual_seed(seed)
-    first = make_sample(gen, [(1, 4, 6)], completion_len=1)
-    sibling = make_sample(gen, [(1, 4, 6)], completion_len=7, pixel_values=first.pixel_values)
+    sample = functools.partial(make_sample, gen, family=family)
+    first = sample([(1, 4, 6)], completion_len=1)
+    sibling = sample([(1, 4, 6)], completion_len=7, pixel_values=first.pixel_values)
     sibling.prompt_ids = first.prompt_ids  # same prompt, same image, another completion
     return [
         first,
-        make_sample(gen, [], completion_len=5),
-        make_sample(gen, [(1, 4, 4), (1, 10, 14)], completion_len=9, text_lens=[3, 1, 6]),
+        sample([], completion_len=5),
+        sample([(1, 4, 4), (1, 10, 14)], completion_len=9, text_lens=[3, 1, 6]),
         sibling,
-        make_sample(gen, [(1, 12, 6)], completion_len=2, text_lens=[1, 1]),
-        make_sample(gen, [], completion_len=1, text_lens=[1]),
-        make_sample(gen, [(1, 2, 2)], completion_len=23),
+        sample([(1, 12, 6)], completion_len=2, text_lens=[1, 1]),
+        sample([], completion_len=1, text_lens=[1]),
+        sample([(1, 2, 2)], completion_len=23),
     ]
 
 
@@ -74,7 +76,7 @@ def test_packed_matches_padded_logprobs_and_gradients(family, seed):
     reference = tiny_model(family, seed=seed)
     model = copy.deepcopy(reference)
     assert use_varlen_attention(model) == "sdpa"
-    samples = rollout_batch(seed)
+    samples = rollout_batch(seed, family)
     packed = pack(samples, model)
     advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(seed))
 
@@ -117,7 +119,7 @@ def test_text_only_batch():
 def test_vision_tower_runs_once_on_distinct_images_and_lm_head_never(family):
     model = tiny_model(family)
     use_varlen_attention(model)
-    samples = rollout_batch(4)  # 7 sequences, 6 images, 5 distinct
+    samples = rollout_batch(4, family)  # 7 sequences, 6 images, 5 distinct
     packed = pack(samples, model)
     tower_calls, head_calls = [], []
 
@@ -165,7 +167,7 @@ def test_shared_prompts_match_padded_and_unshared_logprobs_and_gradients(family,
     shared_model, unshared_model = copy.deepcopy(reference), copy.deepcopy(reference)
     use_varlen_attention(shared_model)
     use_varlen_attention(unshared_model)
-    samples = grpo_batch(G, G)
+    samples = grpo_batch(G, G, family)
     shared = pack(samples, shared_model, share_prompts=True)
     unshared = pack(samples, unshared_model)
     assert shared.shares_prompts == (G > 1)
@@ -218,12 +220,42 @@ def test_vision_tower_is_the_visual_module_of_either_wrapper(family):
     what --freeze_vision_tower freezes and nothing of the language model."""
     model = tiny_model(family)
     tower = vision_tower(model)
-    assert tower is vision_tower(model.model) and type(tower).__name__.endswith("VisionTransformerPretrainedModel")
+    assert tower is vision_tower(model.model)
+    assert type(tower).__name__.endswith(("VisionTransformerPretrainedModel", "VisionModel"))
     visual = {n for n, _ in model.named_parameters() if "visual" in n.split(".")}
     owned = {id(p) for p in tower.parameters()}
     assert {n for n, p in model.named_parameters() if id(p) in owned} == visual
-    assert {n.split(".")[2] for n in visual} >= {"patch_embed", "blocks", "merger"}
+    parts = {n.split(".")[2] for n in visual}
+    assert parts >= {"patch_embed", "blocks", "merger"}
+    assert ("deepstack_merger_list" in parts) == (family == "qwen3_vl")
     assert len(visual) < len(list(model.parameters()))  # the language model and lm_head stay out
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_deepstack_features_reach_their_image_tokens(shift, monkeypatch):
+    """Qwen3-VL adds each DeepStack layer's features to the first decoder layers' hidden states
+    at the image tokens. Shifted by one image-token row, the packed log-probs must leave the
+    padded reference: the comparison above would catch a misplaced DeepStack feature."""
+    import r1vl.update.forward as forward
+
+    reference = tiny_model("qwen3_vl", seed=2)
+    model = copy.deepcopy(reference)
+    use_varlen_attention(model)
+    samples = rollout_batch(2, "qwen3_vl")
+    place = forward.image_token_features
+
+    def shifted(vision, token_source):
+        out = place(vision, token_source)
+        out.deepstack_features = [(layer[0].roll(shift, 0),) for layer in out.deepstack_features]
+        return out
+
+    monkeypatch.setattr(forward, "image_token_features", shifted)
+    with torch.no_grad():
+        error = (packed_logprobs(model, pack(samples, model)) - torch.cat(padded_reference_logprobs(reference, samples)))
+    if shift == 0:
+        assert error.abs().max() < 1e-5
+    else:
+        assert error.abs().max() > 1e-2, "DeepStack features shifted by one token changed nothing"
 
 
 def test_vision_tower_refuses_a_model_without_one():
