@@ -159,3 +159,33 @@ def test_checkpoint_contents_load_safely(uninterrupted):
     for file in newest.rglob("*.pt"):
         torch.load(file, weights_only=True)
     assert (newest / "policy" / "model.safetensors").is_file()
+
+
+def test_qwen3_vl_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    """The built-in tiny Qwen3-VL (--family qwen3_vl: q/k norms, DeepStack, interleaved M-RoPE):
+    killed after GRPO step 2's checkpoint and resumed, it ends where the uninterrupted run ends."""
+    family = ["--family", "qwen3_vl"]
+    plain, run_dir = tmp_path / "plain", tmp_path / "run"
+    result = _train(plain, *family)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((plain / "config.json").read_text())["family"] == "qwen3_vl"
+    assert json.loads((plain / "tiny-init" / "config.json").read_text())["model_type"] == "qwen3_vl"
+    result = _train(run_dir, *family, kill_at=f"after_checkpoint:{WARMUP + 2}")
+    assert result.returncode == -9, result.stderr[-3000:]
+    result = _train(run_dir, *family, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step_{WARMUP + 2:08d} (grpo step 2)" in result.stdout
+    expected, got = load_file(plain / "final" / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    assert expected.keys() == got.keys() and any("deepstack_merger_list" in n for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    grpo = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()][WARMUP:]
+    assert any(r["reward_std_in_group"] > 0 for r in grpo), "the warm-up left GRPO nothing to learn: raise WARMUP"
+    before_grpo = load_file(run_dir / "reference" / "model.safetensors")
+    assert any(not torch.equal(before_grpo[n], got[n]) for n in got)
+    # --freeze_vision_tower (the built-in run's): the tower, its merger and DeepStack mergers
+    # end as the tiny checkpoint was written.
+    initial = load_file(run_dir / "tiny-init" / "model.safetensors")
+    tower = [n for n in initial if n.startswith("model.visual.")]
+    assert any(".deepstack_merger_list." in n for n in tower) and any(".merger." in n for n in tower)
+    assert all(torch.equal(initial[n], got[n]) for n in tower)

@@ -16,7 +16,7 @@ Covered: loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo; token- 
 importance sampling; epsilon / epsilon_high / delta; beta with use_bias_correction_kl; vLLM's
 importance-sampling correction (token or sequence modes); top_entropy_quantile;
 off_policy_mask_threshold; temperature; cast_lm_head_to_fp32; tool masks; text models and
-Qwen2-VL / Qwen2.5-VL. Refused at construction, by name: the entropy bonus (entropy_coef,
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense; tied or untied lm_head). Refused at construction, by name: the entropy bonus (entropy_coef,
 use_adaptive_entropy: it needs the entropy's gradient), MoE router auxiliary losses, PEFT
 models, ZeRO-3 and FSDP (the lm_head weight is sharded), and models whose logits are
 soft-capped or scaled or whose inputs are another VLM's.
@@ -37,8 +37,10 @@ from trl.trainer.utils import nanmax, nanmin
 from .grpo_loss_from_hidden import grpo_loss_from_hidden, token_logprobs_from_hidden
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-# Model inputs the backbone gets besides input_ids and attention_mask (text and Qwen2-VL).
+# The backbone (model.base_model) of each takes the inputs below and does everything else
+# itself: the M-RoPE positions, the image features, Qwen3-VL's DeepStack features.
+VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Model inputs the backbone gets besides input_ids and attention_mask (text and Qwen-VL).
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 # Batch keys of other VLM families in TRL: their pixel layouts are not handled here.
 OTHER_VISION_INPUTS = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",

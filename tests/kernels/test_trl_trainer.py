@@ -1,5 +1,6 @@
 """FusedGRPOTrainer (r1vl_kernels.trl) against TRL's own GRPOTrainer._compute_loss, on tiny
-random models (a Qwen2 text model and a Qwen2-VL with an image) on CPU: from the same weights
+random models (a Qwen2 text model, a Qwen2-VL and a Qwen3-VL with tied embeddings and
+DeepStack, with an image) on CPU: from the same weights
 and the same prepared batch, the same loss and the same gradient for every parameter, for
 every supported loss type x importance-sampling level x beta x weight option; and a refusal,
 naming the option, of everything the fused loss cannot give exactly.
@@ -14,7 +15,14 @@ import types
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from r1vl.tiny import SPECIAL_TOKENS, build_tokenizer
@@ -74,6 +82,28 @@ def vl_trainer(tokenizer, tmp_path_factory):
     return make_trainer(Qwen2VLForConditionalGeneration(config), tokenizer, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def qwen3_vl_trainer(tokenizer, tmp_path_factory):
+    """Qwen3-VL as its small models are: lm_head tied to the embedding, q/k norms, a DeepStack
+    merger feeding decoder layer 0, 16-pixel patches."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    return make_trainer(model, tokenizer, tmp_path_factory)
+
+
 def make_batch(trainer, tokenizer, seed: int, vision: bool) -> dict:
     """A prepared batch as GRPOTrainer._generate_and_score_completions returns it: left-padded
     prompts (with one 4-token image each for Qwen2-VL), right-padded completions, old /
@@ -96,7 +126,8 @@ def make_batch(trainer, tokenizer, seed: int, vision: bool) -> dict:
         prompt_ids[:, P - len(image):] = torch.tensor(image)
         mm = torch.zeros(B, P + T, dtype=torch.int32)
         mm[:, P - len(image) + 1:P - 1] = 1
-        batch.update(pixel_values=torch.randn(B * 16, 3 * 2 * 14 * 14, generator=g),
+        patch = trainer.model.config.vision_config.patch_size
+        batch.update(pixel_values=torch.randn(B * 16, 3 * 2 * patch * patch, generator=g),
                      image_grid_thw=torch.tensor([[1, 4, 4]] * B), mm_token_type_ids=mm, num_images=[1] * B)
     model = trainer.model
     with torch.no_grad():
@@ -177,6 +208,13 @@ def test_qwen2_vl_matches_trl(vl_trainer, tokenizer, loss_type, level, seed):
     for beta, option in ((0.0, "none"), (0.04, "all")):
         configure(vl_trainer, batch, loss_type, level, beta, option, seed)
         assert_same_step(vl_trainer, batch, f"Qwen2-VL {loss_type}/{level}/beta={beta}/{option} (seed={seed})")
+
+
+@pytest.mark.parametrize("loss_type,level", list(itertools.product(LOSS_TYPES, ("token", "sequence"))))
+def test_qwen3_vl_matches_trl(qwen3_vl_trainer, tokenizer, loss_type, level, seed):
+    batch = make_batch(qwen3_vl_trainer, tokenizer, seed, vision=True)
+    configure(qwen3_vl_trainer, batch, loss_type, level, 0.04, "all", seed)
+    assert_same_step(qwen3_vl_trainer, batch, f"Qwen3-VL {loss_type}/{level}/beta=0.04/all (seed={seed})")
 
 
 @pytest.mark.parametrize("loss_type,level", [("dapo", "sequence"), ("sapo", "token")])

@@ -63,6 +63,8 @@ def test_unknown_options_are_refused(tmp_path, capsys):
     (dict(model="ckpt"), "needs --data"),
     (dict(lr=0.0), "--lr"),
     (dict(num_steps="ten"), "must be int"),
+    (dict(family="llava"), "--family must be"),
+    (dict(model="ckpt", data="d.jsonl", family="qwen3_vl"), "model_type in its config.json"),
 ])
 def test_contradictions_fail_with_the_option_named(values, message):
     with pytest.raises(ValueError, match=message):
@@ -79,3 +81,11 @@ def test_every_field_has_a_help_text():
 
     undocumented = [f.name for f in dataclasses.fields(Config) if not f.metadata.get("help")]
     assert undocumented == []
+
+
+def test_tiny_qwen3_vl_reads_the_pictures_at_64_pixels():
+    """Qwen3-VL's image sides are multiples of 32: the 56-pixel synthetic pictures are read at
+    64 x 64 (2 x 2 merged tokens, as 56 x 56 gives Qwen2-VL), unless asked otherwise."""
+    assert make_config(family="qwen3_vl").max_pixels == 64 * 64
+    assert make_config(family="qwen3_vl", max_pixels=5000).max_pixels == 5000
+    assert make_config().max_pixels == make_config(family="qwen2_vl").max_pixels == 56 * 56

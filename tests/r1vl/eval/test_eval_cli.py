@@ -174,3 +174,22 @@ def test_end_to_end_on_gpu(tmp_path, files, capsys):
     for name in ROWS:
         a, b = (_lines(tmp_path / out / name / "predictions.rank0.jsonl") for out in ("a", "b"))
         assert a == b
+
+
+def test_qwen3_vl_checkpoint_is_evaluated_with_its_own_prompt(tmp_path, capsys):
+    """A Qwen3-VL checkpoint through python -m r1vl.eval: its prompts open with the user turn (its
+    chat template adds no system turn) and its images are cut into 16-pixel patches."""
+    from r1vl.tiny import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "model", ["How many red shapes? ### The final answer is: 3 A B"] * 4,
+                                  family="qwen3_vl", max_pixels=64 * 64, min_pixels=32 * 32)
+    bench = f"MMStar={write_tsv(tmp_path / 'm.tsv', ROWS['MMStar'])}"
+    assert main(["--model", str(model), "--bench", bench, "--out", str(tmp_path / "out"), *ARGS[:-4],
+                 "--max_pixels", "4096", "--progress", "false"]) == 0
+    assert "2 of 2 items scored" in capsys.readouterr().out
+    policy = load_policy(model, torch.float32, torch.device("cpu"), 32 * 32, 64 * 64)
+    item = benchmarks.load(benchmarks.get("MMStar"), write_tsv(tmp_path / "n.tsv", ROWS["MMStar"][:1])).items[0]
+    prompt = encode_item(item, "How many red shapes?", policy, tmp_path, 64 * 64, 32 * 32)
+    text = policy.tokenizer.decode(prompt.ids)
+    assert text.startswith("<|im_start|>user\n<|vision_start|>") and "system" not in text
+    assert prompt.pixel_values.shape[1] == 3 * 2 * 16 * 16

@@ -1,10 +1,11 @@
 """The torchrun side of test_deepspeed_engine: the same GRPO updates through PlainEngine,
 ZeRO-2 and ZeRO-3, written to a JSON file for the test to compare.
 
-    torchrun --nproc_per_node 2 tests/r1vl/update/deepspeed_worker.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/r1vl/update/deepspeed_worker.py OUT_DIR [FAMILY]
 
-Each engine trains a fresh copy of one tiny Qwen2-VL (same seed; lm_head tied to the input
-embedding, as in Qwen2-VL-2B, the untied case being train.py's built-in model) for STEPS
+Each engine trains a fresh copy of one tiny Qwen2-VL (or Qwen3-VL with FAMILY=qwen3_vl; same
+seed; lm_head tied to the input embedding, as in Qwen2-VL-2B and the small Qwen3-VL models, the
+untied case being train.py's built-in model) for STEPS
 optimizer steps on random completions after blank images, with random advantages and a KL
 term to the engine's frozen copy, so that the fused loss's lm_head gradient, the reference
 and the sum over ranks all matter. Rank 0 has more micro-batches than rank 1, and none at all in one step: ZeRO
@@ -24,7 +25,7 @@ from r1vl import distributed
 from r1vl.config import make_config
 from r1vl.data.prompts import blank_prompt
 from r1vl.sampling.generate import generate
-from r1vl.tiny import build_model, build_tokenizer
+from r1vl.tiny import PATCH_SIZE, build_model, build_tokenizer
 from r1vl.update.engines import make_engine
 from r1vl.update.losses import completion_logprobs, policy_loss
 from r1vl.update.packing import Sample, pack
@@ -82,15 +83,16 @@ def full_state(model) -> dict:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, family: str) -> None:
     world = distributed.init("cpu")
     torch.manual_seed(0)
     tokenizer = build_tokenizer(["How many shapes are there? Three red circles."] * 4, vocab_size=300)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=3136)
+    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=4096, patch_size=PATCH_SIZE[family])
     prompt = blank_prompt(tokenizer, processor, 2, 3136)
-    initial = build_model(tokenizer, seed=0, tie_word_embeddings=True)  # lm_head is the embedding, as in 2B
+    # lm_head is the embedding, as in Qwen2-VL-2B and Qwen3-VL-2B / 4B
+    initial = build_model(tokenizer, seed=0, tie_word_embeddings=True, family=family)
     results = {}
     for kind in ("plain", "zero2", "zero3"):
         deepspeed = "" if kind == "plain" else str(CONFIGS / f"{kind}.json")
@@ -131,4 +133,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "qwen2_vl")

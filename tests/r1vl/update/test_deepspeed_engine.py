@@ -238,10 +238,10 @@ def test_lockstep_gives_every_rank_as_many_microbatches_and_loses_none(monkeypat
 # -------------------------------------------------------------------------------- the engines
 
 
-@pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def engine_runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    _torchrun([str(ROOT / "tests" / "r1vl" / "update" / "deepspeed_worker.py"), str(out)], cwd=out)
+    _torchrun([str(ROOT / "tests" / "r1vl" / "update" / "deepspeed_worker.py"), str(out), request.param], cwd=out)
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -14,15 +14,17 @@ from r1vl.update.packing import pack
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def _batch(seed: int):
+def _batch(seed: int, family: str = "qwen2_vl"):
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for prompt in range(3):  # 3 prompts x G=2, completions of uneven lengths
-        first = make_sample(gen, [(1, 4, 4)], completion_len=2 + 5 * prompt)
-        second = make_sample(gen, [(1, 4, 4)], completion_len=9 - 3 * prompt, pixel_values=first.pixel_values)
+        first = make_sample(gen, [(1, 4, 4)], completion_len=2 + 5 * prompt, family=family)
+        second = make_sample(gen, [(1, 4, 4)], completion_len=9 - 3 * prompt, pixel_values=first.pixel_values,
+                             family=family)
         second.prompt_ids = first.prompt_ids
         samples += [first, second]
-    advantages = torch.randn(len(samples), generator=gen)
+    # Their own stream: the same advantages for every family (whose pixel rows draw differently).
+    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(seed))
     return samples, advantages
 
 
@@ -173,17 +175,20 @@ def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(lo
     torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family,tied", [("qwen2_vl", False), ("qwen3_vl", False), ("qwen3_vl", True)])
 @pytest.mark.parametrize("with_old", [False, True])
-def test_float64_softmax_loss_matches_the_kernels(with_old):
-    """--loss_softmax float64 (the eager float64 form, a numerics check) gives the fused
-    kernels' loss, log-probs, KL, entropy, clip fractions and gradient up to float32 rounding."""
-    model = tiny_model("qwen2_vl", seed=3)
+def test_float64_softmax_loss_matches_the_kernels(with_old, family, tied):
+    """--loss_softmax float64 (the eager float64 form over lm_head's logits, a numerics check)
+    gives the fused kernels' loss, log-probs, KL, entropy, clip fractions and gradient up to
+    float32 rounding; tied: the lm_head is the input embedding (the small Qwen3-VL models), so
+    its gradient sums the loss's and the embedding lookup's."""
+    model = tiny_model(family, seed=3, tie_word_embeddings=tied)
     use_varlen_attention(model, "sdpa")
     ref_model = copy.deepcopy(model)
     with torch.no_grad():
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    samples, advantages = _batch(7)
+    samples, advantages = _batch(7, family)
     packed = pack(samples, model)
     ref = completion_logprobs(ref_model, packed, 1.2, "torch")
     old = None
