@@ -239,6 +239,7 @@ def decode_step(
     column: torch.Tensor | int,
     slots: torch.Tensor,
     group: int,
+    prompts: int,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
     prefix_bias: torch.Tensor,
@@ -255,14 +256,20 @@ def decode_step(
         positions: (B,) int64, its M-RoPE position (the same on all three axes).
         column: the cache column the new keys go to: an int, or a () int64 tensor (compiled).
         slots, group: each row's place in the prefix grid (see shared_prefix_attention).
-        prefix_k, prefix_v: (L, NP, Hkv, Lp, D); prefix_bias (NP, Lp).
-        comp_k, comp_v: (L, >=B, Hkv, C, D): rows 0..B-1 are the live rows; written in place.
-        columns: how many completion columns to attend over (a Python int: a static shape).
+        prompts: NP, the prompt slots in use: slots 0..NP-1 of the prefix part.
+        prefix_k, prefix_v: (L, >=NP, Hkv, Lp, D) model dtype; prefix_bias (>=NP, Lp) fp32.
+        comp_k, comp_v: (L, >=B, Hkv, C, D) model dtype: rows 0..B-1 are the live rows; written
+            in place.
+        columns: how many completion columns to attend over, <= C (a Python int: a static shape).
         masked: mask the columns past `column` (when `columns` is a bucket, not column + 1).
         fused: `fuse_layers(model)`, or None to call the modules.
 
     Returns:
         (B, V) fp32 logits.
+
+    The cache comes whole and is sliced here: compiled, its tensors are then the graph's inputs
+    themselves, whose static addresses CUDA graphs read in place (a slice made by the caller is
+    a new tensor at every call, which a replay would first copy into the graph's buffer).
     """
     lm = model.model.language_model
     B = tokens.shape[0]
@@ -286,8 +293,9 @@ def decode_step(
             values.index_copy_(2, column.view(1), v[:, :, None])
         Hkv = k.shape[1]
         query = q.view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
-        out = shared_prefix_attention(query, prefix_k[i], prefix_v[i], prefix_bias, slots, group,
-                                      keys[:, :, :columns], values[:, :, :columns], comp_bias, scale=attn.scaling)
+        out = shared_prefix_attention(query, prefix_k[i, :prompts], prefix_v[i, :prompts], prefix_bias[:prompts],
+                                      slots, group, keys[:, :, :columns], values[:, :, :columns], comp_bias,
+                                      scale=attn.scaling)
         if layer_fused is None:
             hidden = hidden + attn.o_proj(out.reshape(B, -1))
         else:

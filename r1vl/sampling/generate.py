@@ -16,9 +16,11 @@ learns to stop) or at max_new_tokens. Positions follow Qwen2-VL's M-RoPE: the pr
 the model's own rope index, the k-th sampled token sits at P + k + delta on all three axes.
 
 On a GPU the decode step is compiled (torch.compile, CUDA graphs): the batch is then padded
-to a few bucket sizes and the completion columns masked, so that shapes repeat. On a CPU it
-runs eagerly by default: inductor's compile of the step costs more on a CPU than the built-in
-run's rollouts take in all.
+to a few bucket sizes, and the completion columns read are rounded up to a power of two and
+masked past the current one, so that shapes repeat; the cache and the joined weights reach
+the graphs at static addresses, read in place. On a CPU it runs eagerly by default:
+inductor's compile of the step costs more on a CPU than the built-in run's rollouts take in
+all.
 
 The tests' oracle (tests/r1vl/sampling/reference_sampler.py: plain transformers forwards with a
 growing DynamicCache) is independent of this module.
@@ -98,12 +100,43 @@ def _grid_slots(prompt: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, int
     return prompt * group + rank, group
 
 
+# Completion columns a compiled step reads: powers of two from 32, capped at the cache's
+# columns, those past the current one masked. A bucket reads fewer than twice the columns
+# written (or 32), where reading all max_new_tokens columns at every step reads twice as many
+# over a whole sequence, and far more early on, while most rows are live. Each bucket is one
+# static shape: one compile, and one CUDA graph per batch bucket; powers of two keep their
+# number logarithmic in max_new_tokens (6 for 1024). Below 32 columns the completion part
+# costs little next to the weights and the prompt part: smaller buckets would add compiles
+# for no saving.
+_MIN_COLUMNS = 32
+
+
+def column_bucket(n: int, capacity: int) -> int:
+    """The completion columns a compiled step attends over when n (1 <= n <= capacity) are
+    written: the power of two >= n, at least 32, at most `capacity` (the cache's columns)."""
+    return min(capacity, max(_MIN_COLUMNS, 1 << (n - 1).bit_length()))
+
+
+def column_buckets(capacity: int) -> list[int]:
+    """Every value column_bucket(n, capacity) takes for n in 1..capacity, ascending."""
+    buckets, size = [], _MIN_COLUMNS
+    while size < capacity:
+        buckets.append(size)
+        size *= 2
+    return buckets + [capacity]
+
+
+# The name of dynamo's per-function compile limit (cache_size_limit in older torch).
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 class _Stepper:
-    """Calls the decode step eagerly or through one torch.compile'd function per setting."""
+    """Calls the decode step eagerly, or through one torch.compile'd function per (backend,
+    device), shared by every rollout (class-level: compiled graphs serve the whole run)."""
 
     _compiled: dict = {}
 
-    def __init__(self, compile_step: bool, backend: str, device: torch.device):
+    def __init__(self, compile_step: bool, backend: str, device: torch.device, max_new_tokens: int):
         self.compiled = compile_step
         self.fn = decode_step
         if compile_step:
@@ -113,18 +146,46 @@ class _Stepper:
                 self._compiled[key] = torch.compile(decode_step, backend=backend, fullgraph=True, **options)
             self.fn = self._compiled[key]
         self.cuda_graphs = compile_step and device.type == "cuda" and backend == "inductor"
+        # The step's int arguments (columns, prompts, group) are shapes: specialize_int keeps
+        # each value its own static graph (by default dynamo makes an int argument symbolic at
+        # its second value). So the step compiles once per column bucket, and dynamo's default
+        # limit of 8 compiles per function would be reached at max_new_tokens 4096 (8 buckets),
+        # sooner with any other specialization; under fullgraph the compile past it raises
+        # (torch 2.13). The limit is raised for this function only, while it runs: the
+        # default's 8 per bucket (batch size 1, a new cache shape, another dtype, ... each
+        # compile once more).
+        self.dynamo_config = {"specialize_int": True, _LIMIT: 8 * len(column_buckets(max_new_tokens))}
 
-    def __call__(self, model, tokens, positions, column, slots, group, cache: RolloutCache, NP: int,
-                 columns: int, fused) -> torch.Tensor:
-        args = (model, tokens, positions, column, slots, group, cache.prefix_k[:, :NP], cache.prefix_v[:, :NP],
-                cache.prefix_bias[:NP], cache.comp_k, cache.comp_v, columns, self.compiled, fused)
-        if self.compiled:
-            for t in (tokens, positions, slots):  # one graph for every bucket (CUDA graphs: one per bucket)
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-            return self.fn(*args).clone()  # the graph's output buffer is reused by the next replay
-        return self.fn(*args)
+    def __call__(self, model, tokens, positions, t: int, slots, group: int, cache: RolloutCache,
+                 n_prompts: int, fused) -> torch.Tensor:
+        """The next logits (B, V) fp32 after feeding tokens (B,) at completion column t."""
+        if not self.compiled:  # exactly the t + 1 columns written, nothing to mask
+            return self.fn(model, tokens, positions, t, slots, group, n_prompts, cache.prefix_k, cache.prefix_v,
+                           cache.prefix_bias, cache.comp_k, cache.comp_v, t + 1, False, fused)
+        # The cache's own tensors, marked static (generate), not views of them: see decode_step.
+        column = torch.tensor(t, device=tokens.device)  # a tensor: one graph serves every t of a bucket
+        columns = column_bucket(t + 1, cache.comp_k.shape[3])
+        for x in (tokens, positions, slots):  # one graph for every batch bucket (CUDA graphs: one each)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        args = (model, tokens, positions, column, slots, group, n_prompts, cache.prefix_k, cache.prefix_v,
+                cache.prefix_bias, cache.comp_k, cache.comp_v, columns, True, fused)
+        with torch._dynamo.config.patch(**self.dynamo_config):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+                return self.fn(*args).clone()  # the graph's output buffer is reused by the next replay
+            return self.fn(*args)
+
+
+def _mark_static(tensors) -> None:
+    """Tell torch.compile these tensors keep their address from call to call: CUDA graphs then
+    read them in place, where a replay would first copy each into the graph's own buffer (the
+    whole cache and every joined weight, at every step). Parameters are static to dynamo
+    already and are left alone."""
+    for t in tensors:
+        if not isinstance(t, torch.nn.Parameter):
+            # guard=False, torch 2.13's default (older torch guarded the address, recompiling for
+            # a new one): a new address re-records the CUDA graphs, without a recompile.
+            torch._dynamo.mark_static_address(t, guard=False)
 
 
 # CUDA graphs replay fixed addresses: with a graphed step, the rollout cache and the fused
@@ -145,8 +206,6 @@ def _rollout_cache(model, lengths: list[int], G: int, max_new_tokens: int, reuse
     key = (len(lengths), capacity, *shape.values())
     if workspace.get("cache_key") != key:
         cache = RolloutCache.allocate(lengths, **shape, prefix_capacity=capacity)
-        for t in (cache.prefix_k, cache.prefix_v, cache.prefix_bias, cache.comp_k, cache.comp_v):
-            torch._dynamo.mark_static_address(t)  # written in place inside the graph
         workspace.update(cache_key=key, cache=cache)
     cache = workspace["cache"]
     cache.set_prompt_lengths(lengths)
@@ -160,9 +219,6 @@ def _fused_weights(model, reuse: bool):
     workspace = _WORKSPACES.setdefault(model, {})
     kept = workspace.get("fused")
     if kept is None or [[t.shape for t in f] for f in kept] != [[t.shape for t in f] for f in fused]:
-        for layer in fused:
-            for t in layer:
-                torch._dynamo.mark_static_address(t)
         workspace["fused"] = fused
         return fused
     for old, new in zip(kept, fused):  # this rollout's weights, at the addresses the graphs hold
@@ -221,7 +277,7 @@ def generate(
     eos = torch.tensor(eos_token_ids, dtype=torch.int64, device=device)  # int64 even when empty (no stop)
     if compile_step is None:
         compile_step = device.type == "cuda"
-    stepper = _Stepper(compile_step, compile_backend, device)
+    stepper = _Stepper(compile_step, compile_backend, device, max_new_tokens)
 
     # 1. Prefill: every prompt once, its keys/values into the cache's prefix part.
     lengths = [p.ids.numel() for p in prompts]
@@ -230,6 +286,9 @@ def generate(
     logits = prefill(model, prompts, cache, list(positions)).repeat_interleave(G, dim=0)  # (B0, V)
 
     fused = _fused_weights(model, reuse=stepper.cuda_graphs)
+    if stepper.compiled:
+        _mark_static([cache.prefix_k, cache.prefix_v, cache.prefix_bias, cache.comp_k, cache.comp_v,
+                      *(t for layer in fused or [] for t in layer)])
     # 2. Decode. Row i of the batch is sequence seq[i] (compaction reorders rows).
     out_tokens = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.int64, device=device)  # row B0: padding's
     out_logprobs = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.float32, device=device)
@@ -285,9 +344,7 @@ def generate(
                     prompt = torch.searchsorted(kept_prompts, prompt)
                     n_prompts = kept_prompts.numel()
                 slots, group = _grid_slots(prompt, n_prompts)
-        column = torch.tensor(t, device=device) if stepper.compiled else t
-        columns = max_new_tokens if stepper.compiled else t + 1
-        logits = stepper(model, token, start + t, column, slots, group, cache, n_prompts, columns, fused)
+        logits = stepper(model, token, start + t, t, slots, group, cache, n_prompts, fused)
     bar.close()
 
     tokens, logprobs = out_tokens[:B0].cpu(), out_logprobs[:B0].cpu()

@@ -202,18 +202,48 @@ def test_greedy_agrees_with_the_reference_sampler(setup):
     assert torch.equal(fast.stopped, reference.stopped)
 
 
-def test_compiled_step_with_bucketed_batches_equals_eager(setup):
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled graphs before or after a compiled-step test. Dynamo keeps its graphs per code
+    object (decode_step's, whichever torch.compile wrapper made them), where they count towards
+    its recompile limit, and _Stepper keeps its compiled functions at class level."""
+    def clear():
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        r1vl.sampling.generate._Stepper._compiled.clear()
+
+    clear()
+    yield
+    clear()
+
+
+class _RecordingBackend:
+    """A torch.compile backend that runs each captured graph as it is (as backend "eager"
+    does) and keeps the real tensors each compile was given: one entry per compile."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.inputs.append(list(example_inputs))
+        return graph_module.forward
+
+
+def test_compiled_step_with_bucketed_batches_equals_eager(setup, fresh_dynamo):
     # torch.compile captures the whole step (fullgraph); the batch is padded to buckets, the
-    # completion columns masked. Backend "eager": dynamo's capture alone, no code generation
-    # (inductor's takes minutes on a busy CPU; the GPU test compiles with it).
+    # completion columns masked. A backend that runs dynamo's capture as it is, no code
+    # generation (inductor's takes minutes on a busy CPU; the GPU test compiles with it). The
+    # batch size is dynamic: one compile serves both batch buckets.
     model, prompts, _ = setup
     prompts = prompts[:3]
     stop = _stop_set(model, 30)
     eager = generate(model, prompts, 3, 10, stop, temperature=1e-6, generator=torch.Generator().manual_seed(0))
     lengths = [len(ids) for ids in eager.ids]
     assert bucket_size(sum(n == 10 for n in lengths), 9) < 9, lengths  # the compiled run pads a bucket
+    backend = _RecordingBackend()
     compiled = generate(model, prompts, 3, 10, stop, temperature=1e-6, generator=torch.Generator().manual_seed(0),
-                        compile_step=True, compile_backend="eager")
+                        compile_step=True, compile_backend=backend)
+    assert len(backend.inputs) == 1
     assert all(torch.equal(a, b) for a, b in zip(eager.ids, compiled.ids))
     for a, b in zip(eager.logprobs, compiled.logprobs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -348,9 +378,98 @@ def test_empty_eos_list_decodes_every_completion_to_full_length(setup, head):
     assert all(ids.tolist() == [eos[0]] * 5 for ids in out.ids)
 
 
+def test_column_buckets():
+    from r1vl.sampling.generate import column_bucket, column_buckets
+
+    assert [column_bucket(n, 1024) for n in (1, 31, 32, 33, 64, 65, 500, 513, 1024)] == \
+        [32, 32, 32, 64, 64, 128, 512, 1024, 1024]
+    assert [column_bucket(n, 80) for n in (1, 33, 64, 65, 79)] == [32, 64, 64, 80, 80]
+    assert column_bucket(3, 10) == 10  # never past the cache's columns
+    for capacity in (1, 10, 32, 33, 80, 1024, 1025):
+        assert column_buckets(capacity) == sorted({column_bucket(n, capacity) for n in range(1, capacity + 1)})
+
+
+def test_compiled_step_attends_only_over_the_bucket_of_its_columns(setup, fresh_dynamo):
+    # After t + 1 completion columns are written, the step reads those rounded up to a power
+    # of two (at least 32, at most max_new_tokens) and masks the rest; it must not read all
+    # max_new_tokens columns at every step. Recorded where generate calls the compiled step.
+    import inspect
+
+    from r1vl.sampling.decode import decode_step
+
+    attended = []
+    compiled = torch.compile(decode_step, backend="eager", fullgraph=True)
+
+    def step(*args):
+        attended.append(inspect.signature(decode_step).bind(*args).arguments["columns"])
+        return compiled(*args)
+
+    r1vl.sampling.generate._Stepper._compiled[("eager", "cpu")] = step
+    model, prompts, _ = setup
+    max_new = 40
+    generate(model, prompts[:1], 2, max_new, [], compile_step=True, compile_backend="eager",
+             generator=torch.Generator().manual_seed(0))
+    assert attended == [min(max_new, max(32, 1 << t.bit_length())) for t in range(max_new - 1)], \
+        f"columns attended at steps 0, 1, ...: {attended}"
+
+
+def test_compiled_step_compiles_once_per_column_bucket(setup, fresh_dynamo):
+    # A whole rollout through two column buckets (32 and 40 columns): one compile per bucket,
+    # not one per step, no graph break, and the same tokens and log-probabilities as the eager
+    # step. Rows are not compacted, so that both runs draw the same uniforms at temperature 1
+    # (batch buckets: test_compiled_step_with_bucketed_batches_equals_eager). The default
+    # compile limit is set to 1 here: the step must carry its own, or its second compile raises.
+    model, prompts, _ = setup
+    max_new = 40
+    kwargs = dict(eos_token_ids=_stop_set(model, 4), compact_fraction=None)
+    eager = generate(model, prompts[:2], 2, max_new, generator=torch.Generator().manual_seed(0), **kwargs)
+    backend = _RecordingBackend()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled = generate(model, prompts[:2], 2, max_new, generator=torch.Generator().manual_seed(0),
+                            compile_step=True, compile_backend=backend, **kwargs)
+    lengths = [len(ids) for ids in compiled.ids]
+    assert max(lengths) == max_new and min(lengths) < max_new, lengths
+    compiles = len(backend.inputs)
+    assert compiles == 2, f"{compiles} compiles for 2 column buckets"
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert all(torch.equal(a, b) for a, b in zip(eager.ids, compiled.ids))
+    for a, b in zip(eager.logprobs, compiled.logprobs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_compiled_step_takes_the_cache_and_weights_at_static_addresses(setup, fresh_dynamo, monkeypatch):
+    # Under CUDA graphs an input without a static address is copied into the graph's buffer
+    # at every replay. The step must receive the cache's own tensors and the joined weights,
+    # marked static, not slices of them; only the per-step inputs may move: tokens,
+    # positions, slots (B,) and the column ().
+    made = []
+
+    def keep(make):
+        def kept(*args, **kwargs):
+            made.append(make(*args, **kwargs))
+            return made[-1]
+        return kept
+
+    monkeypatch.setattr(r1vl.sampling.generate, "_rollout_cache", keep(r1vl.sampling.generate._rollout_cache))
+    monkeypatch.setattr(r1vl.sampling.generate, "_fused_weights", keep(r1vl.sampling.generate._fused_weights))
+    model, prompts, _ = setup
+    backend = _RecordingBackend()
+    generate(model, prompts[:2], 2, 6, [], compile_step=True, compile_backend=backend,
+             generator=torch.Generator().manual_seed(0))
+    (inputs,) = backend.inputs
+    cache, fused = made
+    own = {name: getattr(cache, name) for name in ("prefix_k", "prefix_v", "prefix_bias", "comp_k", "comp_v")}
+    own |= {f"layer {i} {name}": t for i, layer in enumerate(fused) for name, t in layer._asdict().items()}
+    not_passed = [name for name, t in own.items() if not any(x is t for x in inputs)]
+    assert not not_passed, f"reach the compiled step as other tensors (slices): {not_passed}"
+    moving = [tuple(x.shape) for x in inputs
+              if isinstance(x, torch.Tensor) and torch._dynamo.utils.get_static_address_type(x) is None]
+    assert sorted(moving) == [(), (4,), (4,), (4,)], f"inputs without a static address: {moving}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_graphed_step_equals_eager_in_bf16(family):
+def test_cuda_graphed_step_equals_eager_in_bf16(family, fresh_dynamo):
     # On a GPU the step is compiled by inductor and replayed as CUDA graphs, one per bucket.
     model = tiny_model(family).to("cuda", torch.bfloat16)
     prompts = _tiny_prompts(torch.Generator().manual_seed(1), [[2, 5], [7, 1], [4, 9]], family)
