@@ -218,12 +218,13 @@ def _fused_weights(model, reuse: bool):
         return fused
     workspace = _WORKSPACES.setdefault(model, {})
     kept = workspace.get("fused")
-    if kept is None or [[t.shape for t in f] for f in kept] != [[t.shape for t in f] for f in fused]:
+    shapes = [[None if t is None else t.shape for t in f] for f in fused]  # qkv_bias None: Qwen3-VL
+    if kept is None or [[None if t is None else t.shape for t in f] for f in kept] != shapes:
         workspace["fused"] = fused
         return fused
     for old, new in zip(kept, fused):  # this rollout's weights, at the addresses the graphs hold
         for a, b in zip(old, new):
-            if a.data_ptr() != b.data_ptr():
+            if a is not None and a.data_ptr() != b.data_ptr():
                 a.copy_(b)
     return kept
 
@@ -288,7 +289,7 @@ def generate(
     fused = _fused_weights(model, reuse=stepper.cuda_graphs)
     if stepper.compiled:
         _mark_static([cache.prefix_k, cache.prefix_v, cache.prefix_bias, cache.comp_k, cache.comp_v,
-                      *(t for layer in fused or [] for t in layer)])
+                      *(t for layer in fused or [] for t in layer if t is not None)])
     # 2. Decode. Row i of the batch is sequence seq[i] (compaction reorders rows).
     out_tokens = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.int64, device=device)  # row B0: padding's
     out_logprobs = torch.zeros(B0 + 1, max_new_tokens, dtype=torch.float32, device=device)

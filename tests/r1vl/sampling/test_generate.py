@@ -8,6 +8,7 @@ from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
 import r1vl.sampling.generate
 from r1vl.data.prompts import Prompt, encode_prompt
 from r1vl.data.records import load_examples
+from r1vl.sampling.decode import fuse_layers
 from r1vl.sampling.generate import bucket_size, generate
 from reference_sampler import generate_reference
 from r1vl.data.synthetic import write_dataset
@@ -435,6 +436,30 @@ def test_compiled_step_compiles_once_per_column_bucket(setup, fresh_dynamo):
     assert all(torch.equal(a, b) for a, b in zip(eager.ids, compiled.ids))
     for a, b in zip(eager.logprobs, compiled.logprobs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_compiled_qwen3_vl_step_equals_eager_and_reuses_its_weights(fresh_dynamo):
+    # Qwen3-VL's joined projections have no bias (and q_norm / k_norm after them): the compiled,
+    # bucketed step gives the eager tokens and log-probabilities, and a second graphed rollout
+    # gets the same joined weights back with the current values copied in.
+    from r1vl.sampling.generate import _fused_weights
+
+    model = tiny_model("qwen3_vl", seed=2)
+    prompts = _tiny_prompts(torch.Generator().manual_seed(3), [[2, 5], [7, 1], [4, 9]], "qwen3_vl")
+    kwargs = dict(eos_token_ids=_stop_set(model, 8), compact_fraction=None, temperature=1e-6)
+    eager = generate(model, prompts, 2, 36, generator=torch.Generator().manual_seed(0), **kwargs)
+    compiled = generate(model, prompts, 2, 36, generator=torch.Generator().manual_seed(0), compile_step=True,
+                        compile_backend="eager", **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(eager.ids, compiled.ids))
+    assert max(len(ids) for ids in eager.ids) > 32  # two column buckets
+    for a, b in zip(eager.logprobs, compiled.logprobs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    first = _fused_weights(model, reuse=True)
+    assert first is not None and first[0].qkv_bias is None
+    with torch.no_grad():
+        model.model.language_model.layers[0].self_attn.k_proj.weight.mul_(2.0)
+    again = _fused_weights(model, reuse=True)
+    assert again is first and torch.equal(again[0].qkv_weight, fuse_layers(model)[0].qkv_weight)
 
 
 def test_compiled_step_takes_the_cache_and_weights_at_static_addresses(setup, fresh_dynamo, monkeypatch):
