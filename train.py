@@ -1,7 +1,8 @@
-"""StepGRPO (R1-VL, arXiv 2503.12937): online RL for Qwen2-VL with step-wise rewards.
+"""StepGRPO (R1-VL, arXiv 2503.12937): online RL for Qwen2-VL / Qwen2.5-VL / Qwen3-VL with step-wise rewards.
 
     python train.py                                   # built-in demo: tiny Qwen2-VL, synthetic task, CPU
-    python train.py --model PATH --data train.jsonl   # a local Qwen2-VL / Qwen2.5-VL checkpoint
+    python train.py --family qwen3_vl                 # the same demo on a tiny Qwen3-VL
+    python train.py --model PATH --data train.jsonl   # a local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint
     torchrun --nproc_per_node=4 train.py --model PATH --data train.jsonl
     python train.py --stage sft --model PATH --data train.jsonl   # the supervised warm-up only
     python train.py --run_dir runs/a --resume auto    # continue a killed run from its newest checkpoint

@@ -239,7 +239,7 @@ def _parse_bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="StepGRPO (R1-VL) for Qwen2-VL. Run with torchrun for data parallelism. With "
+        description="StepGRPO (R1-VL) for Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Run with torchrun for data parallelism. With "
                     "--model tiny (the default) the demo's TINY_DEFAULTS (r1vl/config.py) replace the "
                     "defaults shown below for the options it sets, unless given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

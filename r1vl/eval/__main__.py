@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"a benchmark and its VLMEvalKit TSV (R1VL: the trainer's JSONL); "
                         f"NAME one of {', '.join(benchmarks.BENCHMARKS)}")
     p.add_argument("--out", required=True, help="output directory (predictions, scores, report)")
-    p.add_argument("--model", help="a local Qwen2-VL / Qwen2.5-VL checkpoint directory (HF format)")
+    p.add_argument("--model", help="a local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory (HF format)")
     p.add_argument("--score-only", "--score_only", dest="score_only", action="store_true",
                    help="score the predictions already in --out; no model is loaded")
     p.add_argument("--predictions", action="append", default=[], metavar="NAME=FILE",

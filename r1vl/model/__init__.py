@@ -1,1 +1,1 @@
-"""The policy model: loading and saving Qwen2-VL / Qwen2.5-VL, and the packed attention it runs."""
+"""The policy model: the families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), loading and saving, and the packed attention it runs."""

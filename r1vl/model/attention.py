@@ -399,7 +399,7 @@ def use_varlen_attention(model, backend: str | None = None) -> str:
     """Switch `model`'s language model and vision tower to packed varlen attention.
 
     Args:
-        model: a Qwen2-VL / Qwen2.5-VL model (ForConditionalGeneration or the base model),
+        model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (ForConditionalGeneration or the base model),
             already on its device and in its dtype (they decide the automatic choice).
         backend: None to pick automatically (flash_attn, else varlen_attn on CUDA in
             fp16/bf16, each only if its probe call runs, else sdpa), or one of BACKENDS to

@@ -248,7 +248,7 @@ def generate(
     """Sample `num_generations` completions for each prompt.
 
     Args:
-        model: Qwen2-VL / Qwen2.5-VL ForConditionalGeneration, on its device (any attention
+        model: Qwen2-VL / Qwen2.5-VL / Qwen3-VL ForConditionalGeneration, on its device (any attention
             implementation: the language model's attention here is this module's own).
         prompts: encoded prompts (r1vl.data.prompts), each with its image.
         eos_token_ids: tokens that end a completion (e.g. <|im_end|>, <|endoftext|>); an empty list
