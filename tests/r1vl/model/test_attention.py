@@ -541,3 +541,15 @@ def test_sdpa_off_cpu_never_builds_a_packed_mask(monkeypatch):
     out = varlen_attention(q, k, v, _cu(lengths), max(lengths), causal=True, backend="sdpa")
     assert out.shape == (T, 4, 8) and seen
     assert max(lq * lk for lq, lk in seen) <= max(lengths) ** 2, seen
+
+
+def test_masked_sdpa_is_refused_for_a_cuda_model():
+    """sdpa_masked's (heads, T, T_k) scores are quadratic in the packed length on CUDA (the mask
+    with GQA runs only on the math kernel): refused there with the alternatives named, allowed
+    on a CPU. The check reads only the device, so no GPU is needed to run it."""
+    from r1vl.model.attention import _check_backend
+
+    with pytest.raises(ValueError, match="'sdpa_masked' takes memory quadratic in the packed length on CUDA"):
+        _check_backend("sdpa_masked", torch.device("cuda"), torch.bfloat16)
+    _check_backend("sdpa_masked", torch.device("cpu"), torch.float32)
+    _check_backend("sdpa", torch.device("cuda"), torch.float32)  # per segment: linear in T
