@@ -189,6 +189,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
     # Qwen3-VL: DeepStack features of intermediate vision layers, added to the output of decoder
     # layer i at the image tokens, as the model's _deepstack_process does (in the hidden dtype).
     deepstack = [torch.cat(layer).to(hidden.dtype) for layer in getattr(vision, "deepstack_features", None) or []]
+    image_rows = is_image.nonzero()[:, 0] if deepstack else None  # one host sync, not one per layer
 
     T = ids.numel()
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
@@ -221,8 +222,8 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
             out = varlen_attention(q, k, v, cu, max(lengths), causal=True, scale=attn.scaling, backend=backend)
         hidden = hidden + attn.o_proj(out.reshape(T, -1))
         hidden = _mlp_block(layer, hidden)
-        if i < len(deepstack):
-            hidden[is_image] = hidden[is_image] + deepstack[i]
+        if i < len(deepstack):  # hidden[rows] + features, rounded once, as the model's own addition
+            hidden = hidden.index_put((image_rows,), deepstack[i], accumulate=True)
     last = _norm(lm.norm, hidden[cu[1:].to(torch.int64) - 1])  # (P, hidden): only the last token's logits
     return model.lm_head(last).float()
 
