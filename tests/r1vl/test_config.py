@@ -87,5 +87,6 @@ def test_tiny_qwen3_vl_reads_the_pictures_at_64_pixels():
     """Qwen3-VL's image sides are multiples of 32: the 56-pixel synthetic pictures are read at
     64 x 64 (2 x 2 merged tokens, as 56 x 56 gives Qwen2-VL), unless asked otherwise."""
     assert make_config(family="qwen3_vl").max_pixels == 64 * 64
+    assert make_config(family="qwen3_vl").num_steps == 250 and make_config().num_steps == 150
     assert make_config(family="qwen3_vl", max_pixels=5000).max_pixels == 5000
     assert make_config().max_pixels == make_config(family="qwen2_vl").max_pixels == 56 * 56
