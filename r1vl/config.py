@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r1vl.deepspeed_config import read_deepspeed_config
+from r1vl.model.families import FAMILIES
 from r1vl.rewards.advantages import REWARD_SETS  # what each one sums
 
 STAGES = ("grpo", "sft", "sft+grpo")
@@ -180,8 +181,8 @@ class Config:
         need(self.plan or self.model == "tiny" or self.data or self.stage == "sft" and self.sft_data,
              f"--model {self.model} needs --data (the built-in synthetic task goes with --model tiny only)")
         need(not (self.stage == "sft" and self.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
-        need(self.family in ("", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
-             f"--family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {self.family!r}")
+        need(self.family in ("", *FAMILIES),
+             f"--family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         need(not self.family or self.model == "tiny",
              f"--family {self.family} picks the built-in tiny model's family; --model {self.model}'s family is "
              "the model_type in its config.json")

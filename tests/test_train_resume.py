@@ -62,6 +62,21 @@ def _digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+def _assert_resumed_to_the_same_weights(run_dir: Path, uninterrupted: Path) -> dict:
+    """The resumed run's final weights equal the uninterrupted run's (atol 1e-6), and StepGRPO
+    did move them (the comparison is not vacuous). Returns the resumed run's final weights."""
+    expected = load_file(uninterrupted / "final" / "model.safetensors")
+    got = load_file(run_dir / "final" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    grpo = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()][WARMUP:]
+    assert any(r["reward_std_in_group"] > 0 for r in grpo), "the warm-up left GRPO nothing to learn: raise WARMUP"
+    before_grpo = load_file(run_dir / "reference" / "model.safetensors")
+    assert any(not torch.equal(before_grpo[n], got[n]) for n in got)
+    return got
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plain") / "run"
@@ -97,16 +112,7 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path, uninterrupted):
     assert _steps(run_dir) == [WARMUP + 2, WARMUP + 4]
     assert not (run_dir / "checkpoints" / f".tmp-step_{WARMUP + 4:08d}").exists()
 
-    expected = load_file(uninterrupted / "final" / "model.safetensors")
-    got = load_file(run_dir / "final" / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    # The GRPO updates did change the weights (the comparison above is not vacuous).
-    plain_grpo = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()][WARMUP:]
-    assert any(r["reward_std_in_group"] > 0 for r in plain_grpo), "the warm-up left GRPO nothing to learn: raise WARMUP"
-    before_grpo = load_file(run_dir / "reference" / "model.safetensors")
-    assert any(not torch.equal(before_grpo[n], got[n]) for n in got)
+    _assert_resumed_to_the_same_weights(run_dir, uninterrupted)
     # Each step appears once in the metrics, as in the uninterrupted run.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in records] == [("sft", s) for s in range(1, WARMUP + 1)] + [
@@ -175,14 +181,8 @@ def test_qwen3_vl_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     result = _train(run_dir, *family, "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step_{WARMUP + 2:08d} (grpo step 2)" in result.stdout
-    expected, got = load_file(plain / "final" / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
-    assert expected.keys() == got.keys() and any("deepstack_merger_list" in n for n in got)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    grpo = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()][WARMUP:]
-    assert any(r["reward_std_in_group"] > 0 for r in grpo), "the warm-up left GRPO nothing to learn: raise WARMUP"
-    before_grpo = load_file(run_dir / "reference" / "model.safetensors")
-    assert any(not torch.equal(before_grpo[n], got[n]) for n in got)
+    got = _assert_resumed_to_the_same_weights(run_dir, plain)
+    assert any("deepstack_merger_list" in n for n in got)
     # --freeze_vision_tower (the built-in run's): the tower, its merger and DeepStack mergers
     # end as the tiny checkpoint was written.
     initial = load_file(run_dir / "tiny-init" / "model.safetensors")

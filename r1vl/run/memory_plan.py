@@ -194,7 +194,8 @@ class ModelShape:
         else:
             merger = patches * (e * C + 8 + 3 * e * C)  # ln_q input + stats, fc1 input, GELU input, fc2 input
         # Qwen3-VL: each DeepStack merger normalizes the merged width (input, stats), then fc1
-        # input, GELU input, fc2 input; the position embeddings' bilinear weights and indices.
+        # input, GELU input, fc2 input; the position embeddings' bilinear interpolation keeps
+        # 4 int64 indices and 4 fp32 weights per patch (48 bytes).
         merger += self.deepstack * patches * (4 * e * C + 8 / self.merge ** 2)
         shared += patches * 48 * (self.v_positions > 0)
         if checkpointing:  # each block keeps its input; one block recomputed at a time
