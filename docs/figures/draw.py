@@ -7,11 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("svg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 HERE = Path(__file__).resolve().parent
 plt.rcParams.update({"svg.fonttype": "none", "font.family": "DejaVu Sans", "font.size": 10,
@@ -87,7 +84,7 @@ TOKENS = list("pvIIIIep") + ["cA"] * 2 + ["cC"] * 3 + list("pppc")
 KIND = ["prompt"] * 8 + ["A"] * 2 + ["C"] * 3 + ["B"] * 4
 POS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 8, 9, 10, 0, 1, 2, 3]
 SEGMENTS = [(0, 8), (8, 10), (10, 13), (13, 17)]  # cu_seqlens [0, 8, 10, 13, 17]
-KEYS = [list(range(0, 8)), list(range(0, 10)), list(range(0, 8)) + [10, 11, 12], list(range(13, 17))]
+KEYS = [list(range(8)), list(range(10)), list(range(8)) + [10, 11, 12], list(range(13, 17))]
 
 
 def colour(i: int) -> str:
