@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r1vl.eval import metrics, protocols, vlmevalkit
+from r1vl.eval import protocols, verdicts, vlmevalkit
 from r1vl.eval.tsv import EvalInputError, Item, Table, read_tsv
 
 
@@ -23,11 +23,11 @@ class Benchmark:
     name: str  # the paper's name for it, used in file names and the table
     column: str  # the paper's Table 1 column header
     columns: tuple[str, ...]  # required TSV columns besides the image
-    score: metrics.Scorer
-    aggregate: Callable[[metrics.Scored], dict]
+    score: verdicts.Scorer
+    aggregate: Callable[[verdicts.Scored], dict]
     aliases: tuple[str, ...] = ()
     check: Callable[[Item], None] = field(default=lambda item: None)  # extra row checks
-    layout: str = "tsv"  # tsv: VLMEvalKit's TSV; records: the trainer's JSONL (r1vl.eval.records)
+    layout: str = "tsv"  # tsv: VLMEvalKit's TSV; records: the trainer's JSONL (r1vl.eval.jsonl)
     judge: str = "never"  # never / some (items the rule cannot read) / always: when VLMEvalKit asks its judge
 
     def question(self, item: Item, protocol: str = "paper") -> str:
@@ -56,31 +56,31 @@ def _check_mme(item: Item) -> None:
 
 
 def _check_hallusion(item: Item) -> None:
-    metrics.hallusion_ids(item)
+    verdicts.hallusion_ids(item)
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("MathVista", "MathVista", ("index", "question", "answer", "question_type", "answer_type"),
-              metrics.score_mathvista, metrics.aggregate_mathvista, aliases=("MathVista_MINI",),
+              verdicts.score_mathvista, verdicts.aggregate_mathvista, aliases=("MathVista_MINI",),
               check=_check_mathvista, judge="some"),
-    Benchmark("MMStar", "MMStar", ("index", "question", "answer", "A", "B"), metrics.score_mcq,
-              metrics.accuracy(("category", "l2-category")), judge="some"),
-    Benchmark("MathVision", "Math-V", ("index", "question", "answer", "choices"), metrics.score_mathvision,
-              metrics.accuracy(("category",)), aliases=("Math-V", "MathV", "MathVision_MINI"),
+    Benchmark("MMStar", "MMStar", ("index", "question", "answer", "A", "B"), verdicts.score_mcq,
+              verdicts.accuracy(("category", "l2-category")), judge="some"),
+    Benchmark("MathVision", "Math-V", ("index", "question", "answer", "choices"), verdicts.score_mathvision,
+              verdicts.accuracy(("category",)), aliases=("Math-V", "MathV", "MathVision_MINI"),
               check=_check_list("choices"), judge="some"),
-    Benchmark("ChartQA", "ChartQA", ("index", "question", "answer"), metrics.score_chartqa,
-              metrics.accuracy(("split", "category")), aliases=("ChartQA_TEST",)),
+    Benchmark("ChartQA", "ChartQA", ("index", "question", "answer"), verdicts.score_chartqa,
+              verdicts.accuracy(("split", "category")), aliases=("ChartQA_TEST",)),
     Benchmark("DynaMath", "DynaMath", ("index", "question", "answer", "answer_type", "qid", "varid"),
-              metrics.score_dynamath, metrics.aggregate_dynamath, judge="some"),
-    Benchmark("HallusionBench", "HallBench", ("index", "question", "answer"), metrics.score_yorn,
-              metrics.aggregate_hallusion, aliases=("HallBench",), check=_check_hallusion, judge="some"),
+              verdicts.score_dynamath, verdicts.aggregate_dynamath, judge="some"),
+    Benchmark("HallusionBench", "HallBench", ("index", "question", "answer"), verdicts.score_yorn,
+              verdicts.aggregate_hallusion, aliases=("HallBench",), check=_check_hallusion, judge="some"),
     Benchmark("MathVerse", "MathVerse", ("index", "question", "answer", "question_for_eval"),
-              metrics.score_mathverse, metrics.accuracy(("problem_version",)),
+              verdicts.score_mathverse, verdicts.accuracy(("problem_version",)),
               aliases=("MathVerse_MINI", "MathVerse_MINI_Vision_Only"), judge="always"),
-    Benchmark("MME", "MME_sum", ("index", "question", "answer", "category"), metrics.score_yorn,
-              metrics.aggregate_mme, check=_check_mme, judge="some"),
+    Benchmark("MME", "MME_sum", ("index", "question", "answer", "category"), verdicts.score_yorn,
+              verdicts.aggregate_mme, check=_check_mme, judge="some"),
     # Not in the paper: the trainer's own data (e.g. the synthetic task's held-out prompts).
-    Benchmark("R1VL", "R1VL", (), metrics.score_reference, metrics.accuracy(("task",)),
+    Benchmark("R1VL", "R1VL", (), verdicts.score_reference, verdicts.accuracy(("task",)),
               aliases=("synthetic", "heldout"), layout="records"),
 )}
 
@@ -105,7 +105,7 @@ def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: 
 
     last: for the records layout, only the last `last` records (train.py's held-out ones)."""
     if bench.layout == "records":
-        from r1vl.eval.records import read_records
+        from r1vl.eval.jsonl import read_records
 
         table = read_records(path, last, skip_bad_rows)
     else:

@@ -9,7 +9,7 @@ from evalkit_files import png_b64, write_tsv
 
 from r1vl.eval import benchmarks
 from r1vl.eval.__main__ import main
-from r1vl.eval.generate import encode_item, generate_benchmark, generate_items, shard
+from r1vl.eval.inference import encode_item, generate_benchmark, generate_items, shard
 from r1vl.eval.trainer_api import Dist, greedy, load_policy
 
 Q = {"question": "How many red shapes?"}
