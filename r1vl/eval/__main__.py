@@ -108,8 +108,8 @@ def _protocol(args) -> str:
 
 def run(args) -> str | None:
     """Everything but argument parsing and error printing; returns the markdown on rank 0."""
-    from r1vl.eval.judge import Judge
     from r1vl.eval.grading import score_benchmark
+    from r1vl.eval.judge import Judge
     from r1vl.eval.trainer_api import check_checkpoint_dir, distributed
 
     if args.score_only and int(os.environ.get("RANK", "0")) > 0:

@@ -27,8 +27,8 @@ from pathlib import Path
 from r1vl.eval import predictions, protocols, vlmevalkit
 from r1vl.eval.benchmarks import Benchmark
 from r1vl.eval.judge import Judge, JudgeError
-from r1vl.eval.verdicts import Verdict
 from r1vl.eval.tsv import Table
+from r1vl.eval.verdicts import Verdict
 
 
 def _key(prompt: str, temperature: float, system: str | None) -> str:
