@@ -100,22 +100,24 @@ def get(name: str) -> Benchmark:
     return bench
 
 
-def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: int | None = None) -> Table:
+def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: int | None = None,
+         keep_na_text: bool = False) -> Table:
     """The file's items, every row checked (module docstring). Raises EvalInputError.
 
-    last: for the records layout, only the last `last` records (train.py's held-out ones)."""
+    last: for the records layout, only the last `last` records (train.py's held-out ones).
+    keep_na_text: TSV cells reading "None", "NA", "nan", ... stay text (r1vl.eval.tsv; --fix na-text)."""
     if bench.layout == "records":
         from r1vl.eval.jsonl import read_records
 
         table = read_records(path, last, skip_bad_rows)
     else:
-        table = read_tsv(path, bench.columns)
+        table = read_tsv(path, bench.columns, keep_na_text)
     good = []
     for item in table.items:
         try:
             bench.check(item)
-            bench.question(item, "paper")
-            bench.question(item, "vlmevalkit")
+            for protocol in protocols.CONCRETE:
+                bench.question(item, protocol)
         except (ValueError, KeyError) as e:
             reason = str(e) if str(e).startswith(item.where()) else f"{item.where()}: {e}"
             if not skip_bad_rows:
