@@ -40,9 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=protocols.PROTOCOLS, default="auto",
                    help="paper: the R1-VL authors' VLMEvalKit wrapper (their prompt, the text after 'The final "
                         "answer is:', HallusionBench asked as A: Yes / B: No); vlmevalkit: VLMEvalKit's dataset "
-                        "prompts (what it sends a model without custom prompts), the whole output scored; qwen2vl: "
-                        "what VLMEvalKit sends Qwen2-VL / Qwen2.5-VL (Qwen2VLChat's own prompts: 'Please answer yes "
-                        "or no.', a short-answer suffix for VQA, stripped MCQ prompts), the whole output scored; "
+                        "prompts (what it sends models without custom prompts, its Qwen2.5-VL and Qwen3-VL "
+                        "included), the whole output scored; qwen2vl: what VLMEvalKit sends Qwen2-VL (Qwen2VLChat's "
+                        "own prompts: 'Please answer yes or no.' for HallusionBench, a short-answer suffix for VQA, "
+                        "stripped MCQ prompts), the whole output scored; "
                         "auto: paper for R1-VL checkpoints, else vlmevalkit")
     p.add_argument("--fix", action="append", default=[], choices=sorted(vlmevalkit.FIXES), metavar="NAME",
                    help="correct one of VLMEvalKit's known bugs (default: follow it, as its leaderboard does): "

@@ -3,7 +3,7 @@
 A benchmark file is VLMEvalKit's TSV for it (r1vl.eval.tsv); rows with an empty image are
 dropped and counted as VLMEvalKit's skip_noimg does. Every other row is checked when the file
 is read: the columns VLMEvalKit's scorer reads must be there (a list literal where it parses
-one). A row that fails is an error naming the file, the row and the reason, or with
+one), and a question (a cell pandas reads as missing, VLMEvalKit would ask as 'nan'). A row that fails is an error naming the file, the row and the reason, or with
 skip_bad_rows a skip that is counted and reported. No row is refused because its own gold
 answer would not score right: under VLMEvalKit's rules some never do (MathVista's text and
 list answers), and those items count as VLMEvalKit counts them.
@@ -115,6 +115,9 @@ def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: 
     good = []
     for item in table.items:
         try:
+            if bench.layout == "tsv" and item.fields["question"] == "":
+                raise ValueError("no question: the cell is empty or reads as missing to pandas (None, NA, nan, ...), "
+                                 "and VLMEvalKit would ask 'nan' (--fix na-text keeps such text)")
             bench.check(item)
             for protocol in protocols.CONCRETE:
                 bench.question(item, protocol)

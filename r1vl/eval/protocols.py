@@ -1,18 +1,20 @@
 """How a benchmark item is asked and which part of the output VLMEvalKit scores: the protocols.
 
 - `vlmevalkit`: VLMEvalKit's own dataset prompts (the dataset class's build_prompt: image_mcq.py,
-  image_vqa.py, image_yorn.py, dynamath.py) and the whole output as the prediction. That is what
-  VLMEvalKit sends a model wrapper without a custom prompt (use_custom_prompt() False), not what
-  it sends Qwen2-VL: its Qwen2VLChat asks with its own prompts (next item).
-- `qwen2vl`: what VLMEvalKit sends Qwen2-VL and Qwen2.5-VL, Qwen2VLChat(use_custom_prompt=True)
-  as its config builds them (vlm/qwen2_vl/prompt.py Qwen2VLPromptMixin, chosen by inference.py
-  where use_custom_prompt(dataset) holds): MMStar the stripped MCQ prompt ("A. ..." options,
-  "Please select the correct answer from the options above." or its Chinese form, no trailing
-  space or newline); HallusionBench the question + " Please answer yes or no."; the VQA datasets
-  (MathVista, MathVision, MathVerse, ChartQA, DynaMath) the question + "\nPlease try to answer
-  the question with short words or phrases if possible." (DynaMath without its JSON guide);
-  MME the dataset's prompt (the mixin leaves MME to it). The whole output is the prediction
-  (post_process=False, the default). These prompts are behind VLMEvalKit's Qwen2-VL numbers.
+  image_vqa.py, image_yorn.py, dynamath.py) and the whole output as the prediction: what
+  VLMEvalKit sends a model whose wrapper has no custom prompt for the dataset. In its config
+  (vlmeval/config.py) that includes Qwen2.5-VL and Qwen3-VL (built with use_custom_prompt=False),
+  not Qwen2-VL (next item).
+- `qwen2vl`: what VLMEvalKit sends Qwen2-VL: its config builds Qwen2-VL-2B/7B/72B-Instruct as
+  Qwen2VLChat with use_custom_prompt left True, so inference.py asks with the model's prompt
+  mixin (vlm/qwen2_vl/prompt.py Qwen2VLPromptMixin) wherever use_custom_prompt(dataset) holds:
+  MMStar the stripped MCQ prompt ("A. ..." options, "Please select the correct answer from the
+  options above." or its Chinese form, no trailing space or newline); HallusionBench the
+  question + " Please answer yes or no."; the VQA datasets (MathVista, MathVision, MathVerse,
+  ChartQA, DynaMath) the question + "\nPlease try to answer the question with short words or
+  phrases if possible." (DynaMath without its JSON guide); MME the dataset's prompt (the mixin
+  leaves MME to it). The whole output is the prediction (post_process=False, the default).
+  These prompts are behind VLMEvalKit's Qwen2-VL numbers.
 - `paper`: the R1-VL authors' VLMEvalKit wrapper (github jingyi0000/R1-VL, eval/qwen2_vl/
   prompt.py and model.py), which produced the paper's Table 1: their older Qwen2VLPromptMixin's
   prompts (MCQ choices "A: ...", HallusionBench asked as "Choices: A: Yes / B: No", VQA datasets

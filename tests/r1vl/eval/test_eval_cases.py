@@ -28,6 +28,8 @@ CASES = Path(__file__).parent / "cases"
 NAMES = ["MME", "HallusionBench", "MMStar", "ChartQA", "MathVista", "MathVision", "MathVerse", "DynaMath"]
 # All-number answer columns, which pandas (VLMEvalKit's reader) turns into float (r1vl.eval.tsv.pandas_numbers)
 NUMERIC = ["ChartQA_numeric", "MathVista_numeric"]
+# Option cells reading "None", "NA", "nan", ..., which pandas reads as missing (r1vl.eval.tsv.pandas_missing)
+NA = ["MMStar_na"]
 
 
 def _expected(name: str) -> dict:
@@ -58,7 +60,7 @@ def test_every_benchmark_has_a_case_file():
         assert {"right", "wrong"} <= {c["verdict"] for c in expected["items"]} or name == "MathVerse"
 
 
-@pytest.mark.parametrize("name", NAMES + NUMERIC)
+@pytest.mark.parametrize("name", NAMES + NUMERIC + NA)
 def test_each_item_verdict_equals_vlmevalkit(name):
     _, table, expected, _, got = _scored(name)
     assert {i.index for i in table.items} == {c["index"] for c in expected["items"]}  # every row has a case
@@ -67,7 +69,7 @@ def test_each_item_verdict_equals_vlmevalkit(name):
     assert not wrong, f"(index, prediction, rule, VLMEvalKit, r1vl): {wrong}"
 
 
-@pytest.mark.parametrize("name", NAMES + NUMERIC)
+@pytest.mark.parametrize("name", NAMES + NUMERIC + NA)
 def test_metrics_equal_vlmevalkit(name):
     bench, _, expected, scored, _ = _scored(name)
     metrics = bench.aggregate(scored)
@@ -106,7 +108,7 @@ def stub_reply(prompt: str) -> str:
     return "1" if prompt.endswith("Judgement:") else "C"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + NA)
 def test_judge_prompts_equal_vlmevalkit_builders(name, chat_server):
     # A stub judge on 127.0.0.1 records every request; each item VLMEvalKit would send to its judge
     # must send the very prompts VLMEvalKit's builders make (cases/prompts/<name>.<index>.<n>.txt), in order.
