@@ -212,8 +212,8 @@ def mmstar_rows():
         ("图中是什么动物？", "", "猫", "兔子", "老鼠", "狗", ""),  # Chinese: the mixin's Chinese instruction
         (q, "", " None", "none", "NONE", "None ", ""),  # not NA strings: spaces and case count
         ('Which one is "right"?\tAnswer\nbelow', "Line one\nline two", "a\tb", 'say "hi"', "", "", ""),
-        (q, "", "cat", "rabbit", "", "", "5"),  # E: a column of numbers and empty cells, float64 in pandas
-        (q, "1.#IND", "cat", "rabbit", "<NA>", "#N/A", ""),
+        (q, "", "cat", "rabbit", "", "", "5"),  # E: numbers, empty and NA cells: float64 ("5.0") unless NA is text
+        (q, "1.#IND", "cat", "rabbit", "<NA>", "#N/A", "NA"),
         (q, "#NA", "cat", "rabbit", "-1.#IND", "1.#QNAN", ""),
         (q, "n/a", "cat", "rabbit", "-NaN", "-1.#QNAN", ""),
         (q, "-nan", "cat", "rabbit", "#N/A N/A", "NaN", ""),
