@@ -1,7 +1,8 @@
 """r1vl's scoring against VLMEvalKit's on the case files of cases/ (one per benchmark).
 
 Each <Benchmark>.tsv is a benchmark file in VLMEvalKit's TSV layout (base64 PNGs; MME's second
-question of an image refers to the first one's row; HallusionBench has an empty-image row). Its
+question of an image refers to the first one's row; HallusionBench has an empty-image row;
+MMStar_na has options reading "None", "NA", "nan", ..., which pandas reads as missing). Its
 <Benchmark>.expected.json gives, per item, the prediction, the rule side it probes, and the
 verdict VLMEvalKit gives ("right", "wrong", or "judge": VLMEvalKit would ask its judge), with the
 VLMEvalKit file and function it comes from, and the metrics VLMEvalKit reports on the file.
