@@ -4,10 +4,12 @@
     torchrun --nproc_per_node 8 -m r1vl.eval --model PATH --bench ... --out DIR
     python -m r1vl.eval --score-only --bench MME=MME.tsv --out DIR [--judge URL]
 
-Modules, one job each: `tsv` reads VLMEvalKit's benchmark TSVs, `benchmarks` knows each
-benchmark's columns and prompt, `extract` finds the answer in a model's output,
-`metrics` scores each benchmark its own way, `predictions` keeps the resumable JSONL,
-`generate` drives the trainer's sampler, `judge` asks an OpenAI-compatible endpoint,
-`report` writes the JSON and the markdown table; `trainer_api` is the one place that
-imports the trainer's modules.
+Modules, one job each: `tsv` reads VLMEvalKit's benchmark TSVs and `jsonl` the trainer's own
+data files as benchmark items, `benchmarks` knows each benchmark's columns, `protocols` how an
+item is asked, `extract` finds the answer in a model's output, `verdicts` judges one prediction
+and aggregates a file's verdicts each benchmark's own way, `grading` grades one benchmark's
+predictions (protocol span, verdicts, judge, counts), `predictions` keeps the resumable JSONL,
+`inference` drives the trainer's sampler over a benchmark's items, `judge` asks an
+OpenAI-compatible endpoint, `report` writes the JSON and the markdown table; `trainer_api` is
+the one place that imports the trainer's modules.
 """

@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=protocols.PROTOCOLS, default="auto",
                    help="paper: the R1-VL authors' VLMEvalKit wrapper (their prompt, the text after 'The final "
                         "answer is:', HallusionBench asked as A: Yes / B: No); vlmevalkit: VLMEvalKit's dataset "
-                        "prompts, the whole output scored; auto: paper for R1-VL checkpoints, else vlmevalkit")
+                        "prompts (what it sends models without custom prompts, its Qwen2.5-VL and Qwen3-VL "
+                        "included), the whole output scored; qwen2vl: what VLMEvalKit sends Qwen2-VL (Qwen2VLChat's "
+                        "own prompts: 'Please answer yes or no.' for HallusionBench, a short-answer suffix for VQA, "
+                        "stripped MCQ prompts), the whole output scored; "
+                        "auto: paper for R1-VL checkpoints, else vlmevalkit")
     p.add_argument("--fix", action="append", default=[], choices=sorted(vlmevalkit.FIXES), metavar="NAME",
                    help="correct one of VLMEvalKit's known bugs (default: follow it, as its leaderboard does): "
                         + "; ".join(f"{k}: {v}" for k, v in vlmevalkit.FIXES.items()))
@@ -84,6 +88,8 @@ def _check_settings(args, out: Path) -> None:
     """Refuse to resume with generation options other than those the predictions were made with."""
     path = out / "eval_config.json"
     now = {k: getattr(args, k) for k in _GENERATION_KEYS} | {"model": str(Path(args.model).resolve())}
+    if "na-text" in args.fix:  # it changes the prompts; absent otherwise, as in files written before it existed
+        now["na_text"] = True
     if path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
@@ -108,8 +114,8 @@ def _protocol(args) -> str:
 
 def run(args) -> str | None:
     """Everything but argument parsing and error printing; returns the markdown on rank 0."""
+    from r1vl.eval.grading import score_benchmark
     from r1vl.eval.judge import Judge
-    from r1vl.eval.score import score_benchmark
     from r1vl.eval.trainer_api import check_checkpoint_dir, distributed
 
     if args.score_only and int(os.environ.get("RANK", "0")) > 0:
@@ -129,13 +135,14 @@ def run(args) -> str | None:
     if args.last is not None and args.last < 1:
         raise ValueError("--last must be >= 1")
     # Every file is checked before anything is generated; images are read again per benchmark.
-    tables = [without_images(benchmarks.load(bench, path, args.skip_bad_rows, args.last))
+    keep_na_text = "na-text" in args.fix
+    tables = [without_images(benchmarks.load(bench, path, args.skip_bad_rows, args.last, keep_na_text))
               for bench, path in benches]
     world = None
     if not args.score_only:
         import torch
 
-        from r1vl.eval.generate import generate_benchmark
+        from r1vl.eval.inference import generate_benchmark
         from r1vl.eval.trainer_api import load_policy
 
         world = distributed.init(args.device)
@@ -146,7 +153,7 @@ def run(args) -> str | None:
             args.dtype, torch.bfloat16 if world.device.type == "cuda" else torch.float32)
         policy = load_policy(args.model, dtype, world.device, args.min_pixels, args.max_pixels)
         for bench, path in benches:
-            table = benchmarks.load(bench, path, args.skip_bad_rows, args.last)
+            table = benchmarks.load(bench, path, args.skip_bad_rows, args.last, keep_na_text)
             generate_benchmark(policy, bench, table, out / bench.name, world, prompt=args.protocol,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                max_pixels=args.max_pixels, min_pixels=args.min_pixels,

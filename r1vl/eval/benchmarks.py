@@ -3,7 +3,7 @@
 A benchmark file is VLMEvalKit's TSV for it (r1vl.eval.tsv); rows with an empty image are
 dropped and counted as VLMEvalKit's skip_noimg does. Every other row is checked when the file
 is read: the columns VLMEvalKit's scorer reads must be there (a list literal where it parses
-one). A row that fails is an error naming the file, the row and the reason, or with
+one), and a question (a cell pandas reads as missing, VLMEvalKit would ask as 'nan'). A row that fails is an error naming the file, the row and the reason, or with
 skip_bad_rows a skip that is counted and reported. No row is refused because its own gold
 answer would not score right: under VLMEvalKit's rules some never do (MathVista's text and
 list answers), and those items count as VLMEvalKit counts them.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r1vl.eval import metrics, protocols, vlmevalkit
+from r1vl.eval import protocols, verdicts, vlmevalkit
 from r1vl.eval.tsv import EvalInputError, Item, Table, read_tsv
 
 
@@ -23,11 +23,11 @@ class Benchmark:
     name: str  # the paper's name for it, used in file names and the table
     column: str  # the paper's Table 1 column header
     columns: tuple[str, ...]  # required TSV columns besides the image
-    score: metrics.Scorer
-    aggregate: Callable[[metrics.Scored], dict]
+    score: verdicts.Scorer
+    aggregate: Callable[[verdicts.Scored], dict]
     aliases: tuple[str, ...] = ()
     check: Callable[[Item], None] = field(default=lambda item: None)  # extra row checks
-    layout: str = "tsv"  # tsv: VLMEvalKit's TSV; records: the trainer's JSONL (r1vl.eval.records)
+    layout: str = "tsv"  # tsv: VLMEvalKit's TSV; records: the trainer's JSONL (r1vl.eval.jsonl)
     judge: str = "never"  # never / some (items the rule cannot read) / always: when VLMEvalKit asks its judge
 
     def question(self, item: Item, protocol: str = "paper") -> str:
@@ -56,31 +56,31 @@ def _check_mme(item: Item) -> None:
 
 
 def _check_hallusion(item: Item) -> None:
-    metrics.hallusion_ids(item)
+    verdicts.hallusion_ids(item)
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("MathVista", "MathVista", ("index", "question", "answer", "question_type", "answer_type"),
-              metrics.score_mathvista, metrics.aggregate_mathvista, aliases=("MathVista_MINI",),
+              verdicts.score_mathvista, verdicts.aggregate_mathvista, aliases=("MathVista_MINI",),
               check=_check_mathvista, judge="some"),
-    Benchmark("MMStar", "MMStar", ("index", "question", "answer", "A", "B"), metrics.score_mcq,
-              metrics.accuracy(("category", "l2-category")), judge="some"),
-    Benchmark("MathVision", "Math-V", ("index", "question", "answer", "choices"), metrics.score_mathvision,
-              metrics.accuracy(("category",)), aliases=("Math-V", "MathV", "MathVision_MINI"),
+    Benchmark("MMStar", "MMStar", ("index", "question", "answer", "A", "B"), verdicts.score_mcq,
+              verdicts.accuracy(("category", "l2-category")), judge="some"),
+    Benchmark("MathVision", "Math-V", ("index", "question", "answer", "choices"), verdicts.score_mathvision,
+              verdicts.accuracy(("category",)), aliases=("Math-V", "MathV", "MathVision_MINI"),
               check=_check_list("choices"), judge="some"),
-    Benchmark("ChartQA", "ChartQA", ("index", "question", "answer"), metrics.score_chartqa,
-              metrics.accuracy(("split", "category")), aliases=("ChartQA_TEST",)),
+    Benchmark("ChartQA", "ChartQA", ("index", "question", "answer"), verdicts.score_chartqa,
+              verdicts.accuracy(("split", "category")), aliases=("ChartQA_TEST",)),
     Benchmark("DynaMath", "DynaMath", ("index", "question", "answer", "answer_type", "qid", "varid"),
-              metrics.score_dynamath, metrics.aggregate_dynamath, judge="some"),
-    Benchmark("HallusionBench", "HallBench", ("index", "question", "answer"), metrics.score_yorn,
-              metrics.aggregate_hallusion, aliases=("HallBench",), check=_check_hallusion, judge="some"),
+              verdicts.score_dynamath, verdicts.aggregate_dynamath, judge="some"),
+    Benchmark("HallusionBench", "HallBench", ("index", "question", "answer"), verdicts.score_yorn,
+              verdicts.aggregate_hallusion, aliases=("HallBench",), check=_check_hallusion, judge="some"),
     Benchmark("MathVerse", "MathVerse", ("index", "question", "answer", "question_for_eval"),
-              metrics.score_mathverse, metrics.accuracy(("problem_version",)),
+              verdicts.score_mathverse, verdicts.accuracy(("problem_version",)),
               aliases=("MathVerse_MINI", "MathVerse_MINI_Vision_Only"), judge="always"),
-    Benchmark("MME", "MME_sum", ("index", "question", "answer", "category"), metrics.score_yorn,
-              metrics.aggregate_mme, check=_check_mme, judge="some"),
+    Benchmark("MME", "MME_sum", ("index", "question", "answer", "category"), verdicts.score_yorn,
+              verdicts.aggregate_mme, check=_check_mme, judge="some"),
     # Not in the paper: the trainer's own data (e.g. the synthetic task's held-out prompts).
-    Benchmark("R1VL", "R1VL", (), metrics.score_reference, metrics.accuracy(("task",)),
+    Benchmark("R1VL", "R1VL", (), verdicts.score_reference, verdicts.accuracy(("task",)),
               aliases=("synthetic", "heldout"), layout="records"),
 )}
 
@@ -100,22 +100,27 @@ def get(name: str) -> Benchmark:
     return bench
 
 
-def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: int | None = None) -> Table:
+def load(bench: Benchmark, path: str | Path, skip_bad_rows: bool = False, last: int | None = None,
+         keep_na_text: bool = False) -> Table:
     """The file's items, every row checked (module docstring). Raises EvalInputError.
 
-    last: for the records layout, only the last `last` records (train.py's held-out ones)."""
+    last: for the records layout, only the last `last` records (train.py's held-out ones).
+    keep_na_text: TSV cells reading "None", "NA", "nan", ... stay text (r1vl.eval.tsv; --fix na-text)."""
     if bench.layout == "records":
-        from r1vl.eval.records import read_records
+        from r1vl.eval.jsonl import read_records
 
         table = read_records(path, last, skip_bad_rows)
     else:
-        table = read_tsv(path, bench.columns)
+        table = read_tsv(path, bench.columns, keep_na_text)
     good = []
     for item in table.items:
         try:
+            if bench.layout == "tsv" and item.fields["question"] == "":
+                raise ValueError("no question: the cell is empty or reads as missing to pandas (None, NA, nan, ...), "
+                                 "and VLMEvalKit would ask 'nan' (--fix na-text keeps such text)")
             bench.check(item)
-            bench.question(item, "paper")
-            bench.question(item, "vlmevalkit")
+            for protocol in protocols.CONCRETE:
+                bench.question(item, protocol)
         except (ValueError, KeyError) as e:
             reason = str(e) if str(e).startswith(item.where()) else f"{item.where()}: {e}"
             if not skip_bad_rows:

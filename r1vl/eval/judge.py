@@ -3,7 +3,7 @@
     python -m r1vl.eval ... --judge http://host:8000/v1 [--judge_model NAME] [--judge_api_key_env VAR]
 
 VLMEvalKit asks its judge (gpt-4o-mini by default) only where its rules send an item
-(r1vl.eval.metrics): MMStar's, MME's and HallusionBench's unreadable answers, MathVista's and
+(r1vl.eval.verdicts): MMStar's, MME's and HallusionBench's unreadable answers, MathVista's and
 MathVision's answers that the post-check does not find right, every MathVerse answer (twice)
 and DynaMath's unparsable ones. The prompts are VLMEvalKit's own (r1vl.eval.vlmevalkit), sent
 as one user message (DynaMath's with its system message), at the temperatures of its retry

@@ -12,6 +12,14 @@ module relies on:
   column, `image_path`: a file relative to the TSV;
 - `question`, `answer` and each benchmark's own columns (see r1vl.eval.benchmarks).
 
+Missing cells are read as VLMEvalKit reads them (pandas.read_csv with its default na_values): a
+cell that is exactly one of pandas' default NA strings (PANDAS_NA_STRINGS: "None", "NA", "nan",
+"N/A", "NULL", ...; matched after CSV unquoting, case and spaces included) is a missing value, as
+an empty cell is: '' in Item.fields. So VLMEvalKit's prompts drop an MMStar option or hint that
+reads "None" (its build_prompt skips pd.isna cells), and an image cell that reads "NA" drops the
+row as an empty one does. `index` and `image_path` are left as written. keep_na_text (python -m
+r1vl.eval --fix na-text) keeps such cells as text instead.
+
 Numbers are read as VLMEvalKit reads them (pandas.read_csv): a column whose non-empty cells are
 all numbers holds numbers, whose text is what str() gives: "12" stays "12" in a column of whole
 numbers, and becomes "12.0" where another cell has a fraction or an empty cell (a float column);
@@ -47,7 +55,7 @@ class Item:
     source: str  # the TSV path, for messages
     row: int  # 1-based data row
     index: str
-    fields: dict[str, str]  # every column but `image`, as text ('' for an empty cell)
+    fields: dict[str, str]  # every column but `image`, as text ('' for an empty or NA cell)
     image_b64: str  # base64 image bytes ('' when image_path is used)
     image_path: str  # a file, when the TSV has no image column ('' otherwise)
     image_key: str  # what MME pairs questions by: image_path if given, else the row holding the image
@@ -79,12 +87,15 @@ class Table:
     no_image: list[str] = field(default_factory=list)  # indexes of rows dropped as VLMEvalKit's skip_noimg does
 
 
-def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question", "answer")) -> Table:
+def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question", "answer"),
+             keep_na_text: bool = False) -> Table:
     """Read a benchmark TSV into Items.
 
     Args:
         path: the TSV file.
         required: columns every row must have (besides an image: `image` or `image_path`).
+        keep_na_text: keep cells reading "None", "NA", "nan", ... as text; by default they are
+            missing values, as pandas (VLMEvalKit's reader) reads them (module docstring).
 
     Raises:
         EvalInputError: missing file or column, a row with the wrong number of fields, a
@@ -119,7 +130,27 @@ def read_tsv(path: str | Path, required: tuple[str, ...] = ("index", "question",
                 rows.append((row_no, dict(zip(header, values))))
         except csv.Error as e:
             raise EvalInputError(f"{path}: row {row_no + 1}: unreadable ({e})") from None
+    if not keep_na_text:
+        pandas_missing(rows)
     return _items(path, rows, pandas_numbers(rows))
+
+
+# pandas.read_csv's default na_values: pandas._libs.parsers.STR_NA_VALUES without '' (an empty cell,
+# missing here anyway); "None" is in it since pandas 2.0. Checked against the installed pandas by
+# tests/r1vl/eval/test_eval_tsv.py.
+PANDAS_NA_STRINGS = frozenset({
+    "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null"})
+_AS_WRITTEN = ("index", "image_path")  # never emptied: a row keeps its name and its image file
+
+
+def pandas_missing(rows: list[tuple[int, dict[str, str]]]) -> None:
+    """Empty, in place, every cell pandas.read_csv reads as missing (PANDAS_NA_STRINGS, exact
+    match), except in `index` and `image_path`."""
+    for _, fields in rows:
+        for column, cell in fields.items():
+            if cell in PANDAS_NA_STRINGS and column not in _AS_WRITTEN:
+                fields[column] = ""
 
 
 _INT = re.compile(r"[+-]?\d+")

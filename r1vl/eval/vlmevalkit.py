@@ -31,6 +31,9 @@ FIXES = {
                    "the count, so only the first 32 go)",
     "paper-hallusion": "paper protocol: HallusionBench maps a standalone A/B letter, not any 'a'/'b' "
                        "character of the answer (the authors' wrapper maps 'The answer is B' to Yes)",
+    "na-text": "benchmark cells reading None, NA, nan, NULL, N/A, ... (pandas' default NA strings) stay text "
+               "(VLMEvalKit's pandas.read_csv reads them as missing: MMStar options and hints reading 'None' "
+               "are not asked)",
 }
 
 JUDGE_FAILED = "Failed to obtain answer via API."  # VLMEvalKit's FAIL_MSG

@@ -1,7 +1,8 @@
 """r1vl's scoring against VLMEvalKit's on the case files of cases/ (one per benchmark).
 
 Each <Benchmark>.tsv is a benchmark file in VLMEvalKit's TSV layout (base64 PNGs; MME's second
-question of an image refers to the first one's row; HallusionBench has an empty-image row). Its
+question of an image refers to the first one's row; HallusionBench has an empty-image row;
+MMStar_na has options reading "None", "NA", "nan", ..., which pandas reads as missing). Its
 <Benchmark>.expected.json gives, per item, the prediction, the rule side it probes, and the
 verdict VLMEvalKit gives ("right", "wrong", or "judge": VLMEvalKit would ask its judge), with the
 VLMEvalKit file and function it comes from, and the metrics VLMEvalKit reports on the file.
@@ -28,6 +29,8 @@ CASES = Path(__file__).parent / "cases"
 NAMES = ["MME", "HallusionBench", "MMStar", "ChartQA", "MathVista", "MathVision", "MathVerse", "DynaMath"]
 # All-number answer columns, which pandas (VLMEvalKit's reader) turns into float (r1vl.eval.tsv.pandas_numbers)
 NUMERIC = ["ChartQA_numeric", "MathVista_numeric"]
+# Option cells reading "None", "NA", "nan", ..., which pandas reads as missing (r1vl.eval.tsv.pandas_missing)
+NA = ["MMStar_na"]
 
 
 def _expected(name: str) -> dict:
@@ -58,7 +61,7 @@ def test_every_benchmark_has_a_case_file():
         assert {"right", "wrong"} <= {c["verdict"] for c in expected["items"]} or name == "MathVerse"
 
 
-@pytest.mark.parametrize("name", NAMES + NUMERIC)
+@pytest.mark.parametrize("name", NAMES + NUMERIC + NA)
 def test_each_item_verdict_equals_vlmevalkit(name):
     _, table, expected, _, got = _scored(name)
     assert {i.index for i in table.items} == {c["index"] for c in expected["items"]}  # every row has a case
@@ -67,7 +70,7 @@ def test_each_item_verdict_equals_vlmevalkit(name):
     assert not wrong, f"(index, prediction, rule, VLMEvalKit, r1vl): {wrong}"
 
 
-@pytest.mark.parametrize("name", NAMES + NUMERIC)
+@pytest.mark.parametrize("name", NAMES + NUMERIC + NA)
 def test_metrics_equal_vlmevalkit(name):
     bench, _, expected, scored, _ = _scored(name)
     metrics = bench.aggregate(scored)
@@ -106,7 +109,7 @@ def stub_reply(prompt: str) -> str:
     return "1" if prompt.endswith("Judgement:") else "C"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + NA)
 def test_judge_prompts_equal_vlmevalkit_builders(name, chat_server):
     # A stub judge on 127.0.0.1 records every request; each item VLMEvalKit would send to its judge
     # must send the very prompts VLMEvalKit's builders make (cases/prompts/<name>.<index>.<n>.txt), in order.

@@ -9,7 +9,7 @@ from evalkit_files import png_b64, write_tsv
 
 from r1vl.eval import benchmarks
 from r1vl.eval.__main__ import main
-from r1vl.eval.generate import encode_item, generate_benchmark, generate_items, shard
+from r1vl.eval.inference import encode_item, generate_benchmark, generate_items, shard
 from r1vl.eval.trainer_api import Dist, greedy, load_policy
 
 Q = {"question": "How many red shapes?"}
@@ -89,6 +89,9 @@ def test_end_to_end_resume_and_score_only(tmp_path, files, capsys):
     # Other generation settings in the same directory are refused.
     assert main(["--model", str(model), "--out", str(out), *bench_args, *ARGS[:-2], "--protocol", "paper"]) == 2
     assert "holds predictions made with other settings" in capsys.readouterr().err
+    # --fix na-text changes the questions (cells reading None, NA, ... kept): refused too
+    assert main(["--model", str(model), "--out", str(out), *bench_args, *ARGS, "--fix", "na-text"]) == 2
+    assert "'na_text': (None, True)" in capsys.readouterr().err
 
 
 def test_sharding_over_ranks(tmp_path, files):
@@ -193,3 +196,19 @@ def test_qwen3_vl_checkpoint_is_evaluated_with_its_own_prompt(tmp_path, capsys):
     text = policy.tokenizer.decode(prompt.ids)
     assert text.startswith("<|im_start|>user\n<|vision_start|>") and "system" not in text
     assert prompt.pixel_values.shape[1] == 3 * 2 * 16 * 16
+
+
+def test_score_only_reads_cells_as_pandas_does_unless_na_text(tmp_path, capsys):
+    # An MMStar option reading "None" is missing to VLMEvalKit (pandas): the prediction "None" names no
+    # option and waits for the judge; with --fix na-text the option is kept and "None" picks it.
+    rows = [{"index": "0", **Q, "A": "3", "B": "4", "C": "None", "answer": "C"}]
+    bench = f"MMStar={write_tsv(tmp_path / 'mmstar.tsv', rows)}"
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"index": "0", "prediction": "None"}) + "\n")
+    for fix, rule_only, score in (([], 1, 0.0), (["--fix", "na-text"], 0, 100.0)):
+        out = tmp_path / f"out{len(fix)}"
+        assert main(["--score-only", "--out", str(out), "--bench", bench, "--predictions", f"MMStar={preds}",
+                     *fix]) == 0
+        result = json.loads((out / "metrics.json").read_text())["results"]["MMStar"]
+        assert (result["counts"]["rule_only"], result["score"]) == (rule_only, score)
+    capsys.readouterr()

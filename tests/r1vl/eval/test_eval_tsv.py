@@ -96,3 +96,51 @@ def test_predictions_resume_and_bad_lines(tmp_path):
     (tmp_path / "predictions.rank2.jsonl").write_text('[1]\n{"index": "9", "prediction": "x"}\n')
     with pytest.raises(ValueError, match=r"predictions.rank2.jsonl: line 1: unreadable prediction"):
         predictions.read_all(tmp_path)
+
+
+def test_na_strings_are_pandas_defaults():
+    # pandas.read_csv's default na_values (besides '', an empty cell): the set VLMEvalKit's reader uses
+    pytest.importorskip("pandas")
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from r1vl.eval.tsv import PANDAS_NA_STRINGS
+
+    assert PANDAS_NA_STRINGS | {""} == STR_NA_VALUES
+
+
+@pytest.mark.parametrize("keep_na_text", [False, True])
+def test_missing_cells_as_pandas_reads_them(tmp_path, keep_na_text):
+    # Every cell as pandas.read_csv(sep='\t') gives it (str() of it; '' where it is NaN), as VLMEvalKit
+    # reads a benchmark file; with keep_na_text, as read_csv(keep_default_na=False, na_values=['']) does.
+    pd = pytest.importorskip("pandas")
+    from r1vl.eval.tsv import PANDAS_NA_STRINGS
+
+    odd = [" NA", "NA ", "none", "NONE", "Nan", "na", "N/a", "-", "NaN%", "None."]  # look-alikes pandas keeps
+    texts = sorted(PANDAS_NA_STRINGS) + odd
+    # `number`: numbers and NA strings, float64 for pandas by default ("3" -> "3.0"), text with keep_na_text
+    numbers = ["None", "3", "2.5", "3", "NA", "3", "2.5", "3", "nan", "3"]
+    rows = [{"index": str(i), "image": png_b64(), "question": f"q{i}", "answer": "x", "text": text,
+             "number": numbers[i % len(numbers)], "hint": "None" if i else "h"} for i, text in enumerate(texts)]
+    rows.append({"index": "NA", "image": png_b64(), "question": "q", "answer": "NA", "text": '"quoted"',
+                 "number": "", "hint": "NULL"})
+    path = write_tsv(tmp_path / "na.tsv", rows)
+    options = {"keep_default_na": False, "na_values": [""]} if keep_na_text else {}
+    frame = pd.read_csv(path, sep="\t", **options)
+    table = read_tsv(path, keep_na_text=keep_na_text)
+    assert len(table.items) == len(frame)
+    for item, (_, row) in zip(table.items, frame.iterrows()):
+        assert item.index == rows[item.row - 1]["index"]  # the index is left as written
+        for column in ("question", "answer", "text", "number", "hint"):
+            want = "" if pd.isna(row[column]) else str(row[column])
+            assert item.fields[column] == want, (item.index, column, row[column])
+    assert pd.api.types.is_float_dtype(frame["number"]) != keep_na_text  # the case reaches both readings
+    if not keep_na_text:  # the NA strings are gone, the look-alikes kept
+        assert {i.fields["text"] for i in table.items} == set(odd) | {"", '"quoted"'}
+
+
+def test_image_reading_as_missing_drops_the_row(tmp_path):
+    # image_base.py skip_noimg: pd.isna(image) drops the row, and pandas reads "None" as missing
+    rows = [{"index": "1", "image": png_b64(), "question": "q", "answer": "a"},
+            {"index": "2", "image": "None", "question": "q", "answer": "a"}]
+    table = read_tsv(write_tsv(tmp_path / "img.tsv", rows))
+    assert [i.index for i in table.items] == ["1"] and table.no_image == ["2"]

@@ -4,7 +4,7 @@ running those functions on these inputs), plus the judge prompts a stub endpoint
 import pytest
 from evalkit_files import png_b64, write_tsv
 
-from r1vl.eval import benchmarks, metrics, protocols
+from r1vl.eval import benchmarks, protocols, verdicts
 from r1vl.eval import vlmevalkit as vk
 from r1vl.eval import vlmevalkit_math as vkm
 
@@ -63,10 +63,10 @@ MV_TEXT = dict(question="q", question_type="free_form", answer_type="text", answ
 ])
 def test_mathvista_prefetch(fields, prediction, verdict):
     # vlmeval/dataset/utils/mathvista.py MathVista_auxeval -> post_check(prefetch=True)
-    v = metrics.score_mathvista(item(**fields), prediction, None)
+    v = verdicts.score_mathvista(item(**fields), prediction, None)
     assert (None if v.pending else v.correct) == verdict
     if fields is MV_TEXT:  # --fix mathvista-text scores it
-        assert metrics.score_mathvista(item(**fields), prediction, None, frozenset({"mathvista-text"})).correct
+        assert verdicts.score_mathvista(item(**fields), prediction, None, frozenset({"mathvista-text"})).correct
 
 
 @pytest.mark.parametrize("answer, prediction, right", [
@@ -86,7 +86,7 @@ def test_mathv_is_equal(answer, prediction, right):
 ])
 def test_dynamath(kind, answer, prediction, verdict):
     # vlmeval/dataset/dynamath.py DynaMath_auxeval (preprocess, parse_answer)
-    v = metrics.score_dynamath(item(answer_type=kind, answer=answer, question="q"), prediction, None)
+    v = verdicts.score_dynamath(item(answer_type=kind, answer=answer, question="q"), prediction, None)
     assert (None if v.pending else v.correct) == verdict
 
 
@@ -106,14 +106,14 @@ def test_paper_protocol_span_and_hallusion_mapping():
 
 def test_metrics_mme_and_hallusion():
     # vlmeval/dataset/utils/yorn.py MME_rating (acc + acc+ per image) and Hallusion_rating
-    rows = [(item(str(i), category="count", answer="Yes"), metrics.Verdict(ok))
+    rows = [(item(str(i), category="count", answer="Yes"), verdicts.Verdict(ok))
             for i, ok in enumerate([True, True, True, False])]
     rows = [(Item("f", 1, it.index, it.fields, "", "", f"img{int(it.index) // 2}"), v) for it, v in rows]
-    m = metrics.aggregate_mme(rows)
+    m = verdicts.aggregate_mme(rows)
     assert m["category=count"] == 75.0 + 50.0 and m["perception"] == 125.0
-    hall = [(item(f"VS_c_x_{s}_{f}_{q}", **{"l2-category": "chart"}), metrics.Verdict(ok))
+    hall = [(item(f"VS_c_x_{s}_{f}_{q}", **{"l2-category": "chart"}), verdicts.Verdict(ok))
             for (s, f, q), ok in [(("0", "0", "0"), True), (("0", "1", "0"), False), (("0", "0", "1"), True)]]
-    m = metrics.aggregate_hallusion(hall)
+    m = verdicts.aggregate_hallusion(hall)
     assert (m["aAcc"], m["fAcc"], m["qAcc"]) == (pytest.approx(200 / 3), 50.0, 50.0)
 
 
@@ -134,12 +134,12 @@ def test_judge_prompts_match_vlmevalkit(chat_server):
     server = chat_server(lambda text: "No" if "Yes / No" in text else "3")
     judge = Judge(server.url)
     ask = lambda p, t, s: judge(p, t, s)  # noqa: E731
-    v = metrics.score_yorn(item(question="Is it red", answer="No"), "It is not red.", ask)
+    v = verdicts.score_yorn(item(question="Is it red", answer="No"), "It is not red.", ask)
     assert v.correct and v.judged
     sent = server.requests[-1]["body"]["messages"][-1]["content"]
     assert sent.startswith("You are an AI assistant who will help me to match an answer with two options")
     assert sent.endswith("Example 3: \nQuestion: Is it red?\nAnswer: It is not red.\nYour output: ")
-    v = metrics.score_mathvista(item(**MV_INT), "three apples", ask)
+    v = verdicts.score_mathvista(item(**MV_INT), "three apples", ask)
     assert v.correct and v.judged
     sent = server.requests[-1]["body"]["messages"][-1]["content"]
     assert sent == vkm.mathvista_prompt("q", "three apples")

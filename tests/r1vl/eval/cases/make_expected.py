@@ -179,7 +179,7 @@ def judge_prompts(vk, name: str, data, preds) -> list[tuple[str, list[str]]]:
         if name in ("MME", "HallusionBench"):
             if vk["yorn"].YOrN_Extraction(line["prediction"]) == "Unknown":
                 vk["yorn"].YOrN_auxeval(judge, line)
-        elif name == "MMStar":
+        elif name.startswith("MMStar"):
             vk["multiple_choice"].extract_answer_from_item(judge, line)
         elif name == "MathVista":
             vk["mathvista"].MathVista_auxeval(judge, line)
@@ -296,6 +296,24 @@ def mmstar_rows():
         rows.append({"index": str(i), "question": "What animal is shown?", "A": "cat", "B": "rabbit", "C": "mouse",
                      "D": "dog", "answer": answer, "category": "coarse perception" if i % 2 else "math",
                      "l2-category": "image scene", "bench": "MMBench", "image": png_b64(i)})
+        items.append((str(i), pred, rule))
+    return rows, items
+
+
+def mmstar_na_rows():
+    # Option cells pandas reads as missing (its default NA strings): VLMEvalKit's build_choices drops them.
+    spec = [("D", {"D": "None"}, "None", "D reads 'None', missing to pandas: 'None' is no option's text: to the judge"),
+            ("D", {"D": "None"}, "D", "D reads 'None', missing: 'D' is no option's letter: to the judge"),
+            ("C", {"C": "NA"}, "mouse", "C reads 'NA', missing: 'mouse' is no option, nor the judge's 'C'"),
+            ("D", {"C": "nan"}, "dog", "C reads 'nan', missing: D's text still read"),
+            ("A", {"A": " None"}, "None", "A reads ' None' (a space: no NA string, kept), not in 'None': judge"),
+            ("B", {"B": "NULL", "D": "N/A"}, "B or D", "B and D read 'NULL', 'N/A', missing: no option's letters"),
+            ("C", {"C": "none"}, "none", "C reads 'none' (lower case: no NA string, kept): its text read")]
+    rows, items = [], []
+    for i, (answer, cells, pred, rule) in enumerate(spec):
+        rows.append({"index": str(i), "question": "What animal is shown?", **(MMSTAR_OPTIONS | cells),
+                     "answer": answer, "category": "coarse perception", "l2-category": "image scene",
+                     "image": png_b64(i)})
         items.append((str(i), pred, rule))
     return rows, items
 
@@ -591,7 +609,7 @@ def mathvista_numeric_rows():
 BENCHES = {"ChartQA_numeric": (chartqa_numeric_rows, run_chartqa),
            "MathVista_numeric": (mathvista_numeric_rows, run_mathvista),
            "MME": (mme_rows, run_mme), "HallusionBench": (hallusion_rows, run_hallusion),
-           "MMStar": (mmstar_rows, run_mmstar), "ChartQA": (chartqa_rows, run_chartqa),
+           "MMStar": (mmstar_rows, run_mmstar), "MMStar_na": (mmstar_na_rows, run_mmstar), "ChartQA": (chartqa_rows, run_chartqa),
            "MathVista": (mathvista_rows, run_mathvista), "MathVision": (mathvision_rows, run_mathvision),
            "MathVerse": (mathverse_rows, run_mathverse), "DynaMath": (dynamath_rows, run_dynamath)}
 
@@ -623,7 +641,7 @@ def main() -> None:
                 old.unlink()
             for index, prompts in judge_prompts(vk, name, data, preds):
                 for n, prompt in enumerate(prompts):
-                    header = PROMPT_HEADER.format(source=PROMPT_SOURCES[name], index=index, name=name,
+                    header = PROMPT_HEADER.format(source=PROMPT_SOURCES[name.split("_")[0]], index=index, name=name,
                                                   prediction=preds[index], commit=commit)
                     (HERE / "prompts" / f"{name}.{index}.{n}.txt").write_text(header + prompt, encoding="utf-8")
             verdicts, metrics, (item_source, metric_source) = run(vk, data, preds, scratch)

@@ -1,4 +1,4 @@
-"""Score one benchmark's predictions as VLMEvalKit does: protocol span, scorer, judge, metrics.
+"""Grade one benchmark's predictions as VLMEvalKit does: protocol span, verdicts, judge, metrics.
 
 Writes DIR/<Benchmark>/scored.jsonl (per item: the prediction VLMEvalKit receives, what was
 read, right or not, judged or pending) and DIR/<Benchmark>/vlmevalkit_predictions.tsv
@@ -27,8 +27,8 @@ from pathlib import Path
 from r1vl.eval import predictions, protocols, vlmevalkit
 from r1vl.eval.benchmarks import Benchmark
 from r1vl.eval.judge import Judge, JudgeError
-from r1vl.eval.metrics import Verdict
 from r1vl.eval.tsv import Table
+from r1vl.eval.verdicts import Verdict
 
 
 def _key(prompt: str, temperature: float, system: str | None) -> str:
@@ -48,7 +48,7 @@ def _read_judged(path: Path) -> dict[str, str]:
 
 
 class _Asker:
-    """The judge as metrics' `ask`: cached replies, failures as VLMEvalKit's FAIL_MSG."""
+    """The judge as the verdicts' `ask`: cached replies, failures as VLMEvalKit's FAIL_MSG."""
 
     def __init__(self, judge: Judge, cache_path: Path, log):
         self.judge, self.cache, self.log, self.errors = judge, _read_judged(cache_path), log, []

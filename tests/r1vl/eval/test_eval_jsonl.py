@@ -6,7 +6,7 @@ from evalkit_files import final, write_predictions
 
 from r1vl.data.synthetic import write_dataset
 from r1vl.eval import benchmarks
-from r1vl.eval.score import score_benchmark
+from r1vl.eval.grading import score_benchmark
 from r1vl.eval.tsv import EvalInputError
 
 
