@@ -2,7 +2,8 @@
 
 One panel per quantity: the reward and, separately, each of its components (accuracy,
 StepRAR, StepRVR, the key-step match and the share of completions that give an answer), then
-KL to the reference, completion length and throughput. The per-step training values are drawn
+KL to the reference, completion length and throughput, then each --reward_funcs function's mean
+(rewards/<name>). The per-step training values are drawn
 faintly, with a moving average over them (a step's reward is a mean over one batch, too noisy
 to read alone). Held-out evaluations (`eval_<name>` in the metrics, from `--eval_every`, and
 the "before" evaluation in RUN_DIR/results.json, drawn at step 0) are points on the panel of
@@ -25,6 +26,8 @@ PANELS = [  # (title, metric names); "eval_<name>" points go on the panel of <na
     ("completion length (tokens)", ("completion_len",)),
     ("throughput (tokens/s)", ("tokens_per_s",)),
 ]
+# Then one panel per reward function (--reward_funcs), from its rewards/<name> metric.
+FUNCTION_PREFIX = "rewards/"
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -99,7 +102,9 @@ def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metric
     results_path = Path(run_dir) / "results.json"
     if results_path.is_file():
         data = with_before(data, json.loads(results_path.read_text()))
-    panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS]
+    functions = [(f"reward function {k[len(FUNCTION_PREFIX):]} (mean)", (k,))
+                 for k in data if k.startswith(FUNCTION_PREFIX)]
+    panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS + functions]
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
         raise ValueError(f"{path} holds none of the metrics to plot "
