@@ -337,6 +337,7 @@ def make_config(**values) -> Config:
 
 
 def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """The options as JSON holds them (list options as lists), as config.json is read back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 

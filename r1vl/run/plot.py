@@ -89,6 +89,15 @@ def with_before(data: dict[str, tuple[list, list]], results: dict) -> dict[str, 
     return out
 
 
+def panels_of(data: dict[str, tuple[list, list]]) -> list[tuple[str, list[str]]]:
+    """(title, metric names) of each panel to draw: PANELS' with data, then one per reward
+    function (rewards/<name>), in the order the run logged them."""
+    functions = [(f"reward function {k[len(FUNCTION_PREFIX):]} (mean)", (k,))
+                 for k in data if k.startswith(FUNCTION_PREFIX)]
+    panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS + functions]
+    return [(title, keys) for title, keys in panels if keys]
+
+
 def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metrics.jsonl") -> Path:
     """Write RUN_DIR/metrics.png (or `out`) and return its path."""
     import matplotlib
@@ -102,10 +111,7 @@ def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metric
     results_path = Path(run_dir) / "results.json"
     if results_path.is_file():
         data = with_before(data, json.loads(results_path.read_text()))
-    functions = [(f"reward function {k[len(FUNCTION_PREFIX):]} (mean)", (k,))
-                 for k in data if k.startswith(FUNCTION_PREFIX)]
-    panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS + functions]
-    panels = [(title, keys) for title, keys in panels if keys]
+    panels = panels_of(data)
     if not panels:
         raise ValueError(f"{path} holds none of the metrics to plot "
                          "(reward, accuracy, kl, completion length, tokens/s)")
