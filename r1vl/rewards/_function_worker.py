@@ -6,7 +6,7 @@ big-endian length and a pickle, on the worker's stdin and on a copy of its origi
 (the user's prints go to stderr, so they cannot corrupt a reply):
 
     parent -> worker                                  worker -> parent
-    ("load", sys_path, [(name, path, module, attr)])  ("ok",) | ("error", message)
+    ("load", sys_path, [(name, path, module, attr, shown)])  ("ok",) | ("error", message)
     ("call", name, kwargs, group_size)                ("ok", values) | ("raised", message, group)
                                                       | ("bad", message)
 
@@ -53,8 +53,9 @@ def _describe(error: BaseException) -> str:
     return f"{text} ({where})" if where else text
 
 
-def _load(name: str, path: str, module: str, attr: str):
-    """The function, or a message saying why it cannot be had."""
+def _load(name: str, path: str, module: str, attr: str, shown: str):
+    """The function, or a message saying why it cannot be had (naming the file or module as
+    the user wrote it: `shown`)."""
     try:
         if path:
             spec = importlib.util.spec_from_file_location(f"r1vl_reward_{name.replace('.', '_')}", path)
@@ -64,12 +65,12 @@ def _load(name: str, path: str, module: str, attr: str):
         else:
             loaded = importlib.import_module(module)
     except BaseException as e:  # noqa: BLE001 - the user's module failed to import: say how
-        return None, f"importing {path or module} failed: {_describe(e)}"
+        return None, f"importing {shown} failed: {_describe(e)}"
     if not hasattr(loaded, attr):
-        return None, f"{path or module} has no attribute {attr!r}"
+        return None, f"{shown} has no attribute {attr!r}"
     fn = getattr(loaded, attr)
     if not callable(fn):
-        return None, f"{path or module}:{attr} is a {type(fn).__name__}, not a function"
+        return None, f"{shown}:{attr} is a {type(fn).__name__}, not a function"
     return fn, None
 
 
@@ -134,8 +135,8 @@ def main() -> None:
         if message[0] == "load":
             _, sys_path, entries = message
             sys.path[:] = sys_path  # the parent's, not this file's directory
-            for name, path, module, attr in entries:
-                fn, error = _load(name, path, module, attr)
+            for name, path, module, attr, shown in entries:
+                fn, error = _load(name, path, module, attr, shown)
                 if error:
                     _write(replies, ("error", error))
                     break

@@ -70,7 +70,7 @@ class RewardWorker:
                                          stdout=subprocess.PIPE, bufsize=0)
         # The user's modules resolve as they would in the trainer, plus the working directory
         # (`package.module:function` for a package beside the data, as `python -m` would).
-        entries = [(s.name, s.path, s.module, s.attr) for s in self.specs]
+        entries = [(s.name, s.path, s.module, s.attr, s.text.rpartition(":")[0]) for s in self.specs]
         try:
             self._send(("load", [os.getcwd(), *[p for p in sys.path if p]], entries))
             reply = self._receive(time.monotonic() + self.timeout_s)
