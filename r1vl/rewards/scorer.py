@@ -20,7 +20,7 @@ from r1vl.rewards import RewardBreakdown, RewardConfig, score_groups
 from r1vl.rewards.advantages import step_advantages
 from r1vl.rewards.functions import builtin_column, parse_reward_funcs, weighted_total
 from r1vl.rewards.inputs import reward_inputs
-from r1vl.rewards.worker import reward_worker
+from r1vl.rewards.worker import RewardFunctionError, reward_worker
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,27 @@ class Scorer:
         breakdown = self.score(samples)
         n, G = len(breakdown), samples.group_size
         kwargs, sources = reward_inputs(samples, step, self.cfg.num_steps) if self.worker and n else ({}, [])
-        columns = []
+        columns, failure = [], None
         for spec in self.specs:
             if spec.builtin:
                 columns.append(torch.from_numpy(builtin_column(breakdown, spec.name)))
-            elif not n:
-                columns.append(torch.zeros(0))
+            elif not n or failure is not None:
+                columns.append(torch.full((n,), float("nan")))
             else:
-                values = self.worker.call(spec, kwargs, G, sources)
+                try:
+                    values = self.worker.call(spec, kwargs, G, sources)
+                except RewardFunctionError as e:
+                    failure, values = e, [None] * n
                 columns.append(torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32))
+        if self.worker is not None:
+            # Every rank learns here whether any rank's functions failed, so that all stop
+            # together, each with an error line, instead of the others dying in the next collective.
+            failed_somewhere = distributed.all_reduce_max([float(failure is not None)], self.world.device)[0]
+            if failure is not None:
+                raise failure
+            if failed_somewhere:
+                raise RewardFunctionError("a reward function failed on another rank (its error line says which); "
+                                          "this rank stops with it")
         per_function = torch.stack(columns, dim=1)
         return StepRewards(breakdown, tuple(s.name for s in self.specs), per_function,
                            weighted_total(per_function, self.weights))

@@ -154,3 +154,18 @@ def test_every_none_is_unscorable_with_advantage_zero(setting):
     assert unscorable.tolist() == [t == "skip" for t in samples.texts]
     advantages = scorer.advantages(rewards)
     assert (advantages[unscorable] == 0).all() and (advantages[~unscorable] != 0).any()
+
+
+def test_a_failure_on_another_rank_stops_this_one_too(setting, monkeypatch):
+    """Every rank learns after scoring whether any rank's function failed (one all-reduce of a
+    flag), so that all stop with an error line rather than dying in the update's collective."""
+    from r1vl import distributed
+    from r1vl.rewards.worker import RewardFunctionError
+
+    root, samples = setting
+    scorer = _scorer(root, ["steprar", f"{root}/probe.py:probe"], [])
+    flags = []
+    monkeypatch.setattr(distributed, "all_reduce_max", lambda values, device: flags.append(values) or [1.0])
+    with pytest.raises(RewardFunctionError, match="a reward function failed on another rank"):
+        scorer.score_step(samples, step=1)
+    assert flags == [[0.0]]  # this rank's own functions succeeded
