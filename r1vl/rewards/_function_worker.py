@@ -124,9 +124,11 @@ def _ignored(*args, **kwargs) -> None:
 
 
 def main() -> None:
-    replies = os.fdopen(os.dup(1), "wb")  # the protocol's channel ...
-    os.dup2(2, 1)  # ... and the user's prints go to stderr
     requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb")  # the protocol's channel ...
+    os.dup2(2, 1)  # ... and the user's prints go to stderr,
+    sys.stdout = sys.stderr  # line by line, as they happen
+    sys.stdin = open(os.devnull)  # the requests' pipe is not the user's to read
     functions = {}
     while True:
         message = _read(requests)

@@ -14,6 +14,7 @@ def fine(prompts, completions, completion_ids, **kwargs):
     return [float(len(c[0]["content"])) for c in completions]
 
 def opinions(completions, **kwargs):
+    print("a print goes to stderr, never into the replies")
     return [None if "?" in c[0]["content"] else 1.0 for c in completions]
 
 def raises_on_b(completions, problem, **kwargs):
@@ -80,7 +81,7 @@ def test_values_and_none(worker):
 
 @pytest.mark.parametrize("name, message", [
     ("raises_on_b", r"reward function raises_on_b \(.*my_rewards.py:raises_on_b\) raised on record train.jsonl:1: "
-                    r"KeyError: 'no such shape' \(my_rewards.py line 13\)$"),
+                    r"KeyError: 'no such shape' \(my_rewards.py line 14\)$"),
     ("nan", r"reward function nan .* returned nan for completion 1 of record train.jsonl:0; rewards must be finite"),
     ("short", r"reward function short .* returned 1 rewards for 4 completions .* records train.jsonl:0, train.jsonl:1"),
     ("text", r"reward function text .* returned str 'high' at position 0, expected a float or None"),
