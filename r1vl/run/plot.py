@@ -3,9 +3,8 @@
 One panel per quantity: the reward and, separately, each of its components (accuracy,
 StepRAR, StepRVR, the key-step match and the share of completions that give an answer), then
 KL to the reference, completion length and throughput, then each --reward_funcs function's mean
-(rewards/<name>). The per-step training values are drawn
-faintly, with a moving average over them (a step's reward is a mean over one batch, too noisy
-to read alone). Held-out evaluations (`eval_<name>` in the metrics, from `--eval_every`, and
+(rewards/<name>). The per-step training values are drawn faintly, with a moving average over
+them (a step's reward is a mean over one batch, too noisy to read alone). Held-out evaluations (`eval_<name>` in the metrics, from `--eval_every`, and
 the "before" evaluation in RUN_DIR/results.json, drawn at step 0) are points on the panel of
 the same quantity. A panel is left out when a run logged none of its metrics. Only the
 StepGRPO records are drawn when the file also holds SFT warm-up records.
