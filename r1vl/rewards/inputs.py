@@ -25,6 +25,7 @@ each image once per prompt.
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,12 +68,23 @@ def example_columns(example) -> dict:
 
 
 def _images(example) -> list:
-    held = getattr(example, "images", None)
-    if held and not isinstance(held[0], (str, Path)):
-        return list(held)  # already PIL images
-    paths = getattr(example, "image_paths", None) or held or (
+    """The record's images as PIL images, from whichever field holds them: `images` (PIL
+    images, paths, bytes or HF Image structs), `image_paths` or `image_path`."""
+    held = getattr(example, "images", None) or getattr(example, "image_paths", None) or (
         [example.image_path] if getattr(example, "image_path", None) else [])
-    return [load_image(path) for path in paths]
+    return [_image(item) for item in held]
+
+
+def _image(item):
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, dict):  # a `datasets` Image struct {"bytes": ..., "path": ...}
+        item = item.get("bytes") or item.get("path")
+    if isinstance(item, (bytes, bytearray)):
+        return load_image(io.BytesIO(item))
+    return load_image(item)
 
 
 def _plain(value):

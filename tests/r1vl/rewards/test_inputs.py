@@ -169,3 +169,27 @@ def test_a_failure_on_another_rank_stops_this_one_too(setting, monkeypatch):
     with pytest.raises(RewardFunctionError, match="a reward function failed on another rank"):
         scorer.score_step(samples, step=1)
     assert flags == [[0.0]]  # this rank's own functions succeeded
+
+
+def test_images_in_every_form_a_record_may_hold_them(tmp_path):
+    """PIL images, paths, bytes and HF Image structs all reach the function as PIL images."""
+    import io
+    from dataclasses import dataclass
+
+    from r1vl.rewards.inputs import example_columns
+
+    Image.new("RGB", (28, 14), (1, 2, 3)).save(tmp_path / "a.png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (14, 28), (4, 5, 6)).save(buffer, format="PNG")
+
+    @dataclass(frozen=True)
+    class Multi:
+        problem: str
+        images: tuple
+
+    pil = Image.new("RGB", (7, 7))
+    record = Multi("q", (pil, tmp_path / "a.png", buffer.getvalue(), {"bytes": buffer.getvalue(), "path": None}))
+    columns = example_columns(record)
+    assert columns["images"][0] is pil and "image" not in columns
+    assert [im.size for im in columns["images"]] == [(7, 7), (28, 14), (14, 28), (14, 28)]
+    assert columns["images"][1].getpixel((0, 0)) == (1, 2, 3) and columns["images"][3].getpixel((0, 0)) == (4, 5, 6)
