@@ -14,7 +14,8 @@ One GRPO step, per data-parallel rank, each a call into its stage (r1vl/<stage>/
   1. sample   (r1vl.sampling) prompts_per_step prompts, G completions each: the image and the
               prompt prefilled once per prompt, the KV cache shared by the G, batched decode.
               Prompts longer than max_prompt_length are skipped and counted, never cut.
-  2. score    (r1vl.rewards) StepRAR + StepRVR, one reward per completion;
+  2. score    (r1vl.rewards) StepRAR + StepRVR, one reward per completion, or the weighted sum of
+              --reward_funcs (the user's run in a worker process, each call with a deadline);
   3. advantages  normalized within each group of G;
   4. update   (r1vl.update) the samples packed into micro-batches; old log-probs (only if
               num_iterations > 1) and reference log-probs (if beta > 0, from a frozen copy of
@@ -44,9 +45,11 @@ from r1vl.heldout import HeldOut
 from r1vl.model.policy import Policy, load_trainable, save_full_policy
 from r1vl.progress import progress_bar
 from r1vl.rewards.scorer import Scorer
+from r1vl.rewards.worker import RewardFunctionError
 from r1vl.run.checkpoints import Checkpointer, ResumePoint, load_rng
 from r1vl.run.memory_check import check_plan
-from r1vl.run.metrics import MetricsLog, Timer, UndecidedWarning, console_line, grpo_step_metrics
+from r1vl.run.metrics import (MetricsLog, Timer, UndecidedWarning, console_line, grpo_step_metrics,
+                              reward_function_metrics)
 from r1vl.run.plot import plot_run
 from r1vl.run.setup import (check_inputs, quiet_transformers, resume_invariants, resume_point, setup_run_dir,
                             split_data)
@@ -74,6 +77,10 @@ def main(argv=None) -> dict:
     world = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
     try:
         results = run(cfg, world)
+    except RewardFunctionError as e:  # the user's code failed: say which, where, why; no traceback
+        distributed.destroy(wait_for_others=False)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except BaseException:
         distributed.destroy(wait_for_others=False)
         raise
@@ -186,12 +193,13 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
         t0 = time.perf_counter()
         with timer("rollout"), update.engine.gathered():
             samples = sampler.sample(next(stream))  # 1. sample
-            rewards = scorer.score(samples)  # 2. score
+            rewards = scorer.score_step(samples, step)  # 2. score
             advantages = scorer.advantages(rewards)  # 3. advantages
         batch, numbers = update(samples, advantages)  # 4. update: packs its own batch
         seconds = time.perf_counter() - t0
-        record = {"stage": "grpo", "step": step, "rewards": cfg.rewards, "lr": update.engine.lr,  # 5. log
-                  **grpo_step_metrics(samples, rewards, batch, numbers, seconds, world),
+        record = {"stage": "grpo", "step": step, "reward_funcs": " ".join(cfg.reward_funcs),  # 5. log
+                  "lr": update.engine.lr, **grpo_step_metrics(samples, rewards.breakdown, batch, numbers, seconds, world),
+                  **reward_function_metrics(rewards, world),
                   "skipped_updates": update.engine.skipped, **timer.pop(), "time_step": seconds}
         if cfg.eval_every and eval_examples and (step % cfg.eval_every == 0 or step == cfg.num_steps):
             with timer("eval"):  # a learning curve; not counted in time_step

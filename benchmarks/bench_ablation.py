@@ -8,10 +8,10 @@ R1-VL (Table 4, Qwen2-VL-7B, MathVista): warm-up only 61.2, +StepRAR 62.4, +Step
 StepGRPO (both) 63.5. Here, on the built-in run (TINY_DEFAULTS), with the same warm-up and
 the same number of StepGRPO steps for every setting:
   - warm-up only:      the policy StepGRPO starts from (the runs' "before" evaluation);
-  - outcome only:      `--rewards accuracy` (1 for a correct answer);
-  - +StepRAR:          `--rewards steprar` (accuracy + alpha x key-step match);
-  - +StepRVR:          `--rewards steprvr` (accuracy + the validity reward);
-  - StepGRPO:          `--rewards all` (the default: StepRAR + StepRVR).
+  - outcome only:      `--reward_funcs accuracy` (1 for a correct answer);
+  - +StepRAR:          `--reward_funcs steprar` (accuracy + alpha x key-step match);
+  - +StepRVR:          `--reward_funcs accuracy steprvr` (accuracy + the validity reward);
+  - StepGRPO:          the default, `--reward_funcs steprar steprvr` (StepRAR + StepRVR).
 Every setting is scored on the same held-out prompts with the full reward (StepRAR + StepRVR)
 and the accuracy. The StepGRPO runs are bench_learning.py's "default" runs (same directory
 names), so --reuse shares them.
@@ -32,9 +32,9 @@ from _runs import ROOT, Run, add_run_arguments, append, execute, finished, heade
 
 SETTINGS = {  # label -> (run label, train.py options); None = the warm-up only ("before")
     "warm-up only": None,
-    "outcome only (accuracy)": ("rewards-accuracy", ["--rewards", "accuracy"]),
-    "+StepRAR (accuracy + key steps)": ("rewards-steprar", ["--rewards", "steprar"]),
-    "+StepRVR (accuracy + validity)": ("rewards-steprvr", ["--rewards", "steprvr"]),
+    "outcome only (accuracy)": ("rewards-accuracy", ["--reward_funcs", "accuracy"]),
+    "+StepRAR (accuracy + key steps)": ("rewards-steprar", ["--reward_funcs", "steprar"]),
+    "+StepRVR (accuracy + validity)": ("rewards-steprvr", ["--reward_funcs", "accuracy", "steprvr"]),
     "StepGRPO (all)": ("default", []),
 }
 

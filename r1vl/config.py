@@ -20,7 +20,7 @@ from typing import Sequence
 
 from r1vl.deepspeed_config import read_deepspeed_config
 from r1vl.model.families import FAMILIES
-from r1vl.rewards.advantages import REWARD_SETS  # what each one sums
+from r1vl.rewards.functions import DEFAULT_REWARD_FUNCS, parse_reward_funcs
 
 STAGES = ("grpo", "sft", "sft+grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -79,10 +79,17 @@ class Config:
     reward_alpha: float = option(0.1, "weight of the key-step match in StepRAR")
     reward_normalize: bool = option(False, "lenient answer / key-step matching (off = the paper's rule)")
     reward_symbolic: bool = option(True, "math-verify equivalence of answers")
-    rewards: str = option(
-        "all", "reward components trained on: accuracy / steprar (+ key steps) / steprvr (+ validity) / all")
     loss_softmax: str = option(
         "float32", "the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)")
+
+    # --- reward functions (r1vl.rewards.functions; docs/reward_functions.md). New block: to be
+    # moved into the rewards stage's options with the nested Config.
+    reward_funcs: tuple[str, ...] = option(
+        DEFAULT_REWARD_FUNCS, "what the advantages are computed from: steprar / steprvr / accuracy (built-ins), "
+                              "path/to/file.py:function or package.module:function (TRL's reward signature)")
+    reward_weights: tuple[float, ...] = option((), "one weight per --reward_funcs entry; none given = all 1")
+    reward_timeout_s: float = option(
+        300.0, "wall time one user reward function may take on one step's completions; past it the run stops")
 
     # --- optimisation
     lr: float = option(1e-6, "AdamW learning rate of the GRPO stage")
@@ -145,7 +152,8 @@ class Config:
         need(self.kernel_impl in ("auto", "torch", "triton"),
              f"--kernel_impl must be auto, torch or triton, got {self.kernel_impl!r}")
         need(self.attention in ATTENTIONS, f"--attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        need(self.rewards in REWARD_SETS, f"--rewards must be one of {REWARD_SETS}, got {self.rewards!r}")
+        need(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+        parse_reward_funcs(self.reward_funcs, self.reward_weights)  # syntax, files, weights; the worker imports
         need(self.loss_softmax in ("float32", "float64"),
              f"--loss_softmax must be float32 or float64, got {self.loss_softmax!r}")
         need(not (self.loss_softmax == "float64" and self.loss_type != "grpo"),
@@ -240,6 +248,24 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# List-valued options: the element type of each tuple field (the CLI takes nargs="+", a file a
+# list or a single value).
+_LISTS = {"tuple[str, ...]": str, "tuple[float, ...]": float}
+
+
+def _list_option(name: str, value, element: type) -> tuple:
+    """A list option's value as a tuple of `element`, a single value as a 1-tuple."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in values:
+        if element is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, element) or isinstance(v, bool):
+            raise ValueError(f"option {name} must be a list of {element.__name__}, got {value!r}")
+        out.append(v)
+    return tuple(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="StepGRPO (R1-VL) for Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Run with torchrun for data parallelism. With "
@@ -248,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML or JSON file of options (the command line wins)")
     for f in dataclasses.fields(Config):
+        if f.type in _LISTS:  # --name A B C
+            shown = " ".join(map(str, f.default)) or "none"
+            parser.add_argument(f"--{f.name}", type=_LISTS[f.type], nargs="+", default=argparse.SUPPRESS,
+                                help=f"{f.metadata['help']} (default: {shown})")
+            continue
         kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type]
         # default=SUPPRESS: only options actually given appear in the namespace, so that
         # the file and TINY_DEFAULTS can fill the rest.
@@ -292,6 +323,9 @@ def make_config(**values) -> Config:
     for name, value in values.items():
         if name not in types:
             raise ValueError(f"unknown option {name!r}")
+        if types[name] in _LISTS:
+            values[name] = _list_option(name, value, _LISTS[types[name]])
+            continue
         expected = {"bool": bool, "int": int, "float": float, "str": str}[types[name]]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
@@ -303,6 +337,7 @@ def make_config(**values) -> Config:
 
 
 def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """The options as JSON holds them (list options as lists), as config.json is read back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 

@@ -1,7 +1,7 @@
 """The held-out evaluation a run makes before StepGRPO, every --eval_every steps and at the
 end: mean reward and accuracy of sampled completions on prompts never trained on.
 
-The full reward (StepRAR + StepRVR), whatever --rewards trains on. The same seed each time:
+The full reward (StepRAR + StepRVR), whatever --reward_funcs trains on. The same seed each time:
 successive evaluations draw the same random numbers, so their differences are the policy's,
 less sampling noise.
 """

@@ -57,7 +57,7 @@ def test_builtin_run_learns(tmp_path):
     evaluated = [r["step"] for r in grpo if "eval_reward" in r]
     assert evaluated == list(range(every, steps + 1, every)), evaluated
     assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
-    assert all(r["rewards"] == "all" for r in grpo)
+    assert all(r["reward_funcs"] == "steprar steprvr" for r in grpo)
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
                 "decode_efficiency", "peak_memory_gb", "time_rollout", "time_reference", "time_update",
                 "step_rar", "step_rvr", "key_step_match", "has_answer", "undecided"):
@@ -118,21 +118,22 @@ def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
 
 
 def test_reward_choice_curve_and_perturbed_numerics_run(tmp_path, checkpoint):
-    """--rewards is recorded in config.json and every metrics line and chooses what the
-    advantages see (steprvr: accuracy + StepRVR); --eval_every K scores the held-out prompts
+    """--reward_funcs is recorded in config.json and every metrics line and chooses what the
+    advantages see (accuracy + StepRVR), each function's mean logged; --eval_every K scores the held-out prompts
     at K, 2K, ... and the last step; the opt-in numerics (per-sequence attention, float64
     softmax in the loss) run through the trainer."""
     model_dir, data = checkpoint
     run_dir = tmp_path / "run"
     args = ["--model", str(model_dir), "--data", str(data), "--run_dir", str(run_dir), "--num_steps", "3",
             "--max_completion_length", "12", "--max_pixels", "3136", "--micro_batch_tokens", "2048",
-            "--save_final", "false", "--rewards", "steprvr", "--eval_prompts", "2", "--eval_every", "2",
+            "--save_final", "false", "--reward_funcs", "accuracy", "steprvr", "--eval_prompts", "2", "--eval_every", "2",
             "--eval_generations", "2", "--attention", "sdpa_masked", "--loss_softmax", "float64"]
     result = _train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "config.json").read_text())["rewards"] == "steprvr"
+    assert json.loads((run_dir / "config.json").read_text())["reward_funcs"] == ["accuracy", "steprvr"]
     grpo = _records(run_dir, "grpo")
-    assert [r["rewards"] for r in grpo] == ["steprvr"] * 3
+    assert [r["reward_funcs"] for r in grpo] == ["accuracy steprvr"] * 3
+    assert all(r["rewards/accuracy"] + r["rewards/steprvr"] == pytest.approx(r["reward_weighted"]) for r in grpo)
     assert [r["step"] for r in grpo if "eval_reward" in r] == [2, 3]
     results = json.loads((run_dir / "results.json").read_text())
     assert {k: grpo[-1][f"eval_{k}"] for k in results["after"]} == results["after"]

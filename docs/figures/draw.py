@@ -22,7 +22,7 @@ PROMPT, IMAGE, COMP_A, COMP_B, COMP_C = "#cfd8e3", "#f2c572", "#8fc1a9", "#c9a0d
 
 STEPS = [
     ("1. sample", "r1vl.sampling", "P prompts, G completions each;\nimage + prompt prefilled once,\nKV cache shared by the G"),
-    ("2. score", "r1vl.rewards", "StepRAR + StepRVR\none reward per completion\n(--rewards)"),
+    ("2. score", "r1vl.rewards", "StepRAR + StepRVR\none reward per completion\n(--reward_funcs)"),
     ("3. advantages", "r1vl.rewards", "(r - mean) / std\nwithin each group of G\n(--scale_rewards)"),
     ("4. update", "r1vl.update", "pack [prompt, c1..cG],\nref log-probs, fused loss,\noptimizer step"),
     ("5. log", "r1vl.run", "metrics.jsonl, TensorBoard,\nheld-out eval, checkpoints\n(rank 0 logs)"),

@@ -7,8 +7,11 @@ StepRVR with a time-bounded answer check; the Scorer (scorer.py) and the advanta
 
 Modules: `rules` (the paper's rules on one completion's text), `answer` (the answer an
 answer line states), `normalize` (the opt-in lenient matcher), `symbolic` (math-verify in
-worker processes, each check on its own CPU budget), `score` (the batch entry point). The
-method, in full: docs/method.md.
+worker processes, each check on its own CPU budget), `score` (the batch entry point);
+`functions` (--reward_funcs: the built-ins, the user's functions and their weighted total),
+`inputs` (TRL's reward arguments built from a step's samples), `worker` (the user's functions
+in a process of their own, each call with a deadline). The method, in full: docs/method.md;
+writing a reward function: docs/reward_functions.md.
 """
 from r1vl.rewards.answer import StatedAnswer, normalize_answer, option_letter, stated_answer
 from r1vl.rewards.normalize import normalize_math

@@ -210,3 +210,30 @@ def grpo_step_metrics(samples, rewards, batch, update: dict, seconds: float, wor
         **reduce_over_ranks({"peak_memory_gb": peak_memory_gb(world.device)}, world.device, op="max"),
     }
 
+
+
+def reward_function_metrics(rewards, world) -> dict:
+    """Each --reward_funcs function's mean as rewards/<name>, over the completions it had an
+    opinion on (TRL's nanmean; NaN when it had none), reward_weighted (the mean of the weighted
+    total the advantages use; equals `reward` for the default functions) and unscorable (the
+    share of completions no function had an opinion on), reduced over ranks in one collective.
+
+    rewards: r1vl.rewards.scorer.StepRewards.
+    """
+    values = rewards.per_function
+    present = ~torch.isnan(values)
+    total_present = ~torch.isnan(rewards.total)
+    sums = {}
+    for i, name in enumerate(rewards.names):
+        sums[f"rewards/{name}"] = float(values[present[:, i], i].double().sum())
+        sums[f"rewards/{name}/count"] = float(present[:, i].sum())
+    sums["reward_weighted"] = float(rewards.total[total_present].double().sum())
+    sums["reward_weighted/count"] = float(total_present.sum())
+    sums["completions"] = float(len(rewards.total))
+    total = reduce_over_ranks(sums, world.device)
+    out = {}
+    for key in [*(f"rewards/{name}" for name in rewards.names), "reward_weighted"]:
+        count = total[f"{key}/count"]
+        out[key] = total[key] / count if count else float("nan")
+    out["unscorable"] = (total["completions"] - total["reward_weighted/count"]) / max(total["completions"], 1)
+    return out

@@ -2,9 +2,9 @@
 
 One panel per quantity: the reward and, separately, each of its components (accuracy,
 StepRAR, StepRVR, the key-step match and the share of completions that give an answer), then
-KL to the reference, completion length and throughput. The per-step training values are drawn
-faintly, with a moving average over them (a step's reward is a mean over one batch, too noisy
-to read alone). Held-out evaluations (`eval_<name>` in the metrics, from `--eval_every`, and
+KL to the reference, completion length and throughput, then each --reward_funcs function's mean
+(rewards/<name>). The per-step training values are drawn faintly, with a moving average over
+them (a step's reward is a mean over one batch, too noisy to read alone). Held-out evaluations (`eval_<name>` in the metrics, from `--eval_every`, and
 the "before" evaluation in RUN_DIR/results.json, drawn at step 0) are points on the panel of
 the same quantity. A panel is left out when a run logged none of its metrics. Only the
 StepGRPO records are drawn when the file also holds SFT warm-up records.
@@ -25,6 +25,8 @@ PANELS = [  # (title, metric names); "eval_<name>" points go on the panel of <na
     ("completion length (tokens)", ("completion_len",)),
     ("throughput (tokens/s)", ("tokens_per_s",)),
 ]
+# Then one panel per reward function (--reward_funcs), from its rewards/<name> metric.
+FUNCTION_PREFIX = "rewards/"
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -86,6 +88,15 @@ def with_before(data: dict[str, tuple[list, list]], results: dict) -> dict[str, 
     return out
 
 
+def panels_of(data: dict[str, tuple[list, list]]) -> list[tuple[str, list[str]]]:
+    """(title, metric names) of each panel to draw: PANELS' with data, then one per reward
+    function (rewards/<name>), in the order the run logged them."""
+    functions = [(f"reward function {k[len(FUNCTION_PREFIX):]} (mean)", (k,))
+                 for k in data if k.startswith(FUNCTION_PREFIX)]
+    panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS + functions]
+    return [(title, keys) for title, keys in panels if keys]
+
+
 def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metrics.jsonl") -> Path:
     """Write RUN_DIR/metrics.png (or `out`) and return its path."""
     import matplotlib
@@ -99,8 +110,7 @@ def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metric
     results_path = Path(run_dir) / "results.json"
     if results_path.is_file():
         data = with_before(data, json.loads(results_path.read_text()))
-    panels = [(title, [k for k in keys if k in data or f"eval_{k}" in data]) for title, keys in PANELS]
-    panels = [(title, keys) for title, keys in panels if keys]
+    panels = panels_of(data)
     if not panels:
         raise ValueError(f"{path} holds none of the metrics to plot "
                          "(reward, accuracy, kl, completion length, tokens/s)")

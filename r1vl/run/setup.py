@@ -11,6 +11,8 @@ from r1vl import distributed
 from r1vl.config import Config, to_dict
 from r1vl.data.records import load_examples
 from r1vl.model.policy import check_checkpoint_dir
+from r1vl.rewards.functions import parse_reward_funcs
+from r1vl.rewards.worker import reward_worker
 from r1vl.run.checkpoints import ResumePoint, find_resume_point, open_resume_point
 
 RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
@@ -28,6 +30,9 @@ def check_inputs(cfg: Config) -> None:
         path = getattr(cfg, option)
         if path and not Path(path).is_file():
             raise ValueError(f"--{option} {path}: no such file")
+    specs = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights)
+    if "grpo" in cfg.stages and any(not s.builtin for s in specs):
+        reward_worker(specs, cfg.reward_timeout_s)  # imports the user's functions: a bad one stops here
 
 
 def quiet_transformers() -> None:

@@ -43,8 +43,8 @@ def test_learning_table_from_finished_runs(tmp_path, capsys):
 
 def test_ablation_table_uses_the_warm_up_of_the_default_run(tmp_path):
     default = _fake_run(tmp_path, "default", 1, [], (0.3, 0.1), (0.9, 0.3))
-    _fake_run(tmp_path, "rewards-accuracy", 1, ["--rewards", "accuracy"], (0.3, 0.1), (0.5, 0.2))
-    done, missing = finished([default, Run("rewards-steprar", 1, ["--rewards", "steprar"])], tmp_path)
+    _fake_run(tmp_path, "rewards-accuracy", 1, ["--reward_funcs", "accuracy"], (0.3, 0.1), (0.5, 0.2))
+    done, missing = finished([default, Run("rewards-steprar", 1, ["--reward_funcs", "steprar"])], tmp_path)
     assert done == [default] and [r.label for r in missing] == ["rewards-steprar"]
     out = tmp_path / "ablation.md"
     bench_ablation.main(["--collect", "--runs", str(tmp_path), "--seeds", "1", "--out", str(out)])

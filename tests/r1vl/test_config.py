@@ -29,6 +29,29 @@ def test_file_then_command_line(tmp_path):
     assert parse_config(["--config", str(as_json)]).num_generations == 8
 
 
+def test_list_options_from_the_command_line_and_a_file(tmp_path):
+    """--reward_funcs / --reward_weights take several values (nargs="+"); a file gives lists
+    (or one value); the command line still wins; config.json holds them as lists."""
+    from r1vl.config import to_dict
+
+    (tmp_path / "fmt.py").write_text("def fmt(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    cfg = parse_config(["--reward_funcs", "steprar", "steprvr", f"{tmp_path}/fmt.py:fmt", "--reward_weights", "1",
+                        "1", "0.5", "--lr", "1e-3"])
+    assert cfg.reward_funcs == ("steprar", "steprvr", f"{tmp_path}/fmt.py:fmt") and cfg.reward_weights == (1, 1, 0.5)
+    path = tmp_path / "run.yaml"
+    path.write_text("reward_funcs: [accuracy, steprvr]\nreward_weights: [2, 1]\n")
+    assert parse_config(["--config", str(path)]).reward_weights == (2.0, 1.0)
+    assert parse_config(["--config", str(path), "--reward_weights", "3", "4"]).reward_weights == (3.0, 4.0)
+    path.write_text("reward_funcs: accuracy\n")
+    assert parse_config(["--config", str(path)]).reward_funcs == ("accuracy",)
+    assert json.loads(json.dumps(to_dict(cfg))) == to_dict(cfg)  # what config.json reads back
+    path.write_text("reward_weights: [one]\n")
+    with pytest.raises(ValueError, match="option reward_weights must be a list of float"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(SystemExit):
+        parse_config(["--reward_weights", "one"])
+
+
 def test_bool_options_parse_words():
     assert parse_config(["--reward_normalize", "true", "--progress", "off"]).reward_normalize is True
     with pytest.raises(SystemExit):
@@ -65,6 +88,9 @@ def test_unknown_options_are_refused(tmp_path, capsys):
     (dict(num_steps="ten"), "must be int"),
     (dict(family="llava"), "--family must be"),
     (dict(model="ckpt", data="d.jsonl", family="qwen3_vl"), "model_type in its config.json"),
+    (dict(reward_timeout_s=0.0), "--reward_timeout_s must be > 0"),
+    (dict(reward_funcs=["missing.py:fn"]), "--reward_funcs missing.py:fn: no such file"),
+    (dict(reward_funcs=[]), "--reward_funcs needs at least one function"),
 ])
 def test_contradictions_fail_with_the_option_named(values, message):
     with pytest.raises(ValueError, match=message):

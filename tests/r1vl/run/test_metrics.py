@@ -1,4 +1,5 @@
 """MetricsLog: JSONL records, per-stage TensorBoard runs, and the rewind of a resumed run."""
+import math
 import json
 
 from r1vl.run.metrics import MetricsLog
@@ -50,3 +51,25 @@ def test_undecided_fraction_is_on_the_console_and_warned_once(capsys):
     assert [warn(f, step) for step, f in enumerate([0.0, 0.03, 0.05, 0.5], 1)] == [False, False, True, False]
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "step 3" in err and "5.0%" in err and "timeout_s" in err
+
+
+def test_reward_function_means_skip_no_opinion_like_trl():
+    """rewards/<name> is TRL's nanmean of the function's rewards; unscorable is the share no
+    function had an opinion on; reward_weighted the mean of the weighted total."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from r1vl.rewards.functions import weighted_total
+    from r1vl.run.metrics import reward_function_metrics
+
+    nan = float("nan")
+    per_function = torch.tensor([[1.0, nan], [0.0, 2.0], [1.0, nan], [nan, nan]])
+    total = weighted_total(per_function, torch.tensor([1.0, 0.5]))
+    rewards = SimpleNamespace(names=("steprar", "fmt"), per_function=per_function, total=total)
+    out = reward_function_metrics(rewards, SimpleNamespace(device=torch.device("cpu")))
+    assert out == {"rewards/steprar": 2 / 3, "rewards/fmt": 2.0, "reward_weighted": (1 + 1 + 1) / 3,
+                   "unscorable": 0.25}
+    none = SimpleNamespace(names=("fmt",), per_function=torch.full((2, 1), nan), total=torch.full((2,), nan))
+    out = reward_function_metrics(none, SimpleNamespace(device=torch.device("cpu")))
+    assert math.isnan(out["rewards/fmt"]) and out["unscorable"] == 1.0

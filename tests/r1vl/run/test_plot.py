@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1vl.run.plot import PANELS, plot_run, read_metrics, series, smooth, with_before
+from r1vl.run.plot import PANELS, panels_of, plot_run, read_metrics, series, smooth, with_before
 
 
 def write_run(run_dir, steps=12):
@@ -76,3 +76,20 @@ def test_command_line_and_errors(tmp_path):
     (tmp_path / "other.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="none of the metrics to plot"):
         plot_run(tmp_path, metrics_file="other.jsonl")
+
+
+def test_each_reward_function_has_its_own_panel(tmp_path):
+    write_run(tmp_path, steps=4)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()[:-1]  # without the cut line
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        if r["stage"] == "grpo":
+            r.update({"rewards/steprar": 0.2, "rewards/fmt": float("nan") if r["step"] == 1 else 0.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = series(read_metrics(tmp_path / "metrics.jsonl"))
+    assert data["rewards/fmt"] == ([0, 2, 3], [0.5, 0.5, 0.5])  # a step with no opinion: no point
+    panels = panels_of(data)
+    assert panels[-2:] == [("reward function steprar (mean)", ["rewards/steprar"]),
+                           ("reward function fmt (mean)", ["rewards/fmt"])]
+    assert len(panels) == len(panels_of({k: v for k, v in data.items() if not k.startswith("rewards/")})) + 2
+    assert plot_run(tmp_path).stat().st_size > 10_000
