@@ -10,7 +10,7 @@ import torch
 
 from r1vl_kernels import grpo_loss, grpo_loss_from_hidden, token_logprobs_from_hidden
 
-from test_grpo_loss import DTYPE_EPS, IS_LEVELS, LOSS_TYPES, assert_close_scaled
+from test_grpo_loss import IS_LEVELS, LOSS_TYPES, assert_close_scaled
 from trl_reference import grpo_loss_like_trl, pack_to_padded
 
 IMPLS = ("torch", "triton")
