@@ -34,7 +34,7 @@ from trl import GRPOTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import nanmax, nanmin
 
-from .grpo_loss_from_hidden import grpo_loss_from_hidden, token_logprobs_from_hidden
+from .hidden import grpo_loss_from_hidden, token_logprobs_from_hidden
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 # The backbone (model.base_model) of each takes the inputs below and does everything else

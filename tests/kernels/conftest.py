@@ -39,7 +39,7 @@ def small_triton_blocks(monkeypatch):
     if torch.cuda.is_available():
         yield
         return
-    from r1vl_kernels import _triton_vocab
-    monkeypatch.setattr(_triton_vocab, "MAX_BLOCK_V", 64)
+    from r1vl_kernels import logits
+    monkeypatch.setattr(logits, "MAX_BLOCK_V", 64)
     yield
 

@@ -2,25 +2,27 @@
 exact specialization their launchers produce, and read ptxas' resource report.
 
 How (triton 3.9 internals, guarded by `available()`):
-1. Fresh copies of the kernel modules are imported with TRITON_INTERPRET off, so their
-   kernels are JITFunctions even when the test session interprets the real ones.
-2. Each kernel global of a copy is swapped for a recorder: the launcher runs on
-   device="meta" tensors at real shapes, and `kernel[grid](*args, **kw)` records the call.
+1. The kernel modules (r1vl_kernels.logits, terms, hidden) are imported with TRITON_INTERPRET
+   off, so their kernels are JITFunctions.
+2. For one launcher call, each kernel global of those modules is swapped for a recorder: the
+   launcher runs on device="meta" tensors at real shapes, and `kernel[grid](*args, **kw)`
+   records the call.
 3. The recorded call goes through the binder JITFunction.run uses
    (create_function_from_signature + _pack_args): divisibility-16 hints, i64 for ints
    >= 2**31, ints equal to 1 as constants, exactly as a launch on the GPU would.
 4. triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) needs no driver; the
    PTX goes through the ptxas bundled with the wheel for registers, stack and spills.
-It must run in a process that imported triton without TRITON_INTERPRET: triton.language's
-own jit functions (tl.sum, tl.max, ...) are interpreter functions otherwise, and no kernel
-that calls them compiles. The tests therefore run it as a subprocess.
+It must run in a process that imported triton and r1vl_kernels without TRITON_INTERPRET:
+triton.language's own jit functions (tl.sum, tl.max, ...) and the package's kernels are
+interpreter functions otherwise, and no kernel compiles. The tests therefore run it as a
+subprocess.
 
 Run as a script for the whole table: `python tests/kernels/sm_compile.py`; with
 `--json CASE...` (cases of sm_launches.CASES) it prints one JSON row per launch.
 """
 import contextlib
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -30,7 +32,7 @@ import tempfile
 
 import torch
 
-KERNEL_MODULES = ("_triton_vocab", "_triton_grpo", "_triton_hidden")
+KERNEL_MODULES = ("logits", "terms", "hidden")
 TARGETS = {"sm_90a": 90, "sm_80": 80}
 # Per-block shared memory a kernel may ask for (bytes): sm_86 / sm_89 allow 99 KB, which
 # is what a launch configured for compute capability 8.x must fit; sm_90 allows 227 KB.
@@ -87,36 +89,44 @@ def _no_interpreter():
 
 
 class Launches:
-    """Compiled copies of the kernel modules whose launches are recorded, not run."""
+    """The kernel modules' launches for one target, recorded, not run."""
 
     def __init__(self, capability: int):
-        import r1vl_kernels
         from triton.runtime.jit import JITFunction
+        self.capability = capability
         self.calls = []
-        self.modules = {}
-        pkg_dir = os.path.dirname(r1vl_kernels.__file__)
         with _no_interpreter():
-            for name in KERNEL_MODULES:
-                spec = importlib.util.spec_from_file_location(
-                    f"r1vl_kernels._compiled_{name}", os.path.join(pkg_dir, name + ".py"))
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                self.modules[name] = module
-        for module in self.modules.values():
-            for attr, value in list(vars(module).items()):
-                if isinstance(value, JITFunction) and attr.endswith("_kernel"):
-                    setattr(module, attr, _Recorder(value, self.calls))
-                elif attr in self.modules:  # a kernel module importing another: use the copy
-                    setattr(module, attr, self.modules[attr])
-            if hasattr(module, "capability"):
-                module.capability = lambda device, cc=capability: (cc // 10, cc % 10)
+            self.modules = {name: importlib.import_module(f"r1vl_kernels.{name}") for name in KERNEL_MODULES}
+        self.kernels = [(module, attr) for module in self.modules.values() for attr, value in vars(module).items()
+                        if attr.endswith("_kernel") and callable(value)]
+        interpreted = [attr for module, attr in self.kernels if not isinstance(getattr(module, attr), JITFunction)]
+        if interpreted:
+            raise RuntimeError(f"r1vl_kernels was imported under TRITON_INTERPRET: {interpreted} are not JITFunctions")
 
     def run(self, module: str, launcher: str, *args, **kwargs):
         """Call a launcher on meta tensors; returns the launches it made."""
         start = len(self.calls)
-        with _no_interpreter():
+        with _no_interpreter(), self._recording():
             getattr(self.modules[module], launcher)(*args, **kwargs)
         return self.calls[start:]
+
+    @contextlib.contextmanager
+    def _recording(self):
+        """The kernels swapped for recorders, and the GPU capability the launchers read for
+        this target's, while one launcher runs (several targets share the modules)."""
+        saved = [(module, attr, getattr(module, attr)) for module, attr in self.kernels]
+        saved += [(module, "capability", module.capability) for module in self.modules.values()
+                  if hasattr(module, "capability")]
+        for module, attr, value in saved:
+            if attr == "capability":
+                module.capability = lambda device, cc=self.capability: (cc // 10, cc % 10)
+            else:
+                setattr(module, attr, _Recorder(value, self.calls))
+        try:
+            yield
+        finally:
+            for module, attr, value in saved:
+                setattr(module, attr, value)
 
 
 class _Recorder:

@@ -28,17 +28,17 @@ def vocab_launches(launches, dtype_name, layout, with_entropy):
         row_off = _t(N, dtype=torch.int64)
         tok_of_row = _t(B * L, dtype=torch.int64)
         out = _t(B * L, V, dtype=dtype)
-    calls = launches.run("_triton_vocab", "logprob_fwd", logits.reshape(-1, V) if layout == "packed" else logits,
+    calls = launches.run("logits", "logprob_fwd", logits.reshape(-1, V) if layout == "packed" else logits,
                          target, row_off, 0.9, with_entropy)
-    calls += launches.run("_triton_vocab", "logprob_bwd", logits, target, lse, dlogp, grad, row_off, tok_of_row,
+    calls += launches.run("logits", "logprob_bwd", logits, target, lse, dlogp, grad, row_off, tok_of_row,
                           0.9, out)
     # The one-sweep token-level loss, with old and ref log-probs, KL and delta.
-    calls += launches.run("_triton_vocab", "logprob_fwd_bwd", logits, target, row_off, tok_of_row, _t(N), _t(N),
+    calls += launches.run("logits", "logprob_fwd_bwd", logits, target, row_off, tok_of_row, _t(N), _t(N),
                           _t(N), _t(N), 0.9, with_entropy, eps_low=0.2, eps_high=0.28, delta=2.0, beta=0.04, out=out)
     return calls
 
 
-# Epilogue variants (_triton_grpo.grpo_terms): (seq_level, old, ref, policy, options); options
+# Epilogue variants (terms.grpo_terms): (seq_level, old, ref, policy, options); options
 # are per-token weights ("weight"), the off-policy mask with sampling log-probs ("opsm"), the
 # bias-corrected KL ("bias_kl") and vespo's log-weight offset ("offset").
 EPILOGUE_VARIANTS = (
@@ -49,18 +49,18 @@ EPILOGUE_VARIANTS = (
 
 
 def grpo_launches(launches, scales=("none", "group", "batch"), terms=len(EPILOGUE_VARIANTS)):
-    from r1vl_kernels._terms import TermsConfig
+    from r1vl_kernels.options import TermsConfig
 
     calls = []
     for scale in scales:
-        calls += launches.run("_triton_grpo", "group_advantages", _t(S), 8, scale, 1e-4)
+        calls += launches.run("terms", "launch_group_advantages", _t(S), 8, scale, 1e-4)
     logp = _t(N)
     for seq_level, with_old, with_ref, policy, options in EPILOGUE_VARIANTS[:terms]:
         cfg = TermsConfig(eps_low=0.2, eps_high=0.2, delta=None if with_ref else 2.0, beta=0.04, inv_norm=1.0 / S,
                           per_seq_mean=True, seq_level=seq_level, policy=policy,
                           off_policy_threshold=0.5 if "opsm" in options else None,
                           bias_correction_kl="bias_kl" in options)
-        calls += launches.run("_triton_grpo", "grpo_terms", logp, _t(N) if with_old else None,
+        calls += launches.run("terms", "grpo_terms", logp, _t(N) if with_old else None,
                               _t(N) if with_ref else None, _t(S), _t(S + 1, dtype=torch.int32),
                               _t(N) if "weight" in options else None, _t(N) if "opsm" in options else None,
                               _t(S) if "offset" in options else None, cfg)
@@ -73,7 +73,7 @@ def hidden_launches(launches, dtype_name, H, with_bias):
     bias = _t(V, dtype=dtype) if with_bias else None
     target = _t(N, dtype=torch.int64)
     # The backward's only kernel is logprob_bwd on logits chunks: the vocabulary launches.
-    return launches.run("_triton_hidden", "logprob_fwd", hidden, weight, bias, target, 0.9, with_bias)
+    return launches.run("hidden", "logprob_fwd_from_hidden", hidden, weight, bias, target, 0.9, with_bias)
 
 
 def all_launches(launches):
@@ -88,7 +88,7 @@ def all_launches(launches):
     yield "fp32 H=1536 bias+entropy", hidden_launches(launches, "fp32", H_2B, True)
 
 
-# Registers of the O(N) epilogue kernels (_triton_grpo: one program per group or sequence,
+# Registers of the O(N) epilogue kernels (terms.py: one program per group or sequence,
 # 4 warps; they use 12-40).
 EPILOGUE_REGISTER_BUDGET = 64
 
@@ -111,7 +111,7 @@ def record(launches, case: str):
     dtype, h, *variant = rest
     H = int(h.split("=")[1])
     if variant == ["64x128x64"]:
-        module = launches.modules["_triton_hidden"]
+        module = launches.modules["hidden"]
         saved = dict(module.FWD_CONFIGS)
         module.FWD_CONFIGS[("fp32", 9)] = module.FWD_CONFIGS[("fp32", 8)] = ((64, 128, 64, 4, 3, None), 128)
         try:
@@ -124,8 +124,8 @@ def record(launches, case: str):
 def register_budget(launches, res, capability: int) -> int:
     """The register budget the launcher states for a compiled launch."""
     if res.kernel.startswith("_logprob"):
-        return launches.modules["_triton_vocab"].REGISTER_BUDGET
+        return launches.modules["logits"].REGISTER_BUDGET
     if res.kernel == "_hidden_fwd_kernel":
         kind = "fp32" if "fp32" in res.variant.split(" ") else "half"
-        return launches.modules["_triton_hidden"].FWD_CONFIGS[(kind, capability // 10)][1]
+        return launches.modules["hidden"].FWD_CONFIGS[(kind, capability // 10)][1]
     return EPILOGUE_REGISTER_BUDGET

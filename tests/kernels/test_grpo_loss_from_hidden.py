@@ -10,7 +10,7 @@ import torch
 
 from r1vl_kernels import grpo_loss, grpo_loss_from_hidden, token_logprobs_from_hidden
 
-from test_grpo_loss import DTYPE_EPS, IS_LEVELS, LOSS_TYPES, assert_close_scaled
+from test_grpo_loss import IS_LEVELS, LOSS_TYPES, assert_close_scaled
 from trl_reference import grpo_loss_like_trl, pack_to_padded
 
 IMPLS = ("torch", "triton")
@@ -21,14 +21,14 @@ H, V = 21, 83                   # odd, not multiples of any block
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """Tiles and chunks small enough that these shapes cross several of each."""
-    from r1vl_kernels import _torch_hidden
-    monkeypatch.setattr(_torch_hidden, "TOKEN_CHUNK", 8)
-    monkeypatch.setattr(_torch_hidden, "VOCAB_CHUNK", 29)
+    from r1vl_kernels import reference as torch_reference
+    monkeypatch.setattr(torch_reference, "TOKEN_CHUNK", 8)
+    monkeypatch.setattr(torch_reference, "VOCAB_CHUNK", 29)
     if not torch.cuda.is_available():
-        from r1vl_kernels import _triton_hidden
+        from r1vl_kernels import hidden as hidden_module
         for name, value in (("BLOCK_N", 16), ("BLOCK_V", 32), ("BLOCK_H", 16), ("TARGET_PROGRAMS", 6),
                             ("CHUNK_BYTES", 6 * V * 4 + 100)):  # backward chunks of 6 tokens
-            monkeypatch.setattr(_triton_hidden, name, value)
+            monkeypatch.setattr(hidden_module, name, value)
 
 
 def make_case(seed, dtype, temperature, lens=LENS):

@@ -1,4 +1,4 @@
-"""The token-level loss in one sweep (ops_one_sweep, Triton through the interpreter): the
+"""The token-level loss in one sweep (logits.grpo_loss_one_sweep, Triton through the interpreter): the
 same results as the two-sweep path and the float64 reference, in both layouts, for any
 upstream gradient. (test_grpo_loss.py's matrix runs it too: grpo_loss takes it for every
 token-level Triton call that needs a gradient.)"""
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1vl_kernels import grpo_loss
-from r1vl_kernels.ops import op
+from r1vl_kernels.registry import op
 
 from test_grpo_loss import DTYPE_EPS, LENS, assert_close_scaled, make_case, reference
 from trl_reference import pack_to_padded

@@ -2,7 +2,7 @@
 confident tokens (p(target) up to 0.999) where a softmax that does not sum to 1 shows most.
 
 On a GPU each backward chunk's logits come back from cuBLAS rounded to bf16; off a GPU
-_triton_hidden makes the same numbers in torch (fp32 sums, one rounding), and the vocabulary
+r1vl_kernels.hidden makes the same numbers in torch (fp32 sums, one rounding), and the vocabulary
 kernel reads them through the interpreter. The bound on dlogits is the first-order error
 that rounding implies: with x_j = hidden . weight_j + bias_j off by e_j <= u |x_j| (u = 2**-8),
 p_i = softmax(x / T)_i moves by p_i (e_i - sum_j p_j e_j) / T, so
@@ -14,7 +14,7 @@ more at p = 0.999, and flips the gradient's sign.
 import pytest
 import torch
 
-from r1vl_kernels import _torch_hidden, _triton_hidden
+from r1vl_kernels import hidden as hidden_module, reference
 
 H, V = 19, 83                   # V not a multiple of the vocabulary block (64 in these tests)
 LEVELS = (0.9, 0.99, 0.999)     # p(target), 4 tokens each
@@ -26,9 +26,9 @@ def small_chunks(monkeypatch):
     """Backward chunks of one token: dweight and dbias sum over 12 chunks, and each chunk's
     logits are those of a one-token call (same matmul shape, same rounding), so the sums can
     be checked against the dlogits the one-token calls give."""
-    monkeypatch.setattr(_triton_hidden, "CHUNK_BYTES", V * 2 + 10)
-    monkeypatch.setattr(_torch_hidden, "TOKEN_CHUNK", 1)
-    monkeypatch.setattr(_torch_hidden, "VOCAB_CHUNK", 29)
+    monkeypatch.setattr(hidden_module, "CHUNK_BYTES", V * 2 + 10)
+    monkeypatch.setattr(reference, "TOKEN_CHUNK", 1)
+    monkeypatch.setattr(reference, "VOCAB_CHUNK", 29)
 
 
 def confident_case(seed, temperature):
@@ -83,8 +83,8 @@ def dlogits_bound(x, p, coef, grad_out, temperature, d):
 def backward(impl, hidden, weight, bias, target, dlogp, grad_out, temperature):
     """(dhidden, dweight, dbias) of one backend's grad_from_hidden, the forward's lse given
     as the op gives it."""
-    module = _triton_hidden if impl == "triton" else _torch_hidden
-    _, lse, _ = module.logprob_fwd(hidden, weight, bias, target, temperature, False)
+    module = hidden_module if impl == "triton" else reference
+    _, lse, _ = module.logprob_fwd_from_hidden(hidden, weight, bias, target, temperature, False)
     return module.grad_from_hidden(hidden, weight, bias, target, lse, dlogp, torch.tensor(grad_out), temperature)
 
 

@@ -1,22 +1,75 @@
-"""Triton kernels for the O(N) part of the GRPO loss: advantages and per-token loss terms.
+"""The O(N) per-token terms of the GRPO loss: group-relative advantages and each token's
+loss term and dLoss/dlogp, once a vocabulary (or hidden-state) sweep has given its log-prob.
 
-These run after the vocabulary sweep, on per-token fp32 vectors; their cost is a few
-microseconds next to the sweeps over N x V logits. One program per group (advantages) or
-per sequence (loss terms), so sequence-level importance weights need no extra launch.
+These run after the sweep, on per-token fp32 vectors; their cost is a few microseconds next
+to the sweeps over N x V logits. One program per group (advantages) or per sequence (loss
+terms), so sequence-level importance weights need no extra launch. Two Triton device
+functions serve the other kernels too: clip_policy, the clipped policy term, and token_dlogp,
+a token's dLoss/dlogp under token-level importance sampling (logits.py's one-sweep loss).
+
+Read in order: the kernels, their launchers, the group_advantages op, the epilogue every
+forward loss op ends with (loss_terms), then the public group_advantages.
 """
+import dataclasses
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from ._terms import POLICIES, VESPO_LOG_W_MIN as _VESPO_LOG_W_MIN, TermsConfig
-from ._triton_token import clip_policy
+from . import options, reference
+from .options import POLICIES, TermsConfig
+from .registry import LIBRARY, op
 
-VESPO_LOG_W_MIN = tl.constexpr(_VESPO_LOG_W_MIN)
+VESPO_LOG_W_MIN = tl.constexpr(options.VESPO_LOG_W_MIN)
 
 SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
 
 
 # ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def clip_policy(ratio, adv, eps_low, eps_high, delta, HAS_DELTA: tl.constexpr):
+    """The clipped policy term of one token or a block of tokens (fp32), TRL's convention:
+    -min(c1 A, c2 A) with c1 = ratio (capped at delta if HAS_DELTA), c2 = clamp(ratio,
+    1 - eps_low, 1 + eps_high). Returns (term, d term / d ratio, c1); torch's subgradients:
+    clamp passes gradient on its closed interval, min splits it evenly on ties."""
+    coef_2 = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    d_coef_2 = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), 1.0, 0.0)
+    if HAS_DELTA:
+        coef_1 = tl.minimum(ratio, delta)
+        d_coef_1 = tl.where(ratio <= delta, 1.0, 0.0)
+    else:
+        coef_1 = ratio
+        d_coef_1 = tl.where(ratio == ratio, 1.0, 1.0)  # ones of ratio's shape, scalar or block
+    u1 = coef_1 * adv
+    u2 = coef_2 * adv
+    d_pick = tl.where(u1 < u2, d_coef_1, tl.where(u2 < u1, d_coef_2, 0.5 * (d_coef_1 + d_coef_2)))
+    return -tl.minimum(u1, u2), -adv * d_pick, coef_1
+
+
+@triton.jit
+def token_dlogp(lp, old, ref, adv, w, eps_low, eps_high, delta, beta,
+                HAS_OLD: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """dLoss/dlogp of one token under token-level importance sampling, for kernels that know
+    a token's log-prob and must act on its gradient at once (logits' one-sweep loss). The
+    formula and its conventions are _grpo_terms_kernel's, with the clipped policy term:
+        dLoss/dlogp = w * (-A * dmin/dratio * ratio + beta * (1 - exp(ref - logp)))
+    where w is the token's weight in the reduction (the loss type's 1 / normalizer, divided by
+    the sequence length for "grpo"). lp, old, ref, adv, w: fp32 scalars (old / ref ignored
+    without HAS_OLD / USE_KL). tests/kernels/test_grpo_loss_one_sweep.py checks that both
+    kernels agree."""
+    if HAS_OLD:
+        ratio = tl.exp(lp - old)
+    else:
+        ratio = tl.exp(lp - lp)  # old = logp.detach(): ratio 1
+    _, d_ratio, _ = clip_policy(ratio, adv, eps_low, eps_high, delta, HAS_DELTA)
+    dlogp = d_ratio * ratio
+    if USE_KL:
+        dlogp += beta * (1.0 - tl.exp(ref - lp))
+    return w * dlogp
 
 
 @triton.jit
@@ -64,7 +117,7 @@ def _grpo_terms_kernel(
     k_pos, lam_pos, k_neg, lam_neg,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr,
     HAS_DELTA: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
-    POLICY: tl.constexpr,        # 0 clip, 1 cispo, 2 sapo, 3 vespo (see _terms.POLICIES)
+    POLICY: tl.constexpr,        # 0 clip, 1 cispo, 2 sapo, 3 vespo (see options.POLICIES)
     DETACHED_RATIO: tl.constexpr,  # cispo, vespo: no gradient through the ratio
     HAS_WEIGHT: tl.constexpr, HAS_OPSM: tl.constexpr, HAS_SAMP: tl.constexpr, HAS_OFFSET: tl.constexpr,
     BIAS_KL: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -74,7 +127,7 @@ def _grpo_terms_kernel(
     r = exp(logp - old) (token) or exp(masked mean of logp - old) (sequence). Policy term:
     clip  -min(r1 A, r2 A), r2 = clamp(r, 1 - eps_low, 1 + eps_high), r1 = r capped at delta;
     cispo -sg(min(r, eps_high)) A logp; sapo -sigmoid(tau (r - 1)) 4 / tau A; vespo
-    -sg(phi) A logp with phi of the sequence's summed log-ratio (see _terms). It is multiplied
+    -sg(phi) A logp with phi of the sequence's summed log-ratio (see options.POLICIES). It is multiplied
     by the token's weight (HAS_WEIGHT) and by the off-policy mask (HAS_OPSM: the sequence is
     kept if A >= 0 or the mean of sampling_logp - logp is <= opsm_threshold). Then
     + beta * KL, KL = k3 (times r with BIAS_KL). Reduction weight w = inv_norm / n (grpo)
@@ -218,7 +271,7 @@ def _grpo_terms_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
+def launch_group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
     """rewards: (S,) fp32, S a multiple of group_size. Returns (S,) fp32 advantages."""
     S = rewards.shape[0]
     adv = torch.empty_like(rewards)
@@ -263,3 +316,62 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, 
             BIAS_KL=cfg.bias_correction_kl, BLOCK_T=256,
         )
     return dlogp, kl, seq_stats[0], seq_stats[1], seq_stats[2]
+
+
+# ----------------------------------------------------------------------------- the advantages op
+
+
+@torch.library.custom_op(f"{LIBRARY}::group_advantages", mutates_args=())
+def group_advantages_op(rewards: Tensor, group_size: int, scale_rewards: str, eps: float,
+                        impl: str) -> Tensor:
+    """(S,) fp32 group-normalized advantages of (S,) fp32 rewards."""
+    if impl == "torch":
+        return reference.group_advantages(rewards, group_size, scale_rewards, eps)
+    return launch_group_advantages(rewards, group_size, scale_rewards, eps)
+
+
+@group_advantages_op.register_fake
+def _(rewards, group_size, scale_rewards, eps, impl):
+    return torch.empty_like(rewards)
+
+
+# ----------------------------------------------------------------------------- the epilogue of the forward ops
+
+
+def terms_config(op_arguments: dict) -> TermsConfig:
+    """The epilogue's options from a forward op's arguments (its parameters carry the names
+    of TermsConfig's fields)."""
+    return TermsConfig(**{f.name: op_arguments[f.name] for f in dataclasses.fields(TermsConfig)})
+
+
+def loss_terms(impl: str, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
+               vespo_log_offset, advantages, cu_seqlens, cfg: TermsConfig):
+    """The O(N) epilogue of a forward op, after the sweep gave logp, lse, entropy: the
+    outputs of logits.grpo_loss_fwd (see there). impl: "triton" (grpo_terms) or "torch"
+    (reference.grpo_terms)."""
+    terms = reference.grpo_terms if impl == "torch" else grpo_terms
+    dlogp, kl, seq_loss, seq_low, seq_high = terms(
+        logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp, vespo_log_offset, cfg)
+    n_tokens = max(logp.shape[0], 1)
+    return (seq_loss.sum(), logp, lse, dlogp, kl, entropy,
+            seq_low.sum() / n_tokens, seq_high.sum() / n_tokens)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group",
+                     eps: float = 1e-4, impl: Optional[str] = None) -> Tensor:
+    """Group-relative advantages, TRL's convention.
+
+    rewards: (S,) float, sequences ordered group by group (G = group_size consecutive
+    completions of one prompt). A = r - mean_G(r), divided by (std + eps) where std is the
+    unbiased std of the group ("group"), of the whole batch ("batch"), or not at all
+    ("none", Dr. GRPO). Returns (S,) fp32, no gradient.
+    """
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.dtype.is_floating_point:
+        raise ValueError("rewards must be a 1-D floating-point tensor (S,)")
+    options.check_group("S", rewards.shape[0], group_size, scale_rewards)
+    impl = options.resolve_impl(impl, rewards.device)
+    with torch.no_grad():
+        return op("group_advantages")(rewards.detach().float().contiguous(), group_size, scale_rewards, float(eps), impl)

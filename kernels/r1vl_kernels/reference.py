@@ -1,12 +1,14 @@
-"""Eager PyTorch implementation of the same four stages as the Triton kernels.
+"""The readable torch reference: eager PyTorch for every stage the Triton kernels compute,
+with the same contracts as their launchers (logits.py, hidden.py, terms.py).
 
-It is the path for CPU tensors and the readable statement of what the kernels compute.
-The vocabulary sweeps go through the logits in chunks of rows, so the fp32 working copies
-are bounded (about 64 MB a chunk) instead of N x V.
+It is the path for CPU tensors (impl="torch") and the plain statement of what the kernels
+compute; it never imports them. The sweeps go through the logits, or through hidden x weight,
+in chunks, so the fp32 working copies stay bounded (about 64 MB a chunk of logits rows; a
+TOKEN_CHUNK x VOCAB_CHUNK block from hidden states) instead of N x V.
 """
 import torch
 
-from ._terms import VESPO_LOG_W_MIN, TermsConfig
+from .options import VESPO_LOG_W_MIN, TermsConfig
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 elements of logits processed at once
 
@@ -23,11 +25,11 @@ def _gather_rows(logits, row_off):
     return flat[index].float()
 
 
-# ----------------------------------------------------------------------------- vocabulary sweeps
+# ----------------------------------------------------------------------------- vocabulary sweeps (from logits)
 
 
 def logprob_fwd(logits, target_ids, row_off, temperature: float, with_entropy: bool):
-    """Same contract as _triton_vocab.logprob_fwd."""
+    """Same contract as logits.logprob_fwd."""
     N, V = target_ids.shape[0], logits.shape[-1]
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -49,7 +51,7 @@ def logprob_fwd(logits, target_ids, row_off, temperature: float, with_entropy: b
 
 def logprob_bwd(logits, target_ids, lse, dlogp, grad_out, row_off, tok_of_row,
                 temperature: float, out):
-    """Same contract as _triton_vocab.logprob_bwd."""
+    """Same contract as logits.logprob_bwd."""
     R, V = out.shape
     step = _rows_per_chunk(V)
     coef_tok = dlogp * (grad_out.float() / temperature)
@@ -71,11 +73,88 @@ def logprob_bwd(logits, target_ids, lse, dlogp, grad_out, row_off, tok_of_row,
     return out
 
 
+# ----------------------------------------------------------------------------- sweeps from hidden states
+
+
+# Chunks of the sweeps over hidden x weight: the fp32 working set is TOKEN_CHUNK x VOCAB_CHUNK
+# (32 MB with the defaults); N x V logits are never held.
+TOKEN_CHUNK, VOCAB_CHUNK = 1024, 8192
+
+
+def _hidden_logits(h, weight, bias, v0, v1, temperature):
+    """fp32 (n, v1 - v0) logits / T of fp32 hidden rows h against vocabulary rows v0:v1."""
+    z = h @ weight[v0:v1].float().t()
+    if bias is not None:
+        z += bias[v0:v1].float()
+    return z.div_(temperature)
+
+
+def logprob_fwd_from_hidden(hidden, weight, bias, target_ids, temperature: float, with_entropy: bool):
+    """Same contract as hidden.logprob_fwd_from_hidden."""
+    N, V = hidden.shape[0], weight.shape[0]
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    for n0 in range(0, N, TOKEN_CHUNK):
+        n1 = min(n0 + TOKEN_CHUNK, N)
+        h, target = hidden[n0:n1].float(), target_ids[n0:n1]
+        m = torch.full((n1 - n0,), float("-inf"), device=hidden.device)
+        s, w, z_target = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+        for v0 in range(0, V, VOCAB_CHUNK):
+            v1 = min(v0 + VOCAB_CHUNK, V)
+            z = _hidden_logits(h, weight, bias, v0, v1, temperature)
+            m_new = torch.maximum(m, z.max(dim=1).values)
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            alpha = torch.exp(m - m_safe)
+            e = torch.exp(z - m_safe[:, None])
+            s = s * alpha + e.sum(1)
+            if with_entropy:
+                w = w * alpha + (e * torch.where(e > 0, z, 0.0)).sum(1)
+            inside = (target >= v0) & (target < v1)
+            picked = z.gather(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            z_target += torch.where(inside, picked, 0.0)
+            m = m_new
+        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        lse_c = m_safe + torch.log(s)
+        lse[n0:n1] = lse_c
+        logp[n0:n1] = z_target - lse_c
+        if with_entropy:
+            entropy[n0:n1] = lse_c - w / s
+    return logp, lse, entropy
+
+
+def grad_from_hidden(hidden, weight, bias, target_ids, lse, dlogp, grad_out, temperature: float):
+    """Same contract as hidden.grad_from_hidden (dhidden in fp32 here; the op casts it)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dhidden = torch.zeros(N, H, dtype=torch.float32, device=hidden.device)
+    dweight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+    dbias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else None
+    coef_all = dlogp * (grad_out.float() / temperature)
+    for n0 in range(0, N, TOKEN_CHUNK):
+        n1 = min(n0 + TOKEN_CHUNK, N)
+        coef = coef_all[n0:n1]
+        if not bool((coef != 0).any()):
+            continue  # zero advantage and no KL: no gradient from these tokens
+        h, target = hidden[n0:n1].float(), target_ids[n0:n1]
+        for v0 in range(0, V, VOCAB_CHUNK):
+            v1 = min(v0 + VOCAB_CHUNK, V)
+            d = torch.exp(_hidden_logits(h, weight, bias, v0, v1, temperature) - lse[n0:n1, None]).neg_()
+            inside = (target >= v0) & (target < v1)
+            d.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None], inside.float()[:, None])
+            d.mul_(coef[:, None])  # the per-token factor before any reduction over tokens
+            dhidden[n0:n1] += d @ weight[v0:v1].float()
+            dweight[v0:v1] += d.t() @ h
+            if dbias is not None:
+                dbias[v0:v1] += d.sum(0)
+    return dhidden, dweight, dbias
+
+
 # ----------------------------------------------------------------------------- O(N) terms
 
 
 def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
-    """Same contract as _triton_grpo.group_advantages."""
+    """Same contract as terms.launch_group_advantages."""
     grouped = rewards.view(-1, group_size)
     adv = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
     if scale_rewards == "group":
@@ -87,7 +166,7 @@ def group_advantages(rewards, group_size: int, scale_rewards: str, eps: float):
 
 def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, sampling_logp,
                vespo_log_offset, cfg: TermsConfig):
-    """Same contract as _triton_grpo.grpo_terms, vectorized over tokens."""
+    """Same contract as terms.grpo_terms, vectorized over tokens."""
     N, S = logp.shape[0], advantages.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq_of_tok = torch.repeat_interleave(torch.arange(S, device=logp.device), lengths, output_size=N)
@@ -164,7 +243,7 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, policy_weight, 
 
 
 def _vespo_weights(logp, old_logp, advantages, log_offset, per_seq_sum, cfg: TermsConfig):
-    """(S,) vespo's phi per sequence (see _terms), without gradient."""
+    """(S,) vespo's phi per sequence (see options.POLICIES), without gradient."""
     log_w = torch.zeros_like(advantages)
     if old_logp is not None:
         log_w = per_seq_sum((logp - old_logp).clamp(-20.0, 20.0))

@@ -1,4 +1,9 @@
-"""The log-probs and the GRPO loss gradient straight from hidden states (lm_head fused).
+"""The loss from hidden states, lm_head fused: per-token log-probs and the GRPO loss straight
+from the final hidden states and the lm_head weight. The (N, V) logits are never written to
+memory: at Qwen2-VL's vocabulary (151,936) they would dominate a GRPO step's memory. Read in
+order: the Triton kernel, the launchers (forward; backward by chunks), the custom ops with
+their autograd rule, then the public functions token_logprobs_from_hidden and
+grpo_loss_from_hidden. The eager path of every op is the torch reference (reference.py).
 
 Forward, one fused pass over the vocabulary, the (N, V) logits never written to memory:
 each program takes BLOCK_N tokens and one slice of the vocabulary, computes logit tiles
@@ -9,7 +14,7 @@ GPU busy when N is small.
 
 Backward, by token chunks, with no atomics: for each chunk of C tokens the logits
 hidden_c @ weight^T (+ bias) are materialized in the input dtype by a cuBLAS matmul (fp32
-sums, one rounding to bf16/fp16), the vocabulary kernel of _triton_vocab overwrites them in
+sums, one rounding to bf16/fp16), the vocabulary kernel of logits.py overwrites them in
 place with dlogits = coef_t * (onehot - softmax(logits / T)), coef_t = dLoss/dlogp_t * grad
 / T (the per-token factor applied before any reduction over tokens, Liger #1298), then
 dhidden_c = dlogits @ weight and dweight += dlogits^T @ hidden_c are two more matmuls.
@@ -31,7 +36,7 @@ Tokens whose coef is exactly 0 (zero advantage, no KL) have zero gradient rows a
 out of the chunks (one host sync to count them); nothing is skipped on its values.
 Flops: 6 C H V per chunk, 6NHV in all (8NHV with the forward), all on the tensor cores.
 Extra memory, beyond the gradients dhidden (N, H) in the input dtype and dweight (V, H), dbias
-(V,) in fp32 (4VH bytes: 2.2 GB at V = 151936, H = 3584; ops_hidden casts them to the
+(V,) in fp32 (4VH bytes: 2.2 GB at V = 151936, H = 3584; the backward op casts them to the
 weight's dtype at the end, 2VH more for the copy): one logits chunk, at most CHUNK_BYTES (C =
 CHUNK_BYTES / (V * element size) tokens rounded down to a multiple of 128, 512 MiB: 1664
 tokens at V = 151936 in bf16), plus the gathered hidden rows of the tokens with a gradient (at
@@ -50,13 +55,18 @@ before tl.dot there: bf16 arithmetic is broken in the interpreter; on a GPU half
 tiles go to the tensor cores as they are, with fp32 accumulation, which UPCAST reproduces.
 """
 import logging
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from . import _triton_vocab
-from ._env import LN2, LOG2E, interpreting
+from . import options, reference
+from .logits import LN2, LOG2E, logprob_bwd
+from .options import GRPOLossOutput, interpreting
+from .registry import LIBRARY, fake_loss_outputs, input_grads, named_inputs, op
+from .terms import loss_terms, terms_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +120,7 @@ def _hidden_fwd_kernel(
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
-    # Online logsumexp per token over this vocabulary slice, as in _triton_vocab.
+    # Online logsumexp per token over this vocabulary slice, as in logits.py.
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     w = tl.zeros((BLOCK_N,), tl.float32)
@@ -179,7 +189,7 @@ def _fwd_config(dtype, device):
     return block_n, block_v, block_h, kind == "fp32", options
 
 
-def logprob_fwd(hidden, weight, bias, target_ids, temperature: float, with_entropy: bool):
+def logprob_fwd_from_hidden(hidden, weight, bias, target_ids, temperature: float, with_entropy: bool):
     """hidden (N, H), weight (V, H), bias (V,) or None, unit stride along H; target_ids (N,)
     int64. Returns logp, lse, entropy: (N,) fp32 (entropy empty unless with_entropy)."""
     N, H = hidden.shape
@@ -292,8 +302,8 @@ def grad_from_hidden(hidden, weight, bias, target_ids, lse, dlogp, grad_out, tem
         c1 = min(c0 + chunk, n_active)
         h = hidden[c0:c1]
         logits = _Matmuls.logits(h, weight, bias)
-        _triton_vocab.logprob_bwd(logits, target_ids[c0:c1], None, dlogp[c0:c1], grad_out, None, None,
-                                  temperature, out=logits)  # dlogits, in place; lse from each row
+        logprob_bwd(logits, target_ids[c0:c1], None, dlogp[c0:c1], grad_out, None, None, temperature,
+                    out=logits)  # dlogits, in place; lse from each row
         _Matmuls.mm_into(logits, weight, dh[c0:c1])
         _Matmuls.add_mm_fp32(dweight, logits.t(), h)
         if dbias is not None:
@@ -301,3 +311,176 @@ def grad_from_hidden(hidden, weight, bias, target_ids, lse, dlogp, grad_out, tem
     if n_active < N:
         dhidden.index_copy_(0, active, dh)
     return dhidden, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- custom ops and autograd
+
+
+def _hidden_sweeps(impl: str):
+    """(logprob_fwd_from_hidden, grad_from_hidden) of an implementation: the launchers above
+    ("triton") or the torch reference's ("torch"), with the same contracts."""
+    if impl == "torch":
+        return reference.logprob_fwd_from_hidden, reference.grad_from_hidden
+    return logprob_fwd_from_hidden, grad_from_hidden
+
+
+@torch.library.custom_op(f"{LIBRARY}::token_logprobs_from_hidden", mutates_args=())
+def token_logprobs_from_hidden_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                  target_ids: Tensor, temperature: float, with_entropy: bool,
+                                  impl: str) -> tuple[Tensor, Tensor]:
+    """(N,) fp32 log-probs and entropies (empty unless with_entropy) of the target tokens."""
+    logp, _, entropy = _hidden_sweeps(impl)[0](hidden, weight, bias, target_ids, temperature, with_entropy)
+    return logp, entropy
+
+
+@token_logprobs_from_hidden_op.register_fake
+def _(hidden, weight, bias, target_ids, temperature, with_entropy, impl):
+    n = target_ids.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
+
+
+def grpo_loss_from_hidden_fwd(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, cu_seqlens: Tensor,
+    advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
+    policy_weight: Optional[Tensor], sampling_logp: Optional[Tensor],
+    vespo_log_offset: Optional[Tensor], temperature: float,
+    beta: float, eps_low: float, eps_high: float, delta: Optional[float], inv_norm: float,
+    per_seq_mean: bool, seq_level: bool, policy: str, sapo_tau_pos: float, sapo_tau_neg: float,
+    off_policy_threshold: Optional[float], bias_correction_kl: bool, vespo_k_pos: float,
+    vespo_lambda_pos: float, vespo_k_neg: float, vespo_lambda_neg: float, with_entropy: bool, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The outputs of logits.grpo_loss_fwd, from hidden (N, H) and weight (V, H)."""
+    cfg = terms_config(locals())  # first statement: locals() holds exactly the arguments
+    logp, lse, entropy = _hidden_sweeps(impl)[0](hidden, weight, bias, target_ids, temperature, with_entropy)
+    return loss_terms(impl, logp, lse, entropy, old_logp, ref_logp, policy_weight, sampling_logp,
+                      vespo_log_offset, advantages, cu_seqlens, cfg)
+
+
+grpo_loss_from_hidden_fwd_op = torch.library.custom_op(
+    f"{LIBRARY}::grpo_loss_from_hidden_fwd", mutates_args=())(grpo_loss_from_hidden_fwd)
+
+
+@grpo_loss_from_hidden_fwd_op.register_fake
+def _(*args, **kwargs):
+    x = named_inputs(grpo_loss_from_hidden_fwd, args, kwargs)
+    return fake_loss_outputs(x["hidden"], x["target_ids"].shape[0], x["ref_logp"] is not None, x["with_entropy"])
+
+
+@torch.library.custom_op(f"{LIBRARY}::grpo_loss_from_hidden_bwd", mutates_args=())
+def grpo_loss_from_hidden_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor,
+                                 bias: Optional[Tensor], target_ids: Tensor, lse: Tensor,
+                                 dlogp: Tensor, temperature: float,
+                                 impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dhidden (N, H), dweight (V, H) in their inputs' dtypes, dbias (V,) (empty without
+    bias). Accumulated in fp32, cast at the end."""
+    dhidden, dweight, dbias = _hidden_sweeps(impl)[1](hidden, weight, bias, target_ids, lse, dlogp, grad_loss,
+                                                      temperature)
+    dbias = dbias.to(bias.dtype) if bias is not None else hidden.new_empty(0)
+    return dhidden.to(hidden.dtype), dweight.to(weight.dtype), dbias
+
+
+@grpo_loss_from_hidden_bwd_op.register_fake
+def _(grad_loss, hidden, weight, bias, target_ids, lse, dlogp, temperature, impl):
+    return torch.empty_like(hidden), torch.empty_like(weight), (
+        torch.empty_like(bias) if bias is not None else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x = named_inputs(grpo_loss_from_hidden_fwd, inputs)
+    _, _, lse, dlogp, *_ = output
+    ctx.save_for_backward(x["hidden"], x["weight"], x["bias"], x["target_ids"], lse, dlogp)
+    ctx.temperature, ctx.impl = x["temperature"], x["impl"]
+
+
+def _backward(ctx, grad_loss, *_unused_grads):
+    hidden, weight, bias, target_ids, lse, dlogp = ctx.saved_tensors
+    dhidden, dweight, dbias = op("grpo_loss_from_hidden_bwd")(
+        grad_loss, hidden, weight, bias, target_ids, lse, dlogp, ctx.temperature, ctx.impl)
+    return input_grads(grpo_loss_from_hidden_fwd, hidden=dhidden, weight=dweight,
+                       bias=dbias if bias is not None else None)
+
+
+grpo_loss_from_hidden_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def token_logprobs_from_hidden(hidden: Tensor, weight: Tensor, target_ids: Tensor,
+                               bias: Optional[Tensor] = None, temperature: float = 1.0,
+                               return_entropy: bool = False, impl: Optional[str] = None):
+    """log softmax((hidden @ weight^T + bias) / T)[target] per token, fp32, without gradient:
+    old-policy and reference log-probs.
+
+    hidden: (..., H) fp32/bf16/fp16; weight: (V, H) and bias (V,) of the same dtype;
+    target_ids: (...) integer in [0, V). Returns logp (...) fp32, or (logp, entropy).
+    """
+    options.check_lm_head(hidden, weight, bias)
+    lead = hidden.shape[:-1]
+    target = options.check_ids(target_ids, lead, hidden.device).reshape(-1)
+    options.check_temperature(temperature)
+    impl = options.resolve_impl(impl, hidden.device)
+    options.device_checks(options.id_range_checks(target, weight.shape[0]), {})
+    with torch.no_grad():
+        logp, entropy = op("token_logprobs_from_hidden")(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, target, float(temperature), return_entropy, impl)
+    logp = logp.view(lead)
+    return (logp, entropy.view(lead)) if return_entropy else logp
+
+
+def grpo_loss_from_hidden(
+    hidden: Tensor, weight: Tensor, target_ids: Tensor, cu_seqlens: Optional[Tensor] = None,
+    advantages: Optional[Tensor] = None, old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None, *, bias: Optional[Tensor] = None,
+    completion_mask: Optional[Tensor] = None, rewards: Optional[Tensor] = None,
+    group_size: Optional[int] = None, scale_rewards: str = "group", temperature: float = 1.0,
+    beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+    delta: Optional[float] = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
+    max_completion_length: Optional[int] = None, num_items_in_batch: Optional[float] = None,
+    policy_weight: Optional[Tensor] = None, off_policy_threshold: Optional[float] = None,
+    sampling_logp: Optional[Tensor] = None, bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0, vespo_log_offset: Optional[Tensor] = None,
+    return_entropy: bool = False, impl: Optional[str] = None,
+) -> GRPOLossOutput:
+    """grpo_loss (same semantics, options and output: loss types, policy_weight, the
+    off-policy mask, bias_correction_kl) with logits = hidden @ weight^T + bias.
+
+    hidden      (N, H) packed, or (B, L, H) padded with completion_mask (B, L): the final
+                hidden states at the completion positions; fp32 / bf16 / fp16
+    weight      (V, H) the lm_head weight, same dtype (a plain tensor: under ZeRO-3 gather it
+                first, e.g. inside deepspeed.zero.GatheredParameters)
+    bias        (V,) or None
+    out.loss is differentiable with respect to hidden, weight and bias; their gradients are
+    accumulated in fp32 ((N, H) and (V, H) buffers) and cast to their dtype.
+
+    Passes: one forward pass over hidden x weight (online logsumexp, target logit, entropy)
+    and one backward pass (recomputed logit tiles, then dhidden and dweight), for every loss
+    type and for token- and sequence-level importance sampling alike. On CPU the eager path
+    works in token x vocabulary chunks and never holds N x V either.
+    """
+    options.check_lm_head(hidden, weight, bias)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, H) packed or (B, L, H) padded, got shape {tuple(hidden.shape)}")
+    options.check_hyperparameters(temperature, epsilon_low, epsilon_high, delta, beta, ref_logp, loss_type,
+                                  importance_sampling_level)
+    options.check_policy_options(loss_type, epsilon_high, sapo_temperature_pos, sapo_temperature_neg,
+                                 off_policy_threshold, sampling_logp)
+    setup = options.prepare_loss(
+        "hidden", hidden.shape[:-1], weight.shape[0], hidden.device, target_ids, cu_seqlens,
+        completion_mask, advantages, old_logp, ref_logp, rewards=rewards, group_size=group_size,
+        scale_rewards=scale_rewards, loss_type=loss_type, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, impl=impl, policy_weight=policy_weight,
+        sampling_logp=sampling_logp)
+    rows = hidden
+    if setup.flat_idx is not None:  # padded: gather the completion rows (N x H, small next to N x V)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, setup.flat_idx)
+    loss, logp, _, _, kl, entropy, low, high = op("grpo_loss_from_hidden_fwd")(
+        hidden=rows, weight=weight, bias=bias, target_ids=setup.target, temperature=float(temperature),
+        with_entropy=return_entropy,
+        **options.epilogue_arguments(
+            setup, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high, delta, off_policy_threshold,
+            bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg,
+            (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg), vespo_log_offset))
+    return options.make_output(setup, loss, logp, kl, entropy, low, high, return_entropy)
