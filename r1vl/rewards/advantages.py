@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from r1vl.config import REWARD_SETS  # noqa: F401  (the choices of --rewards, kept with the options)
 from r1vl_kernels import group_advantages
 
 if TYPE_CHECKING:
     from r1vl.rewards import RewardBreakdown
-
-REWARD_SETS = ("accuracy", "steprar", "steprvr", "all")
 
 
 def trained_reward(breakdown: RewardBreakdown, rewards: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Stage 2 of a StepGRPO step: score every sampled completion, then the advantages.
 
-    scorer = Scorer(cfg, world)
+    scorer = Scorer(cfg.reward, cfg.sampling.num_generations, world)
     rewards = scorer.score(samples)           # RewardBreakdown, one entry per completion
     advantages = scorer.advantages(rewards)   # (P*G,) fp32, normalized within each group
 
@@ -12,18 +12,19 @@ from __future__ import annotations
 import torch
 
 from r1vl import distributed
+from r1vl.config import RewardOptions
 from r1vl.rewards import RewardBreakdown, RewardConfig, score_groups
 from r1vl.rewards.advantages import step_advantages, trained_reward
 
 
 class Scorer:
-    """cfg: reward_alpha, reward_normalize, reward_symbolic, rewards, num_generations,
-    scale_rewards. world: "batch" normalization sums over its ranks."""
+    """options: the run's reward options; group_size: G, the completions of one prompt the
+    advantages are normalized over. world: "batch" normalization sums over its ranks."""
 
-    def __init__(self, cfg, world: distributed.Dist):
-        self.cfg, self.world = cfg, world
-        self.reward_config = RewardConfig(alpha=cfg.reward_alpha, normalize=cfg.reward_normalize,
-                                          symbolic=cfg.reward_symbolic)
+    def __init__(self, options: RewardOptions, group_size: int, world: distributed.Dist):
+        self.options, self.group_size, self.world = options, group_size, world
+        self.reward_config = RewardConfig(alpha=options.reward_alpha, normalize=options.reward_normalize,
+                                          symbolic=options.reward_symbolic)
 
     def score(self, samples) -> RewardBreakdown:
         """samples: r1vl.sampling.sampler.Samples. Entry p*G + g: completion g of prompt p."""
@@ -32,7 +33,7 @@ class Scorer:
     def advantages(self, rewards: RewardBreakdown) -> torch.Tensor:
         """(P*G,) fp32: the trained reward normalized within each group. Every rank calls it
         (with --scale_rewards batch the statistics are the whole step's)."""
-        trained = torch.as_tensor(trained_reward(rewards, self.cfg.rewards), dtype=torch.float32)
+        trained = torch.as_tensor(trained_reward(rewards, self.options.rewards), dtype=torch.float32)
         device = self.world.device
-        return step_advantages(trained, self.cfg.num_generations, self.cfg.scale_rewards,
+        return step_advantages(trained, self.group_size, self.options.scale_rewards,
                                lambda values: distributed.all_reduce_sum(values, device))

@@ -48,5 +48,5 @@ def test_unknown_choice_is_refused():
         make_config(rewards="outcome")
     with pytest.raises(ValueError, match="--loss_softmax float64"):
         make_config(loss_softmax="float64", loss_type="dapo")
-    assert make_config().rewards == "all"
-    assert make_config(attention="sdpa_masked").attention == "sdpa_masked"
+    assert make_config().reward.rewards == "all"
+    assert make_config(attention="sdpa_masked").policy.attention == "sdpa_masked"
