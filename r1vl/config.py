@@ -195,7 +195,8 @@ class EvalOptions:
 @dataclass
 class Config:
     """All the options, one dataclass per stage. Build one with make_config / parse_config
-    (flat names, validated); `flat()` is the flat mapping back."""
+    (flat names, validated); `flat()` is the flat mapping back. The stages' names differ from
+    every option's (no `cfg.model` or `cfg.data` that could be read as the old flat string)."""
 
     dataset: DataOptions = dataclasses.field(default_factory=DataOptions)
     policy: ModelOptions = dataclasses.field(default_factory=ModelOptions)
@@ -232,6 +233,7 @@ class Config:
         checks that need the domain (the --deepspeed file, a checkpoint's files) are made at
         start-up by r1vl.run.setup.check_inputs and the memory plan."""
         o = SimpleNamespace(**self.flat())  # the checks span stages and name the flat options
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
