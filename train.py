@@ -64,17 +64,17 @@ def main(argv=None) -> dict:
     """Parse and check the options (a bad one exits with status 2 and a message), then train."""
     try:
         cfg = parse_config(argv)
-        if not cfg.plan:
+        if not cfg.memory.plan:
             check_inputs(cfg)
         # Before any weight is loaded: a plan that does not fit stops here, naming the fixes.
-        cfg, plan = check_plan(cfg, cfg.plan_gpus or int(os.environ.get("WORLD_SIZE", "1")))
+        cfg, plan = check_plan(cfg, cfg.memory.plan_gpus or int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if cfg.plan:
+    if cfg.memory.plan:
         print(plan.format())
         return {"plan": plan}
-    world = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
+    world = distributed.init(cfg.memory.device, always_group=bool(cfg.optimizer.deepspeed))
     try:
         results = run(cfg, world)
     except RewardFunctionError as e:  # the user's code failed: say which, where, why; no traceback
@@ -104,31 +104,37 @@ class Run:
         return self.resume.of_stage(stage) if self.resume is not None else None
 
     def progress(self, total: int, desc: str, initial: int = 0):
-        return progress_bar(total, desc, self.cfg.progress and self.world.is_main, initial=initial, leave=True)
+        return progress_bar(total, desc, self.cfg.run.progress and self.world.is_main, initial=initial, leave=True)
 
 
 def run(cfg: Config, world: distributed.Dist) -> dict:
     """The warm-up and/or StepGRPO, as --stage says (a resumed run skips what it finished)."""
     quiet_transformers()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     run_dir = setup_run_dir(cfg, world)
     resume = resume_point(cfg, run_dir, world)
-    data, model_path = prepare_demo(cfg, run_dir, world) if cfg.model == "tiny" else (cfg.data, cfg.model)
-    policy = load_trainable(str(resume.path / "policy") if resume is not None else model_path, cfg, world)
-    distributed.print0(f"r1vl: {cfg.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
-                       f"activation checkpointing {cfg.activation_checkpointing}; run dir {run_dir}")
-    examples, eval_examples = split_data(data, cfg)
+    if cfg.policy.model == "tiny":
+        data, model_path = prepare_demo(cfg.dataset, cfg.policy.family, cfg.evaluation.eval_prompts, cfg.run.seed,
+                                        run_dir, world)
+    else:
+        data, model_path = cfg.dataset.data, cfg.policy.model
+    policy = load_trainable(str(resume.path / "policy") if resume is not None else model_path, cfg.policy, cfg.dataset,
+                            world)
+    distributed.print0(f"r1vl: {cfg.run.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
+                       f"activation checkpointing {cfg.policy.activation_checkpointing}; run dir {run_dir}")
+    examples, eval_examples = split_data(data, cfg.dataset.image_root, cfg.evaluation.eval_prompts)
     log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
-    saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stages else 0, world,
-                         resume_invariants(cfg))
+    stages = cfg.run.stages
+    saver = Checkpointer(run_dir, cfg.run.save_every, cfg.run.keep_last, cfg.sft.sft_steps if "sft" in stages else 0,
+                         world, resume_invariants(cfg))
     parts = Run(cfg, world, run_dir, policy, log, saver, resume)
     results: dict = {}
     try:
         warmed_up = False
-        if "sft" in cfg.stages and not (resume is not None and resume.stage == "grpo"):
+        if "sft" in stages and not (resume is not None and resume.stage == "grpo"):
             train_sft(parts, examples)
             warmed_up = True
-        if "grpo" in cfg.stages:
+        if "grpo" in stages:
             # The KL reference is the policy as GRPO starts: the --model directory itself,
             # unless a warm-up changed it or it came from a trainer checkpoint (which rotation
             # deletes); then it is written to RUN_DIR/reference.
@@ -145,23 +151,25 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
 def train_sft(run: Run, examples: list) -> None:
     """Supervised warm-up on the --sft_data solutions, else on the RL data's own."""
     cfg, world = run.cfg, run.world
-    encoder = prompt_encoder(run.policy, cfg)
-    if cfg.sft_data:
-        sft_examples, encode = load_sft(cfg.sft_data, cfg.image_root or None).items, encoder.sft
+    options, steps = cfg.sft, cfg.sft.sft_steps
+    encoder = prompt_encoder(run.policy, cfg.dataset)
+    if cfg.dataset.sft_data:
+        sft_examples, encode = load_sft(cfg.dataset.sft_data, cfg.dataset.image_root or None).items, encoder.sft
     else:
         sft_examples, encode = examples, encoder.solution
-    update = SFTUpdate(run.policy, cfg, world, encode, idle_sample(encoder))
+    update = SFTUpdate(run.policy, options, cfg.optimizer, cfg.memory, world, encode, idle_sample(encoder))
     start = _resume_stage(run, "sft", update.engine)
-    stream = rank_batches(sft_examples, cfg.sft_batch_size, world.rank, world.world_size, cfg.seed + 1, skip=start)
+    stream = rank_batches(sft_examples, options.sft_batch_size, world.rank, world.world_size, cfg.run.seed + 1,
+                          skip=start)
     update.engine.train()
-    for step in range(start + 1, cfg.sft_steps + 1):
+    for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
         record = {"stage": "sft", "step": step, **update(next(stream))}
         record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - t0) / world.world_size
         run.log.log(record)
-        if step % cfg.log_every == 0 or step == cfg.sft_steps:
+        if step % cfg.run.log_every == 0 or step == steps:
             distributed.print0(console_line(record))
-        if run.saver.due(step, cfg.sft_steps):
+        if run.saver.due(step, steps):
             run.saver.save(run.policy, update.engine, "sft", step, {})
     update.engine.eval()
     update.engine.close()
@@ -177,19 +185,24 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
     recorded in checkpoints so that a resumed run can load it; None = write them to
     RUN_DIR/reference first if checkpoints are on."""
     cfg, world = run.cfg, run.world
-    generator = torch.Generator(world.device).manual_seed(cfg.seed * 1000 + world.rank)
+    num_steps, eval_every = cfg.objective.num_steps, cfg.evaluation.eval_every
+    generator = torch.Generator(world.device).manual_seed(cfg.run.seed * 1000 + world.rank)
     timer = Timer(world.device)
-    sampler, scorer = Sampler(run.policy, cfg, generator), Scorer(cfg, world)
-    update = GRPOUpdate(run.policy, cfg, world, idle_sample(sampler.encoder), timer)
+    sampler = Sampler(run.policy, cfg.sampling, prompt_encoder(run.policy, cfg.dataset), generator)
+    scorer = Scorer(cfg.reward, cfg.sampling.num_generations, world, num_steps=cfg.objective.num_steps)
+    update = GRPOUpdate(run.policy, cfg.objective, cfg.sampling, cfg.optimizer, cfg.memory, world,
+                        idle_sample(sampler.encoder), timer)
     update.reference, reference_source = kl_reference(run, update, reference_source)
-    held_out = HeldOut(sampler, scorer, eval_examples, cfg, world)
+    held_out = HeldOut(sampler, scorer, eval_examples, cfg.evaluation, world, batch_size=cfg.sampling.batch_size,
+                       seed=cfg.run.seed)
     resume = run.resume_of("grpo")
     before = resume.before if resume is not None else report("before", evaluate(held_out, update))
     start = _resume_stage(run, "grpo", update.engine, {"rollout": generator})
-    stream = rank_batches(examples, cfg.prompts_per_step, world.rank, world.world_size, cfg.seed, skip=start)
-    progress, warn_undecided = run.progress(cfg.num_steps, "StepGRPO", initial=start), UndecidedWarning()
+    stream = rank_batches(examples, cfg.sampling.prompts_per_step, world.rank, world.world_size, cfg.run.seed,
+                          skip=start)
+    progress, warn_undecided = run.progress(num_steps, "StepGRPO", initial=start), UndecidedWarning()
     curve = {}  # step -> held-out evaluation, every --eval_every steps
-    for step in range(start + 1, cfg.num_steps + 1):
+    for step in range(start + 1, num_steps + 1):
         t0 = time.perf_counter()
         with timer("rollout"), update.engine.gathered():
             samples = sampler.sample(next(stream))  # 1. sample
@@ -197,21 +210,21 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
             advantages = scorer.advantages(rewards)  # 3. advantages
         batch, numbers = update(samples, advantages)  # 4. update: packs its own batch
         seconds = time.perf_counter() - t0
-        record = {"stage": "grpo", "step": step, "reward_funcs": " ".join(cfg.reward_funcs),  # 5. log
+        record = {"stage": "grpo", "step": step, "reward_funcs": " ".join(cfg.reward.reward_funcs),  # 5. log
                   "lr": update.engine.lr, **grpo_step_metrics(samples, rewards.breakdown, batch, numbers, seconds, world),
                   **reward_function_metrics(rewards, world),
                   "skipped_updates": update.engine.skipped, **timer.pop(), "time_step": seconds}
-        if cfg.eval_every and eval_examples and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+        if eval_every and eval_examples and (step % eval_every == 0 or step == num_steps):
             with timer("eval"):  # a learning curve; not counted in time_step
                 curve[step] = evaluate(held_out, update)
             record.update({f"eval_{k}": v for k, v in curve[step].items()}, **timer.pop())
         log_step(run, record, progress, warn_undecided)
-        if run.saver.due(step, cfg.num_steps):
+        if run.saver.due(step, num_steps):
             run.saver.save(run.policy, update.engine, "grpo", step, {"before": before, "reference": reference_source},
                            {"rollout": generator})
     progress.close()
     # The curve's point at the last step is the final evaluation (the same seed, the same policy).
-    after = report("after", curve.get(cfg.num_steps) or evaluate(held_out, update))
+    after = report("after", curve.get(num_steps) or evaluate(held_out, update))
     update.close()
     return {"before": before, "after": after}
 
@@ -234,7 +247,7 @@ def log_step(run: Run, record: dict, progress, warn_undecided: UndecidedWarning)
         warn_undecided(record["undecided"], step)
     progress.update(1)
     progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-    if run.world.is_main and (step % run.cfg.log_every == 0 or step == run.cfg.num_steps):
+    if run.world.is_main and (step % run.cfg.run.log_every == 0 or step == run.cfg.objective.num_steps):
         progress.write(console_line(record), file=sys.stdout)
 
 
@@ -244,10 +257,11 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
     unless the weights had to be written first (RUN_DIR/reference, when checkpoints are on),
     the directory a resumed run will load."""
     cfg, resume = run.cfg, run.resume_of("grpo")
-    if cfg.beta == 0:
+    if cfg.objective.beta == 0:
         return None, source
     if resume is not None:
-        return update.engine.reference(load_trainable(resume.reference, cfg, run.world).model), resume.reference
+        reference = load_trainable(resume.reference, cfg.policy, cfg.dataset, run.world).model
+        return update.engine.reference(reference), resume.reference
     reference = update.engine.reference()
     if source is None and run.saver.save_every > 0:
         final = run.run_dir / "reference"
@@ -283,12 +297,12 @@ def finish(run: Run, results: dict) -> dict:
     results["weight_digests"] = distributed.weight_digests(run.policy.model)
     if len(set(results["weight_digests"])) > 1:
         distributed.print0("WARNING: the ranks' weights differ: " + ", ".join(results["weight_digests"]))
-    if cfg.save_final:
+    if cfg.run.save_final:
         save_full_policy(run.policy, run_dir / "final", world)
         distributed.print0(f"final policy saved to {run_dir / 'final'}")
     if world.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        if "grpo" in cfg.stages:
+        if "grpo" in cfg.run.stages:
             print(f"curves: {plot_run(run_dir)}", flush=True)
         if results.get("before"):
             b, a = results["before"], results["after"]

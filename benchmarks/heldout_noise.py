@@ -15,7 +15,6 @@ Runs on the CPU, one process; a size asks for at most the run's --eval_prompts p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -27,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from r1vl import distributed  # noqa: E402
-from r1vl.config import Config  # noqa: E402
+from r1vl.config import Config, EvalOptions  # noqa: E402
 from r1vl.heldout import HeldOut  # noqa: E402
 from r1vl.model.policy import load_trainable  # noqa: E402
 from r1vl.rewards.scorer import Scorer  # noqa: E402
 from r1vl.run.setup import quiet_transformers, split_data  # noqa: E402
-from r1vl.sampling.sampler import Sampler  # noqa: E402
+from r1vl.sampling.sampler import Sampler, prompt_encoder  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -48,20 +47,22 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def measure(run_dir: Path, policy_dir: Path, sizes: list[tuple[int, int]], seeds: list[int]) -> dict:
     """{(prompts, samples): [{"seed", "reward", "accuracy", "step_rvr"}, ...]} for one policy."""
-    cfg = Config(**json.loads((run_dir / "config.json").read_text()))
-    data = Path(cfg.data) if cfg.data else run_dir / "synthetic" / "data.jsonl"
-    _, held_out = split_data(str(data), cfg)
+    cfg = Config.from_flat(json.loads((run_dir / "config.json").read_text()))
+    data = Path(cfg.dataset.data) if cfg.dataset.data else run_dir / "synthetic" / "data.jsonl"
+    _, held_out = split_data(str(data), cfg.dataset.image_root, cfg.evaluation.eval_prompts)
     for prompts, _ in sizes:
         if prompts > len(held_out):
             raise ValueError(f"{prompts} prompts asked, but {run_dir} holds out {len(held_out)} (--eval_prompts)")
     quiet_transformers()
     world = distributed.init("cpu")
-    policy = load_trainable(str(policy_dir), cfg, world)
-    sampler = Sampler(policy, cfg, torch.Generator())  # each evaluation draws from its own seed
-    scorer = Scorer(cfg, world)
+    policy = load_trainable(str(policy_dir), cfg.policy, cfg.dataset, world)
+    # Each evaluation draws from its own seed.
+    sampler = Sampler(policy, cfg.sampling, prompt_encoder(policy, cfg.dataset), torch.Generator())
+    scorer = Scorer(cfg.reward, cfg.sampling.num_generations, world)
     results = {}
     for prompts, samples in sizes:
-        held = HeldOut(sampler, scorer, held_out[-prompts:], dataclasses.replace(cfg, eval_generations=samples), world)
+        held = HeldOut(sampler, scorer, held_out[-prompts:], EvalOptions(eval_generations=samples), world,
+                       batch_size=cfg.sampling.batch_size, seed=cfg.run.seed)
         results[(prompts, samples)] = [{"seed": seed, **held(seed)} for seed in seeds]
     return results
 

@@ -1,97 +1,135 @@
-"""The trainer's options: one flat dataclass, a CLI generated from its fields, an optional file.
+"""The trainer's options: plain dataclasses, one per stage, under one `Config`; a flat CLI
+generated from their fields, an optional flat file.
 
     python train.py --lr 2e-6 --num_generations 8
     python train.py --config run.yaml --beta 0        # the command line wins over the file
 
+Each stage's options live in its own dataclass (`cfg.sampling.temperature`,
+`cfg.optimizer.lr`), and each stage is built from its own: the Sampler from SamplingOptions,
+the Scorer from RewardOptions, the engines from OptimizerOptions. Option names are unique
+across stages, so the command line, a --config file and RUN_DIR/config.json stay one flat
+mapping of names to values; adding an option is adding one field to one stage's dataclass.
+
 Defaults are the paper's (R1-VL, StepGRPO on Qwen2-VL-2B). With `--model tiny` (the
-default) the built-in CPU demonstration runs, and the fields in TINY_DEFAULTS take the
+default) the built-in CPU demonstration runs, and the options in TINY_DEFAULTS take the
 values that make it finish in minutes on two cores, unless given on the command line or in
 the file. Every contradiction is refused at start-up by `Config.validate`.
+
+This module imports no other part of r1vl: the choices it checks are plain data here.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
-
-from r1vl.deepspeed_config import read_deepspeed_config
-from r1vl.model.families import FAMILIES
-from r1vl.rewards.functions import DEFAULT_REWARD_FUNCS, parse_reward_funcs
 
 STAGES = ("grpo", "sft", "sft+grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "flash_attn", "varlen_attn", "sdpa", "sdpa_masked")
+CHECKPOINTING = ("auto", "on", "off")
+# The paper's reward, StepRAR + StepRVR (r1vl.rewards.functions: the built-ins and the user's).
+DEFAULT_REWARD_FUNCS = ("steprar", "steprvr")
+# The built-in tiny model's families: r1vl.model.families.FAMILIES's keys (a test keeps them equal).
+FAMILY_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def option(default, help: str, bare=None):
-    """A Config field with its --help text. bare: the value of the option given without one
-    (booleans: True)."""
-    return dataclasses.field(default=default, metadata={"help": help, "bare": bare})
+def option(default, help: str, bare=None, spellings: dict | None = None):
+    """A stage field with its --help text. bare: the value of the option given without one
+    (booleans: True); spellings: other values accepted for it, and what each means."""
+    return dataclasses.field(default=default, metadata={"help": help, "bare": bare, "spellings": spellings or {}})
 
 
 @dataclass
-class Config:
-    # --- what to train, on what
+class DataOptions:
+    """What the run trains on and how its pictures are read (r1vl.data, the prompt encoder)."""
+
+    data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
+    sft_data: str = option("", "SFT data, chat form (r1vl.data.records.load_sft); \"\" = the RL data's solutions")
+    image_root: str = option("", "directory image paths are relative to; \"\" = the data file's directory")
+    max_pixels: int = option(400000, "images are resized to at most this many pixels")
+    min_pixels: int = option(3136, "... and at least this many (56 x 56)")
+
+
+@dataclass
+class ModelOptions:
+    """Which model is trained and how it is loaded (r1vl.model.policy.load_trainable)."""
+
     model: str = option(
         "tiny", '"tiny" (built-in tiny model from a config, --family) or a local Qwen2-VL / Qwen2.5-VL / '
                 'Qwen3-VL HF directory')
     family: str = option(
         "", 'the built-in tiny model\'s family with --model tiny: qwen2_vl (""), qwen2_5_vl or qwen3_vl; '
             'a checkpoint\'s family is its config.json\'s model_type')
-    stage: str = option("grpo", '"grpo", "sft" (warm-up only) or "sft+grpo"')
-    data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
-    sft_data: str = option("", "SFT data, chat form (r1vl.data.records.load_sft); \"\" = the RL data's solutions")
-    image_root: str = option("", "directory image paths are relative to; \"\" = the data file's directory")
-    run_dir: str = option("", 'where metrics, the config and the final policy go; "" = runs/<time>')
-    seed: int = option(0, "seeds data order, sampling and the tiny model")
-    save_final: bool = option(True, "save the final policy (safetensors) with its tokenizer and processor")
-    save_every: int = option(100, "trainer checkpoint every K optimizer steps of each stage and at its end; 0 = none")
-    keep_last: int = option(2, "trainer checkpoints kept in RUN_DIR/checkpoints (the newest)")
-    resume: str = option(
-        "", '"auto" = the newest complete checkpoint in --run_dir (none: start afresh), or a checkpoint dir')
+    dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU")
+    attention: str = option(
+        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (opt-in)")
+    freeze_vision_tower: bool = option(
+        False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
+    activation_checkpointing: str = option(
+        "auto", "recompute each decoder layer and vision block in backward: on (also the bare flag) / off / "
+                "auto (on when the memory plan without it does not fit the GPU; off on a CPU); true / false "
+                "mean on / off", bare="on", spellings={True: "on", False: "off", "true": "on", "false": "off"})
 
-    # --- rollout
+
+@dataclass
+class SamplingOptions:
+    """The rollout: how many completions, how long, at what temperature (r1vl.sampling.Sampler)."""
+
     num_generations: int = option(4, "G, completions per prompt")
     batch_size: int = option(4, "completions per rank per optimizer step, a multiple of G")
     temperature: float = option(1.2, "sampling temperature, also the loss's logit temperature")
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
     max_prompt_length: int = option(512, "tokens incl. image tokens; longer prompts are skipped, never cut")
     max_completion_length: int = option(1024, "tokens sampled per completion at most")
-    max_pixels: int = option(400000, "images are resized to at most this many pixels")
-    min_pixels: int = option(3136, "... and at least this many (56 x 56)")
     ignore_eos: bool = option(
         False, "benchmarks: decode exactly max_completion_length tokens per completion (no stop at EOS)")
 
-    # --- StepGRPO objective
-    num_steps: int = option(500, "GRPO steps (one rollout each)")
-    beta: float = option(0.04, "KL coefficient (k3 estimator) to the frozen reference")
-    epsilon_low: float = option(0.2, "clip range below 1")
-    epsilon_high: float = option(0.2, "clip range above 1")
-    loss_type: str = option("grpo", "grpo / bnpo / dr_grpo / dapo (TRL's reductions)")
-    scale_rewards: str = option("group", "advantage scaling: group / batch / none")
-    num_iterations: int = option(1, "optimizer steps per rollout; > 1 computes old log-probs")
-    reward_alpha: float = option(0.1, "weight of the key-step match in StepRAR")
-    reward_normalize: bool = option(False, "lenient answer / key-step matching (off = the paper's rule)")
-    reward_symbolic: bool = option(True, "math-verify equivalence of answers")
-    loss_softmax: str = option(
-        "float32", "the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)")
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts each rank samples per GRPO step."""
+        return self.batch_size // self.num_generations
 
-    # --- reward functions (r1vl.rewards.functions; docs/reward_functions.md). New block: to be
-    # moved into the rewards stage's options with the nested Config.
+
+@dataclass
+class RewardOptions:
+    """Scoring and advantages (r1vl.rewards.scorer.Scorer)."""
+
     reward_funcs: tuple[str, ...] = option(
         DEFAULT_REWARD_FUNCS, "what the advantages are computed from: steprar / steprvr / accuracy (built-ins), "
                               "path/to/file.py:function or package.module:function (TRL's reward signature)")
     reward_weights: tuple[float, ...] = option((), "one weight per --reward_funcs entry; none given = all 1")
     reward_timeout_s: float = option(
         300.0, "wall time one user reward function may take on one step's completions; past it the run stops")
+    reward_alpha: float = option(0.1, "weight of the key-step match in StepRAR")
+    reward_normalize: bool = option(False, "lenient answer / key-step matching (off = the paper's rule)")
+    reward_symbolic: bool = option(True, "math-verify equivalence of answers")
+    scale_rewards: str = option("group", "advantage scaling: group / batch / none")
 
-    # --- optimisation
+
+@dataclass
+class ObjectiveOptions:
+    """The StepGRPO objective and its length (r1vl.update.grpo)."""
+
+    num_steps: int = option(500, "GRPO steps (one rollout each)")
+    num_iterations: int = option(1, "optimizer steps per rollout; > 1 computes old log-probs")
+    beta: float = option(0.04, "KL coefficient (k3 estimator) to the frozen reference")
+    epsilon_low: float = option(0.2, "clip range below 1")
+    epsilon_high: float = option(0.2, "clip range above 1")
+    loss_type: str = option("grpo", "grpo / bnpo / dr_grpo / dapo (TRL's reductions)")
+    loss_softmax: str = option(
+        "float32", "the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)")
+
+
+@dataclass
+class OptimizerOptions:
+    """The engine that applies the updates: AdamW, its schedule, clipping, DeepSpeed (r1vl.update.engines)."""
+
     lr: float = option(1e-6, "AdamW learning rate of the GRPO stage")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     adam_beta1: float = option(0.9, "AdamW first-moment decay")
@@ -99,123 +137,171 @@ class Config:
     lr_schedule: str = option("constant", "constant / linear / cosine decay after warm-up")
     warmup_steps: int = option(0, "optimizer steps of linear warm-up")
     max_grad_norm: float = option(1.0, "clip the global gradient norm; 0 = off")
-    micro_batch_tokens: int = option(16384, "token budget of one packed micro-batch (forward + backward)")
-    share_prompts: bool = option(
-        True, "pack each prompt once per group [prompt, c1..cG] in the update and log-prob forwards")
     max_bad_steps: int = option(3, "stop after this many updates skipped for a non-finite loss or gradient")
-    activation_checkpointing: str = option(
-        "auto", "recompute each decoder layer and vision block in backward: on (also the bare flag) / off / "
-                "auto (on when the memory plan without it does not fit the GPU; off on a CPU)", bare="on")
-    freeze_vision_tower: bool = option(
-        False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
+    deepspeed: str = option(
+        "", 'a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism')
 
-    # --- SFT warm-up (stage sft / sft+grpo)
+
+@dataclass
+class SFTOptions:
+    """The supervised warm-up (stage sft / sft+grpo; r1vl.update.sft)."""
+
     sft_steps: int = option(200, "optimizer steps")
     sft_batch_size: int = option(8, "examples per rank per step")
     sft_lr: float = option(2e-5, "the paper's warm-up rate for the 2B model")
 
-    # --- hardware
-    device: str = option("auto", '"auto" (cuda if available), "cpu", "cuda"')
-    dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU")
-    kernel_impl: str = option("auto", "r1vl_kernels impl: auto = triton on CUDA, torch on CPU")
-    attention: str = option(
-        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (opt-in)")
-    deepspeed: str = option(
-        "", 'a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism')
 
-    # --- the memory plan (r1vl.run.memory_plan), checked at every start
+@dataclass
+class MemoryOptions:
+    """Packing, hardware and the memory plan (r1vl.update.microbatches, r1vl.run.memory_check)."""
+
+    micro_batch_tokens: int = option(16384, "token budget of one packed micro-batch (forward + backward)")
+    share_prompts: bool = option(
+        True, "pack each prompt once per group [prompt, c1..cG] in the update and log-prob forwards")
+    device: str = option("auto", '"auto" (cuda if available), "cpu", "cuda"')
+    kernel_impl: str = option("auto", "r1vl_kernels impl: auto = triton on CUDA, torch on CPU")
     plan: bool = option(False, "print the memory plan per GPU and exit; --model may be a config JSON file")
     plan_gpus: int = option(0, "GPUs the plan is for; 0 = this run's world size")
-    gpu_memory_gb: float = option(0.0, "device memory (GiB) the plan is checked against; 0 = the GPU's own, none on a CPU run")
+    gpu_memory_gb: float = option(
+        0.0, "device memory (GiB) the plan is checked against; 0 = the GPU's own, none on a CPU run")
 
-    # --- logging and evaluation
-    eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
-    eval_every: int = option(
-        0, "also score them every K StepGRPO steps (a learning curve); 0 = before and after only")
-    eval_generations: int = option(0, "samples per held-out prompt; 0 = num_generations")
+
+@dataclass
+class RunOptions:
+    """The run itself: its stages, directory, seed, checkpoints and console."""
+
+    stage: str = option("grpo", '"grpo", "sft" (warm-up only) or "sft+grpo"')
+    run_dir: str = option("", 'where metrics, the config and the final policy go; "" = runs/<time>')
+    seed: int = option(0, "seeds data order, sampling and the tiny model")
+    resume: str = option(
+        "", '"auto" = the newest complete checkpoint in --run_dir (none: start afresh), or a checkpoint dir')
+    save_every: int = option(100, "trainer checkpoint every K optimizer steps of each stage and at its end; 0 = none")
+    keep_last: int = option(2, "trainer checkpoints kept in RUN_DIR/checkpoints (the newest)")
+    save_final: bool = option(True, "save the final policy (safetensors) with its tokenizer and processor")
     log_every: int = option(1, "console line every N steps (the JSONL gets every step)")
     progress: bool = option(True, "tqdm progress bars on rank 0")
-
-    def validate(self) -> None:
-        """Raise ValueError naming the option for anything unusable or contradictory."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        need(self.stage in STAGES, f"--stage must be one of {STAGES}, got {self.stage!r}")
-        need(self.loss_type in LOSS_TYPES, f"--loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        need(self.scale_rewards in ("group", "batch", "none"),
-             f"--scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
-        need(self.lr_schedule in SCHEDULES, f"--lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
-        need(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.kernel_impl in ("auto", "torch", "triton"),
-             f"--kernel_impl must be auto, torch or triton, got {self.kernel_impl!r}")
-        need(self.attention in ATTENTIONS, f"--attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        need(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0, got {self.reward_timeout_s}")
-        parse_reward_funcs(self.reward_funcs, self.reward_weights)  # syntax, files, weights; the worker imports
-        need(self.loss_softmax in ("float32", "float64"),
-             f"--loss_softmax must be float32 or float64, got {self.loss_softmax!r}")
-        need(not (self.loss_softmax == "float64" and self.loss_type != "grpo"),
-             f"--loss_softmax float64 (the eager check) implements --loss_type grpo only, got {self.loss_type!r}")
-        need(self.num_generations >= 2,
-             f"--num_generations must be >= 2 (advantages are relative within a group), got {self.num_generations}")
-        need(self.batch_size >= 1 and self.batch_size % self.num_generations == 0,
-             f"--batch_size ({self.batch_size}) must be a positive multiple of --num_generations "
-             f"({self.num_generations}): every prompt brings all G of its completions")
-        need(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
-        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
-        need(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
-        need(self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low and --epsilon_high must be >= 0")
-        for name in ("max_prompt_length", "max_completion_length", "num_iterations", "micro_batch_tokens",
-                     "sft_batch_size", "log_every", "max_bad_steps"):
-            need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        need(self.keep_last >= 1, f"--keep_last must be >= 1, got {self.keep_last}")
-        need(not (self.resume == "auto" and not self.run_dir),
-             "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
-        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "eval_every", "eval_generations",
-                     "min_pixels", "save_every"):
-            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
-        need(self.max_pixels >= self.min_pixels,
-             f"--max_pixels ({self.max_pixels}) must be >= --min_pixels ({self.min_pixels})")
-        need(self.micro_batch_tokens >= self.max_prompt_length + self.max_completion_length,
-             f"--micro_batch_tokens ({self.micro_batch_tokens}) must hold one whole sequence: at least "
-             f"--max_prompt_length + --max_completion_length = {self.max_prompt_length + self.max_completion_length}")
-        need(self.lr > 0 and self.sft_lr > 0, "--lr and --sft_lr must be > 0")
-        need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        need(self.activation_checkpointing in ("auto", "on", "off"),
-             f"--activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
-        need(self.plan_gpus >= 0 and self.gpu_memory_gb >= 0, "--plan_gpus and --gpu_memory_gb must be >= 0")
-        need(self.plan or self.model == "tiny" or self.data or self.stage == "sft" and self.sft_data,
-             f"--model {self.model} needs --data (the built-in synthetic task goes with --model tiny only)")
-        need(not (self.stage == "sft" and self.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
-        need(self.family in ("", *FAMILIES),
-             f"--family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
-        need(not self.family or self.model == "tiny",
-             f"--family {self.family} picks the built-in tiny model's family; --model {self.model}'s family is "
-             "the model_type in its config.json")
-        if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
-            need(self.device != "cpu", f"--kernel_impl {self.kernel_impl} / --attention {self.attention} need a GPU")
-        if self.deepspeed:
-            self.deepspeed_json  # read and checked here, at start-up; kept for the engines
-
-    @functools.cached_property
-    def deepspeed_json(self) -> dict | None:
-        """The --deepspeed file's JSON, read and checked against these options once (None
-        without --deepspeed); r1vl.deepspeed_config says what it may hold."""
-        if not self.deepspeed:
-            return None
-        return read_deepspeed_config(self.deepspeed, self.dtype, self.max_grad_norm)
 
     @property
     def stages(self) -> tuple[str, ...]:
         """The stages to run, in order: ("sft",), ("grpo",) or ("sft", "grpo")."""
         return tuple(self.stage.split("+"))
 
-    @property
-    def prompts_per_step(self) -> int:
-        """Prompts each rank samples per GRPO step."""
-        return self.batch_size // self.num_generations
+
+@dataclass
+class EvalOptions:
+    """The held-out evaluation (r1vl.heldout)."""
+
+    eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
+    eval_every: int = option(
+        0, "also score them every K StepGRPO steps (a learning curve); 0 = before and after only")
+    eval_generations: int = option(0, "samples per held-out prompt; 0 = num_generations")
+
+
+@dataclass
+class Config:
+    """All the options, one dataclass per stage. Build one with make_config / parse_config
+    (flat names, validated); `flat()` is the flat mapping back. The stages' names differ from
+    every option's (no `cfg.model` or `cfg.data` that could be read as the old flat string)."""
+
+    dataset: DataOptions = dataclasses.field(default_factory=DataOptions)
+    policy: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
+    reward: RewardOptions = dataclasses.field(default_factory=RewardOptions)
+    objective: ObjectiveOptions = dataclasses.field(default_factory=ObjectiveOptions)
+    optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
+    sft: SFTOptions = dataclasses.field(default_factory=SFTOptions)
+    memory: MemoryOptions = dataclasses.field(default_factory=MemoryOptions)
+    run: RunOptions = dataclasses.field(default_factory=RunOptions)
+    evaluation: EvalOptions = dataclasses.field(default_factory=EvalOptions)
+
+    @classmethod
+    def from_flat(cls, values: dict) -> Config:
+        """A Config from flat option values (the others at their dataclass defaults); not
+        validated, no TINY_DEFAULTS: make_config does both."""
+        unknown = sorted(set(values) - set(OPTION_STAGE))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}")
+        return cls(**{stage: kind(**{k: v for k, v in values.items() if OPTION_STAGE[k] == stage})
+                      for stage, kind in STAGE_CLASSES.items()})
+
+    def flat(self) -> dict:
+        """{option name: value} over every stage: the CLI's, a --config file's and
+        RUN_DIR/config.json's form."""
+        return {f.name: getattr(getattr(self, OPTION_STAGE[f.name]), f.name) for f in OPTION_FIELDS}
+
+    def replace(self, **values) -> Config:
+        """A copy with some options (flat names) changed; not validated."""
+        return Config.from_flat({**self.flat(), **values})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option for anything unusable or contradictory. The
+        checks that need the domain (the --deepspeed file, a checkpoint's files) are made at
+        start-up by r1vl.run.setup.check_inputs and the memory plan."""
+        o = SimpleNamespace(**self.flat())  # the checks span stages and name the flat options
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(o.stage in STAGES, f"--stage must be one of {STAGES}, got {o.stage!r}")
+        need(o.loss_type in LOSS_TYPES, f"--loss_type must be one of {LOSS_TYPES}, got {o.loss_type!r}")
+        need(o.scale_rewards in ("group", "batch", "none"),
+             f"--scale_rewards must be group, batch or none, got {o.scale_rewards!r}")
+        need(o.lr_schedule in SCHEDULES, f"--lr_schedule must be one of {SCHEDULES}, got {o.lr_schedule!r}")
+        need(o.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {o.dtype!r}")
+        need(o.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {o.device!r}")
+        need(o.kernel_impl in ("auto", "torch", "triton"),
+             f"--kernel_impl must be auto, torch or triton, got {o.kernel_impl!r}")
+        need(o.attention in ATTENTIONS, f"--attention must be one of {ATTENTIONS}, got {o.attention!r}")
+        need(o.reward_timeout_s > 0, f"--reward_timeout_s must be > 0, got {o.reward_timeout_s}")
+        need(o.loss_softmax in ("float32", "float64"),
+             f"--loss_softmax must be float32 or float64, got {o.loss_softmax!r}")
+        need(not (o.loss_softmax == "float64" and o.loss_type != "grpo"),
+             f"--loss_softmax float64 (the eager check) implements --loss_type grpo only, got {o.loss_type!r}")
+        need(o.num_generations >= 2,
+             f"--num_generations must be >= 2 (advantages are relative within a group), got {o.num_generations}")
+        need(o.batch_size >= 1 and o.batch_size % o.num_generations == 0,
+             f"--batch_size ({o.batch_size}) must be a positive multiple of --num_generations "
+             f"({o.num_generations}): every prompt brings all G of its completions")
+        need(o.beta >= 0, f"--beta must be >= 0, got {o.beta}")
+        need(o.temperature > 0, f"--temperature must be > 0, got {o.temperature}")
+        need(0 < o.top_p <= 1, f"--top_p must be in (0, 1], got {o.top_p}")
+        need(o.epsilon_low >= 0 and o.epsilon_high >= 0, "--epsilon_low and --epsilon_high must be >= 0")
+        for name in ("max_prompt_length", "max_completion_length", "num_iterations", "micro_batch_tokens",
+                     "sft_batch_size", "log_every", "max_bad_steps"):
+            need(getattr(o, name) >= 1, f"--{name} must be >= 1, got {getattr(o, name)}")
+        need(o.keep_last >= 1, f"--keep_last must be >= 1, got {o.keep_last}")
+        need(not (o.resume == "auto" and not o.run_dir),
+             "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
+        for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "eval_every", "eval_generations",
+                     "min_pixels", "save_every"):
+            need(getattr(o, name) >= 0, f"--{name} must be >= 0, got {getattr(o, name)}")
+        need(o.max_pixels >= o.min_pixels,
+             f"--max_pixels ({o.max_pixels}) must be >= --min_pixels ({o.min_pixels})")
+        need(o.micro_batch_tokens >= o.max_prompt_length + o.max_completion_length,
+             f"--micro_batch_tokens ({o.micro_batch_tokens}) must hold one whole sequence: at least "
+             f"--max_prompt_length + --max_completion_length = {o.max_prompt_length + o.max_completion_length}")
+        need(o.lr > 0 and o.sft_lr > 0, "--lr and --sft_lr must be > 0")
+        need(o.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {o.max_grad_norm}")
+        need(o.activation_checkpointing in CHECKPOINTING,
+             f"--activation_checkpointing must be auto, on or off, got {o.activation_checkpointing!r}")
+        need(o.plan_gpus >= 0 and o.gpu_memory_gb >= 0, "--plan_gpus and --gpu_memory_gb must be >= 0")
+        need(o.plan or o.model == "tiny" or o.data or o.stage == "sft" and o.sft_data,
+             f"--model {o.model} needs --data (the built-in synthetic task goes with --model tiny only)")
+        need(not (o.stage == "sft" and o.sft_steps == 0), "--stage sft with --sft_steps 0 trains nothing")
+        need(o.family in ("", *FAMILY_TYPES),
+             f"--family must be one of {', '.join(FAMILY_TYPES)}, got {o.family!r}")
+        need(not o.family or o.model == "tiny",
+             f"--family {o.family} picks the built-in tiny model's family; --model {o.model}'s family is "
+             "the model_type in its config.json")
+        if o.kernel_impl == "triton" or o.attention in ("flash_attn", "varlen_attn"):
+            need(o.device != "cpu", f"--kernel_impl {o.kernel_impl} / --attention {o.attention} need a GPU")
+
+
+STAGE_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # "sampling" -> SamplingOptions
+OPTION_FIELDS = [f for kind in STAGE_CLASSES.values() for f in dataclasses.fields(kind)]  # CLI / --help order
+OPTION_STAGE = {f.name: stage for stage, kind in STAGE_CLASSES.items() for f in dataclasses.fields(kind)}
+assert len(OPTION_STAGE) == len(OPTION_FIELDS), "an option name is used by two stages: the flat CLI needs them unique"
 
 
 # The built-in demonstration (`python train.py`): a tiny Qwen2-VL learns the synthetic task on
@@ -250,7 +336,7 @@ def _parse_bool(text: str) -> bool:
 
 # List-valued options: the element type of each tuple field (the CLI takes nargs="+", a file a
 # list or a single value).
-_LISTS = {"tuple[str, ...]": str, "tuple[float, ...]": float}
+LIST_OPTIONS = {"tuple[str, ...]": str, "tuple[float, ...]": float}
 
 
 def _list_option(name: str, value, element: type) -> tuple:
@@ -273,19 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "defaults shown below for the options it sets, unless given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML or JSON file of options (the command line wins)")
-    for f in dataclasses.fields(Config):
-        if f.type in _LISTS:  # --name A B C
-            shown = " ".join(map(str, f.default)) or "none"
-            parser.add_argument(f"--{f.name}", type=_LISTS[f.type], nargs="+", default=argparse.SUPPRESS,
-                                help=f"{f.metadata['help']} (default: {shown})")
-            continue
-        kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type]
-        # default=SUPPRESS: only options actually given appear in the namespace, so that
-        # the file and TINY_DEFAULTS can fill the rest.
-        bare = True if kind is _parse_bool else f.metadata["bare"]
-        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {f.default})",
-                            **({} if bare is None else {"nargs": "?", "const": bare}))
+    for stage, options in STAGE_CLASSES.items():  # --help lists the options stage by stage
+        group = parser.add_argument_group(f"{stage} options", options.__doc__)
+        for f in dataclasses.fields(options):
+            if f.type in LIST_OPTIONS:  # --name A B C
+                shown = " ".join(map(str, f.default)) or "none"
+                group.add_argument(f"--{f.name}", type=LIST_OPTIONS[f.type], nargs="+", default=argparse.SUPPRESS,
+                                   help=f"{f.metadata['help']} (default: {shown})")
+                continue
+            kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type]
+            # default=SUPPRESS: only options actually given appear in the namespace, so that
+            # the file and TINY_DEFAULTS can fill the rest.
+            bare = True if kind is _parse_bool else f.metadata["bare"]
+            group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                               help=f"{f.metadata['help']} (default: {f.default})",
+                               **({} if bare is None else {"nargs": "?", "const": bare}))
     return parser
 
 
@@ -299,8 +387,7 @@ def _read_file(path: str) -> dict:
         values = json.loads(text)
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(OPTION_STAGE))
     if unknown:
         raise ValueError(f"--config {path}: unknown option(s) {unknown}")
     return values
@@ -317,27 +404,32 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 def make_config(**values) -> Config:
     """Config from keyword values, with TINY_DEFAULTS under them for model=tiny, validated."""
-    if values.get("model", Config.model) == "tiny":
+    if values.get("model", ModelOptions.model) == "tiny":
         values = {**TINY_DEFAULTS, **TINY_FAMILY_DEFAULTS.get(values.get("family", ""), {}), **values}
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    fields = {f.name: f for f in OPTION_FIELDS}
     for name, value in values.items():
-        if name not in types:
+        if name not in fields:
             raise ValueError(f"unknown option {name!r}")
-        if types[name] in _LISTS:
-            values[name] = _list_option(name, value, _LISTS[types[name]])
+        if fields[name].type in LIST_OPTIONS:
+            values[name] = _list_option(name, value, LIST_OPTIONS[fields[name].type])
             continue
-        expected = {"bool": bool, "int": int, "float": float, "str": str}[types[name]]
+        spellings = fields[name].metadata["spellings"]
+        spelled = value.lower() if isinstance(value, str) else value
+        if isinstance(value, (bool, str)) and spelled in spellings:  # activation_checkpointing true = on
+            values[name] = value = spellings[spelled]
+        expected = {"bool": bool, "int": int, "float": float, "str": str}[fields[name].type]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"option {name} must be {expected.__name__}, got {value!r}")
-    config = Config(**values)
+    config = Config.from_flat(values)
     config.validate()
     return config
 
 
 def to_dict(config: Config) -> dict:
-    """The options as JSON holds them (list options as lists), as config.json is read back."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """The flat {option: value} of a Config (RUN_DIR/config.json, list options as lists): what
+    make_config takes back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.flat().items()}
 
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 
 from r1vl import distributed
+from r1vl.config import EvalOptions
 from r1vl.rewards.scorer import Scorer
 from r1vl.run.metrics import reduce_over_ranks
 from r1vl.sampling.sampler import Sampler
 
 
 class HeldOut:
-    """examples: the held-out examples (split over ranks); cfg: eval_generations (0: G),
-    num_generations, batch_size (completions sampled at a time), seed."""
+    """examples: the held-out examples (split over ranks); options: eval_generations (0: the
+    sampler's G); batch_size: completions sampled at a time (--batch_size); seed: the run's."""
 
-    def __init__(self, sampler: Sampler, scorer: Scorer, examples: list, cfg, world: distributed.Dist):
+    def __init__(self, sampler: Sampler, scorer: Scorer, examples: list, options: EvalOptions, world: distributed.Dist,
+                 *, batch_size: int, seed: int):
         self.sampler, self.scorer, self.examples, self.world = sampler, scorer, examples, world
-        self.generations = cfg.eval_generations or cfg.num_generations
-        self.per_chunk = max(cfg.batch_size // self.generations, 1)
-        self.seed = cfg.seed + 7
+        self.generations = options.eval_generations or sampler.group_size
+        self.per_chunk = max(batch_size // self.generations, 1)
+        self.seed = seed + 7
 
     def __call__(self, seed: int | None = None) -> dict:
         """{"reward", "accuracy", "step_rvr"}: means over every rank's completions ({} without

@@ -117,23 +117,25 @@ def write_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str], seed: int =
 SYNTHETIC_TRAINING_RECORDS = 4096
 
 
-def prepare_demo(cfg, run_dir: Path, world) -> tuple[str, str]:
+def prepare_demo(dataset, family: str, held_out: int, seed: int, run_dir: Path, world) -> tuple[str, str]:
     """The built-in demo's data and model: the synthetic task and a tiny checkpoint written by
     rank 0 into the run directory, then loaded by every rank like any other. Returns (data
-    file, model directory). cfg: data, eval_prompts, seed, image_root, min/max_pixels, family."""
+    file, model directory). dataset: r1vl.config.DataOptions (data, image_root,
+    min/max_pixels); family: --family ("" = qwen2_vl); held_out: --eval_prompts, written on top
+    of the training records; seed: the run's."""
     from r1vl import distributed
     from r1vl.data.records import load_examples
     from r1vl.data.synthetic import write_dataset
 
-    data = cfg.data or str(run_dir / "synthetic" / "data.jsonl")
+    data = dataset.data or str(run_dir / "synthetic" / "data.jsonl")
     model_dir = run_dir / "tiny-init"
     written = Path(data).is_file() and (model_dir / "model.safetensors").is_file()
     if world.is_main and not written:  # a resumed run finds them in place
-        if not cfg.data:
-            write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + cfg.eval_prompts, seed=cfg.seed)
-        corpus = load_examples(data, cfg.image_root or None).items
+        if not dataset.data:
+            write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + held_out, seed=seed)
+        corpus = load_examples(data, dataset.image_root or None).items
         texts = [e.problem for e in corpus] + [e.solution for e in corpus]
-        write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
-                              family=cfg.family or "qwen2_vl")
+        write_tiny_checkpoint(model_dir, texts, seed=seed, max_pixels=dataset.max_pixels,
+                              min_pixels=dataset.min_pixels, family=family or "qwen2_vl")
     distributed.barrier()
     return data, str(model_dir)

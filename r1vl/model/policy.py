@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from r1vl import distributed, files
+from r1vl.config import DataOptions, ModelOptions
 from r1vl.model.activation_checkpointing import enable_activation_checkpointing
 from r1vl.model.attention import sdpa_attention, use_varlen_attention
 from r1vl.model.families import FAMILIES, family
@@ -116,19 +117,20 @@ def eos_token_ids(tokenizer) -> list[int]:
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def load_trainable(path: str, cfg, world: distributed.Dist) -> Policy:
+def load_trainable(path: str, options: ModelOptions, dataset: DataOptions, world: distributed.Dist) -> Policy:
     """The policy every rank starts training from (rank 0's weights), switched to the packed
     attention, its vision tower frozen with --freeze_vision_tower.
 
-    cfg: dtype ("auto": bf16 on CUDA, else fp32), min_pixels, max_pixels, attention,
-    freeze_vision_tower, activation_checkpointing ("on": every decoder layer and vision block).
+    options: dtype ("auto": bf16 on CUDA, else fp32), attention, freeze_vision_tower,
+    activation_checkpointing ("on": every decoder layer and vision block); dataset: min_pixels,
+    max_pixels (the image processor's).
     """
-    dtype = TORCH_DTYPES.get(cfg.dtype) or (torch.bfloat16 if world.device.type == "cuda" else torch.float32)
-    policy = load_policy(path, dtype, world.device, cfg.min_pixels, cfg.max_pixels)
-    use_varlen_attention(policy.model, None if cfg.attention == "auto" else cfg.attention)
+    dtype = TORCH_DTYPES.get(options.dtype) or (torch.bfloat16 if world.device.type == "cuda" else torch.float32)
+    policy = load_policy(path, dtype, world.device, dataset.min_pixels, dataset.max_pixels)
+    use_varlen_attention(policy.model, None if options.attention == "auto" else options.attention)
     distributed.broadcast_parameters(policy.model)
-    if cfg.freeze_vision_tower:  # before any engine exists: engines optimize what requires grad
+    if options.freeze_vision_tower:  # before any engine exists: engines optimize what requires grad
         vision_tower(policy.model).requires_grad_(False)
-    if cfg.activation_checkpointing == "on":  # "auto" was resolved by the memory plan
+    if options.activation_checkpointing == "on":  # "auto" was resolved by the memory plan
         enable_activation_checkpointing(policy.model)
     return policy

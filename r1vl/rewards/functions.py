@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 BUILTINS = ("steprar", "steprvr", "accuracy")  # each a RewardBreakdown field of the same name
-DEFAULT_REWARD_FUNCS = ("steprar", "steprvr")  # the paper's StepGRPO reward
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 

@@ -1,6 +1,6 @@
 """Stage 2 of a StepGRPO step: score every sampled completion, then the advantages.
 
-    scorer = Scorer(cfg, world)
+    scorer = Scorer(cfg.reward, cfg.sampling.num_generations, world, num_steps=cfg.objective.num_steps)
     rewards = scorer.score_step(samples, step)   # StepRewards: each function's, the weighted total
     advantages = scorer.advantages(rewards)      # (P*G,) fp32, normalized within each group
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from r1vl import distributed
+from r1vl.config import RewardOptions
 from r1vl.rewards import RewardBreakdown, RewardConfig, score_groups
 from r1vl.rewards.advantages import step_advantages
 from r1vl.rewards.functions import builtin_column, parse_reward_funcs, weighted_total
@@ -34,18 +35,18 @@ class StepRewards:
 
 
 class Scorer:
-    """cfg: reward_alpha, reward_normalize, reward_symbolic, reward_funcs, reward_weights,
-    reward_timeout_s, num_generations, num_steps, scale_rewards. world: "batch" normalization
-    sums over its ranks."""
+    """options: the run's reward options; group_size: G, the completions of one prompt the
+    advantages are normalized over; num_steps: the GRPO steps of the run (a user's function sees
+    them as trainer_state.max_steps). world: "batch" normalization sums over its ranks."""
 
-    def __init__(self, cfg, world: distributed.Dist):
-        self.cfg, self.world = cfg, world
-        self.reward_config = RewardConfig(alpha=cfg.reward_alpha, normalize=cfg.reward_normalize,
-                                          symbolic=cfg.reward_symbolic)
-        self.specs = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights)
+    def __init__(self, options: RewardOptions, group_size: int, world: distributed.Dist, *, num_steps: int = 0):
+        self.options, self.group_size, self.world, self.num_steps = options, group_size, world, num_steps
+        self.reward_config = RewardConfig(alpha=options.reward_alpha, normalize=options.reward_normalize,
+                                          symbolic=options.reward_symbolic)
+        self.specs = parse_reward_funcs(options.reward_funcs, options.reward_weights)
         self.weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         users = any(not s.builtin for s in self.specs)
-        self.worker = reward_worker(self.specs, cfg.reward_timeout_s) if users else None
+        self.worker = reward_worker(self.specs, options.reward_timeout_s) if users else None
 
     def score(self, samples) -> RewardBreakdown:
         """samples: r1vl.sampling.sampler.Samples. Entry p*G + g: completion g of prompt p."""
@@ -56,7 +57,7 @@ class Scorer:
         Raises r1vl.rewards.worker.RewardFunctionError when a user's function fails."""
         breakdown = self.score(samples)
         n, G = len(breakdown), samples.group_size
-        kwargs, sources = reward_inputs(samples, step, self.cfg.num_steps) if self.worker and n else ({}, [])
+        kwargs, sources = reward_inputs(samples, step, self.num_steps) if self.worker and n else ({}, [])
         columns, failure = [], None
         for spec in self.specs:
             if spec.builtin:
@@ -86,5 +87,5 @@ class Scorer:
         """(P*G,) fp32: the weighted total normalized within each group. Every rank calls it
         (with --scale_rewards batch the statistics are the whole step's)."""
         device = self.world.device
-        return step_advantages(rewards.total, self.cfg.num_generations, self.cfg.scale_rewards,
+        return step_advantages(rewards.total, self.group_size, self.options.scale_rewards,
                                lambda values: distributed.all_reduce_sum(values, device))

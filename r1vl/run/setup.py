@@ -10,6 +10,7 @@ from pathlib import Path
 from r1vl import distributed
 from r1vl.config import Config, to_dict
 from r1vl.data.records import load_examples
+from r1vl.deepspeed_config import read_deepspeed_config
 from r1vl.model.policy import check_checkpoint_dir
 from r1vl.rewards.functions import parse_reward_funcs
 from r1vl.rewards.worker import reward_worker
@@ -21,18 +22,22 @@ RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
 
 
 def check_inputs(cfg: Config) -> None:
-    """What can be checked before any process group or model exists (ValueError naming it)."""
-    if cfg.model != "tiny":
-        check_checkpoint_dir(cfg.model)
-    if cfg.resume and cfg.resume != "auto":
-        find_resume_point(cfg.resume, Path(cfg.run_dir))
+    """What can be checked before any process group or model exists (ValueError naming it):
+    the files the options name, the --deepspeed file against --dtype and --max_grad_norm."""
+    if cfg.policy.model != "tiny":
+        check_checkpoint_dir(cfg.policy.model)
+    if cfg.run.resume and cfg.run.resume != "auto":
+        find_resume_point(cfg.run.resume, Path(cfg.run.run_dir))
     for option in ("data", "sft_data"):
-        path = getattr(cfg, option)
+        path = getattr(cfg.dataset, option)
         if path and not Path(path).is_file():
             raise ValueError(f"--{option} {path}: no such file")
-    specs = parse_reward_funcs(cfg.reward_funcs, cfg.reward_weights)
-    if "grpo" in cfg.stages and any(not s.builtin for s in specs):
-        reward_worker(specs, cfg.reward_timeout_s)  # imports the user's functions: a bad one stops here
+    if cfg.optimizer.deepspeed:
+        read_deepspeed_config(cfg.optimizer.deepspeed, cfg.policy.dtype, cfg.optimizer.max_grad_norm)
+    rewards = cfg.reward
+    specs = parse_reward_funcs(rewards.reward_funcs, rewards.reward_weights)  # syntax, files, weights
+    if "grpo" in cfg.run.stages and any(not s.builtin for s in specs):
+        reward_worker(specs, rewards.reward_timeout_s)  # imports the user's functions: a bad one stops here
 
 
 def quiet_transformers() -> None:
@@ -45,7 +50,7 @@ def quiet_transformers() -> None:
 
 def setup_run_dir(cfg: Config, world: distributed.Dist) -> Path:
     """--run_dir (default runs/<date-time>), made by rank 0 with the run's config.json."""
-    name = cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
+    name = cfg.run.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
     name = distributed.broadcast_object(name)  # ranks may start in different seconds
     run_dir = Path(name)
     if world.is_main:
@@ -56,12 +61,13 @@ def setup_run_dir(cfg: Config, world: distributed.Dist) -> Path:
 
 
 def resume_invariants(cfg: Config) -> dict:
-    return {option: getattr(cfg, option) for option in RESUME_INVARIANTS}
+    options = cfg.flat()
+    return {option: options[option] for option in RESUME_INVARIANTS}
 
 
 def resume_point(cfg: Config, run_dir: Path, world: distributed.Dist) -> ResumePoint | None:
     """The checkpoint to continue from, if any, checked against this run's ranks and options."""
-    resume = open_resume_point(cfg.resume, run_dir)
+    resume = open_resume_point(cfg.run.resume, run_dir)
     if resume is not None and resume.world_size != world.world_size:
         raise SystemExit(f"error: {resume.path} was written by {resume.world_size} rank(s), this run has "
                          f"{world.world_size}: the data order and every rank's random state depend on it")
@@ -72,13 +78,14 @@ def resume_point(cfg: Config, run_dir: Path, world: distributed.Dist) -> ResumeP
                                  f"this run has {value}: {RESUME_INVARIANTS[option]}")
     if resume is not None:
         distributed.print0(f"resuming from {resume.path} ({resume.stage} step {resume.step})")
-    elif cfg.resume == "auto":
+    elif cfg.run.resume == "auto":
         distributed.print0(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet; starting afresh")
     return resume
 
 
-def split_data(data: str, cfg: Config) -> tuple[list, list]:
-    """(training examples, the last eval_prompts examples held out for evaluation)."""
-    examples = load_examples(data, cfg.image_root or None).items if data else []
-    held_out = examples[len(examples) - cfg.eval_prompts:] if cfg.eval_prompts else []
+def split_data(data: str, image_root: str, eval_prompts: int) -> tuple[list, list]:
+    """(training examples, the last eval_prompts examples held out for evaluation); image_root:
+    --image_root ("" = the data file's directory)."""
+    examples = load_examples(data, image_root or None).items if data else []
+    held_out = examples[len(examples) - eval_prompts:] if eval_prompts else []
     return examples[:len(examples) - len(held_out)], held_out

@@ -1,7 +1,7 @@
 """What turns losses into updates: backward, gradient reduction, clipping, the optimizer and
 its schedule, and their state in a checkpoint.
 
-    engine = make_engine(model, cfg, lr, total_steps, world)   # r1vl.update.engines: PlainEngine, or DeepSpeed's
+    engine = make_engine(model, cfg.optimizer, lr, total_steps, world)  # r1vl.update.engines: plain or DeepSpeed's
 
 The update talks to an engine only:
 
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from r1vl import distributed
-from r1vl.config import Config
+from r1vl.config import OptimizerOptions
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ class UpdateSettings:
     max_bad_steps: int = 3
 
     @classmethod
-    def from_config(cls, cfg: Config, lr: float, total_steps: int) -> UpdateSettings:
-        return cls(lr, total_steps, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, cfg.warmup_steps,
-                   cfg.lr_schedule, cfg.max_grad_norm, cfg.max_bad_steps)
+    def from_options(cls, options: OptimizerOptions, lr: float, total_steps: int) -> UpdateSettings:
+        return cls(lr, total_steps, (options.adam_beta1, options.adam_beta2), options.weight_decay,
+                   options.warmup_steps, options.lr_schedule, options.max_grad_norm, options.max_bad_steps)
 
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from r1vl import distributed
-from r1vl.config import Config
+from r1vl.config import OptimizerOptions
+from r1vl.deepspeed_config import read_deepspeed_config
 from r1vl.update.engine import PlainEngine, UpdateSettings
 from r1vl.update.packing import Sample
 
 
-def make_engine(model: torch.nn.Module, cfg: Config, lr: float, total_steps: int, world: distributed.Dist,
+def make_engine(model: torch.nn.Module, options: OptimizerOptions, lr: float, total_steps: int, world: distributed.Dist,
                 idle: Sample | None = None):
     """The engine that turns a stage's losses into updates: DeepSpeed's with --deepspeed,
     else plain data parallelism.
@@ -18,10 +19,14 @@ def make_engine(model: torch.nn.Module, cfg: Config, lr: float, total_steps: int
     lr: the stage's base rate; total_steps: the optimizer steps its schedule spans; idle: the
     one-sequence sample an engine that keeps ranks in lockstep runs, weighted 0, on a rank
     with fewer micro-batches than another (a blank-image prompt; None: one is never needed).
+    options: AdamW, its schedule, clipping, the skip limit and --deepspeed.
     """
-    settings = UpdateSettings.from_config(cfg, lr, total_steps)
-    if cfg.deepspeed:
+    settings = UpdateSettings.from_options(options, lr, total_steps)
+    if options.deepspeed:
         from r1vl.update.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, settings, cfg.deepspeed, cfg.deepspeed_json, world, idle)
+        # Checked against --dtype at start-up (r1vl.run.setup.check_inputs); the engine checks
+        # it against the model's actual dtype.
+        raw = read_deepspeed_config(options.deepspeed, "auto", options.max_grad_norm)
+        return DeepSpeedEngine(model, settings, options.deepspeed, raw, world, idle)
     return PlainEngine(model, settings, world)

@@ -1,7 +1,7 @@
 """Stage 4 of a StepGRPO step, the update: pack the rank's samples, then old and reference
 log-probs and num_iterations optimizer steps.
 
-    update = GRPOUpdate(policy, cfg, world, idle)           # builds its engine
+    update = GRPOUpdate(policy, cfg.objective, cfg.sampling, cfg.optimizer, cfg.memory, world, idle)  # its engine
     batch, numbers = update(samples, advantages)            # plans and packs its own batch
 
 Every micro-batch's loss is weighted by its share of the global batch
@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from r1vl import distributed
+from r1vl.config import MemoryOptions, ObjectiveOptions, OptimizerOptions, SamplingOptions
 from r1vl.model.policy import Policy
 from r1vl.run.metrics import Timer
 from r1vl.update.engines import make_engine
@@ -30,16 +31,21 @@ class GRPOUpdate:
     """The update stage of StepGRPO: the engine (and its optimizer), the KL reference, the
     fused loss's implementation.
 
-    cfg: lr, num_steps, num_iterations, num_generations, share_prompts, micro_batch_tokens,
-    kernel_impl and the loss options of `grpo_update`. idle: what a rank with fewer
-    micro-batches runs, weighted 0, under an engine that keeps ranks in lockstep.
-    reference: set by the caller (None: beta = 0).
+    objective: num_steps, num_iterations and the loss options of `grpo_update`; sampling: the
+    temperature and max_completion_length the loss shares with the rollout; optimizer: the
+    engine's (lr is the GRPO stage's rate); memory: micro_batch_tokens, share_prompts,
+    kernel_impl. idle: what a rank with fewer micro-batches runs, weighted 0, under an engine
+    that keeps ranks in lockstep. reference: set by the caller (None: beta = 0).
     """
 
-    def __init__(self, policy: Policy, cfg, world: distributed.Dist, idle: Sample, timer: Timer | None = None):
-        self.model, self.cfg, self.world = policy.model, cfg, world
-        self.engine = make_engine(policy.model, cfg, cfg.lr, cfg.num_steps * cfg.num_iterations, world, idle)
-        self.impl = kernel_impl(cfg.kernel_impl, world.device)
+    def __init__(self, policy: Policy, objective: ObjectiveOptions, sampling: SamplingOptions,
+                 optimizer: OptimizerOptions, memory: MemoryOptions, world: distributed.Dist, idle: Sample,
+                 timer: Timer | None = None):
+        self.model, self.world = policy.model, world
+        self.objective, self.sampling, self.memory = objective, sampling, memory
+        self.engine = make_engine(policy.model, optimizer, optimizer.lr, objective.num_steps * objective.num_iterations,
+                                  world, idle)
+        self.impl = kernel_impl(memory.kernel_impl, world.device)
         self.timer = timer or Timer(world.device)
         self.reference = None
 
@@ -49,8 +55,9 @@ class GRPOUpdate:
         sequences = [Sample(samples.prompt_of(i).ids, ids, samples.prompt_of(i).pixel_values,
                             samples.prompt_of(i).image_grid_thw) for i, ids in enumerate(samples.completions.ids)]
         with self.timer("pack"):
-            batch = plan_batch(sequences, advantages, samples.group_size, self.model, self.cfg, self.world.device)
-        return batch, grpo_update(self.engine, self.reference, batch, self.cfg, self.impl, self.world, self.timer)
+            batch = plan_batch(sequences, advantages, samples.group_size, self.model, self.memory, self.world.device)
+        return batch, grpo_update(self.engine, self.reference, batch, self.objective, self.sampling, self.impl,
+                                  self.world, self.timer)
 
     def close(self) -> None:
         self.engine.close()
@@ -70,13 +77,13 @@ class _Share(NamedTuple):
 STAT_KEYS = ("loss", "kl", "entropy", "clip_low", "clip_high")
 
 
-def grpo_update(engine, reference, batch: Batch, cfg, impl: str, world: distributed.Dist,
-                timer: Timer | None = None) -> dict:
-    """Old and reference log-probs, then cfg.num_iterations optimizer steps over the rank's
-    micro-batches. Every rank calls it, also one whose prompts were all skipped.
+def grpo_update(engine, reference, batch: Batch, objective: ObjectiveOptions, sampling: SamplingOptions, impl: str,
+                world: distributed.Dist, timer: Timer | None = None) -> dict:
+    """Old and reference log-probs, then objective.num_iterations optimizer steps over the
+    rank's micro-batches. Every rank calls it, also one whose prompts were all skipped.
 
-    cfg: temperature, beta, epsilon_low/high, loss_type, max_completion_length, num_iterations,
-    loss_softmax.
+    objective: beta, epsilon_low/high, loss_type, num_iterations, loss_softmax; sampling:
+    temperature (the loss's logit temperature), max_completion_length (dr_grpo's divisor).
     Returns this rank's token-weighted sums over the step ("loss", "kl", "entropy",
     "clip_low", "clip_high"; averaged over the iterations; loss already a share of the global
     batch), the global "sequences" and "tokens" counts, and the last "grad_norm".
@@ -87,24 +94,25 @@ def grpo_update(engine, reference, batch: Batch, cfg, impl: str, world: distribu
     shares = [
         _Share(packed, torch.zeros(packed.num_sequences), 0.0, False) if mb is None else
         _Share(packed, mb.advantages,
-               microbatch_weight(cfg.loss_type, len(mb.indices), packed.target_ids.numel(), sequences, tokens), True)
+               microbatch_weight(objective.loss_type, len(mb.indices), packed.target_ids.numel(), sequences, tokens),
+               True)
         for mb, packed in work]
 
     with timer("reference"):  # once per rollout
-        old = [engine.forward(completion_logprobs, s.packed, cfg.temperature, impl) if cfg.num_iterations > 1
+        old = [engine.forward(completion_logprobs, s.packed, sampling.temperature, impl) if objective.num_iterations > 1
                else None for s in shares]
-        ref = [reference.forward(completion_logprobs, s.packed, cfg.temperature, impl) if reference is not None
+        ref = [reference.forward(completion_logprobs, s.packed, sampling.temperature, impl) if reference is not None
                else None for s in shares]
 
-    loss_options = dict(temperature=cfg.temperature, beta=cfg.beta, epsilon_low=cfg.epsilon_low,
-                        epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                        max_completion_length=cfg.max_completion_length, num_items_in_batch=tokens,
-                        softmax=cfg.loss_softmax)
+    loss_options = dict(temperature=sampling.temperature, beta=objective.beta, epsilon_low=objective.epsilon_low,
+                        epsilon_high=objective.epsilon_high, loss_type=objective.loss_type,
+                        max_completion_length=sampling.max_completion_length, num_items_in_batch=tokens,
+                        softmax=objective.loss_softmax)
     # Token-weighted sums, kept on the device and read back once per optimizer step.
     stats = {k: torch.zeros((), device=world.device) for k in STAT_KEYS}
     with timer("update"):
         engine.train()
-        for _ in range(cfg.num_iterations):
+        for _ in range(objective.num_iterations):
             iteration_loss = torch.zeros((), device=world.device)
             for share, old_logp, ref_logp in zip(shares, old, ref):
                 out = engine.forward(policy_loss, share.packed, share.advantages.to(world.device), old_logp, ref_logp,
@@ -122,5 +130,5 @@ def grpo_update(engine, reference, batch: Batch, cfg, impl: str, world: distribu
             stats["loss"] += iteration_loss
             grad_norm = engine.step(math.isfinite(float(iteration_loss)))
         engine.eval()
-    return {**{k: float(v) / cfg.num_iterations for k, v in stats.items()},
+    return {**{k: float(v) / objective.num_iterations for k, v in stats.items()},
             "sequences": sequences, "tokens": tokens, "grad_norm": grad_norm}

@@ -1,7 +1,7 @@
 """The update's own batch: one rank's sequences planned into token-budgeted micro-batches
 and packed (r1vl.update.packing), each with its advantages.
 
-    batch = plan_batch(samples, advantages, group_size, model, cfg, device)
+    batch = plan_batch(samples, advantages, group_size, model, cfg.memory, device)
     for mb in batch.microbatches: ...                     # mb.indices, mb.packed, mb.advantages
 
 Two plans: with shared prompts (`plan_shared_microbatches`) a prompt group costs its prompt
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r1vl.config import MemoryOptions
 from r1vl.update.packing import PackedBatch, Sample, pack, prompt_groups
 
 
@@ -173,11 +174,11 @@ class Batch:
 
 
 def plan_batch(samples: list[Sample], advantages: torch.Tensor | None, group_size: int, model: torch.nn.Module,
-               cfg, device: torch.device) -> Batch:
-    """The rank's sequences as packed micro-batches of at most cfg.micro_batch_tokens rows.
+               memory: MemoryOptions, device: torch.device) -> Batch:
+    """The rank's sequences as packed micro-batches of at most memory.micro_batch_tokens rows.
 
     samples: prompt-major, group_size consecutive samples per prompt (1: no groups, the SFT
-    warm-up); advantages: (len(samples),) fp32, or None (SFT: all zero); cfg: share_prompts,
+    warm-up); advantages: (len(samples),) fp32, or None (SFT: all zero); memory: share_prompts,
     micro_batch_tokens.
     """
     if advantages is None:
@@ -187,13 +188,14 @@ def plan_batch(samples: list[Sample], advantages: torch.Tensor | None, group_siz
                          f"got {tuple(advantages.shape)}")
     if group_size < 1 or len(samples) % group_size:
         raise ValueError(f"plan_batch: {len(samples)} samples are not groups of group_size={group_size}")
-    if cfg.share_prompts:
-        shared = plan_shared_microbatches(samples, cfg.micro_batch_tokens)
+    if memory.share_prompts:
+        shared = plan_shared_microbatches(samples, memory.micro_batch_tokens)
         plan, split = shared.microbatches, shared.split_groups
     else:
         lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        plan = plan_microbatches(lengths, cfg.micro_batch_tokens, groups=[i // group_size for i in range(len(samples))])
+        groups = [i // group_size for i in range(len(samples))]
+        plan = plan_microbatches(lengths, memory.micro_batch_tokens, groups=groups)
         split = 0
-    micro = [MicroBatch(idx, pack([samples[i] for i in idx], model, share_prompts=cfg.share_prompts).to(device),
+    micro = [MicroBatch(idx, pack([samples[i] for i in idx], model, share_prompts=memory.share_prompts).to(device),
                         advantages[idx]) for idx in plan]
     return Batch(samples, micro, split)

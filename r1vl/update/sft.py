@@ -1,7 +1,7 @@
 """The supervised warm-up's update: cross-entropy on the assistant tokens of structured
 solutions, one optimizer step per batch of examples.
 
-    update = SFTUpdate(policy, cfg, world, encode, idle)
+    update = SFTUpdate(policy, cfg.sft, cfg.optimizer, cfg.memory, world, encode, idle)
     numbers = update(examples)      # loss, grad_norm, lr, tokens (summed over ranks)
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from r1vl import distributed
+from r1vl.config import MemoryOptions, OptimizerOptions, SFTOptions
 from r1vl.model.policy import Policy
 from r1vl.update.engines import make_engine
 from r1vl.update.losses import sft_loss_sum
@@ -20,24 +21,26 @@ from r1vl.update.packing import Sample
 
 
 class SFTUpdate:
-    """cfg: sft_lr, sft_steps, micro_batch_tokens, share_prompts. encode: example ->
-    (prompt, target ids); idle: what a rank with fewer micro-batches runs, weighted 0."""
+    """options: sft_lr, sft_steps; optimizer: the engine's (its lr is the GRPO stage's, not
+    used here); memory: micro_batch_tokens, share_prompts. encode: example -> (prompt, target
+    ids); idle: what a rank with fewer micro-batches runs, weighted 0."""
 
-    def __init__(self, policy: Policy, cfg, world: distributed.Dist, encode: Callable, idle: Sample):
-        self.model, self.cfg, self.world, self.encode = policy.model, cfg, world, encode
-        self.engine = make_engine(policy.model, cfg, cfg.sft_lr, cfg.sft_steps, world, idle)
+    def __init__(self, policy: Policy, options: SFTOptions, optimizer: OptimizerOptions, memory: MemoryOptions,
+                 world: distributed.Dist, encode: Callable, idle: Sample):
+        self.model, self.memory, self.world, self.encode = policy.model, memory, world, encode
+        self.engine = make_engine(policy.model, optimizer, options.sft_lr, options.sft_steps, world, idle)
 
     def __call__(self, examples) -> dict:
         """One optimizer step on `examples`; a pair longer than micro_batch_tokens is left out."""
-        cfg, world, engine = self.cfg, self.world, self.engine
+        memory, world, engine = self.memory, self.world, self.engine
         samples = []
         for prompt, target in map(self.encode, examples):
-            if prompt.ids.numel() + target.numel() <= cfg.micro_batch_tokens:
+            if prompt.ids.numel() + target.numel() <= memory.micro_batch_tokens:
                 samples.append(Sample(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
         n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], world.device)[0]
         # Summed on the device and read back once per step: no host sync per micro-batch.
         loss_sum = torch.zeros((), device=world.device)
-        batch = plan_batch(samples, None, 1, self.model, cfg, world.device)
+        batch = plan_batch(samples, None, 1, self.model, memory, world.device)
         for mb, packed in engine.lockstep([(mb, mb.packed) for mb in batch.microbatches]):
             loss = engine.forward(sft_loss_sum, packed) / n_tokens * (0.0 if mb is None else 1.0)
             engine.backward(loss)

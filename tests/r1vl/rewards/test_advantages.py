@@ -9,6 +9,7 @@ from r1vl.config import make_config
 from r1vl.rewards import RewardConfig, score
 from r1vl.rewards.advantages import step_advantages
 from r1vl.rewards.functions import builtin_column, parse_reward_funcs, weighted_total
+from r1vl.run.setup import check_inputs
 
 
 def _solution(answer: str, steps: list[str]) -> str:
@@ -40,7 +41,7 @@ def test_each_ablation_setting_sums_its_components():
     ]
     b = score(completions, [_Example()] * len(completions), RewardConfig(alpha=0.1, symbolic=False))
     # The default is the paper's total, bit for bit (the built-in run's weights depend on it).
-    default = _trained(b, list(make_config().reward_funcs))
+    default = _trained(b, list(make_config().reward.reward_funcs))
     assert default.dtype == np.float32 and default.tobytes() == b.total.tobytes()
     np.testing.assert_array_equal(_trained(b, ["accuracy"]), b.accuracy)
     np.testing.assert_allclose(_trained(b, ["steprar"]), b.accuracy + 0.1 * b.key_step_match * b.has_answer)
@@ -61,13 +62,13 @@ def test_default_equals_the_paper_total_on_many_values():
 def test_options_are_checked():
     with pytest.raises(ValueError, match="--loss_softmax float64"):
         make_config(loss_softmax="float64", loss_type="dapo")
-    with pytest.raises(ValueError, match="--reward_weights has 1 value"):
-        make_config(reward_funcs=["steprar", "steprvr"], reward_weights=[0.5])
+    with pytest.raises(ValueError, match="--reward_weights has 1 value"):  # at start-up, before the model
+        check_inputs(make_config(reward_funcs=["steprar", "steprvr"], reward_weights=[0.5]))
     with pytest.raises(ValueError, match="--reward_funcs outcome: expected one of"):
-        make_config(reward_funcs=["outcome"])
-    assert make_config().reward_funcs == ("steprar", "steprvr") and make_config().reward_weights == ()
-    assert make_config(reward_funcs="accuracy", reward_weights=2).reward_weights == (2.0,)
-    assert make_config(attention="sdpa_masked").attention == "sdpa_masked"
+        check_inputs(make_config(reward_funcs=["outcome"]))
+    assert make_config().reward.reward_funcs == ("steprar", "steprvr") and make_config().reward.reward_weights == ()
+    assert make_config(reward_funcs="accuracy", reward_weights=2).reward.reward_weights == (2.0,)
+    assert make_config(attention="sdpa_masked").policy.attention == "sdpa_masked"
 
 
 def _trl_advantages(rewards: torch.Tensor, G: int, scale: str) -> torch.Tensor:

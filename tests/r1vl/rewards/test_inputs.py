@@ -10,6 +10,7 @@ from PIL import Image
 
 from r1vl.data.prompts import Prompt
 from r1vl.data.records import Example
+from r1vl.config import make_config
 from r1vl.rewards.inputs import prompt_messages, reward_inputs
 from r1vl.rewards.scorer import Scorer
 from r1vl.sampling.generate import Completions
@@ -91,10 +92,9 @@ def test_prompts_are_trls_multimodal_messages(setting):
 
 
 def _scorer(root: Path, funcs: list[str], weights: list[float]) -> Scorer:
-    cfg = SimpleNamespace(reward_alpha=0.1, reward_normalize=False, reward_symbolic=False, reward_funcs=funcs,
-                          reward_weights=weights, reward_timeout_s=60.0, num_generations=4, num_steps=10,
-                          scale_rewards="group")
-    return Scorer(cfg, SimpleNamespace(device=torch.device("cpu")))
+    options = make_config(reward_funcs=funcs, reward_weights=weights, reward_timeout_s=60.0,
+                          reward_symbolic=False).reward
+    return Scorer(options, 4, SimpleNamespace(device=torch.device("cpu")), num_steps=10)
 
 
 def _trl_rewards(functions, names, kwargs):

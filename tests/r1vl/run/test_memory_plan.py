@@ -187,11 +187,11 @@ def test_readme_recipes_fit_by_the_plan():
 def test_auto_checkpointing_is_decided_by_the_plan():
     base = dict(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=80.0)
     small, _ = check_plan(make_config(**base), world_size=1)  # one prompt per rank: fits without it
-    assert small.activation_checkpointing == "off"
+    assert small.policy.activation_checkpointing == "off"
     big, plan = check_plan(make_config(**base, batch_size=32), world_size=1)  # 16384-token micro-batches
-    assert big.activation_checkpointing == "on" and plan.checkpointing
+    assert big.policy.activation_checkpointing == "on" and plan.checkpointing
     cpu, _ = check_plan(make_config(), world_size=1)  # the tiny CPU demo: no device limit, no checkpointing
-    assert cpu.activation_checkpointing == "off"
+    assert cpu.policy.activation_checkpointing == "off"
 
 
 def test_plan_that_does_not_fit_names_the_fixes():

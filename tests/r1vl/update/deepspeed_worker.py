@@ -100,7 +100,7 @@ def main(out_dir: Path, family: str) -> None:
                           max_grad_norm=1.0, dtype="float32", device="cpu")
         model = copy.deepcopy(initial)
         idle = Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
-        engine = make_engine(model, cfg, cfg.lr, STEPS, world, idle)
+        engine = make_engine(model, cfg.optimizer, cfg.optimizer.lr, STEPS, world, idle)
         distributed.broadcast_parameters(model)  # sharded under ZeRO-3: gathered, rank 0's written back
         reference = engine.reference()
         records = run_steps(engine, reference, model, range(RESUME_AT), prompt, tokenizer, world)
@@ -121,7 +121,7 @@ def main(out_dir: Path, family: str) -> None:
         # the same frozen reference (the reference is not part of the engine's state).
         resumed = copy.deepcopy(initial)
         resumed.load_state_dict(weights)
-        engine = make_engine(resumed, cfg, cfg.lr, STEPS, world, idle)
+        engine = make_engine(resumed, cfg.optimizer, cfg.optimizer.lr, STEPS, world, idle)
         engine.load_state(saved)
         again = run_steps(engine, reference, resumed, range(RESUME_AT, STEPS), prompt, tokenizer, world)
         engine.close()

@@ -93,7 +93,7 @@ def main(out_dir: Path) -> None:
                           lr=LR, max_grad_norm=0.0, dtype="float32", device="cpu", loss_type=loss_type,
                           temperature=TEMPERATURE, beta=BETA, num_iterations=1, max_completion_length=8)
         model = copy.deepcopy(initial)
-        engine = make_engine(model, cfg, LR, 1, world, idle)
+        engine = make_engine(model, cfg.optimizer, LR, 1, world, idle)
         distributed.broadcast_parameters(model)
         reference = engine.reference(copy.deepcopy(ref_model))
         grads = capture_gradients(engine, model) if kind == "plain" else {}
@@ -101,7 +101,7 @@ def main(out_dir: Path) -> None:
                                      lambda values: distributed.all_reduce_sum(values, world.device))
         micro = [MicroBatch(idx, pack([mine[i] for i in idx], model).to(world.device), advantages[idx])
                  for idx in PLAN[world.rank]]
-        update = grpo_update(engine, reference, Batch(mine, micro, 0), cfg, "torch", world)
+        update = grpo_update(engine, reference, Batch(mine, micro, 0), cfg.objective, cfg.sampling, "torch", world)
         out[f"{kind}-{loss_type}"] = {"grad_norm": update["grad_norm"], "sequences": update["sequences"],
                                       "tokens": update["tokens"], "after": full_state(model), "grads": grads}
         engine.close()

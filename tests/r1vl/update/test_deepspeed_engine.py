@@ -28,6 +28,7 @@ import torch
 
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
+from r1vl.run.setup import check_inputs
 from r1vl.update.deepspeed_engine import _plain_optimizer_state
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches
 from r1vl.update.packing import Sample
@@ -62,6 +63,12 @@ def _close(a: float, b: float, atol: float = 1e-7, rtol: float = 1e-5) -> bool:
 # -------------------------------------------------------------------------------- the JSON
 
 
+def _start(**options) -> None:
+    """The start-up checks of a run with these options (train.py main: the --deepspeed file is
+    read and checked against --dtype and --max_grad_norm there)."""
+    check_inputs(make_config(**options))
+
+
 def _config_file(tmp_path, content) -> str:
     path = tmp_path / "ds.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -70,7 +77,8 @@ def _config_file(tmp_path, content) -> str:
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"])
 def test_shipped_configs_are_accepted(name):
-    raw = make_config(deepspeed=str(CONFIGS / name)).deepspeed_json
+    _start(deepspeed=str(CONFIGS / name))
+    raw = read_deepspeed_config(str(CONFIGS / name), "auto", 1.0)
     assert raw["zero_optimization"]["stage"] == int(name[4])
 
 
@@ -100,36 +108,38 @@ ZERO2 = {"zero_optimization": {"stage": 2}}
 ])
 def test_bad_or_conflicting_configs_are_refused(tmp_path, content, options, message):
     with pytest.raises(ValueError, match=message) as info:
-        make_config(deepspeed=_config_file(tmp_path, content), **options)
+        _start(deepspeed=_config_file(tmp_path, content), **options)
     assert "--deepspeed" in str(info.value) or "--dtype" in str(info.value)
 
 
 def test_missing_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--deepspeed .*no such file"):
-        make_config(deepspeed=str(tmp_path / "nope.json"))
+        _start(deepspeed=str(tmp_path / "nope.json"))
 
 
 def test_values_that_agree_are_accepted(tmp_path):
     content = {**ZERO2, "gradient_clipping": 0.5, "bf16": {"enabled": False}, "fp16": {"enabled": "auto"}}
-    make_config(deepspeed=_config_file(tmp_path, content), max_grad_norm=0.5, dtype="float32")
+    _start(deepspeed=_config_file(tmp_path, content), max_grad_norm=0.5, dtype="float32")
 
 
 def test_resolved_config_fills_what_r1vl_owns():
     cfg = make_config(deepspeed=str(CONFIGS / "zero3.json"), max_grad_norm=0.7)
-    raw = read_deepspeed_config(cfg.deepspeed, cfg.dtype, cfg.max_grad_norm)
-    out = resolved_config(raw, cfg.deepspeed, torch.bfloat16, cfg.max_grad_norm, world_size=16)
+    path, max_grad_norm = cfg.optimizer.deepspeed, cfg.optimizer.max_grad_norm
+    raw = read_deepspeed_config(path, cfg.policy.dtype, max_grad_norm)
+    out = resolved_config(raw, path, torch.bfloat16, max_grad_norm, world_size=16)
     assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) \
         == (16, 1, 1)
     assert out["gradient_clipping"] == 0.7 and out["managed_gradient_accumulation"] is False
     assert out["bf16"]["enabled"] is True and out["fp16"] == {"enabled": False}
-    assert resolved_config(raw, cfg.deepspeed, torch.float32, 0.7, world_size=2)["bf16"]["enabled"] is False
+    assert resolved_config(raw, path, torch.float32, 0.7, world_size=2)["bf16"]["enabled"] is False
     assert raw["bf16"]["enabled"] == "auto"  # the file's values are not modified
 
 
 def test_resolved_config_refuses_a_dtype_against_the_file(tmp_path):
-    cfg = make_config(deepspeed=_config_file(tmp_path, {**ZERO2, "bf16": {"enabled": True}}))  # --dtype auto
+    path = _config_file(tmp_path, {**ZERO2, "bf16": {"enabled": True}})
+    _start(deepspeed=path)  # --dtype auto: not known at start-up
     with pytest.raises(ValueError, match="bf16.enabled is true but the model's dtype is torch.float32"):
-        resolved_config(cfg.deepspeed_json, cfg.deepspeed, torch.float32, cfg.max_grad_norm, world_size=2)
+        resolved_config(read_deepspeed_config(path, "auto", 1.0), path, torch.float32, 1.0, world_size=2)
 
 
 def test_saved_optimizer_state_is_plain_data():
@@ -467,7 +477,7 @@ def test_plain_runs_never_import_deepspeed():
             "from r1vl.tiny import build_model, build_tokenizer\n"
             "model = build_model(build_tokenizer(['a b'] * 2, vocab_size=300))\n"
             "world = distributed.init('cpu')\n"
-            "engine = make_engine(model, make_config(), 1e-3, 1, world)\n"
+            "engine = make_engine(model, make_config().optimizer, 1e-3, 1, world)\n"
             "engine.backward(model.lm_head.weight.sum()); engine.step(True)\n"
             "with engine.gathered(), distributed.gathered(model):\n"
             "    distributed.weight_digests(model)\n"
@@ -483,6 +493,7 @@ def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
 
     (tmp_path / "engine.json").write_text(json.dumps({"zero_stage": 3, "world_size": 2}))
     (tmp_path / "zero_rank00000.pt").write_bytes(b"")
-    engine = make_engine(torch.nn.Linear(2, 2), make_config(), 1e-3, 1, distributed.Dist(0, 1, 0, torch.device("cpu")))
+    world = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    engine = make_engine(torch.nn.Linear(2, 2), make_config().optimizer, 1e-3, 1, world)
     with pytest.raises(ValueError, match="no optimizer.pt"):
         engine.load_state(tmp_path)

@@ -131,7 +131,7 @@ def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype, fillers
                       temperature=TEMPERATURE, beta=BETA, num_iterations=1, max_completion_length=8)
     world = distributed.Dist(0, 1, 0, torch.device("cpu"))
     model = copy.deepcopy(initial).to(dtype)
-    engine = make_engine(model, cfg, LR, 1, world)
+    engine = make_engine(model, cfg.optimizer, LR, 1, world)
     if fillers:
         idle_batch = pack([idle], model)
         engine.lockstep = lambda micro: micro + [(None, idle_batch)] * fillers
@@ -140,7 +140,7 @@ def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype, fillers
     advantages = step_advantages(rewards, 2, "group", lambda v: [float(x) for x in v])
     micro = [MicroBatch(idx, pack([everything[i] for i in idx], model), advantages[idx])
              for idx in ([0, 1, 2, 3], [4, 5], [6, 7])]
-    update = grpo_update(engine, reference, Batch(everything, micro, 0), cfg, impl, world)
+    update = grpo_update(engine, reference, Batch(everything, micro, 0), cfg.objective, cfg.sampling, impl, world)
     expected = reference_gradient(initial, ref_model, samples, "grpo")
     if dtype == torch.float32:
         _check_update({"grad_norm": update["grad_norm"], "grads": grads,

@@ -379,13 +379,12 @@ def test_shared_plan_refusals():
 
 
 def test_plan_batch_refuses_advantages_that_do_not_match(model):
-    from types import SimpleNamespace
-
+    from r1vl.config import MemoryOptions
     from r1vl.update.microbatches import plan_batch
 
     gen = torch.Generator().manual_seed(3)
     samples = make_group(gen, [(1, 4, 6)], [3, 2, 5])
-    cfg = SimpleNamespace(share_prompts=True, micro_batch_tokens=4096)
+    cfg = MemoryOptions(share_prompts=True, micro_batch_tokens=4096)
     batch = plan_batch(samples, torch.tensor([1.0, -1.0, 0.5]), 3, model, cfg, torch.device("cpu"))
     assert sorted(i for mb in batch.microbatches for i in mb.indices) == [0, 1, 2]
     assert batch.completion_tokens == 10
