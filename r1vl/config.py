@@ -221,6 +221,7 @@ class Config:
         unknown = sorted(set(values) - set(OPTION_STAGE))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # JSON lists
         return cls(**{stage: kind(**{k: v for k, v in values.items() if OPTION_STAGE[k] == stage})
                       for stage, kind in STAGE_CLASSES.items()})
 
