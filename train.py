@@ -16,7 +16,7 @@ One GRPO step, per data-parallel rank, each a call into its stage (r1vl/<stage>/
               Prompts longer than max_prompt_length are skipped and counted, never cut.
   2. score    (r1vl.rewards) StepRAR + StepRVR, one reward per completion;
   3. advantages  normalized within each group of G;
-  4. update   (r1vl.update) the samples packed into micro-batches; old log-probs (only if
+  4. update   (r1vl.update) the rollout's sequences packed into micro-batches; old log-probs (only if
               num_iterations > 1) and reference log-probs (if beta > 0, from a frozen copy of
               the initial policy, which sees the image too); num_iterations optimizer steps with
               the fused loss, each micro-batch weighted by its share of the global batch and
@@ -53,7 +53,7 @@ from r1vl.run.setup import (check_inputs, quiet_transformers, resume_invariants,
 from r1vl.sampling.sampler import Sampler, prompt_encoder
 from r1vl.tiny import prepare_demo
 from r1vl.update.grpo import GRPOUpdate
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 from r1vl.update.sft import SFTUpdate
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
         return {"plan": plan}
     world = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
     try:
-        results = run(cfg, world)
+        results = train(cfg, world)
     except BaseException:
         distributed.destroy(wait_for_others=False)
         raise
@@ -100,7 +100,7 @@ class Run:
         return progress_bar(total, desc, self.cfg.progress and self.world.is_main, initial=initial, leave=True)
 
 
-def run(cfg: Config, world: distributed.Dist) -> dict:
+def train(cfg: Config, world: distributed.Dist) -> dict:
     """The warm-up and/or StepGRPO, as --stage says (a resumed run skips what it finished)."""
     quiet_transformers()
     torch.manual_seed(cfg.seed)
@@ -114,22 +114,22 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
     log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
     saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stages else 0, world,
                          resume_invariants(cfg))
-    parts = Run(cfg, world, run_dir, policy, log, saver, resume)
+    run = Run(cfg, world, run_dir, policy, log, saver, resume)
     results: dict = {}
     try:
         warmed_up = False
         if "sft" in cfg.stages and not (resume is not None and resume.stage == "grpo"):
-            train_sft(parts, examples)
+            train_sft(run, examples)
             warmed_up = True
         if "grpo" in cfg.stages:
             # The KL reference is the policy as GRPO starts: the --model directory itself,
             # unless a warm-up changed it or it came from a trainer checkpoint (which rotation
             # deletes); then it is written to RUN_DIR/reference.
             source = None if warmed_up or resume is not None else str(Path(model_path).resolve())
-            results = train_grpo(parts, examples, eval_examples, source)
+            results = train_grpo(run, examples, eval_examples, source)
     finally:
         log.close()
-    return finish(parts, {"run_dir": str(run_dir), **results})
+    return finish(run, {"run_dir": str(run_dir), **results})
 
 
 # -------------------------------------------------------------------------------- the warm-up
@@ -143,7 +143,7 @@ def train_sft(run: Run, examples: list) -> None:
         sft_examples, encode = load_sft(cfg.sft_data, cfg.image_root or None).items, encoder.sft
     else:
         sft_examples, encode = examples, encoder.solution
-    update = SFTUpdate(run.policy, cfg, world, encode, idle_sample(encoder))
+    update = SFTUpdate(run.policy, cfg, world, encode, idle_sequence(encoder))
     start = _resume_stage(run, "sft", update.engine)
     stream = rank_batches(sft_examples, cfg.sft_batch_size, world.rank, world.world_size, cfg.seed + 1, skip=start)
     update.engine.train()
@@ -173,7 +173,7 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
     generator = torch.Generator(world.device).manual_seed(cfg.seed * 1000 + world.rank)
     timer = Timer(world.device)
     sampler, scorer = Sampler(run.policy, cfg, generator), Scorer(cfg, world)
-    update = GRPOUpdate(run.policy, cfg, world, idle_sample(sampler.encoder), timer)
+    update = GRPOUpdate(run.policy, cfg, world, idle_sequence(sampler.encoder), timer)
     update.reference, reference_source = kl_reference(run, update, reference_source)
     held_out = HeldOut(sampler, scorer, eval_examples, cfg, world)
     resume = run.resume_of("grpo")
@@ -184,14 +184,16 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
     curve = {}  # step -> held-out evaluation, every --eval_every steps
     for step in range(start + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
-        with timer("rollout"), update.engine.gathered():
-            samples = sampler.sample(next(stream))  # 1. sample
-            rewards = scorer.score(samples)  # 2. score
-            advantages = scorer.advantages(rewards)  # 3. advantages
-        batch, numbers = update(samples, advantages)  # 4. update: packs its own batch
+        with update.engine.gathered():
+            with timer("sample"):
+                rollout = sampler.sample(next(stream))  # 1. sample
+            with timer("score"):
+                rewards = scorer.score(rollout)  # 2. score
+                advantages = scorer.advantages(rewards)  # 3. advantages
+        batch, numbers = update(rollout, advantages)  # 4. update: packs its own batch
         seconds = time.perf_counter() - t0
         record = {"stage": "grpo", "step": step, "rewards": cfg.rewards, "lr": update.engine.lr,  # 5. log
-                  **grpo_step_metrics(samples, rewards, batch, numbers, seconds, world),
+                  **grpo_step_metrics(rollout, rewards, batch, numbers, seconds, world),
                   "skipped_updates": update.engine.skipped, **timer.pop(), "time_step": seconds}
         if cfg.eval_every and eval_examples and (step % cfg.eval_every == 0 or step == cfg.num_steps):
             with timer("eval"):  # a learning curve; not counted in time_step
@@ -251,11 +253,11 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
 # -------------------------------------------------------------------------------- helpers
 
 
-def idle_sample(encoder) -> Sample:
+def idle_sequence(encoder) -> Sequence:
     """One blank-image sequence: what a rank with fewer micro-batches runs, weighted 0, when
     its engine keeps ranks in lockstep (ZeRO)."""
     prompt = encoder.blank()
-    return Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
+    return Sequence(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
 
 
 def _resume_stage(run: Run, stage: str, engine, generators: dict | None = None) -> int:

@@ -59,7 +59,7 @@ def test_builtin_run_learns(tmp_path):
     assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
     assert all(r["rewards"] == "all" for r in grpo)
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
-                "decode_efficiency", "peak_memory_gb", "time_rollout", "time_reference", "time_update",
+                "decode_efficiency", "peak_memory_gb", "time_sample", "time_score", "time_reference", "time_update",
                 "step_rar", "step_rvr", "key_step_match", "has_answer", "undecided"):
         assert key in grpo[0], key
     assert all(math.isfinite(r["loss"]) for r in grpo)

@@ -1,7 +1,7 @@
 """Stage 2 of a StepGRPO step: score every sampled completion, then the advantages.
 
     scorer = Scorer(cfg, world)
-    rewards = scorer.score(samples)           # RewardBreakdown, one entry per completion
+    rewards = scorer.score(rollout)           # RewardBreakdown, one entry per completion
     advantages = scorer.advantages(rewards)   # (P*G,) fp32, normalized within each group
 
 The full reward (StepRAR + StepRVR) is always scored and logged; `--rewards` chooses what the
@@ -25,9 +25,9 @@ class Scorer:
         self.reward_config = RewardConfig(alpha=cfg.reward_alpha, normalize=cfg.reward_normalize,
                                           symbolic=cfg.reward_symbolic)
 
-    def score(self, samples) -> RewardBreakdown:
-        """samples: r1vl.sampling.sampler.Samples. Entry p*G + g: completion g of prompt p."""
-        return score_groups(samples.groups(), [p.example for p in samples.prompts], self.reward_config)
+    def score(self, rollout) -> RewardBreakdown:
+        """rollout: r1vl.sampling.sampler.Rollout. Entry p*G + g: completion g of prompt p."""
+        return score_groups(rollout.groups(), [p.example for p in rollout.prompts], self.reward_config)
 
     def advantages(self, rewards: RewardBreakdown) -> torch.Tensor:
         """(P*G,) fp32: the trained reward normalized within each group. Every rank calls it

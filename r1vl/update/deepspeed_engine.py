@@ -52,7 +52,7 @@ from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
 from r1vl.model.attention import attention_implementations
 from r1vl.update.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
-from r1vl.update.packing import Sample, pack
+from r1vl.update.packing import Sequence, pack
 
 # -------------------------------------------------------------------------------- the engine
 
@@ -108,11 +108,11 @@ class DeepSpeedEngine(Engine):
             earlier stage's ZeRO-3 engine); it stays `model` (the engine wraps it, never copies it).
         settings: the rate, its schedule, AdamW's, clipping, the skip limit.
         path, raw: the --deepspeed file and its JSON (r1vl.deepspeed_config.read_deepspeed_config).
-        idle: the sample `lockstep` pads with; None: padding is refused.
+        idle: the sequence `lockstep` pads with; None: padding is refused.
     """
 
     def __init__(self, model: torch.nn.Module, settings: UpdateSettings, path: str, raw: dict,
-                 world: distributed.Dist, idle: Sample | None = None):
+                 world: distributed.Dist, idle: Sequence | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -146,7 +146,7 @@ class DeepSpeedEngine(Engine):
             return microbatches
         if self._idle_batch is None:
             raise ValueError("DeepSpeedEngine.lockstep: this rank must pad its micro-batches but the engine "
-                             "was built without an idle sample (make_engine(..., idle=...))")
+                             "was built without an idle sequence (make_engine(..., idle=...))")
         return microbatches + [(None, self._idle_batch)] * (most - len(microbatches))
 
     def backward(self, loss: torch.Tensor) -> None:

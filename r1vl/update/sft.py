@@ -13,31 +13,31 @@ import torch
 
 from r1vl import distributed
 from r1vl.model.policy import Policy
-from r1vl.update.engines import make_engine
+from r1vl.update.choose_engine import make_engine
 from r1vl.update.losses import sft_loss_sum
 from r1vl.update.microbatches import plan_batch
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 
 
 class SFTUpdate:
     """cfg: sft_lr, sft_steps, micro_batch_tokens, share_prompts. encode: example ->
     (prompt, target ids); idle: what a rank with fewer micro-batches runs, weighted 0."""
 
-    def __init__(self, policy: Policy, cfg, world: distributed.Dist, encode: Callable, idle: Sample):
+    def __init__(self, policy: Policy, cfg, world: distributed.Dist, encode: Callable, idle: Sequence):
         self.model, self.cfg, self.world, self.encode = policy.model, cfg, world, encode
         self.engine = make_engine(policy.model, cfg, cfg.sft_lr, cfg.sft_steps, world, idle)
 
     def __call__(self, examples) -> dict:
         """One optimizer step on `examples`; a pair longer than micro_batch_tokens is left out."""
         cfg, world, engine = self.cfg, self.world, self.engine
-        samples = []
+        sequences = []
         for prompt, target in map(self.encode, examples):
             if prompt.ids.numel() + target.numel() <= cfg.micro_batch_tokens:
-                samples.append(Sample(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
-        n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], world.device)[0]
+                sequences.append(Sequence(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
+        n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in sequences)], world.device)[0]
         # Summed on the device and read back once per step: no host sync per micro-batch.
         loss_sum = torch.zeros((), device=world.device)
-        batch = plan_batch(samples, None, 1, self.model, cfg, world.device)
+        batch = plan_batch(sequences, None, 1, self.model, cfg, world.device)
         for mb, packed in engine.lockstep([(mb, mb.packed) for mb in batch.microbatches]):
             loss = engine.forward(sft_loss_sum, packed) / n_tokens * (0.0 if mb is None else 1.0)
             engine.backward(loss)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
 from transformers import AttentionInterface
 
 from r1vl.model.attention import BACKENDS, _sdpa_masked, cu_seqlens_from_positions, implementation_name, pick_backend, use_varlen_attention, varlen_attention
@@ -109,10 +109,10 @@ def test_both_towers_run_through_the_registered_backend(family, monkeypatch):
     tower alike: every attention layer of both calls r1vl's function (the tower once per
     image, its segment non-causal), and the packed forward equals transformers' own sdpa."""
     gen = torch.Generator().manual_seed(9)
-    samples = [make_sample(gen, [(1, 4, 6)], 3, family=family), make_sample(gen, [(1, 6, 4)], 2, family=family)]
+    sequences = [make_sequence(gen, [(1, 4, 6)], 3, family=family), make_sequence(gen, [(1, 6, 4)], 2, family=family)]
     reference = tiny_model(family, seed=9)
     model = tiny_model(family, seed=9)
-    packed = pack(samples, model)
+    packed = pack(sequences, model)
     inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
                   pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw,
                   mm_token_type_ids=(packed.input_ids == IMAGE).int(), use_cache=False)
@@ -135,7 +135,7 @@ def test_both_towers_run_through_the_registered_backend(family, monkeypatch):
     patches = [int(t.prod()) for t in packed.image_grid_thw]
     vision_calls = [c for c in calls if not c[0]]
     text_calls = [c for c in calls if c[0]]
-    assert len(text_calls) == text_layers and all(c[1] == len(samples) for c in text_calls)
+    assert len(text_calls) == text_layers and all(c[1] == len(sequences) for c in text_calls)
     # One segment a call (an image, or a window of one under Qwen2.5-VL's windowed layers),
     # every patch once per layer.
     assert all(c[1] == 1 for c in vision_calls)
@@ -170,8 +170,8 @@ def test_boundaries_from_positions_when_not_passed():
     model = tiny_model("qwen2_5_vl", seed=5)
     use_varlen_attention(model, "sdpa")
     gen = torch.Generator().manual_seed(5)
-    samples = [make_sample(gen, [(1, 4, 10)], 3), make_sample(gen, [], 4), make_sample(gen, [(1, 6, 4)], 2)]
-    packed = pack(samples, model)
+    sequences = [make_sequence(gen, [(1, 4, 10)], 3), make_sequence(gen, [], 4), make_sequence(gen, [(1, 6, 4)], 2)]
+    packed = pack(sequences, model)
     hidden = completion_hidden(model, packed)
     out = model.model(
         input_ids=packed.input_ids, position_ids=packed.position_ids,
@@ -452,13 +452,13 @@ def test_gpu_backend_stand_ins_match_sdpa_through_the_model(version, layout, mon
     from tiny_qwen_vl import make_group
 
     gen = torch.Generator().manual_seed(31)
-    samples = make_group(gen, [(1, 4, 6)], [3, 1, 5]) + make_group(gen, [], [2, 4])
+    sequences = make_group(gen, [(1, 4, 6)], [3, 1, 5]) + make_group(gen, [], [2, 4])
     reference = tiny_model("qwen2_vl", seed=31).to(torch.bfloat16)
     model = copy.deepcopy(reference)
     backend = _inject(monkeypatch, version)
     assert use_varlen_attention(model, backend) == backend
     use_varlen_attention(reference, "sdpa")
-    parts = {"plain": [samples], "shared": [samples], "split": [samples[:2], samples[2:]]}[layout]
+    parts = {"plain": [sequences], "shared": [sequences], "split": [sequences[:2], sequences[2:]]}[layout]
     for part in parts:
         packed = pack(part, model, share_prompts=layout != "plain")
         logp, grads = _bf16_logprobs_and_grads(model, packed)

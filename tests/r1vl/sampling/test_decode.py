@@ -2,7 +2,7 @@
 the model's own forward (transformers, DynamicCache) for each prompt alone."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, make_sequence, tiny_model
 
 import r1vl.sampling.decode
 from r1vl.data.prompts import Prompt
@@ -15,9 +15,9 @@ def test_packed_prefill_equals_each_prompts_own_forward(family):
     # Qwen3-VL: the keys pass k_norm, and DeepStack features join the first layers' outputs.
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(0)
-    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family)
+    sequences = [make_sequence(gen, [grid], 1, text_lens=lens, family=family)
                for grid, lens in [((1, 4, 6), [3, 2]), ((1, 8, 8), [1, 6]), ((1, 4, 4), [5, 5])]]
-    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in sequences]
     lengths = [p.ids.numel() for p in prompts]
     text = model.config.text_config
     cache = RolloutCache.allocate(lengths, 2, 4, text.num_hidden_layers, text.num_key_value_heads,

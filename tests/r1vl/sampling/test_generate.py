@@ -3,7 +3,7 @@ position equal those of one uncached forward over prompt + completion, with fini
 compacted away mid-way; the model's own distribution at temperature 1; stops at EOS, top-p."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
 
 import r1vl.sampling.generate
 from r1vl.data.prompts import Prompt, encode_prompt
@@ -86,8 +86,8 @@ def test_image_tower_sees_each_image_once(setup):
 def _tiny_prompts(gen, text_lens, family):
     """Prompts of uneven lengths (images of different grids, text around them)."""
     grids = [(1, 4, 6), (1, 8, 8), (1, 4, 4)]
-    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family) for grid, lens in zip(grids, text_lens)]
-    return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    sequences = [make_sequence(gen, [grid], 1, text_lens=lens, family=family) for grid, lens in zip(grids, text_lens)]
+    return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in sequences]
 
 
 def _full_logits(model, prompt, completion):

@@ -30,7 +30,7 @@ from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
 from r1vl.update.deepspeed_engine import _plain_optimizer_state
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
@@ -187,23 +187,23 @@ class _Ranks:
 def _rank_microbatches(rng: random.Random, rank: int, budget: int) -> tuple[list, int]:
     """One rank's [(indices, stand-in for its PackedBatch)] as r1vl.update.microbatches plans
     them (shared-prompt or not), for a random number of GRPO groups (0 = all prompts skipped);
-    and the rank's sample count."""
+    and the rank's sequence count."""
     groups, g = rng.randint(0, 6), rng.randint(2, 4)
     prompts = [[rank * 100 + p] * rng.randint(1, budget // 3) for p in range(groups)]
-    samples = [Sample(prompt, [7] * rng.randint(1, budget // 3 - 1)) for prompt in prompts for _ in range(g)]
+    sequences = [Sequence(prompt, [7] * rng.randint(1, budget // 3 - 1)) for prompt in prompts for _ in range(g)]
     if rng.random() < 0.5:
-        plan = plan_shared_microbatches(samples, budget).microbatches
+        plan = plan_shared_microbatches(sequences, budget).microbatches
     else:
-        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        plan = plan_microbatches(lengths, budget, groups=[i // g for i in range(len(samples))])
-    return [(idx, f"packed {rank}.{k}") for k, idx in enumerate(plan)], len(samples)
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
+        plan = plan_microbatches(lengths, budget, groups=[i // g for i in range(len(sequences))])
+    return [(idx, f"packed {rank}.{k}") for k, idx in enumerate(plan)], len(sequences)
 
 
 def test_lockstep_gives_every_rank_as_many_microbatches_and_loses_none(monkeypatch):
     """What keeps ranks in step under ZeRO: every rank runs the same number of micro-batches
     (the largest count over the ranks, no more), its own micro-batches all, once each and in
     order, then (None, idle batch) entries that the update weights 0; so over the ranks every
-    sample is trained on exactly once. A rank with no micro-batch at all (every prompt
+    sequence is trained on exactly once. A rank with no micro-batch at all (every prompt
     skipped) runs idle batches only. PlainEngine (gradients summed once, after the step) keeps
     each rank's list as it is."""
     from r1vl import distributed
@@ -462,7 +462,7 @@ def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path
 def test_plain_runs_never_import_deepspeed():
     code = ("import sys, torch, train\n"
             "from r1vl import distributed\n"
-            "from r1vl.update.engines import make_engine\n"
+            "from r1vl.update.choose_engine import make_engine\n"
             "from r1vl.config import make_config\n"
             "from r1vl.tiny import build_model, build_tokenizer\n"
             "model = build_model(build_tokenizer(['a b'] * 2, vocab_size=300))\n"
@@ -479,7 +479,7 @@ def test_plain_runs_never_import_deepspeed():
 
 def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
     from r1vl import distributed
-    from r1vl.update.engines import make_engine
+    from r1vl.update.choose_engine import make_engine
 
     (tmp_path / "engine.json").write_text(json.dumps({"zero_stage": 3, "world_size": 2}))
     (tmp_path / "zero_rank00000.pt").write_bytes(b"")
