@@ -8,7 +8,7 @@ prompts up to 512 tokens with images up to 400000 pixels, completions up to 1024
 beta 0.04); rows with batch_size 32 fill whole 16384-token micro-batches (the default
 micro_batch_tokens), where activations dominate. Every GPU has 80 GiB. The measured column:
 one full-width decoder layer in bf16, packed (two sequences), r1vl's sdpa varlen attention,
-bytes saved for backward counted with saved_tensors_hooks (r1vl.run.saved_tensors.SavedTensors).
+bytes saved for backward counted with saved_tensors_hooks (benchmarks/saved_tensors.py).
 No GPU figures: this file was produced on a CPU-only machine.
 """
 import functools
@@ -25,7 +25,7 @@ from r1vl.config import make_config  # noqa: E402
 from r1vl.model.attention import register  # noqa: E402
 from r1vl.run.memory_check import fixes, plan_for_config  # noqa: E402
 from r1vl.run.memory_plan import GiB, ModelShape, load_model_config  # noqa: E402
-from r1vl.run.saved_tensors import SavedTensors  # noqa: E402
+from saved_tensors import SavedTensors  # noqa: E402
 
 DEVICE_GIB = 80.0
 TOKENS = 256  # of the measured layer

@@ -8,9 +8,9 @@ each of WORLD_SIZE ranks holds its own PROMPTS / WORLD_SIZE prompts with their G
 with filler micro-batches to the largest count over the ranks (engine.lockstep: ZeRO meets at
 every layer of every forward and backward). The batchings:
   - padded (b per micro-batch): each micro-batch padded to its longest sequence, b * longest rows;
-  - packed, share_prompts off: r1vl.update.packing.plan_microbatches with groups = prompts, as
-    train.packed_microbatches calls it; a packed row computes exactly its sequences;
-  - packed, share_prompts on (the default): r1vl.update.packing.plan_shared_microbatches; a row holds
+  - packed, share_prompts off: r1vl.update.microbatches.plan_microbatches with groups = prompts, as
+    r1vl.update.microbatches.plan_batch calls it; a packed row computes exactly its sequences;
+  - packed, share_prompts on (the default): r1vl.update.microbatches.plan_shared_microbatches; a row holds
     each prompt once per group (or per part of a group over the budget) and its completions.
 Columns: "rows / sequence tokens" is every row the ranks compute (padding and fillers included)
 over the tokens of the unshared sequences (prompt + completion each), the cost of the step;

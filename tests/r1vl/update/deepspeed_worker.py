@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from gathered_state import full_state
 
 from r1vl import distributed
 from r1vl.config import make_config
@@ -76,11 +77,6 @@ def run_steps(engine, reference, model, steps, prompt, tokenizer, world) -> list
                         "grad_norm": grad_norm, "lr": engine.lr,
                         "digests": distributed.weight_digests(model)})
     return records
-
-
-def full_state(model) -> dict:
-    with distributed.gathered(model):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def main(out_dir: Path, family: str) -> None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from gathered_state import full_state
 from grpo_reference import full_batch_gradient, group_advantages
 
 from r1vl import distributed
@@ -40,11 +41,6 @@ def rank_sequences(rank: int, prompt, vocab: int) -> list[Sequence]:
     g = torch.Generator().manual_seed(100 + rank)
     return [Sequence(prompt.ids, torch.randint(10, vocab, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g),
                    prompt.pixel_values, prompt.image_grid_thw) for _ in REWARDS[rank]]
-
-
-def full_state(model) -> dict:
-    with distributed.gathered(model):
-        return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 def setup():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonl_records import metrics_records
 
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
@@ -281,11 +282,6 @@ def test_saved_engine_state_resumes_exactly(engine_runs):
 # -------------------------------------------------------------------------------- train.py
 
 
-def _records(run_dir: Path, stage: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["stage"] == stage]
-
-
 WARM_RECORDS, WARM_STEPS = 6, 80
 
 
@@ -309,7 +305,7 @@ def warm_checkpoint(tmp_path_factory):
            "--sft_batch_size", "4", "--eval_prompts", "2", "--save_every", "0"]
     result = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert _records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
+    assert metrics_records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
     return data, out / "run" / "final"
 
 
@@ -353,7 +349,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
         assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
         runs[kind] = run_dir
 
-    grpo = _records(runs["plain"], "grpo")
+    grpo = metrics_records(runs["plain"], "grpo")
     assert all(r["reward_std_in_group"] > 0.1 and r["grad_norm"] > 0.1 for r in grpo), grpo
     assert any(r["split_prompt_groups"] > 0 for r in grpo)
     # GRPO moved the weights, from the policy as GRPO started (the KL reference) to the end,
@@ -368,7 +364,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
         for stage, keys in (("sft", ("loss", "grad_norm", "lr")),
                             ("grpo", ("loss", "grad_norm", "kl", "reward", "reward_std_in_group", "sequences",
                                       "completion_len"))):
-            mine, ref = _records(runs[kind], stage), _records(runs["plain"], stage)
+            mine, ref = metrics_records(runs[kind], stage), metrics_records(runs["plain"], stage)
             assert len(mine) == len(ref) == 2, (kind, stage)
             for a, b in zip(mine, ref):
                 for key in keys:
@@ -388,7 +384,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
     # their weights again and give back the same activations, so every step's loss and the
     # final weights equal the run without it.
     for stage in ("sft", "grpo"):
-        for a, b in zip(_records(runs["zero3-checkpointed"], stage), _records(runs["zero3"], stage)):
+        for a, b in zip(metrics_records(runs["zero3-checkpointed"], stage), metrics_records(runs["zero3"], stage)):
             assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (stage, a["step"])
     expected = load_file(runs["zero3"] / "final" / "model.safetensors")
     got = load_file(runs["zero3-checkpointed"] / "final" / "model.safetensors")
@@ -456,7 +452,7 @@ def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path
     assert result.returncode != 0
     assert result.stdout.count("skipped an update") == 2, result.stdout[-2000:]
     assert "updates skipped for non-finite values" in result.stderr
-    assert len(_records(run_dir, "sft")) < 6
+    assert len(metrics_records(run_dir, "sft")) < 6
 
 
 def test_plain_runs_never_import_deepspeed():
