@@ -58,7 +58,7 @@ class Config:
 
     # --- rollout
     num_generations: int = option(4, "G, completions per prompt")
-    batch_size: int = option(4, "completions per rank per optimizer step, a multiple of G")
+    batch_size: int = option(4, "completions (not prompts) per rank per GRPO step, a multiple of G")
     temperature: float = option(1.2, "sampling temperature, also the loss's logit temperature")
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
     max_prompt_length: int = option(512, "tokens incl. image tokens; longer prompts are skipped, never cut")
@@ -82,7 +82,8 @@ class Config:
     rewards: str = option(
         "all", "reward components trained on: accuracy / steprar (+ key steps) / steprvr (+ validity) / all")
     loss_softmax: str = option(
-        "float32", "the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)")
+        "float32", "the loss's softmax: float32 (the fused kernels) or float64 (an eager float64 reference, "
+                   "--loss_type grpo only, (N, V) logits held: to see whether a result survives other rounding)")
 
     # --- optimisation
     lr: float = option(1e-6, "AdamW learning rate of the GRPO stage")
@@ -103,8 +104,8 @@ class Config:
         False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
 
     # --- SFT warm-up (stage sft / sft+grpo)
-    sft_steps: int = option(200, "optimizer steps")
-    sft_batch_size: int = option(8, "examples per rank per step")
+    sft_steps: int = option(200, "optimizer steps of the warm-up")
+    sft_batch_size: int = option(8, "examples (one prompt + solution sequence each) per rank per warm-up step")
     sft_lr: float = option(2e-5, "the paper's warm-up rate for the 2B model")
 
     # --- hardware
@@ -112,7 +113,9 @@ class Config:
     dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU")
     kernel_impl: str = option("auto", "r1vl_kernels impl: auto = triton on CUDA, torch on CPU")
     attention: str = option(
-        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (opt-in)")
+        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (a CPU-only "
+                "reference, one masked call, memory quadratic in the packed length: to see whether a result "
+                "survives other rounding)")
     deepspeed: str = option(
         "", 'a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json); "" = plain data parallelism')
 

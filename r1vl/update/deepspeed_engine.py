@@ -205,7 +205,7 @@ class DeepSpeedEngine(Engine):
         """Each rank writes its shard of the optimizer state (fp32 master weights, AdamW
         moments) as zero_rank{r}.pt, plain tensors and numbers only; rank 0 writes engine.json
         (schedule, skipped count, stage, world size). The weights are saved by the caller."""
-        state = _plain_optimizer_state(self._ds.optimizer.state_dict())
+        state = plain_optimizer_state(self._ds.optimizer.state_dict())
         torch.save(state, directory / f"zero_rank{self.world.rank:05d}.pt")
         if self.world.is_main:
             write_engine_json(directory, self.scheduler, self.skipped, zero_stage=self.stage,
@@ -245,7 +245,7 @@ def _yielding_nothing(context):
 _DROPPED = ("loss_scaler", "param_slice_mappings")
 
 
-def _plain_optimizer_state(state: dict) -> dict:
+def plain_optimizer_state(state: dict) -> dict:
     """A ZeRO optimizer's state_dict as tensors, numbers, strings and containers only, so that
     torch.load(weights_only=True) reads it back. Raises TypeError on anything else."""
     out = {k: v for k, v in state.items() if k not in _DROPPED}

@@ -9,7 +9,7 @@ import torch
 from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
 from transformers import AttentionInterface
 
-from r1vl.model.attention import BACKENDS, _sdpa_masked, cu_seqlens_from_positions, implementation_name, pick_backend, use_varlen_attention, varlen_attention
+from r1vl.model.attention import BACKENDS, sdpa_masked, cu_seqlens_from_positions, implementation_name, pick_backend, use_varlen_attention, varlen_attention
 from r1vl.update.forward import completion_hidden
 from r1vl.update.packing import pack
 
@@ -275,7 +275,7 @@ def test_shared_prefix_sdpa_forms_match_reference_forward_and_backward(form, cau
         out = varlen_attention(q, k, v, cu, max_q, causal=causal, scale=0.4, backend="sdpa",
                                key_index=key_index, cu_seqlens_k=cu_k, max_seqlen_k=max_k)
     else:
-        out = _sdpa_masked(q, k.index_select(0, key_index), v.index_select(0, key_index), cu, cu_k, causal, 0.4, 0.0)
+        out = sdpa_masked(q, k.index_select(0, key_index), v.index_select(0, key_index), cu, cu_k, causal, 0.4, 0.0)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     ref = reference_shared_attention(q, k, v, cu, key_index, cu_k, causal, 0.4)
     expected = torch.autograd.grad(ref, (q, k, v), grad_out.double())
@@ -290,7 +290,7 @@ def test_masked_form_equals_per_segment_without_prefix():
     q, k, v = (torch.randn(sum(lengths), 2, 8, generator=gen) for _ in range(3))
     cu = _cu(lengths)
     per_segment = varlen_attention(q, k, v, cu, 8, causal=True, backend="sdpa")
-    torch.testing.assert_close(_sdpa_masked(q, k, v, cu, cu, True, None, 0.0), per_segment, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sdpa_masked(q, k, v, cu, cu, True, None, 0.0), per_segment, atol=1e-6, rtol=1e-6)
 
 
 def test_key_index_needs_its_boundaries():
@@ -547,9 +547,9 @@ def test_masked_sdpa_is_refused_for_a_cuda_model():
     """sdpa_masked's (heads, T, T_k) scores are quadratic in the packed length on CUDA (the mask
     with GQA runs only on the math kernel): refused there with the alternatives named, allowed
     on a CPU. The check reads only the device, so no GPU is needed to run it."""
-    from r1vl.model.attention import _check_backend
+    from r1vl.model.attention import check_backend
 
     with pytest.raises(ValueError, match="'sdpa_masked' takes memory quadratic in the packed length on CUDA"):
-        _check_backend("sdpa_masked", torch.device("cuda"), torch.bfloat16)
-    _check_backend("sdpa_masked", torch.device("cpu"), torch.float32)
-    _check_backend("sdpa", torch.device("cuda"), torch.float32)  # per segment: linear in T
+        check_backend("sdpa_masked", torch.device("cuda"), torch.bfloat16)
+    check_backend("sdpa_masked", torch.device("cpu"), torch.float32)
+    check_backend("sdpa", torch.device("cuda"), torch.float32)  # per segment: linear in T

@@ -40,7 +40,7 @@ def test_packed_prefill_equals_each_prompts_own_forward(family):
 
 
 def test_fused_rms_norm_is_the_models_norm_for_every_family():
-    from r1vl.sampling.decode import _norm
+    from r1vl.sampling.decode import fused_norm
 
     for family in FAMILIES:
         lm = tiny_model(family).model.language_model
@@ -52,17 +52,17 @@ def test_fused_rms_norm_is_the_models_norm_for_every_family():
             with torch.no_grad():
                 norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
                 x = torch.randn(5, 3, norm.weight.numel()) * 3
-                torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
-                torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
+                torch.testing.assert_close(fused_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(fused_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # sectioned and interleaved M-RoPE
 def test_text_rope_tables_equal_the_models_rotary_embedding(family):
-    from r1vl.sampling.decode import _rope_tables, _text_rope_tables
+    from r1vl.sampling.decode import rope_tables, text_rope_tables
 
     lm = tiny_model(family).model.language_model
     positions = torch.tensor([0, 7, 300, 4095])
     hidden = torch.zeros(4, 64)
-    for got, expected in zip(_text_rope_tables(lm, hidden, positions),
-                             _rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
+    for got, expected in zip(text_rope_tables(lm, hidden, positions),
+                             rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -29,7 +29,7 @@ from jsonl_records import metrics_records
 
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
-from r1vl.update.deepspeed_engine import _plain_optimizer_state
+from r1vl.update.deepspeed_engine import plain_optimizer_state
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches
 from r1vl.update.packing import Sequence
 
@@ -136,10 +136,10 @@ def test_resolved_config_refuses_a_dtype_against_the_file(tmp_path):
 def test_saved_optimizer_state_is_plain_data():
     state = {"loss_scaler": object(), "param_slice_mappings": [object()], "zero_stage": 2,
              "base_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1.0}]}}
-    plain = _plain_optimizer_state(state)
+    plain = plain_optimizer_state(state)
     assert set(plain) == {"zero_stage", "base_optimizer_state"}
     with pytest.raises(TypeError, match=r"optimizer state\['extra'\] is a object"):
-        _plain_optimizer_state({"extra": object()})
+        plain_optimizer_state({"extra": object()})
 
 
 # -------------------------------------------------------------------------------- lockstep
