@@ -128,7 +128,7 @@ class Config:
     eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
     eval_every: int = option(
         0, "also score them every K StepGRPO steps (a learning curve); 0 = before and after only")
-    eval_generations: int = option(0, "samples per held-out prompt; 0 = num_generations")
+    eval_generations: int = option(0, "completions per held-out prompt; 0 = num_generations")
     log_every: int = option(1, "console line every N steps (the JSONL gets every step)")
     progress: bool = option(True, "tqdm progress bars on rank 0")
 
