@@ -21,11 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
+from saved_tensors import SavedTensors  # noqa: E402
+
 from r1vl.config import make_config  # noqa: E402
 from r1vl.model.attention import register  # noqa: E402
 from r1vl.run.memory_check import fixes, plan_for_config  # noqa: E402
 from r1vl.run.memory_plan import GiB, ModelShape, load_model_config  # noqa: E402
-from saved_tensors import SavedTensors  # noqa: E402
 
 DEVICE_GIB = 80.0
 TOKENS = 256  # of the measured layer
@@ -33,7 +34,10 @@ TOKENS = 256  # of the measured layer
 
 def measured_layer_bytes_per_token(config, checkpointing: bool) -> float:
     from torch.utils.checkpoint import checkpoint
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VLDecoderLayer,
+        Qwen2VLRotaryEmbedding,
+    )
 
     text = config.get_text_config()
     text._attn_implementation = register("sdpa")

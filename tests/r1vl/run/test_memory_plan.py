@@ -26,8 +26,8 @@ from r1vl.update.losses import policy_loss
 from r1vl.update.packing import pack
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from saved_tensors import SavedTensors  # noqa: E402  (a measuring tool of benchmarks/, not of the trainer)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # SavedTensors: a measuring tool of benchmarks/, not of the trainer
+from saved_tensors import SavedTensors  # noqa: E402
 
 LOSS = dict(temperature=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=16)
 

@@ -34,8 +34,8 @@ import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from evalkit_files import png_b64, write_tsv  # noqa: E402  (run as a script, beside tests/r1vl/eval)
+sys.path.insert(0, str(HERE.parent))  # run as a script: the TSV helpers of tests/r1vl/eval
+from evalkit_files import png_b64, write_tsv  # noqa: E402
 
 SOURCES = ["vlmeval/smp/misc.py", "vlmeval/smp/vlm.py", "vlmeval/utils/matching_util.py",
            "vlmeval/dataset/utils/yorn.py", "vlmeval/dataset/utils/multiple_choice.py",
