@@ -184,12 +184,11 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
     curve = {}  # step -> held-out evaluation, every --eval_every steps
     for step in range(start + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
-        with update.engine.gathered():
-            with timer("sample"):
-                rollout = sampler.sample(next(stream))  # 1. sample
-            with timer("score"):
-                rewards = scorer.score(rollout)  # 2. score
-                advantages = scorer.advantages(rewards)  # 3. advantages
+        with timer("sample"), update.engine.gathered():  # ZeRO-3: whole weights for decoding
+            rollout = sampler.sample(next(stream))  # 1. sample
+        with timer("score"):
+            rewards = scorer.score(rollout)  # 2. score
+            advantages = scorer.advantages(rewards)  # 3. advantages
         batch, numbers = update(rollout, advantages)  # 4. update: packs its own batch
         seconds = time.perf_counter() - t0
         record = {"stage": "grpo", "step": step, "rewards": cfg.rewards, "lr": update.engine.lr,  # 5. log
