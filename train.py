@@ -17,7 +17,7 @@ One GRPO step, per data-parallel rank, each a call into its stage (r1vl/<stage>/
   2. score    (r1vl.rewards) StepRAR + StepRVR, one reward per completion, or the weighted sum of
               --reward_funcs (the user's run in a worker process, each call with a deadline);
   3. advantages  normalized within each group of G;
-  4. update   (r1vl.update) the samples packed into micro-batches; old log-probs (only if
+  4. update   (r1vl.update) the rollout's sequences packed into micro-batches; old log-probs (only if
               num_iterations > 1) and reference log-probs (if beta > 0, from a frozen copy of
               the initial policy, which sees the image too); num_iterations optimizer steps with
               the fused loss, each micro-batch weighted by its share of the global batch and
@@ -56,7 +56,7 @@ from r1vl.run.setup import (check_inputs, quiet_transformers, resume_invariants,
 from r1vl.sampling.sampler import Sampler, prompt_encoder
 from r1vl.tiny import prepare_demo
 from r1vl.update.grpo import GRPOUpdate
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 from r1vl.update.sft import SFTUpdate
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         return {"plan": plan}
     world = distributed.init(cfg.memory.device, always_group=bool(cfg.optimizer.deepspeed))
     try:
-        results = run(cfg, world)
+        results = train(cfg, world)
     except RewardFunctionError as e:  # the user's code failed: say which, where, why; no traceback
         distributed.destroy(wait_for_others=False)
         print(f"error: {e}", file=sys.stderr)
@@ -107,7 +107,7 @@ class Run:
         return progress_bar(total, desc, self.cfg.run.progress and self.world.is_main, initial=initial, leave=True)
 
 
-def run(cfg: Config, world: distributed.Dist) -> dict:
+def train(cfg: Config, world: distributed.Dist) -> dict:
     """The warm-up and/or StepGRPO, as --stage says (a resumed run skips what it finished)."""
     quiet_transformers()
     torch.manual_seed(cfg.run.seed)
@@ -127,22 +127,22 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
     stages = cfg.run.stages
     saver = Checkpointer(run_dir, cfg.run.save_every, cfg.run.keep_last, cfg.sft.sft_steps if "sft" in stages else 0,
                          world, resume_invariants(cfg))
-    parts = Run(cfg, world, run_dir, policy, log, saver, resume)
+    run = Run(cfg, world, run_dir, policy, log, saver, resume)
     results: dict = {}
     try:
         warmed_up = False
         if "sft" in stages and not (resume is not None and resume.stage == "grpo"):
-            train_sft(parts, examples)
+            train_sft(run, examples)
             warmed_up = True
         if "grpo" in stages:
             # The KL reference is the policy as GRPO starts: the --model directory itself,
             # unless a warm-up changed it or it came from a trainer checkpoint (which rotation
             # deletes); then it is written to RUN_DIR/reference.
             source = None if warmed_up or resume is not None else str(Path(model_path).resolve())
-            results = train_grpo(parts, examples, eval_examples, source)
+            results = train_grpo(run, examples, eval_examples, source)
     finally:
         log.close()
-    return finish(parts, {"run_dir": str(run_dir), **results})
+    return finish(run, {"run_dir": str(run_dir), **results})
 
 
 # -------------------------------------------------------------------------------- the warm-up
@@ -157,7 +157,7 @@ def train_sft(run: Run, examples: list) -> None:
         sft_examples, encode = load_sft(cfg.dataset.sft_data, cfg.dataset.image_root or None).items, encoder.sft
     else:
         sft_examples, encode = examples, encoder.solution
-    update = SFTUpdate(run.policy, options, cfg.optimizer, cfg.memory, world, encode, idle_sample(encoder))
+    update = SFTUpdate(run.policy, options, cfg.optimizer, cfg.memory, world, encode, idle_sequence(encoder))
     start = _resume_stage(run, "sft", update.engine)
     stream = rank_batches(sft_examples, options.sft_batch_size, world.rank, world.world_size, cfg.run.seed + 1,
                           skip=start)
@@ -191,7 +191,7 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
     sampler = Sampler(run.policy, cfg.sampling, prompt_encoder(run.policy, cfg.dataset), generator)
     scorer = Scorer(cfg.reward, cfg.sampling.num_generations, world, num_steps=cfg.objective.num_steps)
     update = GRPOUpdate(run.policy, cfg.objective, cfg.sampling, cfg.optimizer, cfg.memory, world,
-                        idle_sample(sampler.encoder), timer)
+                        idle_sequence(sampler.encoder), timer)
     update.reference, reference_source = kl_reference(run, update, reference_source)
     held_out = HeldOut(sampler, scorer, eval_examples, cfg.evaluation, world, batch_size=cfg.sampling.batch_size,
                        seed=cfg.run.seed)
@@ -204,14 +204,15 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
     curve = {}  # step -> held-out evaluation, every --eval_every steps
     for step in range(start + 1, num_steps + 1):
         t0 = time.perf_counter()
-        with timer("rollout"), update.engine.gathered():
-            samples = sampler.sample(next(stream))  # 1. sample
-            rewards = scorer.score_step(samples, step)  # 2. score
+        with timer("sample"), update.engine.gathered():  # ZeRO-3: whole weights for decoding
+            rollout = sampler.sample(next(stream))  # 1. sample
+        with timer("score"):
+            rewards = scorer.score_step(rollout, step)  # 2. score
             advantages = scorer.advantages(rewards)  # 3. advantages
-        batch, numbers = update(samples, advantages)  # 4. update: packs its own batch
+        batch, numbers = update(rollout, advantages)  # 4. update: packs its own batch
         seconds = time.perf_counter() - t0
         record = {"stage": "grpo", "step": step, "reward_funcs": " ".join(cfg.reward.reward_funcs),  # 5. log
-                  "lr": update.engine.lr, **grpo_step_metrics(samples, rewards.breakdown, batch, numbers, seconds, world),
+                  "lr": update.engine.lr, **grpo_step_metrics(rollout, rewards.breakdown, batch, numbers, seconds, world),
                   **reward_function_metrics(rewards, world),
                   "skipped_updates": update.engine.skipped, **timer.pop(), "time_step": seconds}
         if eval_every and eval_examples and (step % eval_every == 0 or step == num_steps):
@@ -273,11 +274,11 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
 # -------------------------------------------------------------------------------- helpers
 
 
-def idle_sample(encoder) -> Sample:
+def idle_sequence(encoder) -> Sequence:
     """One blank-image sequence: what a rank with fewer micro-batches runs, weighted 0, when
     its engine keeps ranks in lockstep (ZeRO)."""
     prompt = encoder.blank()
-    return Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
+    return Sequence(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
 
 
 def _resume_stage(run: Run, stage: str, engine, generators: dict | None = None) -> int:

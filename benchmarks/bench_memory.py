@@ -8,7 +8,7 @@ prompts up to 512 tokens with images up to 400000 pixels, completions up to 1024
 beta 0.04); rows with batch_size 32 fill whole 16384-token micro-batches (the default
 micro_batch_tokens), where activations dominate. Every GPU has 80 GiB. The measured column:
 one full-width decoder layer in bf16, packed (two sequences), r1vl's sdpa varlen attention,
-bytes saved for backward counted with saved_tensors_hooks (r1vl.run.saved_tensors.SavedTensors).
+bytes saved for backward counted with saved_tensors_hooks (benchmarks/saved_tensors.py).
 No GPU figures: this file was produced on a CPU-only machine.
 """
 import functools
@@ -21,11 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
+from saved_tensors import SavedTensors  # noqa: E402
+
 from r1vl.config import make_config  # noqa: E402
 from r1vl.model.attention import register  # noqa: E402
 from r1vl.run.memory_check import fixes, plan_for_config  # noqa: E402
 from r1vl.run.memory_plan import GiB, ModelShape, load_model_config  # noqa: E402
-from r1vl.run.saved_tensors import SavedTensors  # noqa: E402
 
 DEVICE_GIB = 80.0
 TOKENS = 256  # of the measured layer
@@ -33,7 +34,10 @@ TOKENS = 256  # of the measured layer
 
 def measured_layer_bytes_per_token(config, checkpointing: bool) -> float:
     from torch.utils.checkpoint import checkpoint
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VLDecoderLayer,
+        Qwen2VLRotaryEmbedding,
+    )
 
     text = config.get_text_config()
     text._attn_implementation = register("sdpa")

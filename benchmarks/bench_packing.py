@@ -8,9 +8,9 @@ each of WORLD_SIZE ranks holds its own PROMPTS / WORLD_SIZE prompts with their G
 with filler micro-batches to the largest count over the ranks (engine.lockstep: ZeRO meets at
 every layer of every forward and backward). The batchings:
   - padded (b per micro-batch): each micro-batch padded to its longest sequence, b * longest rows;
-  - packed, share_prompts off: r1vl.update.packing.plan_microbatches with groups = prompts, as
-    train.packed_microbatches calls it; a packed row computes exactly its sequences;
-  - packed, share_prompts on (the default): r1vl.update.packing.plan_shared_microbatches; a row holds
+  - packed, share_prompts off: r1vl.update.microbatches.plan_microbatches with groups = prompts, as
+    r1vl.update.microbatches.plan_batch calls it; a packed row computes exactly its sequences;
+  - packed, share_prompts on (the default): r1vl.update.microbatches.plan_shared_microbatches; a row holds
     each prompt once per group (or per part of a group over the budget) and its completions.
 Columns: "rows / sequence tokens" is every row the ranks compute (padding and fillers included)
 over the tokens of the unshared sequences (prompt + completion each), the cost of the step;
@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches  # noqa: E402
-from r1vl.update.packing import Sample  # noqa: E402
+from r1vl.update.packing import Sequence  # noqa: E402
 
 PROMPTS, G, WORLD_SIZE, STEPS = 64, 4, 4, 20
 # Rows of the filler micro-batch (train.filler_microbatch): Qwen2-VL's chat template around a
@@ -53,8 +53,8 @@ class Micro:
 
 
 def rollout(rng: random.Random, spread: str) -> tuple[list[int], list[int]]:
-    """Prompt length of each of the PROMPTS prompts, completion length of each of its G samples
-    (prompt-major: sample i belongs to prompt i // G)."""
+    """Prompt length of each of the PROMPTS prompts, completion length of each of its G sequences
+    (prompt-major: sequence i belongs to prompt i // G)."""
     prompts, completions = [], []
     for _ in range(PROMPTS):
         prompts.append(rng.randint(300, 800))
@@ -86,9 +86,9 @@ def packed(prompts, completions, max_tokens: int) -> list[Micro]:
 def shared(prompts, completions, max_tokens: int) -> list[Micro]:
     """train.packed_microbatches with share_prompts on: [prompt, c1, ..., cG] rows."""
     # Only lengths and equality of prompts matter to the planner: prompt p is P copies of p.
-    samples = [Sample([i // G] * prompts[i // G], [0] * c) for i, c in enumerate(completions)]
+    sequences = [Sequence([i // G] * prompts[i // G], [0] * c) for i, c in enumerate(completions)]
     micro = []
-    for idx in plan_shared_microbatches(samples, max_tokens).microbatches:
+    for idx in plan_shared_microbatches(sequences, max_tokens).microbatches:
         groups = {i // G for i in idx}
         rows = sum(prompts[p] for p in groups) + sum(completions[i] for i in idx)
         micro.append(Micro(rows, rows, len(groups)))

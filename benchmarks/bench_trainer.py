@@ -17,14 +17,13 @@ steps dropped:
 - tokens_per_s: (prompt + completion tokens of the step's sequences, image placeholders
   included) / step seconds, train.py's own definition, computed the same way by the driver.
 - time_step, time_rollout (sampling, rewards, advantages; TRL's also its second pass of the
-  images through the processor), time_reference (reference log-probs), time_update (policy
-  forward + backward, optimizer step), seconds; they add up to time_step. time_generate:
-  TRL's generation alone (tokenizing, model.generate, decoding), the larger part of its
-  rollout; train.py does not time its sampler apart from the rewards.
-- time_reward: TRL's, measured (a seeded random number per completion); ours is not timed
-  by train.py (its rule-based rewards always run, inside time_rollout), so the figure is an
-  estimate: r1vl.rewards.score_groups on the same number of random completions of the same
-  length, timed here.
+  images through the processor; ours is train.py's time_sample + time_score), time_reference
+  (reference log-probs), time_update (policy forward + backward, optimizer step), seconds; they
+  add up to time_step. time_generate: the generation alone (TRL's tokenizing, model.generate,
+  decoding; ours is train.py's time_sample), the larger part of the rollout.
+- time_reward: TRL's, measured (a seeded random number per completion); ours is an estimate,
+  since train.py's time_score also holds the advantages: r1vl.rewards.score_groups on the same
+  number of random completions of the same length, timed here.
 - peak_memory_gb: r1vl.run.metrics.peak_memory_gb in both processes: torch.cuda.max_memory_allocated
   on GPU, the process's peak resident set size (ru_maxrss) on CPU, since the process started
   (so on CPU it includes each side's imports).
@@ -183,7 +182,10 @@ def run_ours(data: Path, model_dir: Path, settings: dict, workdir: Path, tag: st
            "--save_final", "false", "--progress", "false"]
     _run(cmd, workdir / f"r1vl{tag}.log", settings["threads"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("stage") == "grpo"]
+    records = [r for r in map(json.loads, lines) if r.get("stage") == "grpo"]
+    for r in records:  # the table's phases, as the TRL driver cuts them
+        r["time_rollout"] = r["time_sample"] + r["time_score"]
+    return records
 
 
 def run_trl(data: Path, model_dir: Path, settings: dict, workdir: Path, tag: str) -> list[dict]:
@@ -322,7 +324,8 @@ def main() -> None:
 
     env = {**environment(), **_versions()}
     env["device"] = torch.cuda.get_device_name() if settings["device"] == "cuda" else "cpu"
-    rows = [make_row(env, "r1vl", args.shape, settings, steps["r1vl"], "",
+    ours = median_step(steps["r1vl"])
+    rows = [make_row(env, "r1vl", args.shape, settings, steps["r1vl"], f"{ours['time_sample']:.3f}",
                      our_reward_seconds(data, model_dir, settings),
                      f"load avg {', '.join(loads['r1vl'])}; time_reward estimated apart (rule-based rewards, "
                      "exact matching), part of time_rollout")]

@@ -53,7 +53,7 @@ from _common import append_csv, environment, print_table  # noqa: E402
 from r1vl.model.attention import use_varlen_attention  # noqa: E402
 from r1vl.update.losses import completion_logprobs, microbatch_weight, policy_loss  # noqa: E402
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches  # noqa: E402
-from r1vl.update.packing import Sample, pack  # noqa: E402
+from r1vl.update.packing import Sequence, pack  # noqa: E402
 
 G, PROMPT_TOKENS, GRID = 4, 512, (1, 40, 40)  # 40 x 40 patches -> 400 image tokens
 MIN_COMPLETION, MAX_COMPLETION, MICRO_BATCH_TOKENS = 50, 1024, 16384
@@ -106,7 +106,7 @@ def completion_lengths(rng: random.Random, spread: str) -> list[int]:
     return [int(round(math.exp(rng.uniform(low, high)))) for _ in range(G)]
 
 
-def step_samples(rng: random.Random, spread: str) -> list[Sample]:
+def step_sequences(rng: random.Random, spread: str) -> list[Sequence]:
     """One prompt of PROMPT_TOKENS tokens with its image, and G completions."""
     t, h, w = GRID
     image_tokens = t * h * w // 4
@@ -116,18 +116,18 @@ def step_samples(rng: random.Random, spread: str) -> list[Sample]:
     prompt = torch.tensor(head + [VISION_START] + [IMAGE] * image_tokens + [VISION_END] + tail)
     pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
     grid = torch.tensor([GRID])
-    return [Sample(prompt, torch.tensor([rng.randrange(1, 4000) for _ in range(n)]), pixels, grid)
+    return [Sequence(prompt, torch.tensor([rng.randrange(1, 4000) for _ in range(n)]), pixels, grid)
             for n in completion_lengths(rng, spread)]
 
 
-def microbatches(samples: list[Sample], model, shared: bool) -> list:
+def microbatches(sequences: list[Sequence], model, shared: bool) -> list:
     """[(indices, PackedBatch)] as train.py's packed_microbatches builds them."""
     if shared:
-        plan = plan_shared_microbatches(samples, MICRO_BATCH_TOKENS).microbatches
+        plan = plan_shared_microbatches(sequences, MICRO_BATCH_TOKENS).microbatches
     else:
-        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        plan = plan_microbatches(lengths, MICRO_BATCH_TOKENS, groups=[0] * len(samples))
-    return [(idx, pack([samples[i] for i in idx], model, share_prompts=shared)) for idx in plan]
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
+        plan = plan_microbatches(lengths, MICRO_BATCH_TOKENS, groups=[0] * len(sequences))
+    return [(idx, pack([sequences[i] for i in idx], model, share_prompts=shared)) for idx in plan]
 
 
 def update(model, micro, advantages, ref_logps, S: int, N: int, impl: str) -> None:
@@ -168,25 +168,25 @@ def main() -> None:
         rng = random.Random(args.seed)
         steps = []
         for _ in range(args.steps):
-            samples = step_samples(rng, spread)
-            N = sum(len(s.completion_ids) for s in samples)
-            advantages = torch.randn(len(samples), device=device)
+            sequences = step_sequences(rng, spread)
+            N = sum(len(s.completion_ids) for s in sequences)
+            advantages = torch.randn(len(sequences), device=device)
             prepared = {}
             for shared in (False, True):
-                micro = [(idx, pb.to(device)) for idx, pb in microbatches(samples, model, shared)]
+                micro = [(idx, pb.to(device)) for idx, pb in microbatches(sequences, model, shared)]
                 ref = [completion_logprobs(model, pb, 1.2, impl) for _, pb in micro]  # stands in for the reference
                 prepared[shared] = (micro, ref)
-            steps.append((samples, N, advantages, prepared))
+            steps.append((sequences, N, advantages, prepared))
         times = {False: [[] for _ in steps], True: [[] for _ in steps]}
         cpu = {False: [[] for _ in steps], True: [[] for _ in steps]}
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
-            for k, (samples, N, advantages, prepared) in enumerate(steps):
+            for k, (sequences, N, advantages, prepared) in enumerate(steps):
                 for shared in order:
                     micro, ref = prepared[shared]
                     _sync(device)
                     t0, c0 = time.perf_counter(), time.process_time()
-                    update(model, micro, advantages, ref, len(samples), N, impl)
+                    update(model, micro, advantages, ref, len(sequences), N, impl)
                     _sync(device)
                     times[shared][k].append(time.perf_counter() - t0)
                     cpu[shared][k].append(time.process_time() - c0)

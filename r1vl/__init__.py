@@ -1,11 +1,12 @@
 """r1vl: StepGRPO (R1-VL) for Qwen2-VL; `train.py` at the repository root is the trainer.
 
-Library modules, bottom up: config (options), data, prompts, rewards/, rollout (the
-sampler), packing, attention and model (the packed forward), losses, grpo (one update),
-engine / deepspeed_engine / deepspeed_config (losses to updates), distributed, policy
-(load / save a Hugging Face policy), checkpoints (trainer checkpoints and resume), metrics,
-files (write-then-rename), tiny (the built-in demo's model).
+The pipeline as folders, bottom up: data (records, prompts, the synthetic task), model (the
+policy and its packed attention), sampling (step 1, the rollout), rewards (steps 2 and 3,
+scores and advantages), update (step 4, packing, losses and the engines), run (step 5 and
+around the loop: setup, checkpoints, metrics, the memory plan), eval (checkpoint evaluation),
+tools (offline tools that prepare files). The words they share: docs/glossary.md.
 
-Modules that are also command-line tools (`python -m r1vl.NAME --help`): keysteps (fill a
-data file's key steps), synthetic (write the synthetic task), plot (draw a run's curves).
+Modules that are also command-line tools (`python -m NAME --help`): r1vl.tools.keysteps (fill a
+data file's key steps), r1vl.data.synthetic (write the synthetic task), r1vl.run.plot (draw a
+run's curves), r1vl.eval (evaluate a checkpoint).
 """

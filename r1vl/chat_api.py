@@ -1,5 +1,5 @@
 """One request to an OpenAI-compatible chat-completions endpoint, with the standard library
-only: what the key-step extractor (r1vl.rewards.keysteps) and the evaluation's answer judge
+only: what the key-step extractor (r1vl.tools.keysteps) and the evaluation's answer judge
 (r1vl.eval.judge) send. Nothing the endpoint returns is evaluated: the caller parses the text."""
 from __future__ import annotations
 

@@ -68,7 +68,9 @@ class ModelOptions:
             'a checkpoint\'s family is its config.json\'s model_type')
     dtype: str = option("auto", "auto = bfloat16 on GPU, float32 on CPU")
     attention: str = option(
-        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (opt-in)")
+        "auto", "packed attention backend: auto / flash_attn / varlen_attn / sdpa / sdpa_masked (a CPU-only "
+                "reference, one masked call, memory quadratic in the packed length: to see whether a result "
+                "survives other rounding)")
     freeze_vision_tower: bool = option(
         False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
     activation_checkpointing: str = option(
@@ -82,7 +84,7 @@ class SamplingOptions:
     """The rollout: how many completions, how long, at what temperature (r1vl.sampling.Sampler)."""
 
     num_generations: int = option(4, "G, completions per prompt")
-    batch_size: int = option(4, "completions per rank per optimizer step, a multiple of G")
+    batch_size: int = option(4, "completions (not prompts) per rank per GRPO step, a multiple of G")
     temperature: float = option(1.2, "sampling temperature, also the loss's logit temperature")
     top_p: float = option(1.0, "nucleus sampling; 1.0 = off")
     max_prompt_length: int = option(512, "tokens incl. image tokens; longer prompts are skipped, never cut")
@@ -123,7 +125,8 @@ class ObjectiveOptions:
     epsilon_high: float = option(0.2, "clip range above 1")
     loss_type: str = option("grpo", "grpo / bnpo / dr_grpo / dapo (TRL's reductions)")
     loss_softmax: str = option(
-        "float32", "the loss's softmax: float32 (fused kernels) or float64 (eager; a numerics check)")
+        "float32", "the loss's softmax: float32 (the fused kernels) or float64 (an eager float64 reference, "
+                   "--loss_type grpo only, (N, V) logits held: to see whether a result survives other rounding)")
 
 
 @dataclass
@@ -146,8 +149,8 @@ class OptimizerOptions:
 class SFTOptions:
     """The supervised warm-up (stage sft / sft+grpo; r1vl.update.sft)."""
 
-    sft_steps: int = option(200, "optimizer steps")
-    sft_batch_size: int = option(8, "examples per rank per step")
+    sft_steps: int = option(200, "optimizer steps of the warm-up")
+    sft_batch_size: int = option(8, "examples (one prompt + solution sequence each) per rank per warm-up step")
     sft_lr: float = option(2e-5, "the paper's warm-up rate for the 2B model")
 
 
@@ -194,7 +197,7 @@ class EvalOptions:
     eval_prompts: int = option(0, "held-out prompts scored before and after training; 0 = none")
     eval_every: int = option(
         0, "also score them every K StepGRPO steps (a learning curve); 0 = before and after only")
-    eval_generations: int = option(0, "samples per held-out prompt; 0 = num_generations")
+    eval_generations: int = option(0, "completions per held-out prompt; 0 = num_generations")
 
 
 @dataclass

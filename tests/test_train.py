@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from jsonl_records import metrics_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,11 +22,6 @@ def _train(args, tmp_path, launcher=(), timeout=600, kill_at: str | None = None)
     if not launcher:
         cmd = [sys.executable, *cmd]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _records(run_dir: Path, stage: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["stage"] == stage]
 
 
 @pytest.mark.timeout(1500)  # about 5 minutes alone; pytest.ini's 900 s was overrun on 2 cores shared by 5 processes
@@ -47,7 +43,7 @@ def test_builtin_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     result = _train(["--run_dir", str(run_dir)], tmp_path, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
-    grpo = _records(run_dir, "grpo")
+    grpo = metrics_records(run_dir, "grpo")
     steps, every = TINY_DEFAULTS["num_steps"], TINY_DEFAULTS["eval_every"]
     assert len(grpo) == steps
     results = json.loads((run_dir / "results.json").read_text())
@@ -59,7 +55,7 @@ def test_builtin_run_learns(tmp_path):
     assert {k: grpo[-1][f"eval_{k}"] for k in after} == after
     assert all(r["reward_funcs"] == "steprar steprvr" for r in grpo)
     for key in ("kl", "entropy", "clip_low", "clip_high", "completion_len", "tokens_per_s", "pack_efficiency",
-                "decode_efficiency", "peak_memory_gb", "time_rollout", "time_reference", "time_update",
+                "decode_efficiency", "peak_memory_gb", "time_sample", "time_score", "time_reference", "time_update",
                 "step_rar", "step_rvr", "key_step_match", "has_answer", "undecided"):
         assert key in grpo[0], key
     assert all(math.isfinite(r["loss"]) for r in grpo)
@@ -79,7 +75,7 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     digests = results["weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    grpo = _records(run_dir, "grpo")
+    grpo = metrics_records(run_dir, "grpo")
     assert [r["sequences"] for r in grpo] == [16, 16]  # 2 ranks x 8 completions, different prompts
 
 
@@ -106,7 +102,7 @@ def test_model_directory_loads_trains_and_saves(tmp_path, checkpoint):
             "--max_pixels", "3136", "--micro_batch_tokens", "2048", "--num_iterations", "2", "--lr", "1e-4"]
     result = _train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    grpo = _records(run_dir, "grpo")
+    grpo = metrics_records(run_dir, "grpo")
     assert len(grpo) == 1 and grpo[0]["sequences"] == 4
     assert 0.0 <= grpo[0]["undecided"] <= 1.0  # the symbolic check's undecided share (on here)
     # The saved policy is itself a checkpoint directory that loads through --model.
@@ -131,7 +127,7 @@ def test_reward_choice_curve_and_perturbed_numerics_run(tmp_path, checkpoint):
     result = _train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["reward_funcs"] == ["accuracy", "steprvr"]
-    grpo = _records(run_dir, "grpo")
+    grpo = metrics_records(run_dir, "grpo")
     assert [r["reward_funcs"] for r in grpo] == ["accuracy steprvr"] * 3
     assert all(r["rewards/accuracy"] + r["rewards/steprvr"] == pytest.approx(r["reward_weighted"]) for r in grpo)
     assert [r["step"] for r in grpo if "eval_reward" in r] == [2, 3]
@@ -147,7 +143,7 @@ def test_too_long_prompts_are_skipped_and_counted(tmp_path, checkpoint):
             "--micro_batch_tokens", "64", "--save_final", "false"]
     result = _train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    grpo = _records(run_dir, "grpo")
+    grpo = metrics_records(run_dir, "grpo")
     assert [(r["skipped_prompts"], r["sequences"]) for r in grpo] == [(1.0, 0.0), (1.0, 0.0)]
 
 
@@ -181,7 +177,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, checkpoint):
     assert result.returncode != 0
     assert "skipped an update" in result.stdout
     assert "updates skipped for non-finite values" in result.stderr
-    assert len(_records(run_dir, "sft")) < 6
+    assert len(metrics_records(run_dir, "sft")) < 6
 
 
 def test_sft_stage_on_chat_form_data(tmp_path, checkpoint):
@@ -199,9 +195,9 @@ def test_sft_stage_on_chat_form_data(tmp_path, checkpoint):
             "--micro_batch_tokens", "2048", "--save_final", "false"]
     result = _train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    sft = _records(run_dir, "sft")
+    sft = metrics_records(run_dir, "sft")
     assert len(sft) == 3 and sft[-1]["loss"] < sft[0]["loss"]
-    assert _records(run_dir, "grpo") == []
+    assert metrics_records(run_dir, "grpo") == []
 
 
 def test_qwen2_5_vl_checkpoint_loads_and_samples(tmp_path, checkpoint):
@@ -265,7 +261,7 @@ def test_frozen_vision_tower_stays_as_loaded_through_warm_up_grpo_and_resume(tmp
     result = _train([*args, "--resume", "auto"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step_00000003 (grpo step 1)" in result.stdout
-    assert [r["step"] for r in _records(run_dir, "grpo")] == [1, 2]
+    assert [r["step"] for r in metrics_records(run_dir, "grpo")] == [1, 2]
 
     def weights(directory):
         return load_file(directory / "model.safetensors")

@@ -91,7 +91,7 @@ def encode_solution(solution: str, tokenizer) -> torch.Tensor:
 def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_pixels: int,
                min_pixels: int, system: str | None = SYSTEM) -> tuple[Prompt, torch.Tensor]:
     """A chat-form SFT example as (prompt of every turn before the last assistant turn,
-    that turn's ids). Only single-image conversations are supported (pack's Sample takes
+    that turn's ids). Only single-image conversations are supported (pack's Sequence takes
     one grid per image and the paper's data has one image per example)."""
     messages = list(example.messages)
     if messages[-1]["role"] != "assistant":

@@ -5,7 +5,7 @@ and is recomputed in the backward (non-reentrant torch.utils.checkpoint).
 transformers' own mechanism does it: Qwen2-VL's decoder layers and vision blocks are
 GradientCheckpointingLayer, whose forward goes through the checkpoint function when the flag
 is set, the module is in training mode and gradients are enabled. So:
-- the rollout (no_grad, KV-cache decoding through r1vl.decode), the old and reference
+- the rollout (no_grad, KV-cache decoding through r1vl.sampling.decode), the old and reference
   log-probs (no_grad) and a frozen reference copy are never checkpointed;
 - the update and the SFT warm-up run with the policy in train mode (engine.train()), and
   every keyword the packed forward passes to a layer (cu_seq_lens_*, the shared-prompt

@@ -122,7 +122,7 @@ def varlen_attention(
     if backend == "sdpa":
         return _sdpa_per_segment(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
     if backend == "sdpa_masked":
-        return _sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
+        return sdpa_masked(query, key, value, cu_seqlens, cu_k, causal, scale, dropout)
     raise ValueError(f"varlen_attention: backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -183,10 +183,11 @@ def _sdpa_per_segment(query, key, value, cu_q, cu_k, causal, scale, dropout):
     return torch.cat(pieces) if pieces else query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
 
 
-def _sdpa_masked(query, key, value, cu_q, cu_k, causal, scale, dropout):
+def sdpa_masked(query, key, value, cu_q, cu_k, causal, scale, dropout):
     """One SDPA call over the whole packed batch with a (T, T_k) mask: segment-diagonal,
     causal aligned to each segment's bottom right. O(T * T_k) memory but no host sync: the
-    opt-in "sdpa_masked" backend, a reference for the others."""
+    opt-in "sdpa_masked" backend (--attention sdpa_masked, CPU only): a reference for the
+    others, and the perturbed numerics of benchmarks/bench_learning.py."""
     def segments(cu, total):
         lengths = (cu[1:] - cu[:-1]).to(torch.int64)
         # output_size keeps repeat_interleave free of a device sync.
@@ -374,7 +375,7 @@ def pick_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def _check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"use_varlen_attention: backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "sdpa_masked" and device.type == "cuda":
@@ -411,7 +412,7 @@ def use_varlen_attention(model, backend: str | None = None) -> str:
     param = next(model.parameters())
     if backend is None:
         backend = pick_backend(param.device, param.dtype)
-    _check_backend(backend, param.device, param.dtype)
+    check_backend(backend, param.device, param.dtype)
     name = register(backend)
     model.set_attn_implementation({"text_config": name, "vision_config": name})
     logger.info("r1vl varlen attention: backend %s (model on %s, %s)", backend, param.device, param.dtype)

@@ -1,6 +1,6 @@
-"""What a user's reward function receives: TRL's GRPOTrainer arguments, built from a step's samples.
+"""What a user's reward function receives: TRL's GRPOTrainer arguments, built from a step's rollout.
 
-    kwargs, sources = reward_inputs(samples, step=7, num_steps=500)
+    kwargs, sources = reward_inputs(rollout, step=7, num_steps=500)
     fn(**kwargs)   # fn(prompts, completions, completion_ids, **columns)
 
 As TRL passes them for vision-language (conversational) data, one entry per completion, the
@@ -34,23 +34,23 @@ from r1vl.data.records import load_image
 _NOT_COLUMNS = ("source", "columns", "prompt")  # bookkeeping; the prompt goes in `prompts`
 
 
-def reward_inputs(samples, step: int, num_steps: int) -> tuple[dict, list[str]]:
+def reward_inputs(rollout, step: int, num_steps: int) -> tuple[dict, list[str]]:
     """(kwargs for fn(**kwargs), each prompt's record "<file>:<index>").
 
-    samples: r1vl.sampling.sampler.Samples. step: the GRPO step being scored (1-based).
+    rollout: r1vl.sampling.sampler.Rollout. step: the GRPO step being scored (1-based).
     """
-    G, P = samples.group_size, len(samples.prompts)
-    per_prompt = [example_columns(p.example) for p in samples.prompts]
-    prompts = [prompt_messages(p.example, columns.get("images", [])) for p, columns in zip(samples.prompts, per_prompt)]
+    G, P = rollout.group_size, len(rollout.prompts)
+    per_prompt = [example_columns(p.example) for p in rollout.prompts]
+    prompts = [prompt_messages(p.example, columns.get("images", [])) for p, columns in zip(rollout.prompts, per_prompt)]
     names = list(dict.fromkeys(k for columns in per_prompt for k in columns))
     kwargs = {
         "prompts": [prompts[i // G] for i in range(P * G)],
-        "completions": [[{"role": "assistant", "content": text}] for text in samples.texts],
-        "completion_ids": [ids.tolist() for ids in samples.completions.ids],
+        "completions": [[{"role": "assistant", "content": text}] for text in rollout.texts],
+        "completion_ids": [ids.tolist() for ids in rollout.completions.ids],
         **{name: [per_prompt[i // G].get(name) for i in range(P * G)] for name in names},
         "trainer_state": SimpleNamespace(global_step=step - 1, max_steps=num_steps),
     }
-    return kwargs, [p.example.source for p in samples.prompts]
+    return kwargs, [p.example.source for p in rollout.prompts]
 
 
 def example_columns(example) -> dict:

@@ -1,7 +1,7 @@
 """Stage 2 of a StepGRPO step: score every sampled completion, then the advantages.
 
     scorer = Scorer(cfg.reward, cfg.sampling.num_generations, world, num_steps=cfg.objective.num_steps)
-    rewards = scorer.score_step(samples, step)   # StepRewards: each function's, the weighted total
+    rewards = scorer.score_step(rollout, step)   # StepRewards: each function's, the weighted total
     advantages = scorer.advantages(rewards)      # (P*G,) fp32, normalized within each group
 
 The paper's breakdown (StepRAR + StepRVR, the accuracy, ...) is always scored and logged
@@ -48,16 +48,16 @@ class Scorer:
         users = any(not s.builtin for s in self.specs)
         self.worker = reward_worker(self.specs, options.reward_timeout_s) if users else None
 
-    def score(self, samples) -> RewardBreakdown:
-        """samples: r1vl.sampling.sampler.Samples. Entry p*G + g: completion g of prompt p."""
-        return score_groups(samples.groups(), [p.example for p in samples.prompts], self.reward_config)
+    def score(self, rollout) -> RewardBreakdown:
+        """rollout: r1vl.sampling.sampler.Rollout. Entry p*G + g: completion g of prompt p."""
+        return score_groups(rollout.groups(), [p.example for p in rollout.prompts], self.reward_config)
 
-    def score_step(self, samples, step: int) -> StepRewards:
+    def score_step(self, rollout, step: int) -> StepRewards:
         """Every --reward_funcs function on this rank's completions of GRPO step `step`.
         Raises r1vl.rewards.worker.RewardFunctionError when a user's function fails."""
-        breakdown = self.score(samples)
-        n, G = len(breakdown), samples.group_size
-        kwargs, sources = reward_inputs(samples, step, self.num_steps) if self.worker and n else ({}, [])
+        breakdown = self.score(rollout)
+        n, G = len(breakdown), rollout.group_size
+        kwargs, sources = reward_inputs(rollout, step, self.num_steps) if self.worker and n else ({}, [])
         columns, failure = [], None
         for spec in self.specs:
             if spec.builtin:

@@ -8,7 +8,7 @@ vision tower's width and depth), the dtype, the engine and the trainer's options
 looked up by model name. Two phases decide the peak:
 
   rollout  weights (all of them gathered under ZeRO-3), optimizer state, the KL reference, the
-           rollout's KV cache (r1vl.kv_cache) and the decode step's fused projection weights
+           rollout's KV cache (r1vl.sampling.kv_cache) and the decode step's fused projection weights
   update   the same persistent state, gradients, the activations of one packed micro-batch
            (with or without activation checkpointing), the fused loss's backward buffers
 
@@ -138,7 +138,7 @@ class ModelShape:
 
     @property
     def fused_decode_params(self) -> int:
-        """What r1vl.decode.fuse_layers concatenates per rollout: q/k/v (weights and biases) and
+        """What r1vl.sampling.decode.fuse_layers concatenates per rollout: q/k/v (weights and biases) and
         gate/up of every layer."""
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         return self.layers * (self.hidden * qkv + qkv * self.qkv_bias + 2 * self.intermediate * self.hidden)
@@ -221,7 +221,7 @@ class ModelShape:
         return around + layers
 
     def kv_cache_bytes(self, e: int, prompts: int, prompt_slots: int, completions: int, columns: int) -> int:
-        """r1vl.kv_cache.RolloutCache: keys and values of every layer, prompts held once."""
+        """r1vl.sampling.kv_cache.RolloutCache: keys and values of every layer, prompts held once."""
         per_token = 2 * self.layers * self.kv_heads * self.head_dim * e
         return per_token * (prompts * prompt_slots + completions * columns)
 
@@ -348,7 +348,7 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
     """The plan for one rank. The micro-batch holds full-length groups (max_prompt_length
     prompts with an image of max_pixels, max_completion_length completions), at most the
     rank's whole batch; on CUDA the rollout compiles its decode step, which keeps its KV cache
-    and fused weights between rollouts (r1vl.rollout's workspaces)."""
+    and fused weights between rollouts (r1vl.sampling.generate's workspaces)."""
     e, N, s = dtype_bytes, world_size, shape
     Phi = s.params
     Psi = Phi - (s.vision_params if freeze_vision_tower else 0)

@@ -18,7 +18,7 @@ from r1vl import distributed, files
 
 # What the console line shows, in order, when present.
 CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "undecided", "kl", "entropy",
-                "completion_len", "loss", "tokens_per_s", "time_rollout", "time_update")
+                "completion_len", "loss", "tokens_per_s", "time_sample", "time_score", "time_update")
 
 # Past this share of a step's completions with an undecided answer check, the verifier's
 # budget is likely too short for the answers (or the policy found hostile ones).
@@ -148,7 +148,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Timer:
-    """Wall time per phase: `with timer("rollout"): ...`. On CUDA the phase ends with a
+    """Wall time per phase: `with timer("sample"): ...`. On CUDA the phase ends with a
     sync, so that it is charged for its own kernels rather than the next phase."""
 
     def __init__(self, device: torch.device):
@@ -169,31 +169,31 @@ class Timer:
         return {f"time_{k}": v for k, v in totals.items()}
 
 
-def grpo_step_metrics(samples, rewards, batch, update: dict, seconds: float, world) -> dict:
+def grpo_step_metrics(rollout, rewards, batch, update: dict, seconds: float, world) -> dict:
     """One StepGRPO step's numbers, reduced over ranks: per completion, per completion token, totals.
 
-    samples: r1vl.sampling.sampler.Samples; rewards: their RewardBreakdown; batch: the packed
+    rollout: r1vl.sampling.sampler.Rollout; rewards: their RewardBreakdown; batch: the packed
     r1vl.update.microbatches.Batch; update: r1vl.update.grpo.grpo_update's numbers.
     """
-    r, G = rewards, samples.group_size
-    lengths = [len(s.completion_ids) for s in batch.samples]
+    r, G = rewards, rollout.group_size
+    lengths = [len(s.completion_ids) for s in batch.sequences]
     packed_tokens = [mb.packed.num_tokens for mb in batch.microbatches]
-    groups = r.total.reshape(-1, G) if batch.samples else None
+    groups = r.total.reshape(-1, G) if batch.sequences else None
     per_completion = {"reward": r.total.sum(), "accuracy": r.accuracy.sum(), "step_rar": r.step_rar.sum(),
                       "step_rvr": r.step_rvr.sum(), "key_step_match": r.key_step_match.sum(),
                       "has_answer": r.has_answer.sum(), "undecided": r.undecided.sum(),
-                      "truncated": (~samples.completions.stopped).sum(),
+                      "truncated": (~rollout.completions.stopped).sum(),
                       "completion_len": sum(lengths)}
     per_token = {k: update[k] for k in ("kl", "entropy", "clip_low", "clip_high")}
-    totals = {"loss": update["loss"], "skipped_prompts": samples.skipped, "split_prompt_groups": batch.split_groups,
-              "tokens": sum(len(p.ids) for p in samples.prompts) * G + sum(lengths),
-              "groups": len(samples.prompts),
+    totals = {"loss": update["loss"], "skipped_prompts": rollout.skipped, "split_prompt_groups": batch.split_groups,
+              "tokens": sum(len(p.ids) for p in rollout.prompts) * G + sum(lengths),
+              "groups": len(rollout.prompts),
               "reward_std_in_group": groups.std(axis=1, ddof=1).sum() if groups is not None else 0.0,
               "packed_tokens": sum(packed_tokens),
               # Lockstep micro-batches cost as much as the largest one.
               "longest_microbatch_sum": max(packed_tokens, default=0) * len(packed_tokens),
               # Rows the sampler decoded (finished rows leave its batch every few tokens).
-              "decode_slots": samples.completions.decode_slots}
+              "decode_slots": rollout.completions.decode_slots}
     total = reduce_over_ranks({**per_completion, **per_token, **totals}, world.device)
     S, N = update["sequences"], update["tokens"]
     return {

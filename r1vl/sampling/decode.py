@@ -39,7 +39,7 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
     return lm
 
 
-def _rope_tables(lm, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(lm, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own rotary embedding at (3, 1, N) M-RoPE positions: cos (N, 1, D) and sin with
     its first half negated, so that rotate_half(x) * sin = roll(x, D/2) * signed sin."""
     cos, sin = lm.rotary_emb(hidden, positions)  # (1, N, D) each
@@ -47,13 +47,13 @@ def _rope_tables(lm, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[tor
     return cos[0, :, None], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None]
 
 
-def _text_rope_tables(lm, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """_rope_tables for (N,) positions equal on all three M-RoPE axes (sampled tokens): the
+def text_rope_tables(lm, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_tables for (N,) positions equal on all three M-RoPE axes (sampled tokens): the
     sections' recomposition is then the identity, and default RoPE is cos/sin of position x
     inverse frequency, computed here in four ops instead of the module's dozen."""
     rotary = lm.rotary_emb
     if getattr(rotary, "rope_type", None) != "default" or getattr(rotary, "attention_scaling", None) != 1.0:
-        return _rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))
+        return rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))
     freqs = positions[:, None].float() * rotary.inv_freq.to(hidden.device, torch.float)  # (N, D/2)
     cos, sin = freqs.cos(), freqs.sin()
     return torch.cat((cos, cos), -1)[:, None].to(hidden.dtype), torch.cat((-sin, sin), -1)[:, None].to(hidden.dtype)
@@ -101,7 +101,7 @@ def fuse_layers(model: torch.nn.Module) -> list[FusedLayer] | None:
 _RMS_NORMS = ("Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "Qwen3VLTextRMSNorm")
 
 
-def _norm(module, x: torch.Tensor) -> torch.Tensor:
+def fused_norm(module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm as PyTorch's fused rms_norm (one op instead of seven; the same
     arithmetic: fp32 statistics, the weight applied in the input's dtype)."""
     eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
@@ -129,12 +129,12 @@ def _qkv(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused
             return qk[:, :-Hkv], qk[:, -Hkv:], qkv[:, -Hkv:]
         q, k, v = qkv[:, :-2 * Hkv], qkv[:, -2 * Hkv:-Hkv], qkv[:, -Hkv:]
     if q_norm is not None:
-        q, k = _norm(q_norm, q), _norm(k_norm, k)
+        q, k = fused_norm(q_norm, q), fused_norm(k_norm, k)
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
 def _mlp_block(layer, hidden: torch.Tensor, fused: FusedLayer | None = None) -> torch.Tensor:
-    hidden_in = _norm(layer.post_attention_layernorm, hidden)
+    hidden_in = fused_norm(layer.post_attention_layernorm, hidden)
     if fused is None:
         return hidden + layer.mlp(hidden_in)
     gate_up = F.linear(hidden_in, fused.gate_up_weight)
@@ -194,7 +194,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
     T = ids.numel()
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     pos = torch.cat(positions, dim=1).to(device)  # (3, T)
-    cos, sin = _rope_tables(lm, hidden, pos[:, None])
+    cos, sin = rope_tables(lm, hidden, pos[:, None])
     # Packed token i is token j of prompt p: where its keys go in the padded prefix cache.
     prompt_of = torch.repeat_interleave(torch.arange(first_slot, first_slot + len(prompts), device=device),
                                         torch.tensor(lengths, device=device), output_size=T)
@@ -204,7 +204,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
     slots, Lp = slice(first_slot, first_slot + len(prompts)), max(lengths)
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin)
+        q, k, v = _qkv(attn, fused_norm(layer.input_layernorm, hidden), cos, sin)
         # (NP, Hkv, Lp, D) seen as (NP, Lp, Hkv, D): one scatter writes every prompt's rows.
         cache.prefix_k[i].transpose(1, 2)[prompt_of, index_in_prompt] = k
         cache.prefix_v[i].transpose(1, 2)[prompt_of, index_in_prompt] = v
@@ -224,7 +224,7 @@ def prefill(model: torch.nn.Module, prompts: list[Prompt], cache: RolloutCache,
         hidden = _mlp_block(layer, hidden)
         if i < len(deepstack):  # hidden[rows] + features, rounded once, as the model's own addition
             hidden = hidden.index_put((image_rows,), deepstack[i], accumulate=True)
-    last = _norm(lm.norm, hidden[cu[1:].to(torch.int64) - 1])  # (P, hidden): only the last token's logits
+    last = fused_norm(lm.norm, hidden[cu[1:].to(torch.int64) - 1])  # (P, hidden): only the last token's logits
     return model.lm_head(last).float()
 
 
@@ -276,7 +276,7 @@ def decode_step(
     B = tokens.shape[0]
     hidden = lm.embed_tokens(tokens)  # (B, hidden)
     # Sampled tokens sit at the same position on all three M-RoPE axes.
-    cos, sin = _text_rope_tables(lm, hidden, positions)
+    cos, sin = text_rope_tables(lm, hidden, positions)
     comp_bias = None
     if masked:
         comp_bias = torch.zeros(columns, device=tokens.device).masked_fill_(
@@ -284,7 +284,7 @@ def decode_step(
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
         layer_fused = None if fused is None else fused[i]
-        q, k, v = _qkv(attn, _norm(layer.input_layernorm, hidden), cos, sin, layer_fused)
+        q, k, v = _qkv(attn, fused_norm(layer.input_layernorm, hidden), cos, sin, layer_fused)
         keys, values = comp_k[i, :B], comp_v[i, :B]  # (B, Hkv, C, D) views of the cache
         if isinstance(column, int):  # eager: a plain strided copy (index_copy_ is slower on a CPU)
             keys[:, :, column] = k
@@ -302,4 +302,4 @@ def decode_step(
         else:
             hidden = torch.addmm(hidden, out.reshape(B, -1), layer_fused.o_weight.t())
         hidden = _mlp_block(layer, hidden, layer_fused)
-    return model.lm_head(_norm(lm.norm, hidden)).float()
+    return model.lm_head(fused_norm(lm.norm, hidden)).float()

@@ -78,7 +78,7 @@ def bucket_size(n: int, largest: int) -> int:
     return min(largest, -(-n // step) * step)
 
 
-def _fill_holes(live: torch.Tensor, n_live: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fill_holes(live: torch.Tensor, n_live: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compaction that moves as little as possible: live rows past n_live fill the finished
     rows before it. Returns keep (n_live,), new row i = old row keep[i], and the moves
     (old rows `movers` go to rows `holes`)."""
@@ -88,7 +88,7 @@ def _fill_holes(live: torch.Tensor, n_live: int) -> tuple[torch.Tensor, torch.Te
     return keep, movers, holes
 
 
-def _grid_slots(prompt: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, int]:
+def grid_slots(prompt: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, int]:
     """Places in the narrowest (n_prompts, group) grid with one place per row: row i goes to
     prompt[i] * group + (its rank among its prompt's rows). Returns (slots, group)."""
     order = torch.sort(prompt, stable=True).indices
@@ -194,7 +194,7 @@ def _mark_static(tensors) -> None:
 _WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _rollout_cache(model, lengths: list[int], G: int, max_new_tokens: int, reuse: bool) -> RolloutCache:
+def rollout_cache(model, lengths: list[int], G: int, max_new_tokens: int, reuse: bool) -> RolloutCache:
     lm = language_model(model)
     shape = dict(num_generations=G, max_new_tokens=max_new_tokens, num_layers=len(lm.layers),
                  num_kv_heads=lm.config.num_key_value_heads, head_dim=lm.layers[0].self_attn.head_dim,
@@ -212,7 +212,7 @@ def _rollout_cache(model, lengths: list[int], G: int, max_new_tokens: int, reuse
     return cache
 
 
-def _fused_weights(model, reuse: bool):
+def fused_weights(model, reuse: bool):
     fused = fuse_layers(model)
     if not reuse or fused is None:
         return fused
@@ -283,10 +283,10 @@ def generate(
     # 1. Prefill: every prompt once, its keys/values into the cache's prefix part.
     lengths = [p.ids.numel() for p in prompts]
     positions, deltas = zip(*(prompt_positions(model, p) for p in prompts))
-    cache = _rollout_cache(model, lengths, G, max_new_tokens, reuse=stepper.cuda_graphs)
+    cache = rollout_cache(model, lengths, G, max_new_tokens, reuse=stepper.cuda_graphs)
     logits = prefill(model, prompts, cache, list(positions)).repeat_interleave(G, dim=0)  # (B0, V)
 
-    fused = _fused_weights(model, reuse=stepper.cuda_graphs)
+    fused = fused_weights(model, reuse=stepper.cuda_graphs)
     if stepper.compiled:
         _mark_static([cache.prefix_k, cache.prefix_v, cache.prefix_bias, cache.comp_k, cache.comp_v,
                       *(t for layer in fused or [] for t in layer if t is not None)])
@@ -323,7 +323,7 @@ def generate(
         else:
             due = rows - n_live >= max(1, int(rows * compact_fraction))
         if due:
-            keep, movers, holes = _fill_holes(live, n_live)
+            keep, movers, holes = fill_holes(live, n_live)
             cache.move_rows(movers, holes, columns=t)  # columns 0..t-1 are written
             seq, start, prompt, token = seq[keep], start[keep], prompt[keep], token[keep]
             live = torch.ones(n_live, dtype=torch.bool, device=device)
@@ -344,7 +344,7 @@ def generate(
                     cache.compact_prompts(kept_prompts)
                     prompt = torch.searchsorted(kept_prompts, prompt)
                     n_prompts = kept_prompts.numel()
-                slots, group = _grid_slots(prompt, n_prompts)
+                slots, group = grid_slots(prompt, n_prompts)
         logits = stepper(model, token, start + t, t, slots, group, cache, n_prompts, fused)
     bar.close()
 

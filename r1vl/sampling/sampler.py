@@ -1,7 +1,7 @@
 """Stage 1 of a StepGRPO step: encode a batch of examples, sample G completions per prompt.
 
     sampler = Sampler(policy, cfg.sampling, prompt_encoder(policy, cfg.dataset), generator)
-    samples = sampler.sample(examples)        # Samples: prompts, completion ids and texts
+    rollout = sampler.sample(examples)        # Rollout: prompts, completion ids and texts
 
 A prompt longer than max_prompt_length is skipped and counted, never cut: cutting would drop
 image tokens. Everything a sampler needs (the policy, the prompt encoder, the EOS ids, the
@@ -21,8 +21,8 @@ from r1vl.sampling.generate import Completions, generate
 
 
 @dataclass
-class Samples:
-    """G sampled completions for each kept prompt of one batch, prompt-major (p*G + g)."""
+class Rollout:
+    """G sampled completions for each kept prompt of one batch, prompt-major (p*G + g): P groups."""
 
     prompts: list[Prompt]  # P kept prompts (with their examples)
     completions: Completions  # P*G completion ids, whether each stopped, the decode work
@@ -66,7 +66,7 @@ class Sampler:
         """The same sampler with another random stream and group size (held-out evaluation)."""
         return Sampler(self.policy, self.options, self.encoder, generator, num_generations)
 
-    def sample(self, examples) -> Samples:
+    def sample(self, examples) -> Rollout:
         """Encode `examples` and sample group_size completions for each."""
         options = self.options
         prompts, skipped = [], 0
@@ -80,4 +80,4 @@ class Sampler:
                                [] if options.ignore_eos else self.eos_ids,
                                temperature=options.temperature, top_p=options.top_p, generator=self.generator)
         texts = [self.policy.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions.ids]
-        return Samples(prompts, completions, texts, self.group_size, skipped)
+        return Rollout(prompts, completions, texts, self.group_size, skipped)

@@ -52,7 +52,7 @@ from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
 from r1vl.model.attention import attention_implementations
 from r1vl.update.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
-from r1vl.update.packing import Sample, pack
+from r1vl.update.packing import Sequence, pack
 
 # -------------------------------------------------------------------------------- the engine
 
@@ -108,11 +108,11 @@ class DeepSpeedEngine(Engine):
             earlier stage's ZeRO-3 engine); it stays `model` (the engine wraps it, never copies it).
         settings: the rate, its schedule, AdamW's, clipping, the skip limit.
         path, raw: the --deepspeed file and its JSON (r1vl.deepspeed_config.read_deepspeed_config).
-        idle: the sample `lockstep` pads with; None: padding is refused.
+        idle: the sequence `lockstep` pads with; None: padding is refused.
     """
 
     def __init__(self, model: torch.nn.Module, settings: UpdateSettings, path: str, raw: dict,
-                 world: distributed.Dist, idle: Sample | None = None):
+                 world: distributed.Dist, idle: Sequence | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -146,7 +146,7 @@ class DeepSpeedEngine(Engine):
             return microbatches
         if self._idle_batch is None:
             raise ValueError("DeepSpeedEngine.lockstep: this rank must pad its micro-batches but the engine "
-                             "was built without an idle sample (make_engine(..., idle=...))")
+                             "was built without an idle sequence (make_engine(..., idle=...))")
         return microbatches + [(None, self._idle_batch)] * (most - len(microbatches))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -205,7 +205,7 @@ class DeepSpeedEngine(Engine):
         """Each rank writes its shard of the optimizer state (fp32 master weights, AdamW
         moments) as zero_rank{r}.pt, plain tensors and numbers only; rank 0 writes engine.json
         (schedule, skipped count, stage, world size). The weights are saved by the caller."""
-        state = _plain_optimizer_state(self._ds.optimizer.state_dict())
+        state = plain_optimizer_state(self._ds.optimizer.state_dict())
         torch.save(state, directory / f"zero_rank{self.world.rank:05d}.pt")
         if self.world.is_main:
             write_engine_json(directory, self.scheduler, self.skipped, zero_stage=self.stage,
@@ -245,7 +245,7 @@ def _yielding_nothing(context):
 _DROPPED = ("loss_scaler", "param_slice_mappings")
 
 
-def _plain_optimizer_state(state: dict) -> dict:
+def plain_optimizer_state(state: dict) -> dict:
     """A ZeRO optimizer's state_dict as tensors, numbers, strings and containers only, so that
     torch.load(weights_only=True) reads it back. Raises TypeError on anything else."""
     out = {k: v for k, v in state.items() if k not in _DROPPED}

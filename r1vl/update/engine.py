@@ -1,7 +1,7 @@
 """What turns losses into updates: backward, gradient reduction, clipping, the optimizer and
 its schedule, and their state in a checkpoint.
 
-    engine = make_engine(model, cfg.optimizer, lr, total_steps, world)  # r1vl.update.engines: plain or DeepSpeed's
+    engine = make_engine(model, cfg.optimizer, lr, total_steps, world)   # r1vl.update.choose_engine: PlainEngine, or DeepSpeed's
 
 The update talks to an engine only:
 

@@ -1,8 +1,8 @@
-"""Stage 4 of a StepGRPO step, the update: pack the rank's samples, then old and reference
+"""Stage 4 of a StepGRPO step, the update: pack the rank's rollout, then old and reference
 log-probs and num_iterations optimizer steps.
 
     update = GRPOUpdate(policy, cfg.objective, cfg.sampling, cfg.optimizer, cfg.memory, world, idle)  # its engine
-    batch, numbers = update(samples, advantages)            # plans and packs its own batch
+    batch, numbers = update(rollout, advantages)            # plans and packs its own batch
 
 Every micro-batch's loss is weighted by its share of the global batch
 (r1vl.update.losses.microbatch_weight) and the engine sums gradients over ranks, so the step's
@@ -21,10 +21,10 @@ from r1vl import distributed
 from r1vl.config import MemoryOptions, ObjectiveOptions, OptimizerOptions, SamplingOptions
 from r1vl.model.policy import Policy
 from r1vl.run.metrics import Timer
-from r1vl.update.engines import make_engine
+from r1vl.update.choose_engine import make_engine
 from r1vl.update.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss
 from r1vl.update.microbatches import Batch, plan_batch
-from r1vl.update.packing import PackedBatch, Sample
+from r1vl.update.packing import PackedBatch, Sequence
 
 
 class GRPOUpdate:
@@ -39,7 +39,7 @@ class GRPOUpdate:
     """
 
     def __init__(self, policy: Policy, objective: ObjectiveOptions, sampling: SamplingOptions,
-                 optimizer: OptimizerOptions, memory: MemoryOptions, world: distributed.Dist, idle: Sample,
+                 optimizer: OptimizerOptions, memory: MemoryOptions, world: distributed.Dist, idle: Sequence,
                  timer: Timer | None = None):
         self.model, self.world = policy.model, world
         self.objective, self.sampling, self.memory = objective, sampling, memory
@@ -49,13 +49,13 @@ class GRPOUpdate:
         self.timer = timer or Timer(world.device)
         self.reference = None
 
-    def __call__(self, samples, advantages: torch.Tensor) -> tuple[Batch, dict]:
-        """samples: r1vl.sampling.sampler.Samples, the rank's; advantages: (P*G,) one per
+    def __call__(self, rollout, advantages: torch.Tensor) -> tuple[Batch, dict]:
+        """rollout: r1vl.sampling.sampler.Rollout, the rank's; advantages: (P*G,) one per
         completion. Returns the packed batch and `grpo_update`'s numbers."""
-        sequences = [Sample(samples.prompt_of(i).ids, ids, samples.prompt_of(i).pixel_values,
-                            samples.prompt_of(i).image_grid_thw) for i, ids in enumerate(samples.completions.ids)]
+        sequences = [Sequence(rollout.prompt_of(i).ids, ids, rollout.prompt_of(i).pixel_values,
+                              rollout.prompt_of(i).image_grid_thw) for i, ids in enumerate(rollout.completions.ids)]
         with self.timer("pack"):
-            batch = plan_batch(sequences, advantages, samples.group_size, self.model, self.memory, self.world.device)
+            batch = plan_batch(sequences, advantages, rollout.group_size, self.model, self.memory, self.world.device)
         return batch, grpo_update(self.engine, self.reference, batch, self.objective, self.sampling, self.impl,
                                   self.world, self.timer)
 
@@ -89,13 +89,15 @@ def grpo_update(engine, reference, batch: Batch, objective: ObjectiveOptions, sa
     batch), the global "sequences" and "tokens" counts, and the last "grad_norm".
     """
     timer = timer or Timer(world.device)
-    sequences, tokens = distributed.all_reduce_sum([len(batch.samples), batch.completion_tokens], world.device)
+    # Every rank's sequences and completion tokens: the denominators of the global batch.
+    total_sequences, total_tokens = distributed.all_reduce_sum([len(batch.sequences), batch.completion_tokens],
+                                                               world.device)
     work = engine.lockstep([(mb, mb.packed) for mb in batch.microbatches])  # idle batches where ranks keep pace
     shares = [
         _Share(packed, torch.zeros(packed.num_sequences), 0.0, False) if mb is None else
         _Share(packed, mb.advantages,
-               microbatch_weight(objective.loss_type, len(mb.indices), packed.target_ids.numel(), sequences, tokens),
-               True)
+               microbatch_weight(objective.loss_type, len(mb.indices), packed.target_ids.numel(), total_sequences,
+                                 total_tokens), True)
         for mb, packed in work]
 
     with timer("reference"):  # once per rollout
@@ -106,7 +108,7 @@ def grpo_update(engine, reference, batch: Batch, objective: ObjectiveOptions, sa
 
     loss_options = dict(temperature=sampling.temperature, beta=objective.beta, epsilon_low=objective.epsilon_low,
                         epsilon_high=objective.epsilon_high, loss_type=objective.loss_type,
-                        max_completion_length=sampling.max_completion_length, num_items_in_batch=tokens,
+                        max_completion_length=sampling.max_completion_length, num_items_in_batch=total_tokens,
                         softmax=objective.loss_softmax)
     # Token-weighted sums, kept on the device and read back once per optimizer step.
     stats = {k: torch.zeros((), device=world.device) for k in STAT_KEYS}
@@ -131,4 +133,4 @@ def grpo_update(engine, reference, batch: Batch, objective: ObjectiveOptions, sa
             grad_norm = engine.step(math.isfinite(float(iteration_loss)))
         engine.eval()
     return {**{k: float(v) / objective.num_iterations for k, v in stats.items()},
-            "sequences": sequences, "tokens": tokens, "grad_norm": grad_norm}
+            "sequences": total_sequences, "tokens": total_tokens, "grad_norm": grad_norm}

@@ -1,7 +1,7 @@
 """The update's own batch: one rank's sequences planned into token-budgeted micro-batches
 and packed (r1vl.update.packing), each with its advantages.
 
-    batch = plan_batch(samples, advantages, group_size, model, cfg.memory, device)
+    batch = plan_batch(sequences, advantages, group_size, model, cfg.memory, device)
     for mb in batch.microbatches: ...                     # mb.indices, mb.packed, mb.advantages
 
 Two plans: with shared prompts (`plan_shared_microbatches`) a prompt group costs its prompt
@@ -11,28 +11,28 @@ and a group's sequences stay together where they fit, so that their image is enc
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
 from r1vl.config import MemoryOptions
-from r1vl.update.packing import PackedBatch, Sample, pack, prompt_groups
+from r1vl.update.packing import PackedBatch, Sequence, pack, prompt_groups
 
 
 @dataclass
 class SharedPlan:
     """Micro-batches for `pack(..., share_prompts=True)`, and how many groups were split."""
 
-    microbatches: list[list[int]]  # sample indices of each micro-batch, increasing, largest first
+    microbatches: list[list[int]]  # sequence indices of each micro-batch, increasing, largest first
     split_groups: int  # prompt groups that did not fit one micro-batch whole (prompt recomputed)
     tokens: int  # rows all micro-batches compute together (prompts once per part + completions)
 
 
-def plan_shared_microbatches(samples: Sequence[Sample], max_tokens: int) -> SharedPlan:
+def plan_shared_microbatches(sequences: list[Sequence], max_tokens: int) -> SharedPlan:
     """One rank's micro-batches of shared-prompt groups, each at most `max_tokens` rows.
 
-    The samples with equal prompts and images form a group that costs P + sum of its C rows
+    The sequences with equal prompts and images form a group that costs P + sum of its C rows
     when packed with share_prompts=True. A group that fits the budget is placed whole; one
     that does not is split into parts [prompt, some completions] that each fit (first-fit
     decreasing over its completions), every part recomputing the prompt, and counted in
@@ -43,14 +43,14 @@ def plan_shared_microbatches(samples: Sequence[Sample], max_tokens: int) -> Shar
     """
     if max_tokens < 1:
         raise ValueError(f"plan_shared_microbatches: max_tokens must be >= 1, got {max_tokens}")
-    if len(samples) == 0:
+    if len(sequences) == 0:
         return SharedPlan([], 0, 0)
-    groups = prompt_groups(samples)  # checks every sample's ids
-    lengths = [(len(s.prompt_ids), len(s.completion_ids)) for s in samples]
+    groups = prompt_groups(sequences)  # checks every sequence's ids
+    lengths = [(len(s.prompt_ids), len(s.completion_ids)) for s in sequences]
     for i, (p, c) in enumerate(lengths):
         if p + c > max_tokens:
             raise ValueError(
-                f"plan_shared_microbatches: sample {i} has {p + c} tokens, more than "
+                f"plan_shared_microbatches: sequence {i} has {p + c} tokens, more than "
                 f"the micro-batch budget max_tokens={max_tokens}; raise the budget or shorten the sequence"
             )
     units, split = [], 0
@@ -87,9 +87,9 @@ def _first_fit_sized(units: list[tuple[int, list[int]]], capacity: int) -> tuple
 
 
 def plan_microbatches(
-    lengths: Sequence[int],
+    lengths: list[int],
     max_tokens: int,
-    groups: Sequence[Hashable] | None = None,
+    groups: list[Hashable] | None = None,
 ) -> list[list[int]]:
     """One rank's sequences cut into token-budgeted micro-batches, for `pack(..., share_prompts=False)`.
 
@@ -137,7 +137,7 @@ def plan_microbatches(
     return plan
 
 
-def _members(groups: Sequence[Hashable]) -> list[list[int]]:
+def _members(groups: list[Hashable]) -> list[list[int]]:
     """Indices of each group's sequences, groups in order of first appearance."""
     members: dict[Hashable, list[int]] = {}
     for i, g in enumerate(groups):
@@ -154,7 +154,7 @@ def _members(groups: Sequence[Hashable]) -> list[list[int]]:
 class MicroBatch:
     """Some of a rank's sequences, packed into one row, with their advantages."""
 
-    indices: list[int]  # into the rank's samples, increasing
+    indices: list[int]  # into the rank's sequences, increasing
     packed: PackedBatch  # on the device
     advantages: torch.Tensor  # (S,) fp32, one per packed sequence, in `indices` order
 
@@ -163,39 +163,38 @@ class MicroBatch:
 class Batch:
     """One rank's share of a step, as the update runs it."""
 
-    samples: list[Sample]  # the rank's (prompt, completion) pairs, prompt-major (p*G + g)
+    sequences: list[Sequence]  # the rank's (prompt, completion) pairs, prompt-major (p*G + g)
     microbatches: list[MicroBatch]
     split_groups: int  # prompt groups over micro_batch_tokens, packed in parts that each recompute the prompt
 
     @property
     def completion_tokens(self) -> int:
         """Completion tokens of this rank: the loss's target count."""
-        return sum(len(s.completion_ids) for s in self.samples)
+        return sum(len(s.completion_ids) for s in self.sequences)
 
 
-def plan_batch(samples: list[Sample], advantages: torch.Tensor | None, group_size: int, model: torch.nn.Module,
+def plan_batch(sequences: list[Sequence], advantages: torch.Tensor | None, group_size: int, model: torch.nn.Module,
                memory: MemoryOptions, device: torch.device) -> Batch:
     """The rank's sequences as packed micro-batches of at most memory.micro_batch_tokens rows.
 
-    samples: prompt-major, group_size consecutive samples per prompt (1: no groups, the SFT
-    warm-up); advantages: (len(samples),) fp32, or None (SFT: all zero); memory: share_prompts,
+    sequences: prompt-major, group_size consecutive sequences per prompt (1: no groups, the SFT
+    warm-up); advantages: (len(sequences),) fp32, or None (SFT: all zero); memory: share_prompts,
     micro_batch_tokens.
     """
     if advantages is None:
-        advantages = torch.zeros(len(samples))
-    if advantages.shape != (len(samples),):
-        raise ValueError(f"plan_batch: advantages must have shape ({len(samples)},), one per sample, "
+        advantages = torch.zeros(len(sequences))
+    if advantages.shape != (len(sequences),):
+        raise ValueError(f"plan_batch: advantages must have shape ({len(sequences)},), one per sequence, "
                          f"got {tuple(advantages.shape)}")
-    if group_size < 1 or len(samples) % group_size:
-        raise ValueError(f"plan_batch: {len(samples)} samples are not groups of group_size={group_size}")
+    if group_size < 1 or len(sequences) % group_size:
+        raise ValueError(f"plan_batch: {len(sequences)} sequences are not groups of group_size={group_size}")
     if memory.share_prompts:
-        shared = plan_shared_microbatches(samples, memory.micro_batch_tokens)
+        shared = plan_shared_microbatches(sequences, memory.micro_batch_tokens)
         plan, split = shared.microbatches, shared.split_groups
     else:
-        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        groups = [i // group_size for i in range(len(samples))]
-        plan = plan_microbatches(lengths, memory.micro_batch_tokens, groups=groups)
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
+        plan = plan_microbatches(lengths, memory.micro_batch_tokens, groups=[i // group_size for i in range(len(sequences))])
         split = 0
-    micro = [MicroBatch(idx, pack([samples[i] for i in idx], model, share_prompts=memory.share_prompts).to(device),
+    micro = [MicroBatch(idx, pack([sequences[i] for i in idx], model, share_prompts=memory.share_prompts).to(device),
                         advantages[idx]) for idx in plan]
-    return Batch(samples, micro, split)
+    return Batch(sequences, micro, split)

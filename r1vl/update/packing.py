@@ -5,12 +5,12 @@ restarting for each sequence, so that varlen attention (r1vl.model.attention) ne
 sequences and no compute is spent on padding. With share_prompts=True the G completions of a
 prompt share one copy of it: [prompt, c1, ..., cG], each completion attending to the prompt
 and to itself only, so the prompt and its image tokens run through the model once per group.
-Which samples go into one micro-batch is r1vl.update.microbatches' choice.
+Which sequences go into one micro-batch is r1vl.update.microbatches' choice.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +26,15 @@ RopeIndexFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class Sample:
+class Sequence:
     """One sequence to pack: a prompt as the processor returned it, and a sampled completion.
 
     The prompt already holds the expanded image placeholders, one `image_token_id` per merged
     patch (t * h * w / merge**2 of them per image), each image one contiguous run.
     """
 
-    prompt_ids: torch.Tensor | Sequence[int]  # (P,) int, P >= 1
-    completion_ids: torch.Tensor | Sequence[int]  # (C,) int, C >= 1, no image tokens
+    prompt_ids: torch.Tensor | list[int]  # (P,) int, P >= 1
+    completion_ids: torch.Tensor | list[int]  # (C,) int, C >= 1, no image tokens
     pixel_values: torch.Tensor | None = None  # (sum_i t_i*h_i*w_i, C*T*p*p) float, images in order
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3) int, patches along t, h, w
 
@@ -75,7 +75,7 @@ class PackedBatch:
         cu_seqlens        [0, 8, 10, 13, 17]                   (attention segments, K = 4)
         key_index         [0..7 | 0..7, 8, 9 | 0..7, 10, 11, 12 | 13..16]
         cu_seqlens_k      [0, 8, 18, 29, 33]                   max_seqlen_k = 11
-        completion_index  [7, 8 | 16 | 7, 10, 11]              (sample order; row 7 serves
+        completion_index  [7, 8 | 16 | 7, 10, 11]              (sequence order; row 7 serves
         completion_cu_seqlens [0, 2, 3, 6]                      both A and C)
 
     Segment k's queries are rows cu_seqlens[k]:cu_seqlens[k+1]; its keys are rows
@@ -97,7 +97,7 @@ class PackedBatch:
     image_grid_thw: torch.Tensor | None  # (U, 3) int64, grids of the distinct images
     image_token_source: torch.Tensor | None  # (n_image_tokens,) int64, rows of tower output
     completion_index: torch.Tensor  # (N,) int64, rows in [0, T) whose next token is a target
-    target_ids: torch.Tensor  # (N,) int64, the completion tokens, sample by sample
+    target_ids: torch.Tensor  # (N,) int64, the completion tokens, sequence by sequence
     completion_cu_seqlens: torch.Tensor  # (S+1,) int32, sequence boundaries over the N rows
     key_index: torch.Tensor | None = None  # (T_k,) int64, each segment's key rows; None: its own
     cu_seqlens_k: torch.Tensor | None = None  # (K+1,) int32 over key_index; None: = cu_seqlens
@@ -135,15 +135,15 @@ class PackedBatch:
 
 @dataclass
 class _Checked:
-    """One sample after the checks of `pack`: CPU int64 ids and its images."""
+    """One sequence after the checks of `pack`: CPU int64 ids and its images."""
 
     prompt: torch.Tensor
     completion: torch.Tensor
     images: list[tuple[torch.Tensor, torch.Tensor]]  # (pixel rows, grid (3,)) per image
 
 
-def pack(samples: Sequence[Sample], model: torch.nn.Module, share_prompts: bool = False) -> PackedBatch:
-    """Pack `samples` into one padding-free row for `model` (a Qwen2-VL or Qwen2.5-VL model).
+def pack(sequences: list[Sequence], model: torch.nn.Module, share_prompts: bool = False) -> PackedBatch:
+    """Pack `sequences` into one padding-free row for `model` (a Qwen2-VL or Qwen2.5-VL model).
 
     The model gives the image token id, the vision merge size and its own rope-index function
     (`get_rope_index`), which is run on each prompt (with a completion) alone so that the
@@ -151,23 +151,23 @@ def pack(samples: Sequence[Sample], model: torch.nn.Module, share_prompts: bool 
     CPU; move the result with `.to(device)`.
 
     share_prompts: lay the completions of one prompt out as one group [prompt, c1, ..., cG]
-    (see PackedBatch); samples belong to a group when their prompt ids and images are equal.
+    (see PackedBatch); sequences belong to a group when their prompt ids and images are equal.
     The loss-side fields (completion_index, target_ids, completion_cu_seqlens) keep the
-    samples' order either way, so losses and advantages need no change.
+    sequences' order either way, so losses and advantages need no change.
 
-    Raises ValueError naming the sample and the problem for: an empty prompt or completion,
+    Raises ValueError naming the sequence and the problem for: an empty prompt or completion,
     image tokens in a completion, image runs that do not match `image_grid_thw`, pixel rows
     that do not match the grids, images given without grids (or the other way round), and
     video tokens (videos are not supported).
     """
-    if len(samples) == 0:
-        raise ValueError("pack: samples is empty")
+    if len(sequences) == 0:
+        raise ValueError("pack: sequences is empty")
     config = model.config
     image_token_id = int(config.image_token_id)
     merge = int(config.vision_config.spatial_merge_size)
     rope_index = _rope_index_fn(model)
-    checked = [_check_sample(s, i, image_token_id, getattr(config, "video_token_id", None), merge)
-               for i, s in enumerate(samples)]
+    checked = [_check_sequence(s, i, image_token_id, getattr(config, "video_token_id", None), merge)
+               for i, s in enumerate(sequences)]
     groups = _prompt_groups(checked) if share_prompts else [[i] for i in range(len(checked))]
 
     ids_parts, pos_parts, seg_lens = [], [], []
@@ -241,40 +241,40 @@ def pack(samples: Sequence[Sample], model: torch.nn.Module, share_prompts: bool 
     )
 
 
-def _check_sample(sample: Sample, i: int, image_token_id: int, video_token_id: int | None,
+def _check_sequence(sequence: Sequence, i: int, image_token_id: int, video_token_id: int | None,
                   merge: int) -> _Checked:
-    prompt = _as_ids(sample.prompt_ids, i, "prompt_ids")
-    completion = _as_ids(sample.completion_ids, i, "completion_ids")
+    prompt = _as_ids(sequence.prompt_ids, i, "prompt_ids")
+    completion = _as_ids(sequence.completion_ids, i, "completion_ids")
     if prompt.numel() == 0:
-        raise ValueError(f"pack: sample {i} has an empty prompt")
+        raise ValueError(f"pack: sequence {i} has an empty prompt")
     if completion.numel() == 0:
-        raise ValueError(f"pack: sample {i} has an empty completion (nothing to score)")
+        raise ValueError(f"pack: sequence {i} has an empty completion (nothing to score)")
     if (completion == image_token_id).any():
         raise ValueError(
-            f"pack: sample {i}: the completion contains the image token {image_token_id}; "
+            f"pack: sequence {i}: the completion contains the image token {image_token_id}; "
             "ban it when sampling, it has no image features to stand for"
         )
     if video_token_id is not None and (prompt == video_token_id).any():
-        raise ValueError(f"pack: sample {i}: the prompt holds video tokens; videos are not supported")
-    return _Checked(prompt, completion, _split_images(sample, prompt, i, image_token_id, merge))
+        raise ValueError(f"pack: sequence {i}: the prompt holds video tokens; videos are not supported")
+    return _Checked(prompt, completion, _split_images(sequence, prompt, i, image_token_id, merge))
 
 
-def prompt_groups(samples: Sequence[Sample]) -> list[list[int]]:
-    """Indices of the samples that share a prompt (equal prompt ids and equal images), as
+def prompt_groups(sequences: list[Sequence]) -> list[list[int]]:
+    """Indices of the sequences that share a prompt (equal prompt ids and equal images), as
     `pack(..., share_prompts=True)` groups them: groups in order of first appearance, each
-    group's members in sample order. Checks the ids' shape and type, not the image tokens
+    group's members in sequence order. Checks the ids' shape and type, not the image tokens
     (pack does)."""
     checked = []
-    for i, s in enumerate(samples):
+    for i, s in enumerate(sequences):
         images = [] if s.pixel_values is None else [(s.pixel_values, torch.as_tensor(s.image_grid_thw).reshape(-1))]
         checked.append(_Checked(_as_ids(s.prompt_ids, i, "prompt_ids"), _as_ids(s.completion_ids, i, "completion_ids"),
                                 images))
     return _prompt_groups(checked)
 
 
-def _prompt_groups(checked: Sequence[_Checked]) -> list[list[int]]:
-    """Indices of the samples with equal prompt ids and equal images, groups in order of
-    first appearance (each group's members in sample order)."""
+def _prompt_groups(checked: list[_Checked]) -> list[list[int]]:
+    """Indices of the sequences with equal prompt ids and equal images, groups in order of
+    first appearance (each group's members in sequence order)."""
     groups: list[list[int]] = []
     by_key: dict[tuple, list[int]] = {}  # cheap fingerprint -> groups that have it
     for i, s in enumerate(checked):
@@ -298,47 +298,47 @@ def _rope_index_fn(model: torch.nn.Module) -> RopeIndexFn:
     raise ValueError(f"pack: {type(model).__name__} has no get_rope_index (not a Qwen2-VL model?)")
 
 
-def _as_ids(ids: torch.Tensor | Sequence[int], i: int, name: str) -> torch.Tensor:
+def _as_ids(ids: torch.Tensor | list[int], i: int, name: str) -> torch.Tensor:
     t = torch.as_tensor(ids)
     if t.ndim != 1:
-        raise ValueError(f"pack: sample {i}: {name} must be 1-D, got shape {tuple(t.shape)}")
+        raise ValueError(f"pack: sequence {i}: {name} must be 1-D, got shape {tuple(t.shape)}")
     if t.numel() > 0 and (t.dtype.is_floating_point or t.dtype == torch.bool):
-        raise ValueError(f"pack: sample {i}: {name} must hold integers, got {t.dtype}")
+        raise ValueError(f"pack: sequence {i}: {name} must hold integers, got {t.dtype}")
     return t.to(torch.int64).cpu()
 
 
 def _split_images(
-    sample: Sample, prompt: torch.Tensor, i: int, image_token_id: int, merge: int
+    sequence: Sequence, prompt: torch.Tensor, i: int, image_token_id: int, merge: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Check the sample's images against its prompt; return (pixel rows, grid) per image."""
+    """Check the sequence's images against its prompt; return (pixel rows, grid) per image."""
     runs = _image_token_runs(prompt, image_token_id)
-    if sample.pixel_values is None and sample.image_grid_thw is None:
+    if sequence.pixel_values is None and sequence.image_grid_thw is None:
         if runs:
             raise ValueError(
-                f"pack: sample {i} has {len(runs)} run(s) of image tokens but no pixel_values"
+                f"pack: sequence {i} has {len(runs)} run(s) of image tokens but no pixel_values"
             )
         return []
-    if sample.pixel_values is None or sample.image_grid_thw is None:
-        raise ValueError(f"pack: sample {i}: pixel_values and image_grid_thw go together")
-    grid = torch.as_tensor(sample.image_grid_thw).to(torch.int64).cpu()
+    if sequence.pixel_values is None or sequence.image_grid_thw is None:
+        raise ValueError(f"pack: sequence {i}: pixel_values and image_grid_thw go together")
+    grid = torch.as_tensor(sequence.image_grid_thw).to(torch.int64).cpu()
     if grid.ndim != 2 or grid.shape[1] != 3:
-        raise ValueError(f"pack: sample {i}: image_grid_thw must be (n, 3), got {tuple(grid.shape)}")
+        raise ValueError(f"pack: sequence {i}: image_grid_thw must be (n, 3), got {tuple(grid.shape)}")
     if len(runs) != grid.shape[0]:
         raise ValueError(
-            f"pack: sample {i}: {grid.shape[0]} image(s) in image_grid_thw but {len(runs)} "
+            f"pack: sequence {i}: {grid.shape[0]} image(s) in image_grid_thw but {len(runs)} "
             "separate run(s) of image tokens in the prompt"
         )
     patches = grid.prod(-1)
     for j, (run, n_patch, g) in enumerate(zip(runs, patches.tolist(), grid.tolist())):
         if n_patch % (merge * merge) != 0 or run != n_patch // (merge * merge):
             raise ValueError(
-                f"pack: sample {i}, image {j}: grid {g} gives {n_patch // (merge * merge)} image "
+                f"pack: sequence {i}, image {j}: grid {g} gives {n_patch // (merge * merge)} image "
                 f"tokens (t*h*w/{merge}**2) but the prompt holds {run}"
             )
-    pixels = sample.pixel_values
+    pixels = sequence.pixel_values
     if pixels.ndim != 2 or pixels.shape[0] != int(patches.sum()):
         raise ValueError(
-            f"pack: sample {i}: pixel_values must be (sum t*h*w = {int(patches.sum())}, "
+            f"pack: sequence {i}: pixel_values must be (sum t*h*w = {int(patches.sum())}, "
             f"C*T*p*p), got {tuple(pixels.shape)}"
         )
     return list(zip(torch.split(pixels, patches.tolist()), grid))

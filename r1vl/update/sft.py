@@ -14,10 +14,10 @@ import torch
 from r1vl import distributed
 from r1vl.config import MemoryOptions, OptimizerOptions, SFTOptions
 from r1vl.model.policy import Policy
-from r1vl.update.engines import make_engine
+from r1vl.update.choose_engine import make_engine
 from r1vl.update.losses import sft_loss_sum
 from r1vl.update.microbatches import plan_batch
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 
 
 class SFTUpdate:
@@ -26,21 +26,21 @@ class SFTUpdate:
     ids); idle: what a rank with fewer micro-batches runs, weighted 0."""
 
     def __init__(self, policy: Policy, options: SFTOptions, optimizer: OptimizerOptions, memory: MemoryOptions,
-                 world: distributed.Dist, encode: Callable, idle: Sample):
+                 world: distributed.Dist, encode: Callable, idle: Sequence):
         self.model, self.memory, self.world, self.encode = policy.model, memory, world, encode
         self.engine = make_engine(policy.model, optimizer, options.sft_lr, options.sft_steps, world, idle)
 
     def __call__(self, examples) -> dict:
         """One optimizer step on `examples`; a pair longer than micro_batch_tokens is left out."""
         memory, world, engine = self.memory, self.world, self.engine
-        samples = []
+        sequences = []
         for prompt, target in map(self.encode, examples):
             if prompt.ids.numel() + target.numel() <= memory.micro_batch_tokens:
-                samples.append(Sample(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
-        n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in samples)], world.device)[0]
+                sequences.append(Sequence(prompt.ids, target, prompt.pixel_values, prompt.image_grid_thw))
+        n_tokens = distributed.all_reduce_sum([sum(len(s.completion_ids) for s in sequences)], world.device)[0]
         # Summed on the device and read back once per step: no host sync per micro-batch.
         loss_sum = torch.zeros((), device=world.device)
-        batch = plan_batch(samples, None, 1, self.model, memory, world.device)
+        batch = plan_batch(sequences, None, 1, self.model, memory, world.device)
         for mb, packed in engine.lockstep([(mb, mb.packed) for mb in batch.microbatches]):
             loss = engine.forward(sft_loss_sum, packed) / n_tokens * (0.0 if mb is None else 1.0)
             engine.backward(loss)

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and rollout-like samples for CPU tests.
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and rollout-like sequences for CPU tests.
 
 Built from configs, offline, in fp32: 2 text layers of width 64 with grouped-query attention
 (4 query heads, 2 key/value heads), a small vision tower (Qwen2.5-VL: one windowed and one
@@ -16,7 +16,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 
 VOCAB = 128
 IMAGE, VIDEO, VISION_START, VISION_END = 120, 121, 122, 123
@@ -86,14 +86,14 @@ def image_tokens(grid: tuple[int, int, int]) -> int:
     return t * h * w // (MERGE * MERGE)
 
 
-def make_sample(
+def make_sequence(
     gen: torch.Generator,
     grids: list[tuple[int, int, int]],
     completion_len: int,
     text_lens: list[int] | None = None,
     pixel_values: torch.Tensor | None = None,
     family: str = "qwen2_vl",
-) -> Sample:
+) -> Sequence:
     """A prompt of random text with each image as <vision_start> IMAGE*n <vision_end>, and a
     random completion. text_lens: lengths of the text pieces around the images (len(grids)+1).
     family: sizes the pixel rows (pixel_row).
@@ -107,7 +107,7 @@ def make_sample(
     if grids and pixel_values is None:
         rows = sum(t * h * w for t, h, w in grids)
         pixel_values = torch.randn(rows, pixel_row(family), generator=gen)
-    return Sample(
+    return Sequence(
         prompt_ids=torch.cat(pieces),
         completion_ids=text(completion_len),
         pixel_values=pixel_values if grids else None,
@@ -116,13 +116,13 @@ def make_sample(
 
 
 def make_group(gen: torch.Generator, grids: list[tuple[int, int, int]], completion_lens: list[int],
-               family: str = "qwen2_vl") -> list[Sample]:
-    """len(completion_lens) samples of one prompt (the same ids and pixels), as the sampler
+               family: str = "qwen2_vl") -> list[Sequence]:
+    """len(completion_lens) sequences of one prompt (the same ids and pixels), as the sampler
     returns a prompt's G completions, with completions of the given lengths."""
-    first = make_sample(gen, grids, completion_lens[0], family=family)
+    first = make_sequence(gen, grids, completion_lens[0], family=family)
     group = [first]
     for n in completion_lens[1:]:
-        sibling = make_sample(gen, grids, n, pixel_values=first.pixel_values)
+        sibling = make_sequence(gen, grids, n, pixel_values=first.pixel_values)
         sibling.prompt_ids = first.prompt_ids
         group.append(sibling)
     return group
@@ -132,8 +132,8 @@ def grpo_batch(seed: int, G: int, family: str = "qwen2_vl"):
     """Three prompts x G completions of uneven lengths (one of length 1 in every group):
     a prompt with one image, one with two images, a text-only one; prompt-major order."""
     gen = torch.Generator().manual_seed(seed)
-    samples = []
+    sequences = []
     for grids in ([(1, 4, 6)], [(1, 2, 2), (1, 10, 4)], []):
         lens = [1] + [int(torch.randint(2, 14, (1,), generator=gen)) for _ in range(G - 1)]
-        samples += make_group(gen, grids, lens, family)
-    return samples
+        sequences += make_group(gen, grids, lens, family)
+    return sequences

@@ -1,6 +1,5 @@
 """The synthetic task: determinism, the loader round trip, maximal reward, and pixels that
 actually show the answer (checked by reading the images back independently)."""
-import json
 import os
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jsonl_records import read_jsonl
 
 import r1vl
 from r1vl.data.records import load_examples, load_image, smart_resize
@@ -21,10 +21,6 @@ ALL_TASKS = tuple(dict.fromkeys((*TASKS, "add")))  # "add" is not a default task
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("syn"), N, seed=3)
-
-
-def _records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_deterministic_by_seed(dataset, tmp_path):
@@ -43,7 +39,7 @@ def test_deterministic_by_seed(dataset, tmp_path):
 def test_loader_round_trip(dataset):
     loaded = load_examples(dataset)
     assert len(loaded.items) == N and loaded.bad == []
-    records = _records(dataset)
+    records = read_jsonl(dataset)
     assert {r["task"] for r in records} == set(TASKS)
     for example, record in zip(loaded.items, records):
         assert example.problem == record["problem"] and example.solution == record["solution"]
@@ -60,7 +56,7 @@ def test_every_solution_scores_the_maximum(dataset):
 
 
 def test_answers_are_short(dataset):
-    for r in _records(dataset):
+    for r in read_jsonl(dataset):
         answer = r["solution"].rsplit("### The final answer is:\n", 1)[1]
         assert answer in ("left", "right") or answer in COLOURS or (answer.isdigit() and int(answer) <= 18)
         assert r["problem"].endswith("?") or "Answer with" in r["problem"]
@@ -69,7 +65,7 @@ def test_answers_are_short(dataset):
 def test_default_tasks_take_turns_and_add_stays_selectable(dataset):
     # The built-in run's figures were measured on these three; "add" is opt-in.
     assert set(TASKS) == {"colour", "bars", "count"}
-    assert [r["task"] for r in _records(dataset)] == [TASKS[i % len(TASKS)] for i in range(N)]
+    assert [r["task"] for r in read_jsonl(dataset)] == [TASKS[i % len(TASKS)] for i in range(N)]
     assert {make_example(0, i, tasks=("add",))[1]["task"] for i in range(3)} == {"add"}
 
 
@@ -193,7 +189,7 @@ def test_rejects_bad_arguments():
 def test_cli(tmp_path, capsys):
     main([str(tmp_path), "--n", "3", "--tasks", "add", "--seed", "1"])
     assert "wrote 3 records" in capsys.readouterr().out
-    assert [r["task"] for r in _records(tmp_path / "data.jsonl")] == ["add"] * 3
+    assert [r["task"] for r in read_jsonl(tmp_path / "data.jsonl")] == ["add"] * 3
 
 
 def test_deterministic_across_processes(dataset, tmp_path):

@@ -25,7 +25,7 @@ def write_tsv(path: Path, rows: list[dict], image: bool = True) -> Path:
     header = list(dict.fromkeys(k for r in rows for k in r))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(header)
         for r in rows:
             writer.writerow([r.get(k, "") for k in header])

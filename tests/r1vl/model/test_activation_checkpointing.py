@@ -54,11 +54,11 @@ class _CountRecompute:
 @pytest.mark.parametrize("share_prompts", [False, True])
 def test_loss_logprobs_and_every_gradient_are_unchanged(family, share_prompts):
     plain, checkpointed = _pair(family)
-    samples = grpo_batch(seed=3, G=4, family=family)
-    packed = pack(samples, plain, share_prompts=share_prompts)
+    sequences = grpo_batch(seed=3, G=4, family=family)
+    packed = pack(sequences, plain, share_prompts=share_prompts)
     assert packed.shares_prompts == share_prompts
     gen = torch.Generator().manual_seed(1)
-    advantages = torch.randn(len(samples), generator=gen)
+    advantages = torch.randn(len(sequences), generator=gen)
     ref_logp = completion_logprobs(plain, packed, LOSS["temperature"], "torch") - 0.01
 
     logp = completion_logprobs(plain, packed, LOSS["temperature"], "torch")
@@ -102,9 +102,9 @@ def test_plain_engine_updates_give_the_same_weights():
     settings = UpdateSettings(lr=1e-3, total_steps=3)
     engines = [PlainEngine(m, settings, world) for m in (plain, checkpointed)]
     for step in range(3):
-        samples = grpo_batch(seed=10 + step, G=3)
-        packed = pack(samples, plain, share_prompts=True)
-        advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(step))
+        sequences = grpo_batch(seed=10 + step, G=3)
+        packed = pack(sequences, plain, share_prompts=True)
+        advantages = torch.randn(len(sequences), generator=torch.Generator().manual_seed(step))
         for engine in engines:
             engine.train()
             out = engine.forward(policy_loss, packed, advantages, None, None, impl="torch",

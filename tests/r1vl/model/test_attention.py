@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
 from transformers import AttentionInterface
 
-from r1vl.model.attention import BACKENDS, _sdpa_masked, cu_seqlens_from_positions, implementation_name, pick_backend, use_varlen_attention, varlen_attention
+from r1vl.model.attention import BACKENDS, sdpa_masked, cu_seqlens_from_positions, implementation_name, pick_backend, use_varlen_attention, varlen_attention
 from r1vl.update.forward import completion_hidden
 from r1vl.update.packing import pack
 
@@ -109,10 +109,10 @@ def test_both_towers_run_through_the_registered_backend(family, monkeypatch):
     tower alike: every attention layer of both calls r1vl's function (the tower once per
     image, its segment non-causal), and the packed forward equals transformers' own sdpa."""
     gen = torch.Generator().manual_seed(9)
-    samples = [make_sample(gen, [(1, 4, 6)], 3, family=family), make_sample(gen, [(1, 6, 4)], 2, family=family)]
+    sequences = [make_sequence(gen, [(1, 4, 6)], 3, family=family), make_sequence(gen, [(1, 6, 4)], 2, family=family)]
     reference = tiny_model(family, seed=9)
     model = tiny_model(family, seed=9)
-    packed = pack(samples, model)
+    packed = pack(sequences, model)
     inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids,
                   pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw,
                   mm_token_type_ids=(packed.input_ids == IMAGE).int(), use_cache=False)
@@ -135,7 +135,7 @@ def test_both_towers_run_through_the_registered_backend(family, monkeypatch):
     patches = [int(t.prod()) for t in packed.image_grid_thw]
     vision_calls = [c for c in calls if not c[0]]
     text_calls = [c for c in calls if c[0]]
-    assert len(text_calls) == text_layers and all(c[1] == len(samples) for c in text_calls)
+    assert len(text_calls) == text_layers and all(c[1] == len(sequences) for c in text_calls)
     # One segment a call (an image, or a window of one under Qwen2.5-VL's windowed layers),
     # every patch once per layer.
     assert all(c[1] == 1 for c in vision_calls)
@@ -170,8 +170,8 @@ def test_boundaries_from_positions_when_not_passed():
     model = tiny_model("qwen2_5_vl", seed=5)
     use_varlen_attention(model, "sdpa")
     gen = torch.Generator().manual_seed(5)
-    samples = [make_sample(gen, [(1, 4, 10)], 3), make_sample(gen, [], 4), make_sample(gen, [(1, 6, 4)], 2)]
-    packed = pack(samples, model)
+    sequences = [make_sequence(gen, [(1, 4, 10)], 3), make_sequence(gen, [], 4), make_sequence(gen, [(1, 6, 4)], 2)]
+    packed = pack(sequences, model)
     hidden = completion_hidden(model, packed)
     out = model.model(
         input_ids=packed.input_ids, position_ids=packed.position_ids,
@@ -275,7 +275,7 @@ def test_shared_prefix_sdpa_forms_match_reference_forward_and_backward(form, cau
         out = varlen_attention(q, k, v, cu, max_q, causal=causal, scale=0.4, backend="sdpa",
                                key_index=key_index, cu_seqlens_k=cu_k, max_seqlen_k=max_k)
     else:
-        out = _sdpa_masked(q, k.index_select(0, key_index), v.index_select(0, key_index), cu, cu_k, causal, 0.4, 0.0)
+        out = sdpa_masked(q, k.index_select(0, key_index), v.index_select(0, key_index), cu, cu_k, causal, 0.4, 0.0)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     ref = reference_shared_attention(q, k, v, cu, key_index, cu_k, causal, 0.4)
     expected = torch.autograd.grad(ref, (q, k, v), grad_out.double())
@@ -290,7 +290,7 @@ def test_masked_form_equals_per_segment_without_prefix():
     q, k, v = (torch.randn(sum(lengths), 2, 8, generator=gen) for _ in range(3))
     cu = _cu(lengths)
     per_segment = varlen_attention(q, k, v, cu, 8, causal=True, backend="sdpa")
-    torch.testing.assert_close(_sdpa_masked(q, k, v, cu, cu, True, None, 0.0), per_segment, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sdpa_masked(q, k, v, cu, cu, True, None, 0.0), per_segment, atol=1e-6, rtol=1e-6)
 
 
 def test_key_index_needs_its_boundaries():
@@ -452,13 +452,13 @@ def test_gpu_backend_stand_ins_match_sdpa_through_the_model(version, layout, mon
     from tiny_qwen_vl import make_group
 
     gen = torch.Generator().manual_seed(31)
-    samples = make_group(gen, [(1, 4, 6)], [3, 1, 5]) + make_group(gen, [], [2, 4])
+    sequences = make_group(gen, [(1, 4, 6)], [3, 1, 5]) + make_group(gen, [], [2, 4])
     reference = tiny_model("qwen2_vl", seed=31).to(torch.bfloat16)
     model = copy.deepcopy(reference)
     backend = _inject(monkeypatch, version)
     assert use_varlen_attention(model, backend) == backend
     use_varlen_attention(reference, "sdpa")
-    parts = {"plain": [samples], "shared": [samples], "split": [samples[:2], samples[2:]]}[layout]
+    parts = {"plain": [sequences], "shared": [sequences], "split": [sequences[:2], sequences[2:]]}[layout]
     for part in parts:
         packed = pack(part, model, share_prompts=layout != "plain")
         logp, grads = _bf16_logprobs_and_grads(model, packed)
@@ -547,9 +547,9 @@ def test_masked_sdpa_is_refused_for_a_cuda_model():
     """sdpa_masked's (heads, T, T_k) scores are quadratic in the packed length on CUDA (the mask
     with GQA runs only on the math kernel): refused there with the alternatives named, allowed
     on a CPU. The check reads only the device, so no GPU is needed to run it."""
-    from r1vl.model.attention import _check_backend
+    from r1vl.model.attention import check_backend
 
     with pytest.raises(ValueError, match="'sdpa_masked' takes memory quadratic in the packed length on CUDA"):
-        _check_backend("sdpa_masked", torch.device("cuda"), torch.bfloat16)
-    _check_backend("sdpa_masked", torch.device("cpu"), torch.float32)
-    _check_backend("sdpa", torch.device("cuda"), torch.float32)  # per segment: linear in T
+        check_backend("sdpa_masked", torch.device("cuda"), torch.bfloat16)
+    check_backend("sdpa_masked", torch.device("cpu"), torch.float32)
+    check_backend("sdpa", torch.device("cuda"), torch.float32)  # per segment: linear in T

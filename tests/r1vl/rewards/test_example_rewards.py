@@ -13,7 +13,7 @@ from r1vl.rewards.functions import parse_reward_funcs
 from r1vl.rewards.inputs import reward_inputs
 from r1vl.rewards.worker import RewardWorker
 from r1vl.sampling.generate import Completions
-from r1vl.sampling.sampler import Samples
+from r1vl.sampling.sampler import Rollout
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "reward_functions.py"
 WRONG = {"red": "blue", "blue": "green", "green": "red"}
@@ -38,7 +38,7 @@ def test_format_and_colour_rewards_on_the_synthetic_task(tmp_path, worker):
         answer = e.solution.rsplit("\n", 1)[1]
         texts += [e.solution, e.solution.rsplit("\n", 1)[0] + "\n" + WRONG.get(answer, "7"), answer]
     prompts = [Prompt(torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1), torch.ones(1, 3), e) for e in examples]
-    samples = Samples(prompts, Completions([torch.tensor([1])] * len(texts), torch.ones(len(texts), dtype=bool)),
+    samples = Rollout(prompts, Completions([torch.tensor([1])] * len(texts), torch.ones(len(texts), dtype=bool)),
                       texts, 3, 0)
     kwargs, sources = reward_inputs(samples, step=1, num_steps=1)
     form = worker.call(worker.specs[0], kwargs, 3, sources)

@@ -14,7 +14,7 @@ from r1vl.config import make_config
 from r1vl.rewards.inputs import prompt_messages, reward_inputs
 from r1vl.rewards.scorer import Scorer
 from r1vl.sampling.generate import Completions
-from r1vl.sampling.sampler import Samples
+from r1vl.sampling.sampler import Rollout
 
 PROBE = '''
 def probe(prompts, completions, completion_ids, problem, solution, key_steps, images, trainer_state, **kwargs):
@@ -53,7 +53,7 @@ def setting(tmp_path_factory):
     prompts = [Prompt(torch.zeros(3, dtype=torch.int64), torch.zeros(1, 1), torch.ones(1, 3, dtype=torch.int64), e)
                for e in examples]
     ids = [torch.arange(1, 2 + i) for i in range(len(texts))]
-    samples = Samples(prompts, Completions(ids, torch.ones(len(texts), dtype=torch.bool)), texts, G, 0)
+    samples = Rollout(prompts, Completions(ids, torch.ones(len(texts), dtype=torch.bool)), texts, G, 0)
     return root, samples
 
 

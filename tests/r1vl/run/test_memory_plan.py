@@ -5,6 +5,7 @@ gradients, optimizer state, the rollout's KV cache and the decode step's fused w
 against the tensors themselves; a plan that does not fit refused before loading."""
 import copy
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from r1vl.model.activation_checkpointing import enable_activation_checkpointing
 from r1vl.model.attention import register, use_varlen_attention
 from r1vl.run.memory_check import PlanDoesNotFit, check_plan
 from r1vl.run.memory_plan import EngineSpec, ModelShape, load_model_config, plan_memory
-from r1vl.run.saved_tensors import SavedTensors
 from r1vl.sampling.decode import fuse_layers
 from r1vl.sampling.kv_cache import RolloutCache
 from r1vl.tiny import tiny_config
@@ -26,6 +26,9 @@ from r1vl.update.losses import policy_loss
 from r1vl.update.packing import pack
 
 ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # SavedTensors: a measuring tool of benchmarks/, not of the trainer
+from saved_tensors import SavedTensors  # noqa: E402
+
 LOSS = dict(temperature=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", max_completion_length=16)
 
 
@@ -154,7 +157,7 @@ def test_kv_cache_and_fused_decode_weights_are_the_tensors_allocated(on_cuda):
     text = model.config.get_text_config()
     cache = RolloutCache.allocate([P] * prompts, G, C, text.num_hidden_layers, text.num_key_value_heads,
                                   text.hidden_size // text.num_attention_heads, torch.float32, torch.device("cpu"),
-                                  prefix_capacity=64 if on_cuda else None)  # CUDA: rounded up to 64 (r1vl.rollout)
+                                  prefix_capacity=64 if on_cuda else None)  # CUDA: rounded up to 64 (r1vl.sampling.generate)
     plan = plan_memory(shape, dtype_bytes=4, engine=EngineSpec(), world_size=1, checkpointing=False,
                        micro_batch_tokens=1024, batch_size=prompts * G, num_generations=G, max_prompt_length=P,
                        max_completion_length=C, max_pixels=3136, beta=0.0, on_cuda=on_cuda)

@@ -1,12 +1,15 @@
 """MetricsLog: JSONL records, per-stage TensorBoard runs, and the rewind of a resumed run."""
-import math
 import json
+import math
+
+from jsonl_records import read_jsonl
 
 from r1vl.run.metrics import MetricsLog
 
 
-def _records(path):
-    return [(r["stage"], r["step"]) for r in map(json.loads, path.read_text().splitlines())]
+def _steps(path):
+    """(stage, step) of every record in a metrics.jsonl."""
+    return [(r["stage"], r["step"]) for r in read_jsonl(path)]
 
 
 def test_resume_drops_the_records_written_after_the_checkpoint(tmp_path):
@@ -20,11 +23,11 @@ def test_resume_drops_the_records_written_after_the_checkpoint(tmp_path):
     log = MetricsLog(tmp_path, enabled=True, resumed_at=("grpo", 2))
     log.log({"stage": "grpo", "step": 3, "loss": 0.25})
     log.close()
-    assert _records(tmp_path / "metrics.jsonl") == [("sft", 1), ("sft", 2), ("sft", 3), ("grpo", 1), ("grpo", 2),
+    assert _steps(tmp_path / "metrics.jsonl") == [("sft", 1), ("sft", 2), ("sft", 3), ("grpo", 1), ("grpo", 2),
                                                     ("grpo", 3)]
     # Resumed inside the warm-up: every GRPO record goes too.
     MetricsLog(tmp_path, enabled=True, resumed_at=("sft", 1)).close()
-    assert _records(tmp_path / "metrics.jsonl") == [("sft", 1)]
+    assert _steps(tmp_path / "metrics.jsonl") == [("sft", 1)]
 
 
 def test_each_stage_is_its_own_tensorboard_run(tmp_path):

@@ -2,7 +2,7 @@
 the model's own forward (transformers, DynamicCache) for each prompt alone."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, make_sequence, tiny_model
 
 import r1vl.sampling.decode
 from r1vl.data.prompts import Prompt
@@ -15,9 +15,9 @@ def test_packed_prefill_equals_each_prompts_own_forward(family):
     # Qwen3-VL: the keys pass k_norm, and DeepStack features join the first layers' outputs.
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(0)
-    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family)
+    sequences = [make_sequence(gen, [grid], 1, text_lens=lens, family=family)
                for grid, lens in [((1, 4, 6), [3, 2]), ((1, 8, 8), [1, 6]), ((1, 4, 4), [5, 5])]]
-    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    prompts = [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in sequences]
     lengths = [p.ids.numel() for p in prompts]
     text = model.config.text_config
     cache = RolloutCache.allocate(lengths, 2, 4, text.num_hidden_layers, text.num_key_value_heads,
@@ -40,7 +40,7 @@ def test_packed_prefill_equals_each_prompts_own_forward(family):
 
 
 def test_fused_rms_norm_is_the_models_norm_for_every_family():
-    from r1vl.sampling.decode import _norm
+    from r1vl.sampling.decode import fused_norm
 
     for family in FAMILIES:
         lm = tiny_model(family).model.language_model
@@ -52,17 +52,17 @@ def test_fused_rms_norm_is_the_models_norm_for_every_family():
             with torch.no_grad():
                 norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
                 x = torch.randn(5, 3, norm.weight.numel()) * 3
-                torch.testing.assert_close(_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
-                torch.testing.assert_close(_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
+                torch.testing.assert_close(fused_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(fused_norm(norm.to(torch.bfloat16), x.bfloat16()), norm(x.bfloat16()))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # sectioned and interleaved M-RoPE
 def test_text_rope_tables_equal_the_models_rotary_embedding(family):
-    from r1vl.sampling.decode import _rope_tables, _text_rope_tables
+    from r1vl.sampling.decode import rope_tables, text_rope_tables
 
     lm = tiny_model(family).model.language_model
     positions = torch.tensor([0, 7, 300, 4095])
     hidden = torch.zeros(4, 64)
-    for got, expected in zip(_text_rope_tables(lm, hidden, positions),
-                             _rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
+    for got, expected in zip(text_rope_tables(lm, hidden, positions),
+                             rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -3,7 +3,7 @@ position equal those of one uncached forward over prompt + completion, with fini
 compacted away mid-way; the model's own distribution at temperature 1; stops at EOS, top-p."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
 
 import r1vl.sampling.generate
 from r1vl.data.prompts import Prompt, encode_prompt
@@ -86,8 +86,8 @@ def test_image_tower_sees_each_image_once(setup):
 def _tiny_prompts(gen, text_lens, family):
     """Prompts of uneven lengths (images of different grids, text around them)."""
     grids = [(1, 4, 6), (1, 8, 8), (1, 4, 4)]
-    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family) for grid, lens in zip(grids, text_lens)]
-    return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+    sequences = [make_sequence(gen, [grid], 1, text_lens=lens, family=family) for grid, lens in zip(grids, text_lens)]
+    return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in sequences]
 
 
 def _full_logits(model, prompt, completion):
@@ -442,7 +442,7 @@ def test_compiled_qwen3_vl_step_equals_eager_and_reuses_its_weights(fresh_dynamo
     # Qwen3-VL's joined projections have no bias (and q_norm / k_norm after them): the compiled,
     # bucketed step gives the eager tokens and log-probabilities, and a second graphed rollout
     # gets the same joined weights back with the current values copied in.
-    from r1vl.sampling.generate import _fused_weights
+    from r1vl.sampling.generate import fused_weights
 
     model = tiny_model("qwen3_vl", seed=2)
     prompts = _tiny_prompts(torch.Generator().manual_seed(3), [[2, 5], [7, 1], [4, 9]], "qwen3_vl")
@@ -454,11 +454,11 @@ def test_compiled_qwen3_vl_step_equals_eager_and_reuses_its_weights(fresh_dynamo
     assert max(len(ids) for ids in eager.ids) > 32  # two column buckets
     for a, b in zip(eager.logprobs, compiled.logprobs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    first = _fused_weights(model, reuse=True)
+    first = fused_weights(model, reuse=True)
     assert first is not None and first[0].qkv_bias is None
     with torch.no_grad():
         model.model.language_model.layers[0].self_attn.k_proj.weight.mul_(2.0)
-    again = _fused_weights(model, reuse=True)
+    again = fused_weights(model, reuse=True)
     assert again is first and torch.equal(again[0].qkv_weight, fuse_layers(model)[0].qkv_weight)
 
 
@@ -475,8 +475,8 @@ def test_compiled_step_takes_the_cache_and_weights_at_static_addresses(setup, fr
             return made[-1]
         return kept
 
-    monkeypatch.setattr(r1vl.sampling.generate, "_rollout_cache", keep(r1vl.sampling.generate._rollout_cache))
-    monkeypatch.setattr(r1vl.sampling.generate, "_fused_weights", keep(r1vl.sampling.generate._fused_weights))
+    monkeypatch.setattr(r1vl.sampling.generate, "rollout_cache", keep(r1vl.sampling.generate.rollout_cache))
+    monkeypatch.setattr(r1vl.sampling.generate, "fused_weights", keep(r1vl.sampling.generate.fused_weights))
     model, prompts, _ = setup
     backend = _RecordingBackend()
     generate(model, prompts[:2], 2, 6, [], compile_step=True, compile_backend=backend,
@@ -516,32 +516,32 @@ def _to_cuda(prompt):
 
 
 def test_compaction_moves_only_the_rows_past_the_new_end():
-    from r1vl.sampling.generate import _fill_holes, _grid_slots
+    from r1vl.sampling.generate import fill_holes, grid_slots
 
     live = torch.tensor([1, 0, 1, 0, 1, 1, 0, 1]).bool()
-    keep, movers, holes = _fill_holes(live, 5)
+    keep, movers, holes = fill_holes(live, 5)
     assert holes.tolist() == [1, 3] and movers.tolist() == [5, 7]
     assert keep.tolist() == [0, 5, 2, 7, 4] and live[keep].all()
-    slots, group = _grid_slots(torch.tensor([2, 0, 2, 1, 2]), 3)
+    slots, group = grid_slots(torch.tensor([2, 0, 2, 1, 2]), 3)
     assert group == 3 and slots.tolist() == [6, 0, 7, 3, 8]  # distinct places, prompt p at p * 3 + rank
 
 
 def test_graphed_rollouts_reuse_the_cache_and_fused_weights(setup):
     # CUDA graphs replay fixed addresses: the next rollout of the same shape must get the same
     # buffers, with its own prompt lengths masked and the current weights copied in.
-    from r1vl.sampling.generate import _fused_weights, _rollout_cache
+    from r1vl.sampling.generate import fused_weights, rollout_cache
 
     model = setup[0]
-    first = _rollout_cache(model, [70, 66], 4, 8, reuse=True)
+    first = rollout_cache(model, [70, 66], 4, 8, reuse=True)
     assert first.prefix_bias.shape == (2, 128)  # capacity rounded up to 64
-    second = _rollout_cache(model, [61, 80], 4, 8, reuse=True)
+    second = rollout_cache(model, [61, 80], 4, 8, reuse=True)
     assert second is first and torch.isinf(second.prefix_bias).sum(1).tolist() == [128 - 61, 128 - 80]
-    assert _rollout_cache(model, [61, 80, 5], 4, 8, reuse=True) is not first  # another shape
-    weights = _fused_weights(model, reuse=True)
+    assert rollout_cache(model, [61, 80, 5], 4, 8, reuse=True) is not first  # another shape
+    weights = fused_weights(model, reuse=True)
     q_proj = model.model.language_model.layers[0].self_attn.q_proj
     with torch.no_grad():
         q_proj.weight.add_(1.0)
-        again = _fused_weights(model, reuse=True)
+        again = fused_weights(model, reuse=True)
         assert again[0].qkv_weight is weights[0].qkv_weight
         assert torch.equal(again[0].qkv_weight[:q_proj.out_features], q_proj.weight)
         q_proj.weight.sub_(1.0)

@@ -20,15 +20,16 @@ import sys
 from pathlib import Path
 
 import torch
+from gathered_state import full_state
 
 from r1vl import distributed
 from r1vl.config import make_config
 from r1vl.data.prompts import blank_prompt
 from r1vl.sampling.generate import generate
 from r1vl.tiny import PATCH_SIZE, build_model, build_tokenizer
-from r1vl.update.engines import make_engine
+from r1vl.update.choose_engine import make_engine
 from r1vl.update.losses import completion_logprobs, policy_loss
-from r1vl.update.packing import Sample, pack
+from r1vl.update.packing import Sequence, pack
 
 STEPS, RESUME_AT = 4, 2
 MICROBATCHES = {0: [2, 3, 2, 2], 1: [1, 0, 1, 2]}  # per rank, per step; rank 1 idles in step 2
@@ -41,10 +42,10 @@ def make_batches(step: int, rank: int, prompt, vocab: int, device) -> list:
     g = torch.Generator().manual_seed(1000 * step + 10 * rank)
     micro = []
     for k in range(MICROBATCHES[rank][step]):
-        samples = [Sample(prompt.ids, torch.randint(10, vocab, (int(torch.randint(3, 9, (1,), generator=g)),),
+        sequences = [Sequence(prompt.ids, torch.randint(10, vocab, (int(torch.randint(3, 9, (1,), generator=g)),),
                                                      generator=g), prompt.pixel_values, prompt.image_grid_thw)
                    for _ in range(2)]
-        micro.append(([2 * k, 2 * k + 1], samples))
+        micro.append(([2 * k, 2 * k + 1], sequences))
     return micro
 
 
@@ -78,11 +79,6 @@ def run_steps(engine, reference, model, steps, prompt, tokenizer, world) -> list
     return records
 
 
-def full_state(model) -> dict:
-    with distributed.gathered(model):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def main(out_dir: Path, family: str) -> None:
     world = distributed.init("cpu")
     torch.manual_seed(0)
@@ -99,7 +95,7 @@ def main(out_dir: Path, family: str) -> None:
         cfg = make_config(model="tiny", deepspeed=deepspeed, lr=1e-3, warmup_steps=1, lr_schedule="linear",
                           max_grad_norm=1.0, dtype="float32", device="cpu")
         model = copy.deepcopy(initial)
-        idle = Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
+        idle = Sequence(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
         engine = make_engine(model, cfg.optimizer, cfg.optimizer.lr, STEPS, world, idle)
         distributed.broadcast_parameters(model)  # sharded under ZeRO-3: gathered, rank 0's written back
         reference = engine.reference()

@@ -30,31 +30,31 @@ def group_advantages(rewards: list[float], group_size: int, eps: float = 1e-4) -
     return out
 
 
-def _completion_logprobs(model, sample, temperature: float) -> torch.Tensor:
-    prompt, completion = sample.prompt_ids, sample.completion_ids
+def _completion_logprobs(model, sequence, temperature: float) -> torch.Tensor:
+    prompt, completion = sequence.prompt_ids, sequence.completion_ids
     ids = torch.cat([prompt, completion])[None]
     types = (ids == model.config.image_token_id).to(torch.int32)
-    out = model(input_ids=ids, mm_token_type_ids=types, pixel_values=sample.pixel_values.double(),
-                image_grid_thw=sample.image_grid_thw)
+    out = model(input_ids=ids, mm_token_type_ids=types, pixel_values=sequence.pixel_values.double(),
+                image_grid_thw=sequence.image_grid_thw)
     P, C = prompt.numel(), completion.numel()
     logits = out.logits[0, P - 1:P + C - 1].double() / temperature
     return torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
 
 
-def full_batch_gradient(model, ref_model, samples, advantages: list[float], *, temperature: float, beta: float,
+def full_batch_gradient(model, ref_model, sequences, advantages: list[float], *, temperature: float, beta: float,
                         loss_type: str, eps_low: float = 0.2, eps_high: float = 0.2) -> dict[str, torch.Tensor]:
-    """{parameter name: d L / d parameter} in float64 for the whole batch `samples` (every
-    rank's), advantages one per sample. The models are copied, not changed."""
+    """{parameter name: d L / d parameter} in float64 for the whole batch `sequences` (every
+    rank's), advantages one per sequence. The models are copied, not changed."""
     policy = copy.deepcopy(model).double().eval()
     reference = copy.deepcopy(ref_model).double().eval()
     policy.set_attn_implementation("sdpa")
     reference.set_attn_implementation("sdpa")
-    S, N = len(samples), sum(s.completion_ids.numel() for s in samples)
+    S, N = len(sequences), sum(s.completion_ids.numel() for s in sequences)
     total = torch.zeros((), dtype=torch.float64)
-    for sample, a in zip(samples, advantages):
-        logp = _completion_logprobs(policy, sample, temperature)
+    for sequence, a in zip(sequences, advantages):
+        logp = _completion_logprobs(policy, sequence, temperature)
         with torch.no_grad():
-            ref = _completion_logprobs(reference, sample, temperature)
+            ref = _completion_logprobs(reference, sequence, temperature)
         ratio = torch.exp(logp - logp.detach())
         clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
         per_token = -torch.minimum(ratio * a, clipped * a) + beta * (torch.exp(ref - logp) - (ref - logp) - 1)

@@ -8,7 +8,7 @@ micro-batch (so ZeRO pads it with an idle batch, engine.lockstep). The KL refere
 copy of the policy, so that the KL term has a gradient. Rank 0 writes, per run, the gradient
 norm the engine reports and the weights after the update; for plain data parallelism also
 the summed gradient itself (read by an optimizer pre-step hook); and the float64 full-batch
-gradient of grpo_reference, computed in this one process from every rank's samples.
+gradient of grpo_reference, computed in this one process from every rank's sequences.
 """
 import copy
 import json
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from gathered_state import full_state
 from grpo_reference import full_batch_gradient, group_advantages
 
 from r1vl import distributed
@@ -23,10 +24,10 @@ from r1vl.config import make_config
 from r1vl.data.prompts import blank_prompt
 from r1vl.rewards.advantages import step_advantages
 from r1vl.tiny import build_model, build_tokenizer
-from r1vl.update.engines import make_engine
+from r1vl.update.choose_engine import make_engine
 from r1vl.update.grpo import grpo_update
 from r1vl.update.microbatches import Batch, MicroBatch
-from r1vl.update.packing import Sample, pack
+from r1vl.update.packing import Sequence, pack
 
 G = 2
 REWARDS = {0: [1.0, 0.0, 0.3, 1.2, 2.1, 0.4], 1: [0.0, 1.1]}  # per rank, prompt-major
@@ -36,19 +37,14 @@ LR, TEMPERATURE, BETA = 1e-3, 0.9, 0.1
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
-def rank_samples(rank: int, prompt, vocab: int) -> list[Sample]:
+def rank_sequences(rank: int, prompt, vocab: int) -> list[Sequence]:
     g = torch.Generator().manual_seed(100 + rank)
-    return [Sample(prompt.ids, torch.randint(10, vocab, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g),
+    return [Sequence(prompt.ids, torch.randint(10, vocab, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g),
                    prompt.pixel_values, prompt.image_grid_thw) for _ in REWARDS[rank]]
 
 
-def full_state(model) -> dict:
-    with distributed.gathered(model):
-        return {k: v.detach().clone() for k, v in model.named_parameters()}
-
-
 def setup():
-    """(policy, KL reference model, {rank: samples}, idle sample): the same in every process."""
+    """(policy, KL reference model, {rank: sequences}, idle sequence): the same in every process."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer(["How many shapes are there? Three red circles."] * 4, vocab_size=300)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -60,9 +56,9 @@ def setup():
         g = torch.Generator().manual_seed(1)
         for p in ref_model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    samples = {r: rank_samples(r, prompt, len(tokenizer)) for r in REWARDS}
-    idle = Sample(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
-    return initial, ref_model, samples, idle
+    sequences = {r: rank_sequences(r, prompt, len(tokenizer)) for r in REWARDS}
+    idle = Sequence(prompt.ids, prompt.ids[-1:], prompt.pixel_values, prompt.image_grid_thw)
+    return initial, ref_model, sequences, idle
 
 
 def capture_gradients(engine, model) -> dict:
@@ -75,17 +71,17 @@ def capture_gradients(engine, model) -> dict:
     return grads
 
 
-def reference_gradient(initial, ref_model, samples: dict, loss_type: str) -> dict:
-    everything = [s for r in sorted(samples) for s in samples[r]]
-    advantages = [a for r in sorted(samples) for a in group_advantages(REWARDS[r], G)]
+def reference_gradient(initial, ref_model, sequences: dict, loss_type: str) -> dict:
+    everything = [s for r in sorted(sequences) for s in sequences[r]]
+    advantages = [a for r in sorted(sequences) for a in group_advantages(REWARDS[r], G)]
     return full_batch_gradient(initial, ref_model, everything, advantages, temperature=TEMPERATURE, beta=BETA,
                                loss_type=loss_type)
 
 
 def main(out_dir: Path) -> None:
     world = distributed.init("cpu")
-    initial, ref_model, samples, idle = setup()
-    mine = samples[world.rank]
+    initial, ref_model, sequences, idle = setup()
+    mine = sequences[world.rank]
     out = {"initial": full_state(initial), "lr": LR}
 
     for kind, loss_type in RUNS:
@@ -109,7 +105,7 @@ def main(out_dir: Path) -> None:
 
     if world.is_main:
         for loss_type in ("grpo", "dapo"):
-            out[f"reference-{loss_type}"] = reference_gradient(initial, ref_model, samples, loss_type)
+            out[f"reference-{loss_type}"] = reference_gradient(initial, ref_model, sequences, loss_type)
         torch.save(out, out_dir / "grpo_step.pt")
         (out_dir / "done.json").write_text(json.dumps({"runs": [f"{k}-{t}" for k, t in RUNS]}))
     distributed.destroy()

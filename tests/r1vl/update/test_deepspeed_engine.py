@@ -25,13 +25,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonl_records import metrics_records
 
 from r1vl.config import make_config
 from r1vl.deepspeed_config import read_deepspeed_config, resolved_config
 from r1vl.run.setup import check_inputs
-from r1vl.update.deepspeed_engine import _plain_optimizer_state
+from r1vl.update.deepspeed_engine import plain_optimizer_state
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches
-from r1vl.update.packing import Sample
+from r1vl.update.packing import Sequence
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "configs"
@@ -145,10 +146,10 @@ def test_resolved_config_refuses_a_dtype_against_the_file(tmp_path):
 def test_saved_optimizer_state_is_plain_data():
     state = {"loss_scaler": object(), "param_slice_mappings": [object()], "zero_stage": 2,
              "base_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1.0}]}}
-    plain = _plain_optimizer_state(state)
+    plain = plain_optimizer_state(state)
     assert set(plain) == {"zero_stage", "base_optimizer_state"}
     with pytest.raises(TypeError, match=r"optimizer state\['extra'\] is a object"):
-        _plain_optimizer_state({"extra": object()})
+        plain_optimizer_state({"extra": object()})
 
 
 # -------------------------------------------------------------------------------- lockstep
@@ -197,23 +198,23 @@ class _Ranks:
 def _rank_microbatches(rng: random.Random, rank: int, budget: int) -> tuple[list, int]:
     """One rank's [(indices, stand-in for its PackedBatch)] as r1vl.update.microbatches plans
     them (shared-prompt or not), for a random number of GRPO groups (0 = all prompts skipped);
-    and the rank's sample count."""
+    and the rank's sequence count."""
     groups, g = rng.randint(0, 6), rng.randint(2, 4)
     prompts = [[rank * 100 + p] * rng.randint(1, budget // 3) for p in range(groups)]
-    samples = [Sample(prompt, [7] * rng.randint(1, budget // 3 - 1)) for prompt in prompts for _ in range(g)]
+    sequences = [Sequence(prompt, [7] * rng.randint(1, budget // 3 - 1)) for prompt in prompts for _ in range(g)]
     if rng.random() < 0.5:
-        plan = plan_shared_microbatches(samples, budget).microbatches
+        plan = plan_shared_microbatches(sequences, budget).microbatches
     else:
-        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-        plan = plan_microbatches(lengths, budget, groups=[i // g for i in range(len(samples))])
-    return [(idx, f"packed {rank}.{k}") for k, idx in enumerate(plan)], len(samples)
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
+        plan = plan_microbatches(lengths, budget, groups=[i // g for i in range(len(sequences))])
+    return [(idx, f"packed {rank}.{k}") for k, idx in enumerate(plan)], len(sequences)
 
 
 def test_lockstep_gives_every_rank_as_many_microbatches_and_loses_none(monkeypatch):
     """What keeps ranks in step under ZeRO: every rank runs the same number of micro-batches
     (the largest count over the ranks, no more), its own micro-batches all, once each and in
     order, then (None, idle batch) entries that the update weights 0; so over the ranks every
-    sample is trained on exactly once. A rank with no micro-batch at all (every prompt
+    sequence is trained on exactly once. A rank with no micro-batch at all (every prompt
     skipped) runs idle batches only. PlainEngine (gradients summed once, after the step) keeps
     each rank's list as it is."""
     from r1vl import distributed
@@ -291,11 +292,6 @@ def test_saved_engine_state_resumes_exactly(engine_runs):
 # -------------------------------------------------------------------------------- train.py
 
 
-def _records(run_dir: Path, stage: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["stage"] == stage]
-
-
 WARM_RECORDS, WARM_STEPS = 6, 80
 
 
@@ -319,7 +315,7 @@ def warm_checkpoint(tmp_path_factory):
            "--sft_batch_size", "4", "--eval_prompts", "2", "--save_every", "0"]
     result = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert _records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
+    assert metrics_records(out / "run", "sft")[-1]["loss"] < 0.05, "the warm-up did not learn the records"
     return data, out / "run" / "final"
 
 
@@ -363,7 +359,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
         assert check_checkpoint_dir(run_dir / "final") == "qwen2_vl"
         runs[kind] = run_dir
 
-    grpo = _records(runs["plain"], "grpo")
+    grpo = metrics_records(runs["plain"], "grpo")
     assert all(r["reward_std_in_group"] > 0.1 and r["grad_norm"] > 0.1 for r in grpo), grpo
     assert any(r["split_prompt_groups"] > 0 for r in grpo)
     # GRPO moved the weights, from the policy as GRPO started (the KL reference) to the end,
@@ -378,7 +374,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
         for stage, keys in (("sft", ("loss", "grad_norm", "lr")),
                             ("grpo", ("loss", "grad_norm", "kl", "reward", "reward_std_in_group", "sequences",
                                       "completion_len"))):
-            mine, ref = _records(runs[kind], stage), _records(runs["plain"], stage)
+            mine, ref = metrics_records(runs[kind], stage), metrics_records(runs["plain"], stage)
             assert len(mine) == len(ref) == 2, (kind, stage)
             for a, b in zip(mine, ref):
                 for key in keys:
@@ -398,7 +394,7 @@ def test_train_py_with_zero2_and_zero3_matches_plain(tmp_path, warm_checkpoint):
     # their weights again and give back the same activations, so every step's loss and the
     # final weights equal the run without it.
     for stage in ("sft", "grpo"):
-        for a, b in zip(_records(runs["zero3-checkpointed"], stage), _records(runs["zero3"], stage)):
+        for a, b in zip(metrics_records(runs["zero3-checkpointed"], stage), metrics_records(runs["zero3"], stage)):
             assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (stage, a["step"])
     expected = load_file(runs["zero3"] / "final" / "model.safetensors")
     got = load_file(runs["zero3-checkpointed"] / "final" / "model.safetensors")
@@ -466,13 +462,13 @@ def test_non_finite_updates_are_skipped_on_every_rank_then_stop_the_run(tmp_path
     assert result.returncode != 0
     assert result.stdout.count("skipped an update") == 2, result.stdout[-2000:]
     assert "updates skipped for non-finite values" in result.stderr
-    assert len(_records(run_dir, "sft")) < 6
+    assert len(metrics_records(run_dir, "sft")) < 6
 
 
 def test_plain_runs_never_import_deepspeed():
     code = ("import sys, torch, train\n"
             "from r1vl import distributed\n"
-            "from r1vl.update.engines import make_engine\n"
+            "from r1vl.update.choose_engine import make_engine\n"
             "from r1vl.config import make_config\n"
             "from r1vl.tiny import build_model, build_tokenizer\n"
             "model = build_model(build_tokenizer(['a b'] * 2, vocab_size=300))\n"
@@ -489,7 +485,7 @@ def test_plain_runs_never_import_deepspeed():
 
 def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
     from r1vl import distributed
-    from r1vl.update.engines import make_engine
+    from r1vl.update.choose_engine import make_engine
 
     (tmp_path / "engine.json").write_text(json.dumps({"zero_stage": 3, "world_size": 2}))
     (tmp_path / "zero_rank00000.pt").write_bytes(b"")

@@ -7,7 +7,7 @@ import copy
 import types
 
 import torch
-from tiny_qwen_vl import make_sample, tiny_model
+from tiny_qwen_vl import make_sequence, tiny_model
 
 from r1vl.model.attention import use_varlen_attention
 from r1vl.update.engine import MASTERS_FILE, PlainEngine, UpdateSettings
@@ -29,8 +29,8 @@ def _microbatches(model: torch.nn.Module, seed: int = 0, split: bool = True):
     """Four SFT pairs (a prompt with an image, assistant tokens) packed as two micro-batches
     (one with split=False), and the step's target count."""
     gen = torch.Generator().manual_seed(seed)
-    samples = [make_sample(gen, [(1, 4, 4)], completion_len=6 + 3 * i) for i in range(4)]
-    parts = [pack(samples[:2], model), pack(samples[2:], model)] if split else [pack(samples, model)]
+    sequences = [make_sequence(gen, [(1, 4, 4)], completion_len=6 + 3 * i) for i in range(4)]
+    parts = [pack(sequences[:2], model), pack(sequences[2:], model)] if split else [pack(sequences, model)]
     return parts, sum(p.target_ids.numel() for p in parts)
 
 

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, grpo_batch, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, IMAGE, grpo_batch, make_sequence, tiny_model
 
 from r1vl.model.attention import use_varlen_attention
 from r1vl.model.policy import vision_tower
@@ -20,30 +20,30 @@ from r1vl.update.packing import pack
 
 def rollout_batch(seed: int, family: str = "qwen2_vl"):
     gen = torch.Generator().manual_seed(seed)
-    sample = functools.partial(make_sample, gen, family=family)
-    first = sample([(1, 4, 6)], completion_len=1)
-    sibling = sample([(1, 4, 6)], completion_len=7, pixel_values=first.pixel_values)
+    sequence = functools.partial(make_sequence, gen, family=family)
+    first = sequence([(1, 4, 6)], completion_len=1)
+    sibling = sequence([(1, 4, 6)], completion_len=7, pixel_values=first.pixel_values)
     sibling.prompt_ids = first.prompt_ids  # same prompt, same image, another completion
     return [
         first,
-        sample([], completion_len=5),
-        sample([(1, 4, 4), (1, 10, 14)], completion_len=9, text_lens=[3, 1, 6]),
+        sequence([], completion_len=5),
+        sequence([(1, 4, 4), (1, 10, 14)], completion_len=9, text_lens=[3, 1, 6]),
         sibling,
-        sample([(1, 12, 6)], completion_len=2, text_lens=[1, 1]),
-        sample([], completion_len=1, text_lens=[1]),
-        sample([(1, 2, 2)], completion_len=23),
+        sequence([(1, 12, 6)], completion_len=2, text_lens=[1, 1]),
+        sequence([], completion_len=1, text_lens=[1]),
+        sequence([(1, 2, 2)], completion_len=23),
     ]
 
 
-def padded_reference_logprobs(model, samples):
+def padded_reference_logprobs(model, sequences):
     """Per-token completion log-probs of each sequence from one right-padded HF forward."""
-    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
-    ids = torch.zeros(len(samples), max(lengths), dtype=torch.int64)
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
+    ids = torch.zeros(len(sequences), max(lengths), dtype=torch.int64)
     mask = torch.zeros_like(ids)
-    for i, s in enumerate(samples):
+    for i, s in enumerate(sequences):
         ids[i, : lengths[i]] = torch.cat([torch.as_tensor(s.prompt_ids), torch.as_tensor(s.completion_ids)])
         mask[i, : lengths[i]] = 1
-    with_images = [s for s in samples if s.pixel_values is not None]
+    with_images = [s for s in sequences if s.pixel_values is not None]
     logits = model(
         input_ids=ids, attention_mask=mask, use_cache=False,
         pixel_values=torch.cat([s.pixel_values for s in with_images]) if with_images else None,
@@ -51,7 +51,7 @@ def padded_reference_logprobs(model, samples):
         mm_token_type_ids=(ids == IMAGE).int(),
     ).logits
     out = []
-    for i, s in enumerate(samples):
+    for i, s in enumerate(sequences):
         p, c = len(s.prompt_ids), len(s.completion_ids)
         logp = torch.log_softmax(logits[i, p - 1 : p + c - 1].float(), dim=-1)
         out.append(logp.gather(1, torch.as_tensor(s.completion_ids)[:, None])[:, 0])
@@ -64,9 +64,9 @@ def packed_logprobs(model, packed):
     return logp.gather(1, packed.target_ids[:, None])[:, 0]
 
 
-def advantage_weighted(logprobs, advantages, samples):
+def advantage_weighted(logprobs, advantages, sequences):
     """sum over tokens of A(sequence) * logp(token): the policy-gradient part of GRPO's loss."""
-    per_token = torch.repeat_interleave(advantages, torch.tensor([len(s.completion_ids) for s in samples]))
+    per_token = torch.repeat_interleave(advantages, torch.tensor([len(s.completion_ids) for s in sequences]))
     return (per_token * logprobs).sum()
 
 
@@ -76,19 +76,19 @@ def test_packed_matches_padded_logprobs_and_gradients(family, seed):
     reference = tiny_model(family, seed=seed)
     model = copy.deepcopy(reference)
     assert use_varlen_attention(model) == "sdpa"
-    samples = rollout_batch(seed, family)
-    packed = pack(samples, model)
-    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(seed))
+    sequences = rollout_batch(seed, family)
+    packed = pack(sequences, model)
+    advantages = torch.randn(len(sequences), generator=torch.Generator().manual_seed(seed))
 
     logp = packed_logprobs(model, packed)
-    ref = padded_reference_logprobs(reference, samples)
-    assert logp.shape == (sum(len(s.completion_ids) for s in samples),)
+    ref = padded_reference_logprobs(reference, sequences)
+    assert logp.shape == (sum(len(s.completion_ids) for s in sequences),)
     cu = packed.completion_cu_seqlens.tolist()
     for s, r in enumerate(ref):
         torch.testing.assert_close(logp[cu[s] : cu[s + 1]], r, atol=1e-5, rtol=0)
 
-    advantage_weighted(logp, advantages, samples).backward()
-    advantage_weighted(torch.cat(ref), advantages, samples).backward()
+    advantage_weighted(logp, advantages, sequences).backward()
+    advantage_weighted(torch.cat(ref), advantages, sequences).backward()
     ref_grads = dict(reference.named_parameters())
     checked = 0
     for name, param in model.named_parameters():
@@ -108,10 +108,10 @@ def test_text_only_batch():
     model = copy.deepcopy(reference)
     use_varlen_attention(model)
     gen = torch.Generator().manual_seed(3)
-    samples = [make_sample(gen, [], n, text_lens=[m]) for n, m in [(1, 1), (4, 9), (11, 2)]]
-    packed = pack(samples, model)
+    sequences = [make_sequence(gen, [], n, text_lens=[m]) for n, m in [(1, 1), (4, 9), (11, 2)]]
+    packed = pack(sequences, model)
     assert packed.pixel_values is None and packed.image_token_source is None
-    expected = torch.cat(padded_reference_logprobs(reference, samples))
+    expected = torch.cat(padded_reference_logprobs(reference, sequences))
     torch.testing.assert_close(packed_logprobs(model, packed), expected, atol=1e-5, rtol=0)
 
 
@@ -119,8 +119,8 @@ def test_text_only_batch():
 def test_vision_tower_runs_once_on_distinct_images_and_lm_head_never(family):
     model = tiny_model(family)
     use_varlen_attention(model)
-    samples = rollout_batch(4, family)  # 7 sequences, 6 images, 5 distinct
-    packed = pack(samples, model)
+    sequences = rollout_batch(4, family)  # 7 sequences, 6 images, 5 distinct
+    packed = pack(sequences, model)
     tower_calls, head_calls = [], []
 
     def count(module, args, kwargs):
@@ -167,25 +167,25 @@ def test_shared_prompts_match_padded_and_unshared_logprobs_and_gradients(family,
     shared_model, unshared_model = copy.deepcopy(reference), copy.deepcopy(reference)
     use_varlen_attention(shared_model)
     use_varlen_attention(unshared_model)
-    samples = grpo_batch(G, G, family)
-    shared = pack(samples, shared_model, share_prompts=True)
-    unshared = pack(samples, unshared_model)
+    sequences = grpo_batch(G, G, family)
+    shared = pack(sequences, shared_model, share_prompts=True)
+    unshared = pack(sequences, unshared_model)
     assert shared.shares_prompts == (G > 1)
-    prompt_rows = sum(len(samples[g * G].prompt_ids) for g in range(3))
+    prompt_rows = sum(len(sequences[g * G].prompt_ids) for g in range(3))
     assert shared.num_tokens == prompt_rows + shared.target_ids.numel()
-    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(G))
+    advantages = torch.randn(len(sequences), generator=torch.Generator().manual_seed(G))
 
     logp = packed_logprobs(shared_model, shared)
-    ref = padded_reference_logprobs(reference, samples)
+    ref = padded_reference_logprobs(reference, sequences)
     cu = shared.completion_cu_seqlens.tolist()
     for s, r in enumerate(ref):
         torch.testing.assert_close(logp[cu[s] : cu[s + 1]], r, atol=1e-5, rtol=0)
     logp_unshared = packed_logprobs(unshared_model, unshared)
     torch.testing.assert_close(logp, logp_unshared, atol=1e-6, rtol=0)
 
-    advantage_weighted(logp, advantages, samples).backward()
-    advantage_weighted(torch.cat(ref), advantages, samples).backward()
-    advantage_weighted(logp_unshared, advantages, samples).backward()
+    advantage_weighted(logp, advantages, sequences).backward()
+    advantage_weighted(torch.cat(ref), advantages, sequences).backward()
+    advantage_weighted(logp_unshared, advantages, sequences).backward()
     padded_grads, unshared_grads = _grads(reference), _grads(unshared_model)
     for name, param in shared_model.named_parameters():
         assert param.grad is not None, name  # every parameter, the vision tower's included
@@ -201,9 +201,9 @@ def test_shared_prompts_for_every_group_size_from_1_to_8():
     use_varlen_attention(model)
     with torch.no_grad():
         for G in range(1, 9):
-            samples = grpo_batch(100 + G, G)[G:]  # the two-image and the text-only prompt
-            torch.testing.assert_close(packed_logprobs(model, pack(samples, model, share_prompts=True)),
-                                       packed_logprobs(model, pack(samples, model)), atol=1e-6, rtol=0)
+            sequences = grpo_batch(100 + G, G)[G:]  # the two-image and the text-only prompt
+            torch.testing.assert_close(packed_logprobs(model, pack(sequences, model, share_prompts=True)),
+                                       packed_logprobs(model, pack(sequences, model)), atol=1e-6, rtol=0)
 
 
 def test_shared_batch_refuses_a_model_without_varlen_attention():
@@ -241,7 +241,7 @@ def test_deepstack_features_reach_their_image_tokens(shift, monkeypatch):
     reference = tiny_model("qwen3_vl", seed=2)
     model = copy.deepcopy(reference)
     use_varlen_attention(model)
-    samples = rollout_batch(2, "qwen3_vl")
+    sequences = rollout_batch(2, "qwen3_vl")
     place = forward.image_token_features
 
     def shifted(vision, token_source):
@@ -251,7 +251,7 @@ def test_deepstack_features_reach_their_image_tokens(shift, monkeypatch):
 
     monkeypatch.setattr(forward, "image_token_features", shifted)
     with torch.no_grad():
-        error = (packed_logprobs(model, pack(samples, model)) - torch.cat(padded_reference_logprobs(reference, samples)))
+        error = (packed_logprobs(model, pack(sequences, model)) - torch.cat(padded_reference_logprobs(reference, sequences)))
     if shift == 0:
         assert error.abs().max() < 1e-5
     else:
@@ -273,18 +273,18 @@ def test_gpu_backend_on_shared_prompts_matches_fp32(backend):
     if backend == "flash_attn":
         pytest.importorskip("flash_attn")
     reference = tiny_model("qwen2_5_vl", seed=6)
-    samples = grpo_batch(6, 4)
-    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(6))
+    sequences = grpo_batch(6, 4)
+    advantages = torch.randn(len(sequences), generator=torch.Generator().manual_seed(6))
     use_varlen_attention(reference)
-    logp_ref = packed_logprobs(reference, pack(samples, reference))
-    advantage_weighted(logp_ref, advantages, samples).backward()
+    logp_ref = packed_logprobs(reference, pack(sequences, reference))
+    advantage_weighted(logp_ref, advantages, sequences).backward()
 
     def run(which):
         model = copy.deepcopy(reference).cuda().bfloat16()
         model.zero_grad(set_to_none=True)
         use_varlen_attention(model, which)
-        logp = packed_logprobs(model, pack(samples, model, share_prompts=True).to("cuda"))
-        advantage_weighted(logp, advantages.cuda(), samples).backward()
+        logp = packed_logprobs(model, pack(sequences, model, share_prompts=True).to("cuda"))
+        advantage_weighted(logp, advantages.cuda(), sequences).backward()
         return logp.double().cpu(), {n: p.grad.double().cpu() for n, p in model.named_parameters()}
 
     (logp, grads), (logp_sdpa, grads_sdpa) = run(backend), run("sdpa")

@@ -117,16 +117,16 @@ def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype, fillers
     from grpo_worker import BETA, LR, TEMPERATURE, capture_gradients, reference_gradient, setup
 
     from r1vl.config import make_config
-    from r1vl.update.engines import make_engine
+    from r1vl.update.choose_engine import make_engine
     from r1vl.update.grpo import grpo_update
     from r1vl.update.microbatches import Batch, MicroBatch
     from r1vl.update.packing import pack
 
     if impl == "triton":
         assert os.environ.get("TRITON_INTERPRET") == "1"
-    initial, ref_model, samples, idle = setup()
+    initial, ref_model, sequences, idle = setup()
     rewards = torch.tensor([1.0, 0.0, 0.3, 1.2, 2.1, 0.4, 0.0, 1.1])  # grpo_worker.REWARDS, ranks 0 then 1
-    everything = samples[0] + samples[1]
+    everything = sequences[0] + sequences[1]
     cfg = make_config(model="tiny", lr=LR, max_grad_norm=0.0, dtype="float32", device="cpu", loss_type="grpo",
                       temperature=TEMPERATURE, beta=BETA, num_iterations=1, max_completion_length=8)
     world = distributed.Dist(0, 1, 0, torch.device("cpu"))
@@ -141,7 +141,7 @@ def test_update_with_the_triton_interpreter_and_in_bfloat16(impl, dtype, fillers
     micro = [MicroBatch(idx, pack([everything[i] for i in idx], model), advantages[idx])
              for idx in ([0, 1, 2, 3], [4, 5], [6, 7])]
     update = grpo_update(engine, reference, Batch(everything, micro, 0), cfg.objective, cfg.sampling, impl, world)
-    expected = reference_gradient(initial, ref_model, samples, "grpo")
+    expected = reference_gradient(initial, ref_model, sequences, "grpo")
     if dtype == torch.float32:
         _check_update({"grad_norm": update["grad_norm"], "grads": grads,
                        "after": dict(model.named_parameters())}, expected, dict(initial.named_parameters()), LR, impl)

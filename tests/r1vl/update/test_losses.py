@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_qwen_vl import make_group, make_sample, tiny_model
+from tiny_qwen_vl import make_group, make_sequence, tiny_model
 
 from r1vl.model.attention import use_varlen_attention
 from r1vl.update.losses import completion_logprobs, kernel_impl, microbatch_weight, policy_loss
@@ -16,26 +16,26 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 def _batch(seed: int, family: str = "qwen2_vl"):
     gen = torch.Generator().manual_seed(seed)
-    samples = []
+    sequences = []
     for prompt in range(3):  # 3 prompts x G=2, completions of uneven lengths
-        first = make_sample(gen, [(1, 4, 4)], completion_len=2 + 5 * prompt, family=family)
-        second = make_sample(gen, [(1, 4, 4)], completion_len=9 - 3 * prompt, pixel_values=first.pixel_values,
+        first = make_sequence(gen, [(1, 4, 4)], completion_len=2 + 5 * prompt, family=family)
+        second = make_sequence(gen, [(1, 4, 4)], completion_len=9 - 3 * prompt, pixel_values=first.pixel_values,
                              family=family)
         second.prompt_ids = first.prompt_ids
-        samples += [first, second]
+        sequences += [first, second]
     # Their own stream: the same advantages for every family (whose pixel rows draw differently).
-    advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(seed))
-    return samples, advantages
+    advantages = torch.randn(len(sequences), generator=torch.Generator().manual_seed(seed))
+    return sequences, advantages
 
 
-def _grads(model, samples, advantages, parts, loss_type, ref_model, weighted=True):
-    """Sum over `parts` (lists of sample indices) of weighted micro-batch losses; returns the
+def _grads(model, sequences, advantages, parts, loss_type, ref_model, weighted=True):
+    """Sum over `parts` (lists of sequence indices) of weighted micro-batch losses; returns the
     flat gradient. Global counts are over all parts, as the trainer all-reduces them."""
     model.zero_grad(set_to_none=True)
-    S = len(samples)
-    N = sum(len(s.completion_ids) for s in samples)
+    S = len(sequences)
+    N = sum(len(s.completion_ids) for s in sequences)
     for idx in parts:
-        packed = pack([samples[i] for i in idx], model)
+        packed = pack([sequences[i] for i in idx], model)
         ref = completion_logprobs(ref_model, packed, 1.2, "torch")
         out = policy_loss(model, packed, advantages[idx], None, ref, impl="torch", temperature=1.2, beta=0.04,
                           loss_type=loss_type, max_completion_length=12, num_items_in_batch=N)
@@ -52,16 +52,16 @@ def test_microbatches_and_ranks_sum_to_the_full_batch_gradient(loss_type):
     with torch.no_grad():  # a reference that differs from the policy, so the KL term matters
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    samples, advantages = _batch(seed=1)
-    full = _grads(model, samples, advantages, [list(range(6))], loss_type, reference)
+    sequences, advantages = _batch(seed=1)
+    full = _grads(model, sequences, advantages, [list(range(6))], loss_type, reference)
     # Uneven micro-batches, as "rank 0" = [0, 1, 2] + [3] and "rank 1" = [4, 5]: the trainer
     # sums micro-batches and then ranks; the order of a sum does not matter.
-    split = _grads(model, samples, advantages, [[0, 1, 2], [3], [4, 5]], loss_type, reference)
+    split = _grads(model, sequences, advantages, [[0, 1, 2], [3], [4, 5]], loss_type, reference)
     assert full.abs().max() > 0
     torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-7)
     # The weights are load-bearing: an unweighted sum is a different gradient.
     if loss_type != "dapo":  # (dapo's weight is 1: it divides by the global count itself)
-        unweighted = _grads(model, samples, advantages, [[0, 1, 2], [3], [4, 5]], loss_type, reference, False)
+        unweighted = _grads(model, sequences, advantages, [[0, 1, 2], [3], [4, 5]], loss_type, reference, False)
         assert not torch.allclose(unweighted, full, rtol=1e-2)
 
 
@@ -76,11 +76,11 @@ def test_reference_log_probs_see_the_image():
     same packed batch as the policy, pixels included, so another image changes its log-probs."""
     model = tiny_model("qwen2_vl", seed=0)
     use_varlen_attention(model)
-    samples, _ = _batch(seed=2)
-    other = [copy.copy(s) for s in samples]
+    sequences, _ = _batch(seed=2)
+    other = [copy.copy(s) for s in sequences]
     for s in other:
         s.pixel_values = s.pixel_values.flip(0)
-    same = completion_logprobs(model, pack(samples, model), 1.0, "torch")
+    same = completion_logprobs(model, pack(sequences, model), 1.0, "torch")
     flipped = completion_logprobs(model, pack(other, model), 1.0, "torch")
     assert same.shape == flipped.shape and not torch.allclose(same, flipped)
 
@@ -131,11 +131,11 @@ def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(lo
     use_varlen_attention(model)
     reference, old_model = _perturbed(model, 1), _perturbed(model, 2)
     gen = torch.Generator().manual_seed(4)
-    samples = []
+    sequences = []
     for grids, lens in [([(1, 4, 4)], [1, 9, 4, 12]), ([(1, 2, 6)], [7, 1, 3, 2]), ([], [5, 11, 1, 6])]:
-        samples += make_group(gen, grids, lens)
-    advantages = torch.randn(len(samples), generator=gen)
-    S, N = len(samples), sum(len(s.completion_ids) for s in samples)
+        sequences += make_group(gen, grids, lens)
+    advantages = torch.randn(len(sequences), generator=gen)
+    S, N = len(sequences), sum(len(s.completion_ids) for s in sequences)
     options = dict(impl="torch", temperature=1.2, beta=0.04, loss_type=loss_type, max_completion_length=12,
                    num_items_in_batch=N)
 
@@ -145,7 +145,7 @@ def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(lo
         model.zero_grad(set_to_none=True)
         total, logps = 0.0, []
         for idx in parts:
-            packed = pack([samples[i] for i in idx], model, share_prompts=share)
+            packed = pack([sequences[i] for i in idx], model, share_prompts=share)
             ref = completion_logprobs(reference, packed, 1.2, "torch")
             old = completion_logprobs(old_model, packed, 1.2, "torch")
             out = policy_loss(model, packed, advantages[idx], old, ref, **options)
@@ -157,16 +157,16 @@ def test_shared_prompts_over_microbatches_give_the_unshared_loss_and_gradient(lo
         grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         return total, logps, grads
 
-    group_totals = [len(samples[4 * g].prompt_ids) + sum(len(s.completion_ids) for s in samples[4 * g: 4 * g + 4])
+    group_totals = [len(sequences[4 * g].prompt_ids) + sum(len(s.completion_ids) for s in sequences[4 * g: 4 * g + 4])
                     for g in range(3)]
-    plan = plan_shared_microbatches(samples, max(group_totals) - 1)
+    plan = plan_shared_microbatches(sequences, max(group_totals) - 1)
     assert plan.split_groups == 1 and len(plan.microbatches) >= 2
     loss, logps, grads = update(plan.microbatches, share=True)
     assert shared_batches.count(True) >= 2  # (a part of one completion is an unshared sequence)
     expected_loss, ((_, *expected), ), expected_grads = update([list(range(S))], share=False)
 
-    cu = torch.tensor([0] + [len(s.completion_ids) for s in samples]).cumsum(0).tolist()
-    for idx, *got in logps:  # reference, old and policy log-probs of each micro-batch's samples
+    cu = torch.tensor([0] + [len(s.completion_ids) for s in sequences]).cumsum(0).tolist()
+    for idx, *got in logps:  # reference, old and policy log-probs of each micro-batch's sequences
         rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in idx])
         for name, g, e in zip(("ref", "old", "policy"), got, expected):
             torch.testing.assert_close(g, e[rows], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -188,8 +188,8 @@ def test_float64_softmax_loss_matches_the_kernels(with_old, family, tied):
     with torch.no_grad():
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    samples, advantages = _batch(7, family)
-    packed = pack(samples, model)
+    sequences, advantages = _batch(7, family)
+    packed = pack(sequences, model)
     ref = completion_logprobs(ref_model, packed, 1.2, "torch")
     old = None
     if with_old:  # ratios away from 1, some clipped on either side

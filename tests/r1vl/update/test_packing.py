@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
-from tiny_qwen_vl import IMAGE, PIXEL_ROW, VIDEO, VISION_END, VISION_START, make_group, make_sample, tiny_model
+from tiny_qwen_vl import IMAGE, PIXEL_ROW, VIDEO, VISION_END, VISION_START, make_group, make_sequence, tiny_model
 
 from r1vl.update.microbatches import SharedPlan, plan_microbatches, plan_shared_microbatches
-from r1vl.update.packing import PackedBatch, Sample, pack
+from r1vl.update.packing import PackedBatch, Sequence, pack
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def _three_samples():
     Returns (A's pixels, A's prompt ids, (A, B, C))."""
     pixels = torch.randn(24, PIXEL_ROW)
     prompt_a = [5, VISION_START] + [IMAGE] * 6 + [VISION_END, 6]  # P = 10
-    a = Sample(prompt_a, [7, 8], pixels, torch.tensor([[1, 4, 6]]))
-    b = Sample([9, 10, 11], [12])
-    c = Sample(prompt_a, [13, 14, 15], pixels, torch.tensor([[1, 4, 6]]))
+    a = Sequence(prompt_a, [7, 8], pixels, torch.tensor([[1, 4, 6]]))
+    b = Sequence([9, 10, 11], [12])
+    c = Sequence(prompt_a, [13, 14, 15], pixels, torch.tensor([[1, 4, 6]]))
     return pixels, prompt_a, (a, b, c)
 
 
@@ -74,9 +74,9 @@ def test_layout_by_hand(model):
 
 def test_several_images_and_dedupe_by_content(model):
     gen = torch.Generator().manual_seed(3)
-    two = make_sample(gen, [(1, 2, 4), (1, 6, 2)], 4)  # 2 + 3 image tokens
-    copy = make_sample(gen, [(1, 2, 4)], 2, pixel_values=two.pixel_values[:8].clone())
-    other = make_sample(gen, [(1, 2, 4)], 2)  # same grid, other pixels
+    two = make_sequence(gen, [(1, 2, 4), (1, 6, 2)], 4)  # 2 + 3 image tokens
+    copy = make_sequence(gen, [(1, 2, 4)], 2, pixel_values=two.pixel_values[:8].clone())
+    other = make_sequence(gen, [(1, 2, 4)], 2)  # same grid, other pixels
     packed = pack([two, copy, other], model)
     assert packed.image_grid_thw.tolist() == [[1, 2, 4], [1, 6, 2], [1, 2, 4]]
     assert torch.equal(packed.pixel_values[:20], two.pixel_values)
@@ -87,7 +87,7 @@ def test_several_images_and_dedupe_by_content(model):
 
 def test_to_moves_tensors_and_keeps_ints(model):
     gen = torch.Generator().manual_seed(0)
-    packed = pack([make_sample(gen, [(1, 2, 2)], 3), make_sample(gen, [], 1)], model)
+    packed = pack([make_sequence(gen, [(1, 2, 2)], 3), make_sequence(gen, [], 1)], model)
     moved = packed.to("meta")
     for name, value in vars(moved).items():
         if isinstance(value, torch.Tensor):
@@ -102,7 +102,7 @@ def test_to_moves_tensors_and_keeps_ints(model):
 # --------------------------------------------------------------------------------------------
 
 
-def _image_sample(**changes):
+def _image_sequence(**changes):
     fields = dict(
         prompt_ids=[1, VISION_START, IMAGE, IMAGE, VISION_END, 2],
         completion_ids=[3, 4],
@@ -110,35 +110,35 @@ def _image_sample(**changes):
         image_grid_thw=torch.tensor([[1, 2, 4]]),
     )
     fields.update(changes)
-    return Sample(**fields)
+    return Sequence(**fields)
 
 
 @pytest.mark.parametrize(
-    "sample, message",
+    "sequence, message",
     [
-        (_image_sample(completion_ids=[]), "sample 1 has an empty completion"),
-        (_image_sample(prompt_ids=[]), "sample 1 has an empty prompt"),
-        (_image_sample(completion_ids=[3, IMAGE]), "the completion contains the image token"),
-        (_image_sample(image_grid_thw=torch.tensor([[1, 4, 4]])), "gives 4 image tokens .* holds 2"),
-        (_image_sample(image_grid_thw=torch.tensor([[1, 2, 2], [1, 2, 2]])), "2 image.* but 1 separate run"),
-        (_image_sample(pixel_values=torch.randn(7, PIXEL_ROW)), "pixel_values must be"),
-        (_image_sample(image_grid_thw=None), "go together"),
-        (_image_sample(pixel_values=None, image_grid_thw=None), "image tokens but no pixel_values"),
-        (_image_sample(image_grid_thw=torch.tensor([1, 2, 4])), r"must be \(n, 3\)"),
-        (_image_sample(prompt_ids=[[1, 2]]), "prompt_ids must be 1-D"),
-        (_image_sample(prompt_ids=[1, VIDEO, 2], pixel_values=None, image_grid_thw=None),
+        (_image_sequence(completion_ids=[]), "sequence 1 has an empty completion"),
+        (_image_sequence(prompt_ids=[]), "sequence 1 has an empty prompt"),
+        (_image_sequence(completion_ids=[3, IMAGE]), "the completion contains the image token"),
+        (_image_sequence(image_grid_thw=torch.tensor([[1, 4, 4]])), "gives 4 image tokens .* holds 2"),
+        (_image_sequence(image_grid_thw=torch.tensor([[1, 2, 2], [1, 2, 2]])), "2 image.* but 1 separate run"),
+        (_image_sequence(pixel_values=torch.randn(7, PIXEL_ROW)), "pixel_values must be"),
+        (_image_sequence(image_grid_thw=None), "go together"),
+        (_image_sequence(pixel_values=None, image_grid_thw=None), "image tokens but no pixel_values"),
+        (_image_sequence(image_grid_thw=torch.tensor([1, 2, 4])), r"must be \(n, 3\)"),
+        (_image_sequence(prompt_ids=[[1, 2]]), "prompt_ids must be 1-D"),
+        (_image_sequence(prompt_ids=[1, VIDEO, 2], pixel_values=None, image_grid_thw=None),
          "videos are not supported"),
-        (_image_sample(completion_ids=[1.0, 2.0]), "completion_ids must hold integers"),
+        (_image_sequence(completion_ids=[1.0, 2.0]), "completion_ids must hold integers"),
     ],
 )
-def test_bad_input_names_the_problem(model, sample, message):
-    good = Sample([1, 2, 3], [4])
+def test_bad_input_names_the_problem(model, sequence, message):
+    good = Sequence([1, 2, 3], [4])
     with pytest.raises(ValueError, match=message):
-        pack([good, sample], model)
+        pack([good, sequence], model)
 
 
 def test_no_samples(model):
-    with pytest.raises(ValueError, match="samples is empty"):
+    with pytest.raises(ValueError, match="sequences is empty"):
         pack([], model)
 
 
@@ -258,7 +258,7 @@ def test_shared_layout_by_hand(model):
     assert pos[1].tolist() == t_a + [7, 8] + [7, 8, 9] + [0, 1, 2, 3]
     assert pos[3].tolist() == w_a + [7, 8] + [7, 8, 9] + [0, 1, 2, 3]
 
-    # Sample order on the loss side; the prompt's last row (9) predicts both A's and C's first token.
+    # Sequence order on the loss side; the prompt's last row (9) predicts both A's and C's first token.
     assert packed.completion_index.tolist() == [9, 10, 17, 9, 12, 13]
     assert packed.target_ids.tolist() == [7, 8, 12, 13, 14, 15]
     assert packed.completion_cu_seqlens.tolist() == [0, 2, 3, 6]
@@ -272,31 +272,31 @@ def test_shared_positions_and_targets_are_the_unshared_ones(family):
     the same position as in the unshared layout; prompts appear once per group."""
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(5)
-    samples = []
+    sequences = []
     for grids, lens in [([(1, 4, 6)], [3, 1, 9, 2]), ([], [4, 4]), ([(1, 2, 2), (1, 6, 4)], [1])]:
-        samples += make_group(gen, grids, lens)
-    samples.insert(3, samples.pop(5))  # groups interleaved in the input order
-    unshared, shared = pack(samples, model), pack(samples, model, share_prompts=True)
+        sequences += make_group(gen, grids, lens)
+    sequences.insert(3, sequences.pop(5))  # groups interleaved in the input order
+    unshared, shared = pack(sequences, model), pack(sequences, model, share_prompts=True)
     for name in ("target_ids", "completion_cu_seqlens"):
         assert torch.equal(getattr(shared, name), getattr(unshared, name)), name
     idx_s, idx_u = shared.completion_index, unshared.completion_index
     assert torch.equal(shared.position_ids[:, 0, idx_s], unshared.position_ids[:, 0, idx_u])
     assert torch.equal(shared.input_ids[0, idx_s], unshared.input_ids[0, idx_u])
     # Rows that hold completion tokens (all but each sequence's first predicting row, the
-    # prompt's last) are the samples' own in both layouts.
+    # prompt's last) are the sequences' own in both layouts.
     tokens = torch.ones_like(idx_s, dtype=torch.bool)
     tokens[shared.completion_cu_seqlens[:-1].long()] = False
     assert torch.equal(shared.input_ids[0, idx_s[tokens]], shared.target_ids[torch.roll(tokens, -1)])
     assert len(set(idx_s[tokens].tolist())) == int(tokens.sum())  # no row shared between completions
-    prompts = sum(len(ids) for ids in {tuple(s.prompt_ids.tolist()) for s in samples})  # 3 distinct
-    assert shared.num_tokens == prompts + sum(len(s.completion_ids) for s in samples)
+    prompts = sum(len(ids) for ids in {tuple(s.prompt_ids.tolist()) for s in sequences})  # 3 distinct
+    assert shared.num_tokens == prompts + sum(len(s.completion_ids) for s in sequences)
     assert torch.equal(shared.pixel_values, unshared.pixel_values)
 
 
 def test_shared_layout_of_single_completions_is_the_unshared_one(model):
     gen = torch.Generator().manual_seed(8)
-    samples = [make_sample(gen, [(1, 2, 4)], 3), make_sample(gen, [], 1), make_sample(gen, [(1, 2, 2)], 6)]
-    shared, unshared = pack(samples, model, share_prompts=True), pack(samples, model)
+    sequences = [make_sequence(gen, [(1, 2, 4)], 3), make_sequence(gen, [], 1), make_sequence(gen, [(1, 2, 2)], 6)]
+    shared, unshared = pack(sequences, model, share_prompts=True), pack(sequences, model)
     assert not shared.shares_prompts and shared.cu_seqlens_k is None
     for name, value in vars(unshared).items():
         same = torch.equal(value, getattr(shared, name)) if isinstance(value, torch.Tensor) else value == getattr(
@@ -306,10 +306,10 @@ def test_shared_layout_of_single_completions_is_the_unshared_one(model):
 
 def test_equal_prompts_with_other_pixels_are_not_shared(model):
     gen = torch.Generator().manual_seed(2)
-    a = make_sample(gen, [(1, 2, 4)], 3)
-    b = make_sample(gen, [(1, 2, 4)], 2)  # other pixels...
+    a = make_sequence(gen, [(1, 2, 4)], 3)
+    b = make_sequence(gen, [(1, 2, 4)], 2)  # other pixels...
     b.prompt_ids = a.prompt_ids  # ... behind the same ids
-    c = Sample(a.prompt_ids, [5], a.pixel_values.clone(), a.image_grid_thw)  # equal pixels, another tensor
+    c = Sequence(a.prompt_ids, [5], a.pixel_values.clone(), a.image_grid_thw)  # equal pixels, another tensor
     packed = pack([a, b, c], model, share_prompts=True)
     P = len(a.prompt_ids)
     assert packed.num_tokens == P + 3 + 1 + P + 2  # [a's prompt, a, c] and [b's prompt, b]
@@ -321,14 +321,14 @@ def test_equal_prompts_with_other_pixels_are_not_shared(model):
 # --------------------------------------------------------------------------------------------
 
 
-def _group_samples(prompt_lens, completion_lens):
-    """Text-only samples: group g has a prompt of prompt_lens[g] tokens and completions
+def _group_sequences(prompt_lens, completion_lens):
+    """Text-only sequences: group g has a prompt of prompt_lens[g] tokens and completions
     completion_lens[g]; different groups have different prompts."""
-    samples = []
+    sequences = []
     for g, (p, lens) in enumerate(zip(prompt_lens, completion_lens)):
         prompt = [1 + g] * p  # distinct per group
-        samples += [Sample(prompt, [3] * c) for c in lens]
-    return samples
+        sequences += [Sequence(prompt, [3] * c) for c in lens]
+    return sequences
 
 
 def test_shared_plan_properties_on_random_groups():
@@ -338,16 +338,16 @@ def test_shared_plan_properties_on_random_groups():
         n_groups = rng.randint(0, 8)
         prompt_lens = [rng.randint(1, budget // 2) for _ in range(n_groups)]
         completion_lens = [[rng.randint(1, budget - p) for _ in range(rng.randint(1, 8))] for p in prompt_lens]
-        samples = _group_samples(prompt_lens, completion_lens)
-        plan = plan_shared_microbatches(samples, budget)
+        sequences = _group_sequences(prompt_lens, completion_lens)
+        plan = plan_shared_microbatches(sequences, budget)
         placed = sorted(i for batch in plan.microbatches for i in batch)
-        assert placed == list(range(len(samples))), "a sample is missing or placed twice"
+        assert placed == list(range(len(sequences))), "a sequence is missing or placed twice"
         group_of = [g for g, lens in enumerate(completion_lens) for _ in lens]
         rows = 0
         for batch in plan.microbatches:
             assert batch == sorted(batch) and batch
             groups = {group_of[i] for i in batch}
-            size = sum(prompt_lens[g] for g in groups) + sum(len(samples[i].completion_ids) for i in batch)
+            size = sum(prompt_lens[g] for g in groups) + sum(len(sequences[i].completion_ids) for i in batch)
             assert size <= budget
             rows += size
         assert rows == plan.tokens
@@ -363,19 +363,19 @@ def test_shared_plan_properties_on_random_groups():
 
 
 def test_shared_plan_rows_are_what_pack_computes(model):
-    samples = _group_samples([7, 3, 12], [[2, 9, 1, 4], [5], [30, 1, 6]])
-    plan = plan_shared_microbatches(samples, 45)  # group 2 (12 + 37 = 49) is split
+    sequences = _group_sequences([7, 3, 12], [[2, 9, 1, 4], [5], [30, 1, 6]])
+    plan = plan_shared_microbatches(sequences, 45)  # group 2 (12 + 37 = 49) is split
     assert plan.split_groups == 1
-    rows = [pack([samples[i] for i in batch], model, share_prompts=True).num_tokens for batch in plan.microbatches]
+    rows = [pack([sequences[i] for i in batch], model, share_prompts=True).num_tokens for batch in plan.microbatches]
     assert all(r <= 45 for r in rows) and sum(rows) == plan.tokens == 7 + 16 + 3 + 5 + 2 * 12 + 37
 
 
 def test_shared_plan_refusals():
     assert plan_shared_microbatches([], 10) == SharedPlan([], 0, 0)
-    with pytest.raises(ValueError, match="sample 1 has 11 tokens, more than .* max_tokens=10"):
-        plan_shared_microbatches([Sample([1, 2], [3]), Sample([1] * 6, [3] * 5)], 10)
+    with pytest.raises(ValueError, match="sequence 1 has 11 tokens, more than .* max_tokens=10"):
+        plan_shared_microbatches([Sequence([1, 2], [3]), Sequence([1] * 6, [3] * 5)], 10)
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-        plan_shared_microbatches([Sample([1], [2])], 0)
+        plan_shared_microbatches([Sequence([1], [2])], 0)
 
 
 def test_plan_batch_refuses_advantages_that_do_not_match(model):
@@ -383,12 +383,12 @@ def test_plan_batch_refuses_advantages_that_do_not_match(model):
     from r1vl.update.microbatches import plan_batch
 
     gen = torch.Generator().manual_seed(3)
-    samples = make_group(gen, [(1, 4, 6)], [3, 2, 5])
+    sequences = make_group(gen, [(1, 4, 6)], [3, 2, 5])
     cfg = MemoryOptions(share_prompts=True, micro_batch_tokens=4096)
-    batch = plan_batch(samples, torch.tensor([1.0, -1.0, 0.5]), 3, model, cfg, torch.device("cpu"))
+    batch = plan_batch(sequences, torch.tensor([1.0, -1.0, 0.5]), 3, model, cfg, torch.device("cpu"))
     assert sorted(i for mb in batch.microbatches for i in mb.indices) == [0, 1, 2]
     assert batch.completion_tokens == 10
-    with pytest.raises(ValueError, match="one per sample"):
-        plan_batch(samples, torch.zeros(2), 3, model, cfg, torch.device("cpu"))
+    with pytest.raises(ValueError, match="one per sequence"):
+        plan_batch(sequences, torch.zeros(2), 3, model, cfg, torch.device("cpu"))
     with pytest.raises(ValueError, match="groups of group_size=2"):
-        plan_batch(samples, torch.zeros(3), 2, model, cfg, torch.device("cpu"))
+        plan_batch(sequences, torch.zeros(3), 2, model, cfg, torch.device("cpu"))

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import base64
 import csv
 import importlib.util
-import io
 import json
 import subprocess
 import sys
@@ -36,6 +34,8 @@ import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run as a script: the TSV helpers of tests/r1vl/eval
+from evalkit_files import png_b64, write_tsv  # noqa: E402
 
 SOURCES = ["vlmeval/smp/misc.py", "vlmeval/smp/vlm.py", "vlmeval/utils/matching_util.py",
            "vlmeval/dataset/utils/yorn.py", "vlmeval/dataset/utils/multiple_choice.py",
@@ -225,11 +225,9 @@ def dataset_frame(vk: dict, tsv: Path):
 
 # --------------------------------------------------------------------------- cases
 
-def png_b64(i: int) -> str:
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.new("RGB", (2, 2), ((37 * i) % 256, 90, 160)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+def case_image(i: int) -> str:
+    """Case i's image: 2 x 2 pixels of a colour of its own, base64 PNG."""
+    return png_b64(((37 * i) % 256, 90, 160), (2, 2))
 
 
 def yorn_cases():
@@ -252,7 +250,7 @@ def mme_rows():
             for q, answer in enumerate(("Yes", "No")):
                 n += 1
                 pred, rule = preds[(n * 3 + c_no) % len(preds)]
-                rows.append({"index": str(n), "image": png_b64(n) if q == 0 else first,
+                rows.append({"index": str(n), "image": case_image(n) if q == 0 else first,
                              "question": f"Is this a {cat} picture {img}? Please answer yes or no.",
                              "answer": answer, "category": cat, "image_path": f"{cat}/{img}.jpg"})
                 items.append((str(n), pred, rule))
@@ -271,7 +269,7 @@ def hallusion_rows():
     rows, items = [], []
     for i, (s, f, q, answer, cat, l2, p) in enumerate(spec):
         index = f"{cat}_{l2}_{i}_{s}_{f}_{q}"
-        rows.append({"index": index, "image": "" if p is None else png_b64(i), "category": cat, "subcategory": l2,
+        rows.append({"index": index, "image": "" if p is None else case_image(i), "category": cat, "subcategory": l2,
                      "l2-category": l2, "question": f"Is the value in figure {f} of set {s} above {q}?",
                      "answer": answer})
         if p is not None:
@@ -295,7 +293,7 @@ def mmstar_rows():
     for i, (answer, pred, rule) in enumerate(spec):
         rows.append({"index": str(i), "question": "What animal is shown?", "A": "cat", "B": "rabbit", "C": "mouse",
                      "D": "dog", "answer": answer, "category": "coarse perception" if i % 2 else "math",
-                     "l2-category": "image scene", "bench": "MMBench", "image": png_b64(i)})
+                     "l2-category": "image scene", "bench": "MMBench", "image": case_image(i)})
         items.append((str(i), pred, rule))
     return rows, items
 
@@ -329,7 +327,7 @@ def chartqa_rows():
     rows, items = [], []
     for i, (answer, pred, rule) in enumerate(spec):
         rows.append({"index": str(i), "question": "What is the value?", "answer": answer,
-                     "split": "human" if i % 2 else "augmented", "image": png_b64(i)})
+                     "split": "human" if i % 2 else "augmented", "image": case_image(i)})
         items.append((str(i), pred, rule))
     return rows, items
 
@@ -351,7 +349,7 @@ def mathvista_rows():
             ({**free, "answer_type": "list", "answer": "[1, 2]"}, "[1, 2]", "list: to the judge")]
     rows, items = [], []
     for i, (fields, pred, rule) in enumerate(spec):
-        rows.append({"index": str(i + 1), "image": png_b64(i), "question": f"Question {i}?", "unit": "",
+        rows.append({"index": str(i + 1), "image": case_image(i), "question": f"Question {i}?", "unit": "",
                      "precision": "1.0" if fields["answer_type"] == "float" else "", **fields,
                      "task": "figure question answering" if i % 2 else "math word problem",
                      "skills": "['arithmetic reasoning', 'statistical reasoning']" if i % 3 else
@@ -371,7 +369,7 @@ def mathvision_rows():
             ("C", mc, "The answer is C.", "a letter among the last words")]
     rows, items = [], []
     for i, (answer, choices, pred, rule) in enumerate(spec):
-        rows.append({"index": str(i), "image": png_b64(i), "question": f"Question {i}?", "answer": answer,
+        rows.append({"index": str(i), "image": case_image(i), "question": f"Question {i}?", "answer": answer,
                      "choices": choices, "category": "algebra" if i % 2 else "counting", "level": "1"})
         items.append((str(i), pred, rule))
     return rows, items
@@ -382,7 +380,7 @@ def mathverse_rows():
             ("5", "5", "even one equal to the answer (the judge extracts first)")]
     rows, items = [], []
     for i, (answer, pred, rule) in enumerate(spec):
-        rows.append({"index": str(i), "image": png_b64(i), "problem_index": str(i),
+        rows.append({"index": str(i), "image": case_image(i), "problem_index": str(i),
                      "problem_version": "Vision Only" if i else "Text Dominant",
                      "question": f"Question {i}", "answer": answer, "question_type": "multi-choice" if i == 0 else
                      "free-form", "metadata": "{'split': 'testmini', 'subject': 'plane geometry'}",
@@ -410,7 +408,7 @@ def dynamath_rows():
     for qid, varid, kind, answer, pred, rule in spec:
         index = qid if varid == 1 else next_index
         next_index += varid != 1
-        rows.append({"index": str(index), "image": png_b64(index), "question": f"Question {qid}.{varid}?",
+        rows.append({"index": str(index), "image": case_image(index), "question": f"Question {qid}.{varid}?",
                      "answer": answer, "answer_type": kind, "qid": str(qid), "varid": str(varid),
                      "subject": "algebra" if qid % 2 else "geometry",
                      "knowledge_level": "high school" if qid < 3 else "undergraduate"})
@@ -588,7 +586,7 @@ def chartqa_numeric_rows():
             ("12", "12", "pandas: gold '12.0', equal as numbers"), ("2.5", "2.5", "a fraction")]
     rows, items = [], []
     for i, (answer, pred, rule) in enumerate(spec):
-        rows.append({"index": str(i), "question": "What is the value?", "answer": answer, "image": png_b64(i)})
+        rows.append({"index": str(i), "question": "What is the value?", "answer": answer, "image": case_image(i)})
         items.append((str(i), pred, rule))
     return rows, items
 
@@ -599,7 +597,7 @@ def mathvista_numeric_rows():
             ("float", "1.5", "1.5", "float equality"), ("integer", "7", "7.0", "int('7.0') fails: to the judge")]
     rows, items = [], []
     for i, (kind, answer, pred, rule) in enumerate(spec):
-        rows.append({"index": str(i + 1), "image": png_b64(i), "question": f"Question {i}?", "answer": answer,
+        rows.append({"index": str(i + 1), "image": case_image(i), "question": f"Question {i}?", "answer": answer,
                      "question_type": "free_form", "answer_type": kind, "choices": "", "answer_option": "",
                      "task": "math word problem", "skills": "['arithmetic reasoning']"})
         items.append((str(i + 1), pred, rule))
@@ -614,15 +612,6 @@ BENCHES = {"ChartQA_numeric": (chartqa_numeric_rows, run_chartqa),
            "MathVerse": (mathverse_rows, run_mathverse), "DynaMath": (dynamath_rows, run_dynamath)}
 
 
-def write_tsv(path: Path, rows: list[dict]) -> None:
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(header)
-        for r in rows:
-            writer.writerow([r.get(k, "") for k in header])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("vlmevalkit", type=Path)
@@ -633,7 +622,7 @@ def main() -> None:
         vk = vlmevalkit(scratch)
         for name, (make, run) in BENCHES.items():
             rows, items = make()
-            write_tsv(HERE / f"{name}.tsv", rows)
+            write_tsv(HERE / f"{name}.tsv", rows, image=False)
             data, no_image = dataset_frame(vk, HERE / f"{name}.tsv")
             preds = {index: pred for index, pred, _ in items}
             (HERE / "prompts").mkdir(exist_ok=True)

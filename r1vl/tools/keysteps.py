@@ -1,7 +1,7 @@
 """Fill in `key_steps` for a data file: rule-based, or by any OpenAI-compatible chat endpoint.
 
-    python -m r1vl.rewards.keysteps data.jsonl                        # rule-based, in place
-    python -m r1vl.rewards.keysteps data.jsonl --out with_keys.jsonl --llm-url http://host:8000/v1 \\
+    python -m r1vl.tools.keysteps data.jsonl                        # rule-based, in place
+    python -m r1vl.tools.keysteps data.jsonl --out with_keys.jsonl --llm-url http://host:8000/v1 \\
         --model NAME [--api-key-env OPENAI_API_KEY]
 
 The paper extracted key steps with a strong LLM: at most 3 elements of the image

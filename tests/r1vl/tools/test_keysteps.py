@@ -7,9 +7,17 @@ import time
 import pytest
 
 from r1vl.data.synthetic import write_dataset
-from r1vl.rewards import keysteps
 from r1vl.rewards import key_step_match
-from r1vl.rewards.keysteps import KeyStepError, LLMExtractor, alternatives, extract_rule_based, fill_key_steps, main, parse_reply
+from r1vl.tools import keysteps
+from r1vl.tools.keysteps import (
+    KeyStepError,
+    LLMExtractor,
+    alternatives,
+    extract_rule_based,
+    fill_key_steps,
+    main,
+    parse_reply,
+)
 
 SOLUTION = """### Image Description:
 A triangle ABC with BC = 12 cm and a median AD.

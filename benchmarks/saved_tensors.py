@@ -1,5 +1,6 @@
-"""Counting the bytes a forward saves for backward (what the memory plan's activation
-figures are held to, on CPU)."""
+"""Counting the bytes a forward saves for backward: the measurement the memory plan's
+activation figures are held to, on CPU (bench_memory.py, tests/r1vl/run/test_memory_plan.py).
+A measuring tool, not part of the trainer."""
 from __future__ import annotations
 
 import torch
