@@ -39,7 +39,7 @@ import torch
 
 from r1vl import distributed
 from r1vl.config import Config, parse_config
-from r1vl.data.records import load_sft, rank_batches
+from r1vl.data.records import BadRecordError, load_sft, rank_batches
 from r1vl.heldout import HeldOut
 from r1vl.model.policy import Policy, load_trainable, save_full_policy
 from r1vl.progress import progress_bar
@@ -74,6 +74,10 @@ def main(argv=None) -> dict:
     world = distributed.init(cfg.device, always_group=bool(cfg.deepspeed))
     try:
         results = run(cfg, world)
+    except BadRecordError as e:  # an image that fails when first decoded (--check_images lazy): named
+        distributed.destroy(wait_for_others=False)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except BaseException:
         distributed.destroy(wait_for_others=False)
         raise

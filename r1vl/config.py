@@ -45,9 +45,21 @@ class Config:
         "", 'the built-in tiny model\'s family with --model tiny: qwen2_vl (""), qwen2_5_vl or qwen3_vl; '
             'a checkpoint\'s family is its config.json\'s model_type')
     stage: str = option("grpo", '"grpo", "sft" (warm-up only) or "sft+grpo"')
-    data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
+    data: str = option(
+        "", 'RL data: JSON/JSONL, Parquet, a datasets save_to_disk dir or a dir of shards (docs/data_formats.md); '
+            '"" with model=tiny writes the synthetic task')
     sft_data: str = option("", "SFT data, chat form (r1vl.data.records.load_sft); \"\" = the RL data's solutions")
     image_root: str = option("", "directory image paths are relative to; \"\" = the data file's directory")
+    # --- the data's layout (issue 35; r1vl.data.table, docs/data_formats.md)
+    prompt_key: str = option("", 'column of the prompt; "" = recognised ("prompt", "problem", "question")')
+    image_key: str = option("", 'column of the image(s); "" = recognised ("images", "image", "image_path")')
+    solution_key: str = option("", 'column of the reference solution; "" = "solution" if there is one')
+    answer_key: str = option("", 'column of the final answer; "" = "answer" if there is one')
+    max_images: int = option(1, "images per prompt at most (a record with more is refused); 0 = no cap")
+    check_images: str = option("all", '"all": open every image at start-up; "lazy": check files exist, '
+                                      'decode images when used')
+    skip_bad_records: bool = option(False, "leave bad --data records out (counted and listed) instead of stopping")
+
     run_dir: str = option("", 'where metrics, the config and the final policy go; "" = runs/<time>')
     seed: int = option(0, "seeds data order, sampling and the tiny model")
     save_final: bool = option(True, "save the final policy (safetensors) with its tokenizer and processor")
@@ -162,6 +174,8 @@ class Config:
         for name in ("max_prompt_length", "max_completion_length", "num_iterations", "micro_batch_tokens",
                      "sft_batch_size", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        need(self.check_images in ("all", "lazy"), f'--check_images must be "all" or "lazy", got {self.check_images!r}')
+        need(self.max_images >= 0, f"--max_images must be >= 0 (0 = no cap), got {self.max_images}")
         need(self.keep_last >= 1, f"--keep_last must be >= 1, got {self.keep_last}")
         need(not (self.resume == "auto" and not self.run_dir),
              "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")

@@ -2,6 +2,7 @@
 resumes from, its data split, and transformers kept quiet and offline."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from r1vl import distributed
 from r1vl.config import Config, to_dict
-from r1vl.data.records import load_examples
+from r1vl.data.table import DataOptions, open_examples
 from r1vl.model.policy import check_checkpoint_dir
 from r1vl.run.checkpoints import ResumePoint, find_resume_point, open_resume_point
 
@@ -24,10 +25,18 @@ def check_inputs(cfg: Config) -> None:
         check_checkpoint_dir(cfg.model)
     if cfg.resume and cfg.resume != "auto":
         find_resume_point(cfg.resume, Path(cfg.run_dir))
-    for option in ("data", "sft_data"):
-        path = getattr(cfg, option)
-        if path and not Path(path).is_file():
-            raise ValueError(f"--{option} {path}: no such file")
+    if cfg.sft_data and not Path(cfg.sft_data).is_file():
+        raise ValueError(f"--sft_data {cfg.sft_data}: no such file")
+    if cfg.data:  # every data error before the model loads (a BadRecordError is a ValueError)
+        table = _open_examples(DataOptions.of(cfg))
+        if int(os.environ.get("RANK", "0")) == 0:  # no process group yet
+            print(table.summary(), flush=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_examples(options: DataOptions):
+    """open_examples, once per options: check_inputs' pass is the one split_data uses."""
+    return open_examples(options)
 
 
 def quiet_transformers() -> None:
@@ -73,7 +82,8 @@ def resume_point(cfg: Config, run_dir: Path, world: distributed.Dist) -> ResumeP
 
 
 def split_data(data: str, cfg: Config) -> tuple[list, list]:
-    """(training examples, the last eval_prompts examples held out for evaluation)."""
-    examples = load_examples(data, cfg.image_root or None).items if data else []
+    """(training examples, the last eval_prompts examples held out for evaluation): sequences
+    of Examples made when indexed (r1vl.data.table)."""
+    examples = _open_examples(DataOptions.of(cfg, data)) if data else []
     held_out = examples[len(examples) - cfg.eval_prompts:] if cfg.eval_prompts else []
     return examples[:len(examples) - len(held_out)], held_out
