@@ -131,7 +131,12 @@ def prepare_demo(cfg, run_dir: Path, world) -> tuple[str, str]:
     if world.is_main and not written:  # a resumed run finds them in place
         if not cfg.data:
             write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + cfg.eval_prompts, seed=cfg.seed)
-        corpus = load_examples(data, cfg.image_root or None).items
+        if cfg.data:  # the user's data, in any form --data takes
+            from r1vl.data.table import DataOptions, open_examples
+
+            corpus = open_examples(DataOptions.of(cfg, data))
+        else:
+            corpus = load_examples(data, cfg.image_root or None).items
         texts = [e.problem for e in corpus] + [e.solution for e in corpus]
         write_tiny_checkpoint(model_dir, texts, seed=cfg.seed, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                               family=cfg.family or "qwen2_vl")
