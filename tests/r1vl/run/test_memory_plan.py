@@ -217,7 +217,10 @@ def test_train_refuses_before_loading_any_weight(tmp_path, capsys):
     for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         (model / name).write_text("")
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"problem": "1+1?", "solution": "2", "answer": "2"}) + "\n")
+    data.write_text(json.dumps({"problem": "1+1?", "solution": "2", "image_path": "a.png"}) + "\n")
+    from PIL import Image
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")  # valid data: the data is checked before the plan
     with pytest.raises(SystemExit) as info:
         train.main(["--model", str(model), "--data", str(data), "--gpu_memory_gb", "80", "--batch_size", "16",
                     "--run_dir", str(tmp_path / "run")])
