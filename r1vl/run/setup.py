@@ -2,7 +2,6 @@
 resumes from, its data split, and transformers kept quiet and offline."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -28,15 +27,25 @@ def check_inputs(cfg: Config) -> None:
     if cfg.sft_data and not Path(cfg.sft_data).is_file():
         raise ValueError(f"--sft_data {cfg.sft_data}: no such file")
     if cfg.data:  # every data error before the model loads (a BadRecordError is a ValueError)
-        table = _open_examples(DataOptions.of(cfg))
+        table = _open_examples(DataOptions.of(cfg), keep=True)
+        if not len(table):
+            raise ValueError(f"--data {cfg.data}: no usable records" + (" (all skipped)" if table.bad else ""))
         if int(os.environ.get("RANK", "0")) == 0:  # no process group yet
             print(table.summary(), flush=True)
 
 
-@functools.lru_cache(maxsize=2)
-def _open_examples(options: DataOptions):
-    """open_examples, once per options: check_inputs' pass is the one split_data uses."""
-    return open_examples(options)
+_checked: dict = {}  # DataOptions -> the table check_inputs opened, taken once by split_data
+
+
+def _open_examples(options: DataOptions, keep: bool = False):
+    """open_examples, once per run: what check_inputs opened and checked is what split_data
+    uses (not reopened and rechecked), then forgotten (a later run in this process rereads)."""
+    table = _checked.pop(options, None)
+    if table is None:
+        table = open_examples(options)
+    if keep:
+        _checked[options] = table
+    return table
 
 
 def quiet_transformers() -> None:
