@@ -81,10 +81,13 @@ def open_source(path: str | Path) -> Source:
     datasets.disable_progress_bars()
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if _is_saved_dataset(p))
-        if splits != ["train"] and len(splits) != 1:
-            raise ValueError(f"--data {path}: a DatasetDict with splits {splits}; pass one split's directory "
-                             f"(e.g. {path / splits[0]})" if splits else f"--data {path}: a DatasetDict without splits")
-        return _from_dataset(path, datasets.load_from_disk(str(path / splits[0])), "save_to_disk, memory-mapped")
+        split = "train" if "train" in splits else splits[0] if len(splits) == 1 else None
+        if split is None:
+            raise ValueError(f"--data {path}: a DatasetDict with splits {splits} and none named train; pass one "
+                             f"split's directory (e.g. {path / splits[0]})" if splits
+                             else f"--data {path}: a DatasetDict without splits")
+        return _from_dataset(path, datasets.load_from_disk(str(path / split)),
+                             f"save_to_disk, split {split}, memory-mapped")
     if _is_saved_dataset(path):
         return _from_dataset(path, datasets.load_from_disk(str(path)), "save_to_disk, memory-mapped")
     builder, files = data_files(path)

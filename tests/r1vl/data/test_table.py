@@ -249,3 +249,15 @@ def test_lazy_image_check_names_the_record_when_the_image_is_used(root, tmp_path
     tokenizer = build_tokenizer(["q"], vocab_size=300)
     with pytest.raises(BadRecordError, match=r"lazy.parquet: record 0: cannot read image \(12 bytes\)"):
         encode_prompt(table[0], tokenizer, Qwen2VLImageProcessorPil(), 2, 56 * 56, 28 * 28)
+
+
+def test_a_dataset_dict_gives_its_train_split(root, encoder, tmp_path):
+    rows = {"problem": ["<image>" + QUESTION], "answer": ["red"], "images": [["img/a.png"]]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict(dict(rows, answer=["x"]))}).save_to_disk(str(tmp_path / "dd"))
+    table = _open(tmp_path / "dd", image_root=str(root))
+    assert [e.solution for e in table] == ["red"] and "split train" in table.summary()
+    datasets.DatasetDict({"a": datasets.Dataset.from_dict(rows), "b": datasets.Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "ab"))
+    with pytest.raises(ValueError, match="none named train"):
+        _open(tmp_path / "ab")
