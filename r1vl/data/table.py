@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from r1vl.data.records import BadRecord, BadRecordError, Example, _Bad
+from r1vl.data.records import BadRecord, BadRecordError, _Bad
 from r1vl.data.schemas import Schema, detect_schema, image_values, resolve_image, row_example
 from r1vl.data.sources import Source, open_source
 
