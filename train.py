@@ -40,7 +40,7 @@ import torch
 
 from r1vl import distributed
 from r1vl.config import Config, parse_config
-from r1vl.data.records import load_sft, rank_batches
+from r1vl.data.records import BadRecordError, load_sft, rank_batches
 from r1vl.heldout import HeldOut
 from r1vl.model.policy import Policy, load_trainable, save_full_policy
 from r1vl.progress import progress_bar
@@ -81,6 +81,10 @@ def main(argv=None) -> dict:
         distributed.destroy(wait_for_others=False)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BadRecordError as e:  # an image that fails when first decoded (--check_images lazy): named
+        distributed.destroy(wait_for_others=False)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except BaseException:
         distributed.destroy(wait_for_others=False)
         raise
@@ -122,7 +126,7 @@ def train(cfg: Config, world: distributed.Dist) -> dict:
                             world)
     distributed.print0(f"r1vl: {cfg.run.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
                        f"activation checkpointing {cfg.policy.activation_checkpointing}; run dir {run_dir}")
-    examples, eval_examples = split_data(data, cfg.dataset.image_root, cfg.evaluation.eval_prompts)
+    examples, eval_examples = split_data(data, cfg.dataset, cfg.evaluation.eval_prompts)
     log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
     stages = cfg.run.stages
     saver = Checkpointer(run_dir, cfg.run.save_every, cfg.run.keep_last, cfg.sft.sft_steps if "sft" in stages else 0,

@@ -49,7 +49,7 @@ def measure(run_dir: Path, policy_dir: Path, sizes: list[tuple[int, int]], seeds
     """{(prompts, samples): [{"seed", "reward", "accuracy", "step_rvr"}, ...]} for one policy."""
     cfg = Config.from_flat(json.loads((run_dir / "config.json").read_text()))
     data = Path(cfg.dataset.data) if cfg.dataset.data else run_dir / "synthetic" / "data.jsonl"
-    _, held_out = split_data(str(data), cfg.dataset.image_root, cfg.evaluation.eval_prompts)
+    _, held_out = split_data(str(data), cfg.dataset, cfg.evaluation.eval_prompts)
     for prompts, _ in sizes:
         if prompts > len(held_out):
             raise ValueError(f"{prompts} prompts asked, but {run_dir} holds out {len(held_out)} (--eval_prompts)")

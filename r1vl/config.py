@@ -47,11 +47,22 @@ def option(default, help: str, bare=None, spellings: dict | None = None):
 
 @dataclass
 class DataOptions:
-    """What the run trains on and how its pictures are read (r1vl.data, the prompt encoder)."""
+    """What the run trains on, how its records and pictures are read (r1vl.data.table, the prompt
+    encoder; docs/data.md)."""
 
-    data: str = option("", 'RL data, R1-VL-10K style JSON/JSONL; "" with model=tiny writes the synthetic task')
+    data: str = option(
+        "", 'RL data: JSON/JSONL, Parquet, a datasets save_to_disk dir or a dir of shards (docs/data.md); '
+            '"" with model=tiny writes the synthetic task')
     sft_data: str = option("", "SFT data, chat form (r1vl.data.records.load_sft); \"\" = the RL data's solutions")
     image_root: str = option("", "directory image paths are relative to; \"\" = the data file's directory")
+    prompt_key: str = option("", 'column of the prompt; "" = recognised ("prompt", "problem", "question")')
+    image_key: str = option("", 'column of the image(s); "" = recognised ("images", "image", "image_path")')
+    solution_key: str = option("", 'column of the reference solution; "" = "solution" if there is one')
+    answer_key: str = option("", 'column of the final answer; "" = "answer" if there is one')
+    max_images: int = option(1, "images per prompt at most (a record with more is refused); 0 = no cap")
+    check_images: str = option("all", '"all": open every image at start-up; "lazy": check files exist, '
+                                      'decode images when used')
+    skip_bad_records: bool = option(False, "leave bad --data records out (counted and listed) instead of stopping")
     max_pixels: int = option(400000, "images are resized to at most this many pixels")
     min_pixels: int = option(3136, "... and at least this many (56 x 56)")
 
@@ -274,6 +285,8 @@ class Config:
         for name in ("max_prompt_length", "max_completion_length", "num_iterations", "micro_batch_tokens",
                      "sft_batch_size", "log_every", "max_bad_steps"):
             need(getattr(o, name) >= 1, f"--{name} must be >= 1, got {getattr(o, name)}")
+        need(o.check_images in ("all", "lazy"), f'--check_images must be "all" or "lazy", got {o.check_images!r}')
+        need(o.max_images >= 0, f"--max_images must be >= 0 (0 = no cap), got {o.max_images}")
         need(o.keep_last >= 1, f"--keep_last must be >= 1, got {o.keep_last}")
         need(not (o.resume == "auto" and not o.run_dir),
              "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")

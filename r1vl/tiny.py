@@ -133,7 +133,11 @@ def prepare_demo(dataset, family: str, held_out: int, seed: int, run_dir: Path, 
     if world.is_main and not written:  # a resumed run finds them in place
         if not dataset.data:
             write_dataset(run_dir / "synthetic", n=SYNTHETIC_TRAINING_RECORDS + held_out, seed=seed)
-        corpus = load_examples(data, dataset.image_root or None).items
+            corpus = load_examples(data, dataset.image_root or None).items
+        else:  # the user's data, in any form --data takes
+            from r1vl.data.table import TableOptions, open_examples
+
+            corpus = open_examples(TableOptions.of(dataset, data))
         texts = [e.problem for e in corpus] + [e.solution for e in corpus]
         write_tiny_checkpoint(model_dir, texts, seed=seed, max_pixels=dataset.max_pixels,
                               min_pixels=dataset.min_pixels, family=family or "qwen2_vl")

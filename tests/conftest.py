@@ -6,12 +6,17 @@ imports r1vl_kernels. With TRITON_INTERPRET=1, impl=None picks the Triton path o
 so the kernels are what the tests exercise.
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# load_dataset's Arrow cache (r1vl.data.sources) goes to a temporary directory, not the user's
+# home; set before `datasets` is imported (it reads the variable once), inherited by subprocesses.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="r1vl-tests-hf-datasets-"))
 
 
 def pytest_configure(config):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from r1vl.data.records import Example, SFTExample, load_image
+from r1vl.data.records import BadRecord, BadRecordError, Example, SFTExample, load_image
+from r1vl.data.schemas import IMAGE_TAG
 from r1vl.model.families import QWEN2_SYSTEM
 
 SYSTEM = QWEN2_SYSTEM  # the default system turn (Qwen2-VL's template)
@@ -28,8 +29,8 @@ class Prompt:
     """One encoded prompt, ready for the sampler and for pack()."""
 
     ids: torch.Tensor  # (P,) int64, image placeholders expanded
-    pixel_values: torch.Tensor  # (t*h*w, C*T*p*p) float32 patches of the image
-    image_grid_thw: torch.Tensor  # (1, 3) int64
+    pixel_values: torch.Tensor  # (sum_i t_i*h_i*w_i, C*T*p*p) float32 patches of the images, in order
+    image_grid_thw: torch.Tensor  # (n_images, 3) int64
     example: Example | None  # what the rewards score against (None for SFT)
 
 
@@ -58,15 +59,65 @@ def _resize_factor(image_processor, merge: int) -> int:
     return int(image_processor.patch_size) * merge
 
 
+def _image_blocks(images, image_processor, merge: int, max_pixels: int, min_pixels: int, source: str = ""):
+    """Each image (any form load_image takes) resized and cut into patches: (placeholder text
+    per image, (sum t*h*w, C*T*p*p) float32 pixel rows, (n, 3) int64 grids). Images are
+    processed one by one, as the processor does a list of them."""
+    blocks, pixels, grids = [], [], []
+    for image in images:
+        try:
+            pil = load_image(image, max_pixels=max_pixels, min_pixels=min_pixels,
+                             factor=_resize_factor(image_processor, merge))
+        except ValueError as e:
+            raise BadRecordError(BadRecord(*_where(source), str(e))) from None
+        block, pixel_rows, grid = _image_block(image_processor, pil, merge)
+        blocks.append(block)
+        pixels.append(pixel_rows)
+        grids.append(grid)
+    return blocks, torch.cat(pixels), torch.cat(grids)
+
+
+def _where(source: str) -> tuple[str, int]:
+    """(file, record index) of an Example.source "<file>:<index>"."""
+    path, _, index = source.rpartition(":")
+    return (path, int(index)) if index.isdigit() else (source, -1)
+
+
+def _place_images(text: str, blocks: list[str]) -> str:
+    """The text with its "<image>" tags replaced by the image blocks in order; without tags,
+    all blocks before the text (the paper's layout)."""
+    if IMAGE_TAG not in text:
+        return "".join(blocks) + text
+    pieces = text.split(IMAGE_TAG)
+    if len(pieces) - 1 != len(blocks):  # checked at start-up (r1vl.data.schemas); kept for direct callers
+        raise ValueError(f"{len(pieces) - 1} {IMAGE_TAG} tags for {len(blocks)} images")
+    return pieces[0] + "".join(b + p for b, p in zip(blocks, pieces[1:]))
+
+
+def _conversation(messages, blocks: list[str], system: str | None) -> str:
+    """Chat turns with image parts replaced by the blocks in order; the default system turn
+    unless the conversation has its own."""
+    text = "" if messages and messages[0]["role"] == "system" else _system_turn(system)
+    blocks = iter(blocks)
+    for message in messages:
+        parts = [next(blocks) if p["type"] == "image" else p["text"] for p in message["content"]]
+        text += _turn(message["role"], "".join(parts))
+    return text
+
+
 def encode_prompt(example: Example, tokenizer, image_processor, merge: int, max_pixels: int,
                   min_pixels: int, system: str | None = SYSTEM) -> Prompt:
     """The paper's prompt: one user turn, the image then the question, after the system turn
-    (None: no system turn, as Qwen3-VL's template)."""
-    image = load_image(example.image_path, max_pixels=max_pixels, min_pixels=min_pixels,
-                       factor=_resize_factor(image_processor, merge))
-    block, pixels, grid = _image_block(image_processor, image, merge)
-    text = _system_turn(system) + _turn("user", block + example.problem) + "<|im_start|>assistant\n"
-    ids = _token_ids(tokenizer, text)
+    (None: no system turn, as Qwen3-VL's template). Several images go where the question's
+    "<image>" tags are (else all before it); a conversational prompt (Example.messages) keeps
+    its turns, its image parts replaced in order."""
+    blocks, pixels, grid = _image_blocks(example.images, image_processor, merge, max_pixels, min_pixels,
+                                         example.source)
+    if example.messages is not None:
+        text = _conversation(example.messages, blocks, system)
+    else:
+        text = _system_turn(system) + _turn("user", _place_images(example.problem, blocks))
+    ids = _token_ids(tokenizer, text + "<|im_start|>assistant\n")
     return Prompt(ids, pixels, grid, example)
 
 
@@ -91,21 +142,13 @@ def encode_solution(solution: str, tokenizer) -> torch.Tensor:
 def encode_sft(example: SFTExample, tokenizer, image_processor, merge: int, max_pixels: int,
                min_pixels: int, system: str | None = SYSTEM) -> tuple[Prompt, torch.Tensor]:
     """A chat-form SFT example as (prompt of every turn before the last assistant turn,
-    that turn's ids). Only single-image conversations are supported (pack's Sequence takes
-    one grid per image and the paper's data has one image per example)."""
+    that turn's ids). Its images go where its image parts are, in order."""
     messages = list(example.messages)
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{example.source}: the last message must be the assistant's")
-    if len(example.image_paths) != 1:
-        raise ValueError(f"{example.source}: expected exactly one image, got {len(example.image_paths)}")
-    image = load_image(example.image_paths[0], max_pixels=max_pixels, min_pixels=min_pixels,
-                       factor=_resize_factor(image_processor, merge))
-    block, pixels, grid = _image_block(image_processor, image, merge)
-    text = "" if messages[0]["role"] == "system" else _system_turn(system)
-    for message in messages[:-1]:
-        parts = [block if p["type"] == "image" else p["text"] for p in message["content"]]
-        text += _turn(message["role"], "".join(parts))
-    text += "<|im_start|>assistant\n"
+    blocks, pixels, grid = _image_blocks(example.image_paths, image_processor, merge, max_pixels, min_pixels,
+                                         example.source)
+    text = _conversation(messages[:-1], blocks, system) + "<|im_start|>assistant\n"
     answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
     ids = _token_ids(tokenizer, text)
     return Prompt(ids, pixels, grid, None), encode_solution(answer, tokenizer)

@@ -21,6 +21,7 @@ warning), never dropped silently.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,13 +47,38 @@ _IMAGE_TAG = "<image>"
 
 @dataclass(frozen=True)
 class Example:
-    """One RL prompt: an image, a question, a reference solution and its key steps."""
+    """One RL prompt: its images, a question, a reference solution and its key steps.
 
-    image_path: Path  # image_root / the record's image_path (checked to open at load by default)
-    problem: str
-    solution: str  # the reference reasoning, ending "### The final answer is:\n<answer>"
-    key_steps: tuple[tuple[str, ...], ...] = ()  # each entry: equivalent alternatives
+    R1-VL's records fill the first five fields; the other schemas (r1vl.data.schemas) also
+    fill `images` (several, or not files), `messages` (a conversational prompt) and `columns`.
+    """
+
+    image_path: Path | None  # the first image when it is a file (R1-VL: image_root / image_path)
+    problem: str  # the question text (a conversational prompt: its text parts, joined)
+    # The reference: R1-VL's reasoning ending "### The final answer is:\n<answer>", or just
+    # the final answer (r1vl.rewards.rules.reference_answer takes a solution without the
+    # header as the answer itself); "" when the record has none (eval prompts).
+    solution: str
+    key_steps: tuple[tuple[str, ...], ...] = ()  # each entry: equivalent alternatives; () = none
     source: str = ""  # "<file>:<record index>", for error messages and logs
+    # Every image in prompt order: a Path, raw encoded bytes or a PIL image (load_image opens
+    # each); () means (image_path,).
+    images: tuple = ()
+    # A conversational prompt (TRL): ({"role", "content": [{"type": "image"} | {"type": "text",
+    # "text"}]}, ...), its image parts in the order of `images`; None = one user turn from
+    # `problem` (its "<image>" tags, if any, place the images).
+    messages: tuple | None = None
+    # Every column of the record as stored (images as stored, not decoded): what user reward
+    # functions receive. Not compared: two Examples are equal when they train alike.
+    columns: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.images and self.image_path is not None:
+            object.__setattr__(self, "images", (self.image_path,))
+
+    def pil_images(self) -> list:
+        """The images as RGB PIL images, as stored (not resized): what reward functions get."""
+        return [load_image(image) for image in self.images]
 
 
 @dataclass(frozen=True)
@@ -336,19 +362,28 @@ def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR,
     return h, w
 
 
-def load_image(path: str | Path, max_pixels: int | None = None, min_pixels: int = MIN_PIXELS,
+def load_image(path, max_pixels: int | None = None, min_pixels: int = MIN_PIXELS,
                factor: int = PATCH_FACTOR):
-    """Open an image as RGB (a PIL.Image). With max_pixels, resize it (bicubic, as the
+    """Open an image as RGB (a PIL.Image): `path` is a file (str or Path), encoded bytes, an
+    HF Image struct {"bytes", "path"} or a PIL image. With max_pixels, resize it (bicubic, as the
     processor does) to `smart_resize`'s size for sides that are multiples of `factor` (patch
     x merge: 28 for Qwen2-VL, 32 for Qwen3-VL), so the processor will not resize it again.
 
     Raises:
         ValueError: the file cannot be read as an image (the message names it).
     """
+    import io
+
     from PIL import Image
 
+    if isinstance(path, dict):  # an HF Image struct: its bytes when it has them, else its file
+        path = path.get("bytes") or path.get("path")
     try:
-        with Image.open(path) as im:
+        if isinstance(path, Image.Image):
+            opened = contextlib.nullcontext(path)  # the caller's image: converted, never closed
+        else:
+            opened = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path)
+        with opened as im:
             if im.mode in ("RGBA", "LA") or "transparency" in im.info:
                 # Transparent pixels become white, as transformers' convert_to_rgb does;
                 # a plain convert("RGB") would keep whatever colour hides under alpha 0.
@@ -358,12 +393,19 @@ def load_image(path: str | Path, max_pixels: int | None = None, min_pixels: int 
             else:
                 image = im.convert("RGB")
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read image {_describe(path)}: {type(e).__name__}: {e}") from None
     if max_pixels is not None:
         h, w = smart_resize(image.height, image.width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
         if (h, w) != (image.height, image.width):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
     return image
+
+
+def _describe(image) -> str:
+    """An image for a message: its path, else what it is."""
+    if isinstance(image, (bytes, bytearray)):
+        return f"({len(image)} bytes)"
+    return str(image) if isinstance(image, (str, Path)) else f"({type(image).__name__})"
 
 
 def rank_batches(items: list, per_rank: int, rank: int, world_size: int, seed: int, skip: int = 0):

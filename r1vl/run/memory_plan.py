@@ -344,9 +344,10 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
                 micro_batch_tokens: int, batch_size: int, num_generations: int, max_prompt_length: int,
                 max_completion_length: int, max_pixels: int, beta: float, share_prompts: bool = True,
                 freeze_vision_tower: bool = False, num_iterations: int = 1, on_cuda: bool = True,
-                device_bytes: float | None = None) -> MemoryPlan:
+                device_bytes: float | None = None, max_images: int = 1) -> MemoryPlan:
     """The plan for one rank. The micro-batch holds full-length groups (max_prompt_length
-    prompts with an image of max_pixels, max_completion_length completions), at most the
+    prompts with max_images images of max_pixels each, 0 = as many as max_prompt_length
+    holds; max_completion_length completions), at most the
     rank's whole batch; on CUDA the rollout compiles its decode step, which keeps its KV cache
     and fused weights between rollouts (r1vl.sampling.generate's workspaces)."""
     e, N, s = dtype_bytes, world_size, shape
@@ -397,6 +398,7 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
 
     # ---- the update: one packed micro-batch
     img = s.image_tokens(max_pixels)
+    img *= max_images if max_images > 0 else max(1, max_prompt_length // img)  # a prompt's image tokens
     if share_prompts:
         group = max_prompt_length + num_generations * max_completion_length
     else:

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from r1vl import distributed
-from r1vl.config import Config, to_dict
-from r1vl.data.records import load_examples
+from r1vl.config import Config, DataOptions, to_dict
+from r1vl.data.table import TableOptions, open_examples
 from r1vl.deepspeed_config import read_deepspeed_config
 from r1vl.model.policy import check_checkpoint_dir
 from r1vl.rewards.functions import parse_reward_funcs
@@ -23,21 +23,41 @@ RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
 
 def check_inputs(cfg: Config) -> None:
     """What can be checked before any process group or model exists (ValueError naming it):
-    the files the options name, the --deepspeed file against --dtype and --max_grad_norm."""
+    the files the options name, every --data record, the --deepspeed file against --dtype and
+    --max_grad_norm, the reward functions."""
     if cfg.policy.model != "tiny":
         check_checkpoint_dir(cfg.policy.model)
     if cfg.run.resume and cfg.run.resume != "auto":
         find_resume_point(cfg.run.resume, Path(cfg.run.run_dir))
-    for option in ("data", "sft_data"):
-        path = getattr(cfg.dataset, option)
-        if path and not Path(path).is_file():
-            raise ValueError(f"--{option} {path}: no such file")
+    dataset = cfg.dataset
+    if dataset.sft_data and not Path(dataset.sft_data).is_file():
+        raise ValueError(f"--sft_data {dataset.sft_data}: no such file")
+    if dataset.data:  # every data error before the model loads (a BadRecordError is a ValueError)
+        table = _open_examples(TableOptions.of(dataset), keep=True)
+        if not len(table):
+            raise ValueError(f"--data {dataset.data}: no usable records" + (" (all skipped)" if table.bad else ""))
+        if int(os.environ.get("RANK", "0")) == 0:  # no process group yet
+            print(table.summary(), flush=True)
     if cfg.optimizer.deepspeed:
         read_deepspeed_config(cfg.optimizer.deepspeed, cfg.policy.dtype, cfg.optimizer.max_grad_norm)
     rewards = cfg.reward
     specs = parse_reward_funcs(rewards.reward_funcs, rewards.reward_weights)  # syntax, files, weights
     if "grpo" in cfg.run.stages and any(not s.builtin for s in specs):
         reward_worker(specs, rewards.reward_timeout_s)  # imports the user's functions: a bad one stops here
+
+
+_checked: dict = {}  # TableOptions -> the table check_inputs opened, taken once by split_data
+
+
+def _open_examples(options: TableOptions, keep: bool = False):
+    """open_examples, once per run: what check_inputs opened and checked is what split_data
+    uses (not reopened and rechecked), then forgotten (a later run in this process rereads)."""
+    table = _checked.pop(options, None)
+    if table is None:
+        table = open_examples(options)
+    if keep:
+        _checked[options] = table
+    return table
 
 
 def quiet_transformers() -> None:
@@ -83,9 +103,10 @@ def resume_point(cfg: Config, run_dir: Path, world: distributed.Dist) -> ResumeP
     return resume
 
 
-def split_data(data: str, image_root: str, eval_prompts: int) -> tuple[list, list]:
-    """(training examples, the last eval_prompts examples held out for evaluation); image_root:
-    --image_root ("" = the data file's directory)."""
-    examples = load_examples(data, image_root or None).items if data else []
+def split_data(data: str, dataset: DataOptions, eval_prompts: int) -> tuple[list, list]:
+    """(training examples, the last eval_prompts examples held out for evaluation): sequences
+    of Examples made when indexed (r1vl.data.table). data: the file or directory to read (the
+    built-in demo's synthetic file when --data is empty); dataset: how to read it."""
+    examples = _open_examples(TableOptions.of(dataset, data)) if data else []
     held_out = examples[len(examples) - eval_prompts:] if eval_prompts else []
     return examples[:len(examples) - len(held_out)], held_out

@@ -73,7 +73,7 @@ def test_each_evaluation_gets_the_last_prompts_its_samples_and_its_seed(tiny_run
     monkeypatch.setattr(HeldOut, "__call__", fake_evaluate)
     results = heldout_noise.measure(tiny_run, tiny_run / "final", [(4, 1), (2, 3)], seeds=[5, 6])
     cfg = Config.from_flat(json.loads((tiny_run / "config.json").read_text()))
-    _, held_out = split_data(str(tiny_run / "synthetic" / "data.jsonl"), cfg.dataset.image_root,
+    _, held_out = split_data(str(tiny_run / "synthetic" / "data.jsonl"), cfg.dataset,
                              cfg.evaluation.eval_prompts)
     sources = [e.source for e in held_out]  # "<file>:<record index>"
     assert calls == [(sources[-4:], 1, 5), (sources[-4:], 1, 6), (sources[-2:], 3, 5), (sources[-2:], 3, 6)]

@@ -220,7 +220,10 @@ def test_train_refuses_before_loading_any_weight(tmp_path, capsys):
     for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         (model / name).write_text("")
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"problem": "1+1?", "solution": "2", "answer": "2"}) + "\n")
+    data.write_text(json.dumps({"problem": "1+1?", "solution": "2", "image_path": "a.png"}) + "\n")
+    from PIL import Image
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")  # valid data: the data is checked before the plan
     with pytest.raises(SystemExit) as info:
         train.main(["--model", str(model), "--data", str(data), "--gpu_memory_gb", "80", "--batch_size", "16",
                     "--run_dir", str(tmp_path / "run")])
@@ -228,3 +231,19 @@ def test_train_refuses_before_loading_any_weight(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the plan does not fit" in err and "--deepspeed configs/zero3" in err, err
     assert not (tmp_path / "run").exists()  # stopped before the run directory, the model, anything
+
+
+def test_max_images_counts_that_many_images_per_prompt():
+    """--max_images 2: the update's vision tower holds twice the patches of one image per
+    prompt; the language model's tokens stay bounded by the prompt length."""
+    from r1vl.run.memory_check import plan_for_config
+
+    def vision(**options):
+        cfg = make_config(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, **options)
+        plan = plan_for_config(cfg, world_size=1, on_cuda=True, device_bytes=80e9)
+        item = next(i for i in plan.update if i.name == "activations, vision tower")
+        return item.bytes, next(i for i in plan.update if i.name == "activations, language model").bytes
+
+    one, two = vision(max_images=1), vision(max_images=2)
+    assert two[0] == pytest.approx(2 * one[0]) and two[1] == one[1]
+    assert vision()[0] == one[0]  # the default is one image

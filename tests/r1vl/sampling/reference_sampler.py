@@ -71,7 +71,7 @@ def generate_reference(
 
     Args:
         model: Qwen2-VL / Qwen2.5-VL ForConditionalGeneration, on its device.
-        prompts: encoded prompts (r1vl.data.prompts), each with one image.
+        prompts: encoded prompts (r1vl.data.prompts), each with one image or several.
         eos_token_ids: tokens that end a completion (e.g. <|im_end|>, <|endoftext|>); an empty list
             never stops early: every completion is exactly max_new_tokens long (benchmarks).
         temperature, top_p: sampling from softmax(logits / temperature), nucleus top_p.

@@ -545,3 +545,56 @@ def test_graphed_rollouts_reuse_the_cache_and_fused_weights(setup):
         assert again[0].qkv_weight is weights[0].qkv_weight
         assert torch.equal(again[0].qkv_weight[:q_proj.out_features], q_proj.weight)
         q_proj.weight.sub_(1.0)
+
+
+# ------------------------------------------------------------------ several images per prompt
+
+def _two_image_prompts(gen, family):
+    """Prompts with two images each (grids of different sizes, text between and around them)."""
+    samples = [make_sample(gen, grids, 1, text_lens=lens, family=family) for grids, lens in
+               (([(1, 4, 6), (1, 2, 2)], [2, 3, 1]), ([(1, 8, 4), (1, 4, 4)], [1, 1, 5]))]
+    return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_images_per_prompt_equal_the_reference_sampler_and_one_forward(family):
+    # Each prompt's two images prefilled once: the sampled tokens (greedy) equal the reference
+    # sampler's (HF's own forward with a DynamicCache), and every token's log-probability
+    # equals one uncached HF forward over prompt + completion with the same two images.
+    model = tiny_model(family, seed=2)
+    prompts = _two_image_prompts(torch.Generator().manual_seed(6), family)
+    rows = []
+    hook = model.model.visual.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    kwargs = dict(temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    try:
+        fast = generate(model, prompts, 3, 10, _stop_set(model, 12), **kwargs)
+    finally:
+        hook.remove()
+    assert sum(rows) == sum(p.pixel_values.shape[0] for p in prompts)  # each image once, not G times
+    reference = generate_reference(model, prompts, 3, 10, _stop_set(model, 12), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(fast.ids, reference.ids))
+    assert torch.equal(fast.stopped, reference.stopped)
+    sampled = generate(model, prompts, 2, 8, [], temperature=0.8, generator=torch.Generator().manual_seed(1))
+    for i, (ids, logprobs) in enumerate(zip(sampled.ids, sampled.logprobs)):
+        expected = torch.log_softmax(_full_logits(model, prompts[i // 2], ids) / 0.8, -1)
+        torch.testing.assert_close(logprobs, expected.gather(-1, ids[:, None])[:, 0], rtol=0, atol=1e-5)
+
+
+def test_two_image_records_encoded_and_sampled_equal_the_reference(setup, tmp_path):
+    # From records to tokens: an EasyR1-style record with two <image> tags, encoded by the
+    # prompt encoder (two image blocks, two grids), sampled like the reference sampler.
+    from r1vl.data.records import Example, load_image
+
+    model, prompts, eos = setup
+    one = prompts[0].example
+    two = Example(image_path=None, problem="<image>" + one.problem + "<image>", solution="x",
+                  images=(one.image_path, load_image(prompts[1].example.image_path)))
+    tokenizer = build_tokenizer([one.problem], vocab_size=400)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+    prompt = encode_prompt(two, tokenizer, processor, 2, 56 * 56, 56 * 56)
+    assert prompt.image_grid_thw.shape == (2, 3) and int((prompt.ids == model.config.image_token_id).sum()) == \
+        int(prompt.image_grid_thw.prod(-1).sum()) // 4
+    kwargs = dict(temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    fast = generate(model, [prompt, prompts[2]], 2, 8, eos, **kwargs)
+    reference = generate_reference(model, [prompt, prompts[2]], 2, 8, eos, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(fast.ids, reference.ids))
