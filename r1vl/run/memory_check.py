@@ -32,8 +32,8 @@ def plan_for_config(cfg: Config, *, world_size: int, on_cuda: bool, device_bytes
         checkpointing = cfg.policy.activation_checkpointing == "on"
     flat = cfg.flat()
     options = {k: flat[k] for k in ("micro_batch_tokens", "batch_size", "num_generations", "max_prompt_length",
-                                            "max_completion_length", "max_pixels", "beta", "share_prompts",
-                                            "freeze_vision_tower", "num_iterations", "max_images")}
+                                    "max_completion_length", "max_pixels", "beta", "share_prompts",
+                                    "freeze_vision_tower", "num_iterations", "max_images")}
     options.update(overrides)
     return plan_memory(shape, dtype_bytes=dtype_bytes(cfg, on_cuda), engine=engine, world_size=world_size,
                        checkpointing=checkpointing, on_cuda=on_cuda, device_bytes=device_bytes, **options)
