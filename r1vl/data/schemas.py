@@ -13,7 +13,7 @@ The reference the rewards check (Example.solution) is the solution column when i
 header (the reasoning the warm-up trains on, its final answer checked by StepRAR); R1-V's
 "<answer>x</answer>" solution is its inner x; otherwise the answer column, else the solution
 column as it stands. A record with only a final answer has no key steps: StepRAR scores it
-with the answer check alone, plus StepRVR (docs/data_formats.md).
+with the answer check alone, plus StepRVR (docs/data.md).
 """
 from __future__ import annotations
 

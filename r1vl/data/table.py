@@ -3,7 +3,7 @@
     examples = open_examples(TableOptions.of(cfg.dataset))   # before the model loads: raises ValueError
     len(examples), examples[i], examples[a:b]          # an Example per row, made when asked for
 
-What is checked when (docs/data_formats.md):
+What is checked when (docs/data.md):
 - at start-up, on every row: the columns (a prompt and an image column, a reference), each
   value's type, the images' number against the "<image>" tags or image parts and against
   --max_images, that image files exist; with --check_images all (the default) every image is
