@@ -552,7 +552,7 @@ def test_graphed_rollouts_reuse_the_cache_and_fused_weights(setup):
 def _two_image_prompts(gen, family):
     """Prompts with two images each (grids of different sizes, text between and around them)."""
     sequences = [make_sequence(gen, grids, 1, text_lens=lens, family=family) for grids, lens in
-               (([(1, 4, 6), (1, 2, 2)], [2, 3, 1]), ([(1, 8, 4), (1, 4, 4)], [1, 1, 5]))]
+                 (([(1, 4, 6), (1, 2, 2)], [2, 3, 1]), ([(1, 8, 4), (1, 4, 4)], [1, 1, 5]))]
     return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in sequences]
 
 
