@@ -41,6 +41,7 @@ from r1vl import distributed
 from r1vl.config import Config, parse_config
 from r1vl.data.records import load_sft, rank_batches
 from r1vl.heldout import HeldOut
+from r1vl.model.lora import adapters_off, load_adapter_weights, merge_into_base
 from r1vl.model.policy import Policy, load_trainable, save_full_policy
 from r1vl.progress import progress_bar
 from r1vl.rewards.scorer import Scorer
@@ -107,7 +108,9 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
     run_dir = setup_run_dir(cfg, world)
     resume = resume_point(cfg, run_dir, world)
     data, model_path = prepare_demo(cfg, run_dir, world) if cfg.model == "tiny" else (cfg.data, cfg.model)
-    policy = load_trainable(str(resume.path / "policy") if resume is not None else model_path, cfg, world)
+    policy = load_trainable(policy_source(cfg, resume, model_path), cfg, world)
+    if resume is not None and cfg.lora_rank:  # the checkpoint holds the adapters, on the base they were trained on
+        load_adapter_weights(policy.model, resume.path / "adapter")
     distributed.print0(f"r1vl: {cfg.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
                        f"activation checkpointing {cfg.activation_checkpointing}; run dir {run_dir}")
     examples, eval_examples = split_data(data, cfg)
@@ -121,6 +124,10 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
         if "sft" in cfg.stages and not (resume is not None and resume.stage == "grpo"):
             train_sft(parts, examples)
             warmed_up = True
+            if cfg.lora_rank and "grpo" in cfg.stages:
+                # The warm-up's adapters folded into the base, fresh ones for StepGRPO: its KL
+                # reference (the adapters off) is then the warmed-up policy, as without LoRA.
+                merge_into_base(policy.model, cfg)
         if "grpo" in cfg.stages:
             # The KL reference is the policy as GRPO starts: the --model directory itself,
             # unless a warm-up changed it or it came from a trainer checkpoint (which rotation
@@ -236,6 +243,14 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
     unless the weights had to be written first (RUN_DIR/reference, when checkpoints are on),
     the directory a resumed run will load."""
     cfg, resume = run.cfg, run.resume_of("grpo")
+    if cfg.lora_rank:
+        # The reference is the base the adapters sit on, which a resumed run also loads (the
+        # checkpoint holds only the adapters): written out if it is not a directory already.
+        if source is None and resume is None and run.saver.save_every > 0:
+            with adapters_off(run.policy.model):
+                save_full_policy(run.policy, run.run_dir / "reference", run.world)
+            source = str((run.run_dir / "reference").resolve())
+        return (update.engine.reference() if cfg.beta > 0 else None), (resume.reference if resume else source)
     if cfg.beta == 0:
         return None, source
     if resume is not None:
@@ -249,6 +264,17 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
 
 
 # -------------------------------------------------------------------------------- helpers
+
+
+def policy_source(cfg: Config, resume: ResumePoint | None, model_path: str) -> str:
+    """The directory the policy loads from: --model, or a checkpoint's policy; with LoRA the
+    base the checkpoint's adapters were trained on (--model in the warm-up, the KL reference's
+    directory in StepGRPO)."""
+    if resume is None:
+        return model_path
+    if not cfg.lora_rank:
+        return str(resume.path / "policy")
+    return resume.reference if resume.stage == "grpo" and resume.reference else model_path
 
 
 def idle_sample(encoder) -> Sample:

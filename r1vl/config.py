@@ -102,6 +102,16 @@ class Config:
     freeze_vision_tower: bool = option(
         False, "keep the vision tower (ViT blocks and patch merger) as loaded, in the warm-up and in StepGRPO")
 
+    # --- LoRA (r1vl.model.lora, through peft): adapters instead of the full weights; the KL
+    # reference is then the same model with the adapters switched off
+    lora_rank: int = option(0, "LoRA rank r; 0 = off (every weight trains)")
+    lora_alpha: float = option(0.0, "LoRA scale numerator (the update is alpha/r * B A); 0 = 2 x lora_rank")
+    lora_dropout: float = option(0.0, "dropout on the adapters' inputs in training (must be 0 when lm_head is adapted)")
+    lora_target_modules: str = option(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated projections of the language model's decoder layers to adapt; lm_head may be added")
+    lora_vision: bool = option(False, "also adapt every linear layer of the vision tower and its merger(s)")
+
     # --- SFT warm-up (stage sft / sft+grpo)
     sft_steps: int = option(200, "optimizer steps")
     sft_batch_size: int = option(8, "examples per rank per step")
@@ -186,10 +196,38 @@ class Config:
         need(not self.family or self.model == "tiny",
              f"--family {self.family} picks the built-in tiny model's family; --model {self.model}'s family is "
              "the model_type in its config.json")
+        self._validate_lora()
         if self.kernel_impl == "triton" or self.attention in ("flash_attn", "varlen_attn"):
             need(self.device != "cpu", f"--kernel_impl {self.kernel_impl} / --attention {self.attention} need a GPU")
         if self.deepspeed:
             self.deepspeed_json  # read and checked here, at start-up; kept for the engines
+
+    def _validate_lora(self) -> None:
+        """The LoRA options (checked before any model loads; the module names against the model
+        itself in r1vl.model.lora)."""
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_alpha < 0:
+            raise ValueError(f"--lora_alpha must be >= 0 (0 = 2 x lora_rank), got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_rank:
+            return
+        names = [n.strip() for n in self.lora_target_modules.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"--lora_target_modules must be distinct comma-separated module names, "
+                             f"got {self.lora_target_modules!r}")
+        if "lm_head" in names and self.lora_dropout > 0:
+            raise ValueError("--lora_dropout must be 0 when --lora_target_modules has lm_head: the fused loss "
+                             "reads lm_head as one merged weight, which has no dropout on its input")
+        zero = (self.deepspeed_json or {}).get("zero_optimization", {}).get("stage", 0) if self.deepspeed else 0
+        if zero == 3 and self.stage == "sft+grpo":
+            raise ValueError("--lora_rank with --stage sft+grpo under ZeRO-3: the warm-up's adapters are folded "
+                             "into the sharded base between the stages, which is not done; run --stage sft, then "
+                             "--stage grpo with --model on its final/")
+        if self.lora_vision and self.freeze_vision_tower:
+            raise ValueError("--lora_vision true adapts the vision tower that --freeze_vision_tower true keeps "
+                             "as loaded; give --freeze_vision_tower false")
 
     @functools.cached_property
     def deepspeed_json(self) -> dict | None:

@@ -15,6 +15,9 @@ from r1vl.run.checkpoints import ResumePoint, find_resume_point, open_resume_poi
 
 RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
     "freeze_vision_tower": "the saved optimizer state covers exactly the parameters that were trained",
+    "lora_rank": "the checkpoint holds LoRA adapters of this rank (or the full weights, rank 0) and their optimizer state",
+    "lora_target_modules": "the saved adapters and their optimizer state cover exactly these modules",
+    "lora_vision": "the saved adapters and their optimizer state cover exactly these modules",
 }
 
 
