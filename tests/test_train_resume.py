@@ -189,3 +189,44 @@ def test_qwen3_vl_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     tower = [n for n in initial if n.startswith("model.visual.")]
     assert any(".deepstack_merger_list." in n for n in tower) and any(".merger." in n for n in tower)
     assert all(torch.equal(initial[n], got[n]) for n in tower)
+
+
+LORA = ["--lora_rank", "16", "--sft_lr", "1e-2", "--lr", "2e-3"]
+
+
+def test_killed_lora_run_resumes_to_the_same_weights(tmp_path):
+    """With LoRA a checkpoint holds the adapters and their optimizer state only; killed in the
+    warm-up and in StepGRPO and resumed, the run ends with the uninterrupted run's weights. Its
+    final/adapter is a PEFT adapter that peft's own PeftModel.from_pretrained loads on the
+    model StepGRPO started from (RUN_DIR/reference: the warm-up merged into --model's weights)
+    and whose merge_and_unload equals final/."""
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+
+    plain, run_dir = tmp_path / "plain", tmp_path / "run"
+    result = _train(plain, *LORA)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = plain / "checkpoints" / f"step_{WARMUP + 4:08d}"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file() and not (checkpoint / "policy").exists()
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    adapters = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert len(saved["state"]) == len(adapters) and all("lora_" in k for k in adapters)
+
+    result = _train(run_dir, *LORA, kill_at="after_checkpoint:20")
+    assert result.returncode == -9, result.stderr[-3000:]
+    result = _train(run_dir, *LORA, "--resume", "auto", kill_at=f"after_checkpoint:{WARMUP + 2}")
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert "step_00000020 (sft step 20)" in result.stdout
+    result = _train(run_dir, *LORA, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step_{WARMUP + 2:08d} (grpo step 2)" in result.stdout
+    got = _assert_resumed_to_the_same_weights(run_dir, plain)
+
+    start = Qwen2VLForConditionalGeneration.from_pretrained(run_dir / "reference", dtype=torch.float32)
+    merged = PeftModel.from_pretrained(start, run_dir / "final" / "adapter").merge_and_unload()
+    peft_weights = merged.state_dict()
+    final = Qwen2VLForConditionalGeneration.from_pretrained(run_dir / "final", dtype=torch.float32).state_dict()
+    assert peft_weights.keys() == final.keys()
+    for name in final:
+        assert torch.equal(peft_weights[name], final[name]), name
+    assert len(got) > 0

@@ -9,8 +9,8 @@ The trainer keeps `policy.model` the Hugging Face model itself (peft injects its
 it in place), so every path that reads `model.model`, `model.lm_head`, `.visual` runs
 unchanged; the PeftModel wrapper is kept beside it for what only peft does (disable_adapter,
 save_pretrained of the adapter). peft freezes every weight but the adapters, so the engines,
-which optimize what requires grad, see only the adapters (fp32: peft casts adapters of a
-bf16 model up, so they need no fp32 masters).
+which optimize what requires grad, see only the adapters (in the model's dtype, with the
+engine's fp32 masters under a bf16 model, as every trained weight).
 
 Where the project reads weights instead of calling modules, it reads `linear_weight`: the
 base weight plus each active adapter's delta (peft's own get_delta_weight, rounded to the base
@@ -85,7 +85,10 @@ def add_adapters(model: torch.nn.Module, cfg):
     remembers it (peft_model_of). Every weight but the adapters is frozen."""
     from peft import get_peft_model
 
-    peft = get_peft_model(model, lora_config(model, cfg))
+    # Adapters in the model's dtype (peft would make them fp32 under a bf16 model): the engine
+    # keeps fp32 masters of them as of any bf16 weight, and a bf16 adapter reads the layer's
+    # input as it is, where an fp32 one saves an fp32 copy of it for backward per projection.
+    peft = get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=False)
     # Not a registered submodule (it holds the model: a cycle in state_dict).
     object.__setattr__(model, "r1vl_peft", peft)
     return peft
