@@ -217,6 +217,10 @@ class Config:
         if not all(names) or len(set(names)) != len(names):
             raise ValueError(f"--lora_target_modules must be distinct comma-separated module names, "
                              f"got {self.lora_target_modules!r}")
+        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+        if set(names) - set(known):
+            raise ValueError(f"--lora_target_modules: {sorted(set(names) - set(known))} is not a linear layer of the "
+                             f"Qwen-VL decoder layers; choose from {', '.join(known)}")
         if "lm_head" in names and self.lora_dropout > 0:
             raise ValueError("--lora_dropout must be 0 when --lora_target_modules has lm_head: the fused loss "
                              "reads lm_head as one merged weight, which has no dropout on its input")

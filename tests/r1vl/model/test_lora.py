@@ -68,6 +68,7 @@ def test_adapters_train_alone():
     (dict(lora_rank=4, lora_target_modules="q_proj,,v_proj"), "--lora_target_modules"),
     (dict(lora_rank=4, lora_target_modules="q_proj,lm_head", lora_dropout=0.1), "--lora_dropout"),
     (dict(lora_rank=4, lora_vision=True), "--freeze_vision_tower"),  # the demo freezes the tower
+    (dict(lora_rank=4, lora_target_modules="q_proj,qkv"), "--lora_target_modules.*qkv"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
