@@ -81,8 +81,9 @@ def lora_config(model: torch.nn.Module, cfg):
 
 def add_adapters(model: torch.nn.Module, cfg):
     """Wrap `model` with fresh LoRA adapters (peft's initialisation: A random, B zero, so the
-    policy is unchanged) and return the PeftModel; `model` itself is changed in place and
-    remembers it (peft_model_of). Every weight but the adapters is frozen."""
+    policy is unchanged; rank 0's on every rank) and return the PeftModel; `model` itself is
+    changed in place and remembers it (peft_model_of). Every weight but the adapters is
+    frozen. Every rank calls it, on a model not yet sharded."""
     from peft import get_peft_model
 
     # Adapters in the model's dtype (peft would make them fp32 under a bf16 model): the engine
@@ -91,6 +92,12 @@ def add_adapters(model: torch.nn.Module, cfg):
     peft = get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=False)
     # Not a registered submodule (it holds the model: a cycle in state_dict).
     object.__setattr__(model, "r1vl_peft", peft)
+    # Every rank starts from rank 0's adapters: the ranks' random streams need not agree here
+    # (the built-in run's rank 0 alone draws the tiny model), and A is drawn from them.
+    if torch.distributed.is_initialized():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                torch.distributed.broadcast(p.data, src=0)
     return peft
 
 
