@@ -521,7 +521,7 @@ def test_zero3_lora_run_matches_plain(tmp_path):
         return sum(numel(v) for v in value) if isinstance(value, (list, tuple)) else 0
 
     # A rank's shard: half of the adapters' fp32 masters and AdamW moments (1.5 x the adapters,
-    # plus padding), nothing of the base, which is 20 times larger.
+    # plus padding), nothing of the base, which is 14 times larger.
     n = sum(t.numel() for t in adapters.values())
     assert 1.4 * n <= numel(state) <= 1.6 * n + 1024, (numel(state), n)
-    assert sum(t.numel() for t in initial.values()) > 20 * n
+    assert sum(t.numel() for t in initial.values()) > 10 * n
