@@ -35,8 +35,7 @@ def _adapted(family: str, seed: int = 0, **options):
 def _merged_model(model, family: str) -> torch.nn.Module:
     """A plain model of the family holding `model`'s merged weights (no peft in it)."""
     plain = tiny_model(family)
-    missing, unexpected = plain.load_state_dict(lora.merged_state_dict(model), strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing) or not missing, (missing, unexpected)
+    plain.load_state_dict(lora.merged_state_dict(model))  # strict: the plain model's names, every one
     return plain
 
 
@@ -153,8 +152,8 @@ def test_lora_logprobs_and_gradients_equal_the_merged_models(family, share_promp
         A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
         s = module.scaling["default"]
         dW = merged_params[f"{name}.weight"].grad
-        torch.testing.assert_close(A.grad, s * B.detach().t() @ dW, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name} A: {m}")
-        torch.testing.assert_close(B.grad, s * dW @ A.detach().t(), rtol=1e-3, atol=1e-5, msg=lambda m: f"{name} B: {m}")
+        torch.testing.assert_close(A.grad, s * B.detach().t() @ dW, rtol=1e-3, atol=1e-5, msg=f"{name} A")
+        torch.testing.assert_close(B.grad, s * dW @ A.detach().t(), rtol=1e-3, atol=1e-5, msg=f"{name} B")
         checked += 1
     assert checked == 2 * len(PROJECTIONS) + lm_head
 

@@ -2,7 +2,7 @@
 current adapters every rollout), exactly as the sampler on a plain model holding the merged weights."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, make_sample, tiny_model
+from tiny_qwen_vl import make_sample, tiny_model
 
 from r1vl.config import make_config
 from r1vl.data.prompts import Prompt
@@ -29,7 +29,8 @@ def _adapted(family, targets):
 
 @pytest.mark.parametrize("family,targets", [
     ("qwen2_vl", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
-    ("qwen2_5_vl", "q_proj,v_proj,down_proj,lm_head"), ("qwen3_vl", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")])
+    ("qwen2_5_vl", "q_proj,v_proj,down_proj,lm_head"),
+    ("qwen3_vl", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")])
 def test_sampler_with_adapters_equals_the_sampler_on_merged_weights(family, targets):
     model = _adapted(family, targets)
     merged = tiny_model(family)
