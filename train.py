@@ -25,6 +25,9 @@ One GRPO step, per data-parallel rank, each a call into its stage (r1vl/<stage>/
               steps a checkpoint that --resume auto continues from exactly.
 The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions first
 (cross-entropy on the assistant tokens only), as the paper does.
+With --lora_rank R only LoRA adapters train (r1vl.model.lora): the KL reference is the policy
+with its adapters off, the warm-up's adapters are folded into the base before StepGRPO, and
+RUN_DIR/final/ holds the merged model with the PEFT adapter in final/adapter/.
 """
 from __future__ import annotations
 
