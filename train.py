@@ -26,6 +26,9 @@ One GRPO step, per data-parallel rank, each a call into its stage (r1vl/<stage>/
               steps a checkpoint that --resume auto continues from exactly.
 The warm-up stage (--stage sft or sft+grpo) trains on the reference solutions first
 (cross-entropy on the assistant tokens only), as the paper does.
+With --lora_rank R only LoRA adapters train (r1vl.model.lora): the KL reference is the policy
+with its adapters off, the warm-up's adapters are folded into the base before StepGRPO, and
+RUN_DIR/final/ holds the merged model with the PEFT adapter in final/adapter/.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from r1vl import distributed
 from r1vl.config import Config, parse_config
 from r1vl.data.records import BadRecordError, load_sft, rank_batches
 from r1vl.heldout import HeldOut
+from r1vl.model.lora import adapters_off, load_adapter_weights, merge_into_base
 from r1vl.model.policy import Policy, load_trainable, save_full_policy
 from r1vl.progress import progress_bar
 from r1vl.rewards.scorer import Scorer
@@ -122,8 +126,9 @@ def train(cfg: Config, world: distributed.Dist) -> dict:
                                         run_dir, world)
     else:
         data, model_path = cfg.dataset.data, cfg.policy.model
-    policy = load_trainable(str(resume.path / "policy") if resume is not None else model_path, cfg.policy, cfg.dataset,
-                            world)
+    policy = load_trainable(policy_source(cfg, resume, model_path), cfg.policy, cfg.dataset, world)
+    if resume is not None and cfg.policy.lora_rank:  # the checkpoint holds the adapters, on the base they were trained on
+        load_adapter_weights(policy.model, resume.path / "adapter")
     distributed.print0(f"r1vl: {cfg.run.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
                        f"activation checkpointing {cfg.policy.activation_checkpointing}; run dir {run_dir}")
     examples, eval_examples = split_data(data, cfg.dataset, cfg.evaluation.eval_prompts)
@@ -138,6 +143,10 @@ def train(cfg: Config, world: distributed.Dist) -> dict:
         if "sft" in stages and not (resume is not None and resume.stage == "grpo"):
             train_sft(run, examples)
             warmed_up = True
+            if cfg.policy.lora_rank and "grpo" in stages:
+                # The warm-up's adapters folded into the base, fresh ones for StepGRPO: its KL
+                # reference (the adapters off) is then the warmed-up policy, as without LoRA.
+                merge_into_base(policy.model, cfg.policy)
         if "grpo" in stages:
             # The KL reference is the policy as GRPO starts: the --model directory itself,
             # unless a warm-up changed it or it came from a trainer checkpoint (which rotation
@@ -262,6 +271,14 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
     unless the weights had to be written first (RUN_DIR/reference, when checkpoints are on),
     the directory a resumed run will load."""
     cfg, resume = run.cfg, run.resume_of("grpo")
+    if cfg.policy.lora_rank:
+        # The reference is the base the adapters sit on, which a resumed run also loads (the
+        # checkpoint holds only the adapters): written out if it is not a directory already.
+        if source is None and resume is None and run.saver.save_every > 0:
+            with adapters_off(run.policy.model):
+                save_full_policy(run.policy, run.run_dir / "reference", run.world)
+            source = str((run.run_dir / "reference").resolve())
+        return (update.engine.reference() if cfg.objective.beta > 0 else None), (resume.reference if resume else source)
     if cfg.objective.beta == 0:
         return None, source
     if resume is not None:
@@ -276,6 +293,17 @@ def kl_reference(run: Run, update: GRPOUpdate, source: str | None):
 
 
 # -------------------------------------------------------------------------------- helpers
+
+
+def policy_source(cfg: Config, resume: ResumePoint | None, model_path: str) -> str:
+    """The directory the policy loads from: --model, or a checkpoint's policy; with LoRA the
+    base the checkpoint's adapters were trained on (--model in the warm-up, the KL reference's
+    directory in StepGRPO)."""
+    if resume is None:
+        return model_path
+    if not cfg.policy.lora_rank:
+        return str(resume.path / "policy")
+    return resume.reference if resume.stage == "grpo" and resume.reference else model_path
 
 
 def idle_sequence(encoder) -> Sequence:

@@ -88,6 +88,15 @@ class ModelOptions:
         "auto", "recompute each decoder layer and vision block in backward: on (also the bare flag) / off / "
                 "auto (on when the memory plan without it does not fit the GPU; off on a CPU); true / false "
                 "mean on / off", bare="on", spellings={True: "on", False: "off", "true": "on", "false": "off"})
+    # LoRA (r1vl.model.lora, through peft): adapters instead of the full weights; the KL reference
+    # is then the same model with the adapters switched off
+    lora_rank: int = option(0, "LoRA rank r; 0 = off (every weight trains)")
+    lora_alpha: float = option(0.0, "LoRA scale numerator (the update is alpha/r * B A); 0 = 2 x lora_rank")
+    lora_dropout: float = option(0.0, "dropout on the adapters' inputs in training (must be 0 when lm_head is adapted)")
+    lora_target_modules: str = option(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated projections of the language model's decoder layers to adapt; lm_head may be added")
+    lora_vision: bool = option(False, "also adapt every linear layer of the vision tower and its merger(s)")
 
 
 @dataclass
@@ -311,8 +320,39 @@ class Config:
         need(not o.family or o.model == "tiny",
              f"--family {o.family} picks the built-in tiny model's family; --model {o.model}'s family is "
              "the model_type in its config.json")
+        _validate_lora(o)
         if o.kernel_impl == "triton" or o.attention in ("flash_attn", "varlen_attn"):
             need(o.device != "cpu", f"--kernel_impl {o.kernel_impl} / --attention {o.attention} need a GPU")
+
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def _validate_lora(o) -> None:
+    """The LoRA options, before any model loads (the module names against the model itself in
+    r1vl.model.lora; --stage sft+grpo under ZeRO-3 against the --deepspeed file at start-up,
+    r1vl.run.setup.check_inputs)."""
+    if o.lora_rank < 0:
+        raise ValueError(f"--lora_rank must be >= 0 (0 = off), got {o.lora_rank}")
+    if o.lora_alpha < 0:
+        raise ValueError(f"--lora_alpha must be >= 0 (0 = 2 x lora_rank), got {o.lora_alpha}")
+    if not 0 <= o.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {o.lora_dropout}")
+    if not o.lora_rank:
+        return
+    names = [n.strip() for n in o.lora_target_modules.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"--lora_target_modules must be distinct comma-separated module names, "
+                         f"got {o.lora_target_modules!r}")
+    if set(names) - set(LORA_MODULES):
+        raise ValueError(f"--lora_target_modules: {sorted(set(names) - set(LORA_MODULES))} is not a linear layer of "
+                         f"the Qwen-VL decoder layers; choose from {', '.join(LORA_MODULES)}")
+    if "lm_head" in names and o.lora_dropout > 0:
+        raise ValueError("--lora_dropout must be 0 when --lora_target_modules has lm_head: the fused loss "
+                         "reads lm_head as one merged weight, which has no dropout on its input")
+    if o.lora_vision and o.freeze_vision_tower:
+        raise ValueError("--lora_vision true adapts the vision tower that --freeze_vision_tower true keeps "
+                         "as loaded; give --freeze_vision_tower false")
 
 
 STAGE_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # "sampling" -> SamplingOptions

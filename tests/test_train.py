@@ -283,3 +283,22 @@ def test_frozen_vision_tower_stays_as_loaded_through_warm_up_grpo_and_resume(tmp
     assert len(held) == len(optimizer["state"]) == len(language)
     assert sorted(tuple(s["exp_avg"].shape) for s in optimizer["state"].values()) == sorted(
         tuple(initial[n].shape) for n in language)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_lora_run_of_each_family_is_evaluated(tmp_path, family, capsys):
+    """--lora_rank on the other families (Qwen2-VL: tests/test_train_resume.py): the warm-up and
+    StepGRPO run, final/ is a merged model with final/adapter beside it, and python -m r1vl.eval
+    scores final/ as any checkpoint."""
+    from r1vl.eval.__main__ import main as evaluate
+
+    run_dir = tmp_path / "run"
+    result = _train(["--run_dir", str(run_dir), "--family", family, "--lora_rank", "4", "--sft_steps", "2",
+                     "--num_steps", "2", "--batch_size", "8", "--eval_prompts", "4", "--max_completion_length", "16",
+                     "--save_every", "0"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = run_dir / "final"
+    assert (final / "model.safetensors").is_file() and (final / "adapter" / "adapter_config.json").is_file()
+    assert evaluate(["--model", str(final), "--bench", f"R1VL={run_dir / 'synthetic' / 'data.jsonl'}", "--last", "2",
+                     "--out", str(tmp_path / "eval"), "--max_new_tokens", "16"]) == 0
+    assert "2 of 2 items scored" in capsys.readouterr().out

@@ -189,3 +189,61 @@ def test_qwen3_vl_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     tower = [n for n in initial if n.startswith("model.visual.")]
     assert any(".deepstack_merger_list." in n for n in tower) and any(".merger." in n for n in tower)
     assert all(torch.equal(initial[n], got[n]) for n in tower)
+
+
+
+# Short and small (LoRA runs its own four trainings): a 12-step warm-up of 4 examples, 4 StepGRPO
+# steps of 8 completions of at most 32 tokens, a checkpoint every 2 steps.
+LORA_WARMUP = 12
+LORA = ["--lora_rank", "16", "--sft_steps", str(LORA_WARMUP), "--sft_batch_size", "4", "--sft_lr", "1e-2",
+        "--lr", "2e-3", "--batch_size", "8", "--max_completion_length", "32"]
+
+
+def test_killed_lora_run_resumes_to_the_same_weights(tmp_path):
+    """With LoRA a checkpoint holds the adapters and their optimizer state only; killed in the
+    warm-up and in StepGRPO and resumed, the run ends with the uninterrupted run's weights. Its
+    final/adapter is a PEFT adapter that peft's own PeftModel.from_pretrained loads on the
+    model StepGRPO started from (RUN_DIR/reference: the warm-up merged into --model's weights)
+    and whose merge_and_unload equals final/."""
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+
+    plain, run_dir = tmp_path / "plain", tmp_path / "run"
+    result = _train(plain, *LORA)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = plain / "checkpoints" / f"step_{LORA_WARMUP + 4:08d}"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file() and not (checkpoint / "policy").exists()
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    adapters = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert len(saved["state"]) == len(adapters) and all("lora_" in k for k in adapters)
+
+    result = _train(run_dir, *LORA, kill_at="after_checkpoint:6")
+    assert result.returncode == -9, result.stderr[-3000:]
+    result = _train(run_dir, *LORA, "--resume", "auto", kill_at=f"after_checkpoint:{LORA_WARMUP + 2}")
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert "step_00000006 (sft step 6)" in result.stdout
+    result = _train(run_dir, *LORA, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step_{LORA_WARMUP + 2:08d} (grpo step 2)" in result.stdout
+
+    expected = load_file(plain / "final" / "model.safetensors")
+    got = load_file(run_dir / "final" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    plain_records = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in plain_records], rel=1e-5, abs=1e-7)
+
+    start = Qwen2VLForConditionalGeneration.from_pretrained(run_dir / "reference", dtype=torch.float32)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    merged = PeftModel.from_pretrained(start, run_dir / "final" / "adapter").merge_and_unload().state_dict()
+    final = Qwen2VLForConditionalGeneration.from_pretrained(run_dir / "final", dtype=torch.float32).state_dict()
+    assert merged.keys() == final.keys()
+    for name in final:
+        assert torch.equal(merged[name], final[name]), name
+    # The warm-up's adapters were merged into the reference; StepGRPO's moved the weights further
+    # only if the short run's groups earned different rewards (then the adapter is not zero).
+    grpo = [r for r in plain_records if r["stage"] == "grpo"]
+    if any(r["reward_std_in_group"] > 0 for r in grpo):
+        assert any(not torch.equal(before[n], final[n]) for n in final)

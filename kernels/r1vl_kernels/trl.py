@@ -16,10 +16,11 @@ Covered: loss_type grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo; token- 
 importance sampling; epsilon / epsilon_high / delta; beta with use_bias_correction_kl; vLLM's
 importance-sampling correction (token or sequence modes); top_entropy_quantile;
 off_policy_mask_threshold; temperature; cast_lm_head_to_fp32; tool masks; text models and
-Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense; tied or untied lm_head). Refused at construction, by name: the entropy bonus (entropy_coef,
-use_adaptive_entropy: it needs the entropy's gradient), MoE router auxiliary losses, PEFT
-models, ZeRO-3 and FSDP (the lm_head weight is sharded), and models whose logits are
-soft-capped or scaled or whose inputs are another VLM's.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense; tied or untied lm_head); PEFT models (peft_config,
+as TRL's: adapters on any layer but lm_head, which TRL itself refuses). Refused at
+construction, by name: the entropy bonus (entropy_coef, use_adaptive_entropy: it needs the
+entropy's gradient), MoE router auxiliary losses, ZeRO-3 and FSDP (the lm_head weight is
+sharded), and models whose logits are soft-capped or scaled or whose inputs are another VLM's.
 
 top_entropy_quantile < 1 costs one more forward pass over hidden x lm_head (without
 gradient) to know the entropies before the loss, as TRL needs them for its quantile.
@@ -83,7 +84,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"FusedGRPOTrainer handles text and Qwen2-VL inputs only, got {key!r}")
 
         hidden, dtype = self._completion_hidden_states(model, inputs, T)
-        lm_head = model.get_output_embeddings()
+        lm_head = model.get_output_embeddings()  # never adapted: TRL refuses a PEFT adapter on lm_head
         weight, bias = lm_head.weight, lm_head.bias
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -148,7 +149,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             if inputs.get(key) is not None:
                 model_inputs[key] = inputs[key]
         with self.accelerator.autocast():
-            hidden = model.base_model(**model_inputs).last_hidden_state
+            hidden = _unwrap_peft(model).base_model(**model_inputs).last_hidden_state
             device = hidden.device.type
             if self.args.cast_lm_head_to_fp32:
                 dtype = torch.float32  # TRL runs the head in fp32, outside autocast
@@ -225,8 +226,6 @@ def unsupported_options(trainer: GRPOTrainer) -> None:
                          "the fused loss gives no gradient through the entropy")
     if trainer.aux_loss_enabled:
         raise ValueError("FusedGRPOTrainer does not support the MoE router auxiliary loss (router_aux_loss_coef != 0)")
-    if _is_peft(model):
-        raise ValueError("FusedGRPOTrainer does not support PEFT models (peft_config)")
     if trainer.is_fsdp_enabled:
         raise ValueError("FusedGRPOTrainer does not support FSDP (fsdp): the lm_head weight is sharded")
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
@@ -244,6 +243,12 @@ def unsupported_options(trainer: GRPOTrainer) -> None:
                          f"got model_type={config.model_type!r}")
     if model.get_output_embeddings() is None or not hasattr(model, "base_model"):
         raise ValueError(f"FusedGRPOTrainer needs a causal LM with an lm_head, got {type(model).__name__}")
+
+
+def _unwrap_peft(model):
+    """The transformers model under a PEFT model (its adapters injected in place), else `model`:
+    its .base_model is then the backbone, as for a plain model."""
+    return model.get_base_model() if _is_peft(model) else model
 
 
 def _is_peft(model) -> bool:

@@ -19,6 +19,7 @@ from r1vl.config import DataOptions, ModelOptions
 from r1vl.model.activation_checkpointing import enable_activation_checkpointing
 from r1vl.model.attention import sdpa_attention, use_varlen_attention
 from r1vl.model.families import FAMILIES, family
+from r1vl.model.lora import add_adapters, has_adapters, merged_state_dict, peft_model_of
 
 
 @dataclass
@@ -80,10 +81,21 @@ def save_policy(policy: Policy, out_dir: str | Path) -> Path:
     # Packed training switched attention to a name registered at run time; a saved config
     # must load anywhere, so it is written with sdpa and switched back afterwards.
     with sdpa_attention(policy.model):
-        policy.model.save_pretrained(out_dir, safe_serialization=True)
+        if has_adapters(policy.model):  # the merged weights; the adapter itself beside them
+            policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=merged_state_dict(policy.model))
+            save_adapter(policy, out_dir / "adapter")
+        else:
+            policy.model.save_pretrained(out_dir, safe_serialization=True)
     policy.tokenizer.save_pretrained(out_dir)
     policy.image_processor.save_pretrained(out_dir)
     return out_dir
+
+
+def save_adapter(policy: Policy, out_dir: str | Path) -> Path:
+    """The LoRA adapter alone, as peft writes it (adapter_config.json, adapter_model.safetensors):
+    PeftModel.from_pretrained(the model the adapters sit on, out_dir) loads it."""
+    peft_model_of(policy.model).save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
 
 
 def save_full_policy(policy: Policy, out_dir: str | Path, world: distributed.Dist) -> Path:
@@ -95,6 +107,19 @@ def save_full_policy(policy: Policy, out_dir: str | Path, world: distributed.Dis
         if world.is_main:
             tmp = files.temporary(out_dir)
             save_policy(policy, tmp)
+            files.publish(tmp, out_dir)
+    distributed.barrier()
+    return out_dir
+
+
+def save_full_adapter(policy: Policy, out_dir: str | Path, world: distributed.Dist) -> Path:
+    """save_adapter by rank 0 (gathered first if ZeRO-3 shards the adapters), under a
+    temporary name then renamed; every rank calls it."""
+    out_dir = Path(out_dir)
+    with distributed.gathered(policy.model):
+        if world.is_main:
+            tmp = files.temporary(out_dir)
+            save_adapter(policy, tmp)
             files.publish(tmp, out_dir)
     distributed.barrier()
     return out_dir
@@ -122,8 +147,8 @@ def load_trainable(path: str, options: ModelOptions, dataset: DataOptions, world
     attention, its vision tower frozen with --freeze_vision_tower.
 
     options: dtype ("auto": bf16 on CUDA, else fp32), attention, freeze_vision_tower,
-    activation_checkpointing ("on": every decoder layer and vision block); dataset: min_pixels,
-    max_pixels (the image processor's).
+    activation_checkpointing ("on": every decoder layer and vision block), lora_* (lora_rank > 0:
+    fresh LoRA adapters, r1vl.model.lora); dataset: min_pixels, max_pixels (the image processor's).
     """
     dtype = TORCH_DTYPES.get(options.dtype) or (torch.bfloat16 if world.device.type == "cuda" else torch.float32)
     policy = load_policy(path, dtype, world.device, dataset.min_pixels, dataset.max_pixels)
@@ -131,6 +156,8 @@ def load_trainable(path: str, options: ModelOptions, dataset: DataOptions, world
     distributed.broadcast_parameters(policy.model)
     if options.freeze_vision_tower:  # before any engine exists: engines optimize what requires grad
         vision_tower(policy.model).requires_grad_(False)
+    if options.lora_rank:  # every weight frozen but the adapters (r1vl.model.lora)
+        add_adapters(policy.model, options)
     if options.activation_checkpointing == "on":  # "auto" was resolved by the memory plan
         enable_activation_checkpointing(policy.model)
     return policy

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from r1vl import distributed, files
-from r1vl.model.policy import save_full_policy
+from r1vl.model.lora import has_adapters
+from r1vl.model.policy import save_full_adapter, save_full_policy
 
 PREFIX = "step_"
 
@@ -140,7 +141,9 @@ class Checkpointer:
     """What one trainer checkpoint holds, and when it is written.
 
     Every `save_every` optimizer steps of a stage and at the stage's last step (0 = never):
-      policy/              the policy in Hugging Face format (safetensors, tokenizer, processor)
+      policy/              the policy in Hugging Face format (safetensors, tokenizer, processor);
+      adapter/             with LoRA instead: the adapters as peft saves them (the base is --model
+                           or, in StepGRPO, the KL reference's directory)
       optimizer.pt, ...    the engine's state (r1vl.update.engine: optimizer, schedule, skip count)
       rng_rank{r}.pt       every rank's generator states, the rollout sampler's included
       trainer_state.json   stage, step, world size, data position, the reference's location,
@@ -168,7 +171,10 @@ class Checkpointer:
         step_id = self.global_step(stage, step)
 
         def write(tmp: Path) -> None:
-            save_full_policy(policy, tmp / "policy", self.world)
+            if has_adapters(policy.model):  # LoRA: the adapters only; the frozen base is a directory already
+                save_full_adapter(policy, tmp / "adapter", self.world)
+            else:
+                save_full_policy(policy, tmp / "policy", self.world)
             engine.save_state(tmp)
             save_rng(tmp, self.world.rank, generators)
             if self.world.is_main:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from r1vl.config import Config
-from r1vl.run.memory_plan import (GiB, OFFLOAD_CONFIG, ZERO3_CONFIG, EngineSpec, MemoryPlan, ModelShape,
+from r1vl.run.memory_plan import (GiB, OFFLOAD_CONFIG, ZERO3_CONFIG, EngineSpec, LoraSpec, MemoryPlan, ModelShape,
                                   load_model_config, plan_memory)
 
 
@@ -34,6 +34,7 @@ def plan_for_config(cfg: Config, *, world_size: int, on_cuda: bool, device_bytes
     options = {k: flat[k] for k in ("micro_batch_tokens", "batch_size", "num_generations", "max_prompt_length",
                                     "max_completion_length", "max_pixels", "beta", "share_prompts",
                                     "freeze_vision_tower", "num_iterations", "max_images")}
+    options["lora"] = LoraSpec.from_config(cfg.policy)
     options.update(overrides)
     return plan_memory(shape, dtype_bytes=dtype_bytes(cfg, on_cuda), engine=engine, world_size=world_size,
                        checkpointing=checkpointing, on_cuda=on_cuda, device_bytes=device_bytes, **options)

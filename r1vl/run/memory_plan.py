@@ -143,6 +143,36 @@ class ModelShape:
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         return self.layers * (self.hidden * qkv + qkv * self.qkv_bias + 2 * self.intermediate * self.hidden)
 
+    def lora_params(self, lora: LoraSpec) -> int:
+        """Adapter parameters, r * (in + out) per adapted linear (r1vl.model.lora.target_names)."""
+        H, I, D, r = self.hidden, self.intermediate, self.head_dim, lora.rank
+        q, kv = self.heads * D, self.kv_heads * D
+        shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+                  "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+        n = self.layers * sum(r * sum(shapes[t]) for t in lora.targets if t in shapes)
+        n += r * (self.hidden + self.vocab) * ("lm_head" in lora.targets)
+        if lora.vision:
+            C, M, wide = self.v_dim, self.v_mlp, self.v_dim * self.merge ** 2
+            mlp = (3 if self.v_gated else 2) * r * (C + M)
+            block = r * (C + 3 * C) + r * 2 * C + mlp  # qkv, proj, MLP
+            merger = r * 2 * wide + r * (wide + self.v_out)
+            n += self.v_depth * block + (1 + self.deepstack) * merger
+        return n
+
+    def lora_layer_activation_bytes(self, lora: LoraSpec, e: int, tokens: float) -> float:
+        """What one decoder layer's adapters add to its saved tensors: each adapter's A output
+        (r per token), which B saves; A's input is the projection's own, saved already (no
+        dropout)."""
+        return tokens * sum(t in lora.targets for t in DEFAULT_LORA_TARGETS) * lora.rank * e
+
+    def adapted_params(self, lora: LoraSpec) -> int:
+        """Weights of the adapted decoder projections (and lm_head): what the rollout merges."""
+        H, I, D = self.hidden, self.intermediate, self.head_dim
+        q, kv = self.heads * D, self.kv_heads * D
+        sizes = {"q_proj": H * q, "k_proj": H * kv, "v_proj": H * kv, "o_proj": q * H,
+                 "gate_proj": H * I, "up_proj": H * I, "down_proj": I * H}
+        return self.layers * sum(sizes.get(t, 0) for t in lora.targets) + H * self.vocab * ("lm_head" in lora.targets)
+
     @property
     def largest_layer_params(self) -> int:
         return max(self.layer_params, self.vision_block_params, self.embedding_params)
@@ -154,13 +184,15 @@ class ModelShape:
 
     # ---- activations: bytes saved for backward
 
-    def layer_activation_bytes(self, e: int, tokens: float, keys: float | None = None) -> float:
+    def layer_activation_bytes(self, e: int, tokens: float, keys: float | None = None, frozen: bool = False) -> float:
         """One decoder layer over `tokens` packed rows, attending over `keys` key rows (the
         shared-prompt layout gathers each prompt's keys once per completion; default tokens).
-        e: bytes per element of the model's dtype."""
+        e: bytes per element of the model's dtype. frozen: the layer's own weights take no
+        gradient (LoRA): its RMSNorms' normalized input, needed only for their weights'
+        gradients, is not saved."""
         H, D, Hq, Hkv = self.hidden, self.head_dim, self.heads, self.kv_heads
         keys = tokens if keys is None else keys
-        norms = 2 * (4 * H + 4 + 2 * e * H)  # fp32 input, rsqrt, normalized, next projection's input
+        norms = 2 * (4 * H + 4 + (1 if frozen else 2) * e * H)  # fp32 input, rsqrt, normalized, next projection's input
         attention = e * (3 * Hq * D) + 4 * Hq  # q, output, o_proj input; the log-sum-exp
         if self.qk_norm:  # q_norm, k_norm: fp32 input, rsqrt, normalized heads (RoPE's input)
             attention += (4 + e) * (Hq + Hkv) * D + 4 * (Hq + Hkv)
@@ -206,18 +238,19 @@ class ModelShape:
         return shared + blocks + merger
 
     def language_activation_bytes(self, e: int, tokens: float, keys: float, targets: float,
-                                  checkpointing: bool, recompute: bool = True) -> float:
+                                  checkpointing: bool, recompute: bool = True, frozen: bool = False) -> float:
         """The language model's forward over a packed row (embedding to the completion rows'
         final hidden states, which the fused loss saves). recompute: with checkpointing,
         include the one layer recomputed at a time in backward (the peak), else only what
         the forward leaves saved."""
         H = self.hidden
         # The image mask, the M-RoPE cos/sin every layer shares, the final norm; the loss's inputs.
-        around = tokens * (1 + 2 * e * self.head_dim + 4 * H + 4 + e * H) + targets * (8 + e * H + 16)
+        around = tokens * (1 + 2 * e * self.head_dim + 4 * H + 4 + e * H * (not frozen)) + targets * (8 + e * H + 16)
         if checkpointing:  # layer inputs, one layer recomputed at a time
-            layers = self.layers * e * H * tokens + (self.layer_activation_bytes(e, tokens, keys) if recompute else 0)
+            layers = self.layers * e * H * tokens + (
+                self.layer_activation_bytes(e, tokens, keys, frozen) if recompute else 0)
         else:
-            layers = self.layers * self.layer_activation_bytes(e, tokens, keys)
+            layers = self.layers * self.layer_activation_bytes(e, tokens, keys, frozen)
         return around + layers
 
     def kv_cache_bytes(self, e: int, prompts: int, prompt_slots: int, completions: int, columns: int) -> int:
@@ -272,6 +305,25 @@ class EngineSpec:
             return "plain"
         offload = "+".join(k for k, on in (("optimizer", self.offload_optimizer), ("param", self.offload_param)) if on)
         return f"zero{self.zero_stage}" + (f" offload {offload}" if offload else "")
+
+
+# -------------------------------------------------------------------------------- LoRA
+
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """--lora_rank and what it adapts (r1vl.model.lora); rank 0 = no LoRA."""
+
+    rank: int = 0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    vision: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> LoraSpec:
+        return cls(cfg.lora_rank, tuple(t.strip() for t in cfg.lora_target_modules.split(",")), cfg.lora_vision)
 
 
 # -------------------------------------------------------------------------------- the plan
@@ -344,7 +396,7 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
                 micro_batch_tokens: int, batch_size: int, num_generations: int, max_prompt_length: int,
                 max_completion_length: int, max_pixels: int, beta: float, share_prompts: bool = True,
                 freeze_vision_tower: bool = False, num_iterations: int = 1, on_cuda: bool = True,
-                device_bytes: float | None = None, max_images: int = 1) -> MemoryPlan:
+                device_bytes: float | None = None, max_images: int = 1, lora: LoraSpec = LoraSpec()) -> MemoryPlan:
     """The plan for one rank. The micro-batch holds full-length groups (max_prompt_length
     prompts with max_images images of max_pixels each, 0 = as many as max_prompt_length
     holds; max_completion_length completions), at most the
@@ -353,6 +405,12 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
     e, N, s = dtype_bytes, world_size, shape
     Phi = s.params
     Psi = Phi - (s.vision_params if freeze_vision_tower else 0)
+    if lora.rank:
+        # LoRA (r1vl.model.lora): the base frozen, the adapters (in the weights' dtype) are what
+        # trains, so masters, moments and gradients are the adapters'; the vision tower is
+        # frozen unless adapted; the KL reference is the adapters switched off, no copy.
+        Psi = s.lora_params(lora)
+        freeze_vision_tower = not lora.vision
     z = engine.zero_stage
     plan = MemoryPlan(shape, engine, N, checkpointing, 0, device_bytes)
 
@@ -361,7 +419,10 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
         where = "on the CPU (offload_param)" if engine.offload_param else f"a 1/{N} shard"
         plan.persistent.append(Item("weights", 0 if engine.offload_param else Phi * e / N, where))
     else:
-        plan.persistent.append(Item("weights", Phi * e, "whole on every rank"))
+        plan.persistent.append(Item("weights", Phi * e, "whole on every rank" + (", frozen" if lora.rank else "")))
+    if lora.rank:
+        plan.persistent.append(Item("LoRA adapters", Psi * e / (N if z == 3 else 1),
+                                    f"rank {lora.rank}, {Psi / 1e6:.1f} M parameters"))
     if z == 0:  # r1vl.update.engine: fp32 masters of weights that are not fp32, AdamW on them
         plan.persistent.append(Item("optimizer state", 8 * Psi, "fp32 AdamW moments"))
         plan.persistent.append(Item("master weights", 4 * Psi, "fp32 copy of the trainable weights") if e < 4 else
@@ -374,6 +435,8 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
         plan.persistent.append(Item("master weights", 4 * Psi / N, f"fp32, a 1/{N} shard"))
     if beta == 0:
         plan.persistent.append(Item("reference model", 0, "none (beta = 0)"))
+    elif lora.rank:
+        plan.persistent.append(Item("reference model", 0, "none: the policy with its adapters off"))
     elif z == 3:
         plan.persistent.append(Item("reference model", 0 if engine.offload_param else Phi * e / N,
                                     "on the CPU (offload_param)" if engine.offload_param else f"frozen, a 1/{N} shard"))
@@ -390,6 +453,14 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
         Item("rollout KV cache", kv, f"{prompts} prompts x {slots} + {batch_size} completions x "
                                      f"{max_completion_length} tokens, {kept}"))
     (plan.persistent if on_cuda else plan.rollout).append(Item("decode fused weights", fused, f"q/k/v and gate/up, {kept}"))
+    if lora.rank:  # r1vl.model.lora.merged_adapters: a merged copy of every adapted weight per rollout
+        plan.rollout.append(Item("merged adapted weights", s.adapted_params(lora) * e,
+                                 "base + adapters, for the rollout"))
+        if on_cuda:  # the graphs also keep the merged o_proj / down_proj they read
+            D, H = s.head_dim, s.hidden
+            kept_o_down = s.layers * (("o_proj" in lora.targets) * s.heads * D * H
+                                      + ("down_proj" in lora.targets) * s.intermediate * H)
+            plan.persistent.append(Item("decode o/down copies", kept_o_down * e, "merged, kept between rollouts"))
     if z == 3:
         plan.rollout.append(Item("gathered weights", Phi * e, "ZeRO-3 gathers every weight for the rollout"))
     prefill_tokens = prompts * max_prompt_length
@@ -410,7 +481,10 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
     keys = T + (groups * num_generations * max_prompt_length if share_prompts else 0)
     patches = max(1.0, groups) * img * s.merge ** 2
     targets = groups * num_generations * max_completion_length
-    lm = s.language_activation_bytes(e, T, keys, targets, checkpointing)
+    lm = s.language_activation_bytes(e, T, keys, targets, checkpointing, frozen=bool(lora.rank))
+    if lora.rank:  # with checkpointing: the one layer recomputed at a time
+        lm += s.lora_layer_activation_bytes(lora, e, T) * (1 if checkpointing else s.layers) \
+            + targets * lora.rank * e * ("lm_head" in lora.targets)
     vision = s.vision_activation_bytes(e, patches, checkpointing) if not freeze_vision_tower else patches * e * s.v_out
     if z:
         plan.update.append(Item("gradients", Psi * e / N + 2 * engine.reduce_bucket * e,

@@ -18,6 +18,9 @@ from r1vl.run.checkpoints import ResumePoint, find_resume_point, open_resume_poi
 
 RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
     "freeze_vision_tower": "the saved optimizer state covers exactly the parameters that were trained",
+    "lora_rank": "the checkpoint holds LoRA adapters of this rank (or the full weights, rank 0) and their optimizer state",
+    "lora_target_modules": "the saved adapters and their optimizer state cover exactly these modules",
+    "lora_vision": "the saved adapters and their optimizer state cover exactly these modules",
 }
 
 
@@ -39,7 +42,12 @@ def check_inputs(cfg: Config) -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # no process group yet
             print(table.summary(), flush=True)
     if cfg.optimizer.deepspeed:
-        read_deepspeed_config(cfg.optimizer.deepspeed, cfg.policy.dtype, cfg.optimizer.max_grad_norm)
+        raw = read_deepspeed_config(cfg.optimizer.deepspeed, cfg.policy.dtype, cfg.optimizer.max_grad_norm)
+        zero = raw.get("zero_optimization", {}).get("stage", 0)
+        if cfg.policy.lora_rank and zero == 3 and cfg.run.stage == "sft+grpo":
+            raise ValueError("--lora_rank with --stage sft+grpo under ZeRO-3: the warm-up's adapters are folded "
+                             "into the sharded base between the stages, which is not done; run --stage sft, then "
+                             "--stage grpo with --model on its final/")
     rewards = cfg.reward
     specs = parse_reward_funcs(rewards.reward_funcs, rewards.reward_weights)  # syntax, files, weights
     if "grpo" in cfg.run.stages and any(not s.builtin for s in specs):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from r1vl.data.prompts import Prompt
 from r1vl.model.attention import pick_backend, varlen_attention
+from r1vl.model.lora import is_lora_layer, linear_weight
 from r1vl.sampling.kv_cache import RolloutCache, shared_prefix_attention
 
 
@@ -74,26 +75,30 @@ class FusedLayer(NamedTuple):
     down_weight: torch.Tensor  # (hidden, I): down_proj, applied with the residual add
 
 
+@torch.no_grad()
 def fuse_layers(model: torch.nn.Module) -> list[FusedLayer] | None:
     """Every layer's FusedLayer, built from the current weights (once per rollout), or None
     unless every layer is a stock one: plain nn.Linear projections (q/k/v all biased, or all
     unbiased with q_norm / k_norm as in Qwen3-VL; unbiased o/gate/up/down) and a SiLU MLP.
-    Anything else (adapters, ...) runs through its modules."""
+    A peft LoRA layer counts as its base nn.Linear: its weight is merged with the current
+    adapters here (r1vl.model.lora.linear_weight), a new tensor, so the decode step reads the
+    adapted policy without the adapters' two extra matmuls per projection. Anything else runs
+    through its modules."""
     fused = []
     for layer in language_model(model).layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         rest = [attn.o_proj, getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None),
                 getattr(mlp, "down_proj", None)]
-        biased = [m.bias is not None for m in qkv if type(m) is torch.nn.Linear]
-        if (any(type(m) is not torch.nn.Linear for m in qkv + rest) or len(set(biased)) != 1
-                or any(m.bias is not None for m in rest)
+        plain = [m.get_base_layer() if is_lora_layer(m) else m for m in qkv + rest]
+        biased = [m.bias is not None for m in plain[:3] if type(m) is torch.nn.Linear]
+        if (any(type(m) is not torch.nn.Linear for m in plain) or len(set(biased)) != 1
+                or any(m.bias is not None for m in plain[3:])
                 or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation")):
             return None
-        fused.append(FusedLayer(torch.cat([m.weight for m in qkv]),
-                                torch.cat([m.bias for m in qkv]) if biased[0] else None,
-                                attn.o_proj.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                mlp.down_proj.weight))
+        (q, q_bias), (k, k_bias), (v, v_bias), (o, _), (gate, _), (up, _), (down, _) = map(linear_weight, qkv + rest)
+        fused.append(FusedLayer(torch.cat([q, k, v]), torch.cat([q_bias, k_bias, v_bias]) if biased[0] else None,
+                                o, torch.cat([gate, up]), down))
     return fused
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from r1vl.data.prompts import Prompt
+from r1vl.model.lora import adapters_enabled, merged_adapters
 from r1vl.progress import progress_bar
 from r1vl.sampling.decode import decode_step, fuse_layers, language_model, prefill, prompt_positions
 from r1vl.sampling.draw import sample_tokens
@@ -267,6 +268,13 @@ def generate(
     would have no image features behind it.
     """
     _check(prompts, num_generations, max_new_tokens, eos_token_ids, temperature, top_p)
+    if adapters_enabled(model):
+        # LoRA: sample the merged policy, its adapters folded into merged copies of the weights
+        # (r1vl.model.lora.merged_adapters) for this rollout, the decode step's joined weights built from them.
+        with merged_adapters(model):
+            return generate(model, prompts, num_generations, max_new_tokens, eos_token_ids, temperature, top_p,
+                            generator, compile_step=compile_step, compile_backend=compile_backend,
+                            compact_fraction=compact_fraction, progress=progress)
     if not prompts:
         return Completions([], torch.zeros(0, dtype=torch.bool), [], 0)
     config = model.config

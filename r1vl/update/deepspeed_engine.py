@@ -51,7 +51,9 @@ import torch
 from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
 from r1vl.model.attention import attention_implementations
-from r1vl.update.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
+from r1vl.model.lora import has_adapters
+from r1vl.update.engine import (AdaptersOff, Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json,
+                               write_engine_json)
 from r1vl.update.packing import Sequence, pack
 
 # -------------------------------------------------------------------------------- the engine
@@ -178,7 +180,10 @@ class DeepSpeedEngine(Engine):
     def reference(self, model: torch.nn.Module | None = None):
         """The KL reference, frozen: `model` (a plain copy the caller loaded) or, when None, a
         copy of the policy as it is now. ZeRO-2 keeps it whole on every rank (as PlainEngine);
-        ZeRO-3 shards it like the policy (ShardedReference)."""
+        ZeRO-3 shards it like the policy (ShardedReference). With LoRA: the policy with its
+        adapters off, through this engine (AdaptersOff), no copy."""
+        if model is None and has_adapters(self.model):
+            return AdaptersOff(self)
         if self.stage != 3:
             return Frozen(copy.deepcopy(self.model) if model is None else model)
         return ShardedReference(sharded_copy(self.model, self.config) if model is None else model, self.config)

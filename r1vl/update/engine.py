@@ -51,6 +51,7 @@ import torch
 
 from r1vl import distributed
 from r1vl.config import OptimizerOptions
+from r1vl.model.lora import adapters_off, has_adapters
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,24 @@ class Frozen:
 
     def close(self) -> None:
         self.model = None
+
+
+class AdaptersOff:
+    """The KL reference of a LoRA policy: the policy itself with its adapters switched off
+    (peft's disable_adapter, r1vl.model.lora), run by the policy's own engine (so ZeRO-3
+    gathers its shards as for the policy): no second copy of the weights. `forward(fn, *args)`
+    as Frozen's."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @torch.no_grad()
+    def forward(self, fn, *args, **kwargs):
+        with adapters_off(self.engine.model):
+            return self.engine.forward(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        self.engine = None
 
 
 class Engine:
@@ -214,7 +233,10 @@ class PlainEngine(Engine):
 
     def reference(self, model: torch.nn.Module | None = None) -> Frozen:
         """The KL reference, frozen: `model` (a copy the caller loaded, e.g. on resume) or,
-        when None, a copy of the policy as it is now (a deep copy takes no hooks along)."""
+        when None, a copy of the policy as it is now (a deep copy takes no hooks along); with
+        LoRA, the policy with its adapters off (AdaptersOff)."""
+        if model is None and has_adapters(self.model):
+            return AdaptersOff(self)
         return Frozen(copy.deepcopy(self.model) if model is None else model)
 
     def gathered(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from r1vl.model.lora import linear_weight
 from r1vl.update.forward import completion_hidden
 from r1vl.update.packing import PackedBatch
 from r1vl_kernels import GRPOLossOutput, grpo_loss_from_hidden, token_logprobs_from_hidden
@@ -30,8 +31,9 @@ def _completion_logits(model: torch.nn.Module, packed: PackedBatch) -> torch.Ten
 
 
 def _lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head's weight (V, H) and bias (V,) or None, as plain tensors."""
-    return model.lm_head.weight, getattr(model.lm_head, "bias", None)
+    """The lm_head's weight (V, H) and bias (V,) or None, as plain tensors; merged with its
+    LoRA adapter when lm_head is adapted (r1vl.model.lora)."""
+    return linear_weight(model.lm_head)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ def tokenizer():
     return tok
 
 
-def make_trainer(model, tokenizer, tmp_path_factory, **config):
+def make_trainer(model, tokenizer, tmp_path_factory, peft_config=None, **config):
     # Spread-out logits: at the default init every entropy is within rounding of log V, and
     # the entropy mask's quantile threshold would then select tokens by their rounding error.
     with torch.no_grad():
@@ -51,7 +51,7 @@ def make_trainer(model, tokenizer, tmp_path_factory, **config):
                       save_strategy="no", temperature=0.9, bf16=False, **config)
     trainer = FusedGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                                args=args, train_dataset=Dataset.from_list([{"prompt": "fox"}] * B),
-                               processing_class=tokenizer)
+                               processing_class=tokenizer, peft_config=peft_config)
     trainer.current_gradient_accumulation_steps = 2  # set by Trainer.train; TRL's loss divides by it
     trainer.kernel_impl = "torch"  # the eager path; test_triton_kernels_match_trl runs the Triton one
     return trainer
@@ -244,6 +244,69 @@ def test_a_training_step_matches_trl(text_trainer, tokenizer, seed):
     model.load_state_dict(start)
     for name in start:
         torch.testing.assert_close(after[1][name], after[0][name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+
+def _lora_trainer(model, tokenizer, tmp_path_factory, targets):
+    """A trainer given peft_config, as TRL's takes it; the adapters' B set random (peft starts it
+    at zero, where A would get no gradient)."""
+    from peft import LoraConfig
+
+    trainer = make_trainer(model, tokenizer, tmp_path_factory,
+                           peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def peft_text_trainer(tokenizer, tmp_path_factory):
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return _lora_trainer(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory,
+                         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token")])
+def test_peft_model_matches_trl(peft_text_trainer, tokenizer, loss_type, level, seed):
+    """peft_config as TRL takes it (LoRA on every projection; TRL refuses one on lm_head): the
+    same loss and the same gradient of every adapter as TRL's."""
+    from peft import PeftModel
+
+    assert isinstance(peft_text_trainer.model, PeftModel)
+    batch = make_batch(peft_text_trainer, tokenizer, seed, vision=False)
+    for beta, option in ((0.0, "none"), (0.04, "all")):
+        configure(peft_text_trainer, batch, loss_type, level, beta, option, seed)
+        assert_same_step(peft_text_trainer, batch, f"PEFT {loss_type}/{level}/beta={beta}/{option} (seed={seed})")
+    _, grads = gradients(peft_text_trainer, FusedGRPOTrainer._compute_loss, batch)
+    assert grads and all("lora_" in name for name in grads)
+
+
+def test_peft_qwen2_vl_matches_trl(tokenizer, tmp_path_factory, seed):
+    """A Qwen2-VL with LoRA on its language model's projections (the vision tower frozen)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    trainer = _lora_trainer(Qwen2VLForConditionalGeneration(config), tokenizer, tmp_path_factory,
+                            r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+    batch = make_batch(trainer, tokenizer, seed, vision=True)
+    configure(trainer, batch, "grpo", "token", 0.04, "all", seed)
+    assert_same_step(trainer, batch, f"PEFT Qwen2-VL (seed={seed})")
 
 
 # ----------------------------------------------------------------------------- refusals

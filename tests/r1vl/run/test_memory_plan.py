@@ -247,3 +247,94 @@ def test_max_images_counts_that_many_images_per_prompt():
     one, two = vision(max_images=1), vision(max_images=2)
     assert two[0] == pytest.approx(2 * one[0]) and two[1] == one[1]
     assert vision()[0] == one[0]  # the default is one image
+# -------------------------------------------------------------------------------- LoRA
+
+
+def _lora_model(family: str, dtype: torch.dtype, rank: int = 4):
+    from r1vl.model.lora import add_adapters
+
+    model = tiny_model(family).to(dtype)
+    add_adapters(model, make_config(lora_rank=rank).policy)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_adapters_gradients_and_optimizer_state_are_the_tensors_allocated(dtype):
+    """With LoRA the base is frozen and only the adapters (in the weights' dtype, fp32 masters
+    under bf16) train; the reference costs nothing (the adapters off)."""
+    from r1vl.run.memory_plan import LoraSpec
+
+    model = _lora_model("qwen2_vl", dtype)
+    use_varlen_attention(model)
+    engine = PlainEngine(model, UpdateSettings(lr=1e-3, total_steps=1), _world())
+    engine.train()
+    packed = pack(grpo_batch(seed=0, G=2), model, share_prompts=True)
+    engine.backward(engine.forward(policy_loss, packed, torch.randn(packed.num_sequences), None, None,
+                                   impl="torch", **LOSS).loss)
+    gradients = sum(p.grad.nbytes for p in [*model.parameters(), *engine.masters.values()] if p.grad is not None)
+    engine.step(True)
+    state = sum(t.nbytes for s in engine.optimizer.state.values() for k, t in s.items() if k != "step")
+    plan = plan_memory(ModelShape.from_config(model.config), dtype_bytes=dtype.itemsize, engine=EngineSpec(),
+                       world_size=1, checkpointing=False, micro_batch_tokens=256, batch_size=4, num_generations=2,
+                       max_prompt_length=64, max_completion_length=32, max_pixels=3136, beta=0.04, on_cuda=False,
+                       lora=LoraSpec(rank=4))
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert plan.item("LoRA adapters") == sum(p.nbytes for p in adapters) > 0
+    assert plan.item("weights") == sum(p.nbytes for n, p in model.named_parameters() if "lora_" not in n)
+    assert plan.item("reference model") == 0
+    assert plan.item("gradients") == gradients
+    assert plan.item("optimizer state") == state
+    assert plan.item("master weights") == sum(m.nbytes for m in engine.masters.values())
+    assert (plan.item("master weights") > 0) == (dtype == torch.bfloat16)
+    with_vision = plan_memory(ModelShape.from_config(model.config), dtype_bytes=4, engine=EngineSpec(), world_size=1,
+                              checkpointing=False, micro_batch_tokens=256, batch_size=4, num_generations=2,
+                              max_prompt_length=64, max_completion_length=32, max_pixels=3136, beta=0.04,
+                              on_cuda=False, lora=LoraSpec(rank=4, vision=True))
+    vision_model = tiny_model("qwen2_vl")
+    from r1vl.model.lora import add_adapters
+
+    add_adapters(vision_model, make_config(lora_rank=4, lora_vision=True, freeze_vision_tower=False).policy)
+    assert with_vision.item("LoRA adapters") == sum(p.nbytes for n, p in vision_model.named_parameters()
+                                                    if "lora_" in n)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_forward_saves_what_the_plan_says(checkpointing, family):
+    from r1vl.run.memory_plan import LoraSpec
+
+    model = _lora_model(family, torch.float32, rank=8)
+    use_varlen_attention(model, "sdpa")
+    if checkpointing:
+        enable_activation_checkpointing(model)
+        # The frozen tower's checkpointed blocks keep nothing (no output of theirs requires
+        # grad, so the checkpoint's frame is dropped), but the counter would count their inputs.
+        for block in model.model.visual.blocks:
+            block.gradient_checkpointing = False
+    model.train()
+    packed = pack(grpo_batch(seed=2, G=4, family=family), model, share_prompts=True)
+    with SavedTensors(model, exclude=_batch_tensors(packed)) as saved:
+        out = policy_loss(model, packed, torch.randn(packed.num_sequences), None, None, impl="torch", **LOSS)
+    out.loss.backward()
+    shape = ModelShape.from_config(model.config)
+    T, N = packed.num_tokens, packed.target_ids.numel()
+    # The frozen vision tower saves nothing for backward; each layer's adapters add their A
+    # outputs, which a checkpointed layer recomputes in backward instead.
+    planned = shape.language_activation_bytes(4, T, packed.key_index.numel(), N, checkpointing, recompute=False,
+                                              frozen=True) \
+        + (0 if checkpointing else shape.layers * shape.lora_layer_activation_bytes(LoraSpec(rank=8), 4, T))
+    assert abs(saved.bytes - planned) <= 0.10 * planned, (saved.bytes, planned)
+
+
+def test_lora_recipes_fit_on_one_gpu():
+    """The paper's 7B with LoRA rank 64 on one 80 GB GPU; the 2B with rank 64 on one 24 GB GPU."""
+    seven = make_config(model=str(ROOT / "configs" / "qwen2_vl_7b.json"), plan=True, gpu_memory_gb=80.0, lora_rank=64)
+    _, plan = check_plan(seven, world_size=1)
+    assert plan.fits and plan.item("reference model") == 0
+    full = make_config(model=str(ROOT / "configs" / "qwen2_vl_7b.json"), plan=True, gpu_memory_gb=80.0,
+                       activation_checkpointing="on")
+    with pytest.raises(PlanDoesNotFit):  # without LoRA it does not fit one GPU
+        check_plan(full, world_size=1)
+    two = make_config(model=str(ROOT / "configs" / "qwen2_vl_2b.json"), plan=True, gpu_memory_gb=24.0, lora_rank=64)
+    _, plan = check_plan(two, world_size=1)
+    assert plan.fits and plan.device_bytes == 24 * 2**30

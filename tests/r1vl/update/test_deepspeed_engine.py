@@ -493,3 +493,42 @@ def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
     engine = make_engine(torch.nn.Linear(2, 2), make_config().optimizer, 1e-3, 1, world)
     with pytest.raises(ValueError, match="no optimizer.pt"):
         engine.load_state(tmp_path)
+
+
+def test_zero3_lora_run_matches_plain(tmp_path):
+    """LoRA under ZeRO-3 on two ranks (the warm-up, 3 steps) ends with the plain engine's weights
+    (float32: summation order only), its checkpoint holds the adapters and a ZeRO shard of their
+    optimizer state only (the frozen base is not in it)."""
+    from safetensors.torch import load_file
+
+    common = [str(ROOT / "train.py"), "--progress", "false", "--stage", "sft", "--sft_steps", "3",
+              "--sft_batch_size", "4", "--lora_rank", "8", "--sft_lr", "1e-2", "--save_every", "3"]
+    runs = {}
+    for name, extra in (("plain", []), ("zero3", ["--deepspeed", str(CONFIGS / "zero3.json")])):
+        runs[name] = tmp_path / name
+        _torchrun([*common, "--run_dir", str(runs[name]), *extra], cwd=tmp_path)
+    expected = load_file(runs["plain"] / "final" / "model.safetensors")
+    got = load_file(runs["zero3"] / "final" / "model.safetensors")
+    initial = load_file(runs["plain"] / "tiny-init" / "model.safetensors")
+    assert got.keys() == expected.keys() == initial.keys()
+    moved = [n for n in expected if not torch.equal(expected[n], initial[n])]
+    assert moved and all(n.endswith("proj.weight") and ".layers." in n and "visual" not in n for n in moved)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
+    checkpoint = runs["zero3"] / "checkpoints" / "step_00000003"
+    adapters = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert not (checkpoint / "policy").exists()
+    state = torch.load(checkpoint / "zero_rank00000.pt", weights_only=True)
+
+    def numel(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+        if isinstance(value, dict):
+            return sum(numel(v) for v in value.values())
+        return sum(numel(v) for v in value) if isinstance(value, (list, tuple)) else 0
+
+    # A rank's shard: half of the adapters' fp32 masters and AdamW moments (1.5 x the adapters,
+    # plus padding), nothing of the base, which is 14 times larger.
+    n = sum(t.numel() for t in adapters.values())
+    assert 1.4 * n <= numel(state) <= 1.6 * n + 1024, (numel(state), n)
+    assert sum(t.numel() for t in initial.values()) > 10 * n
