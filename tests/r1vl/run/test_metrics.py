@@ -1,5 +1,4 @@
 """MetricsLog: JSONL records, per-stage TensorBoard runs, and the rewind of a resumed run."""
-import json
 import math
 
 from jsonl_records import read_jsonl

@@ -3,7 +3,7 @@ position equal those of one uncached forward over prompt + completion, with fini
 compacted away mid-way; the model's own distribution at temperature 1; stops at EOS, top-p."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
+from tiny_qwen_vl import FAMILIES, make_sequence, tiny_model
 
 import r1vl.sampling.generate
 from r1vl.data.prompts import Prompt, encode_prompt
