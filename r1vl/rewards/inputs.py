@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 from r1vl.data.records import load_image
 
-_NOT_COLUMNS = ("source", "columns", "prompt")  # bookkeeping; the prompt goes in `prompts`
+_NOT_COLUMNS = ("source", "columns", "prompt", "messages")  # bookkeeping; the prompt goes in `prompts`
 
 
 def reward_inputs(rollout, step: int, num_steps: int) -> tuple[dict, list[str]]:

@@ -55,7 +55,7 @@ def test_user_functions_train_and_are_logged(probe_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     received = json.loads((probe_dir / "probe.json").read_text())
     assert received["columns"] == ["image", "image_path", "key_steps", "log_extra", "log_metric", "problem",
-                                   "solution", "trainer_state"]
+                                   "solution", "task", "trainer_state"]  # task: a column of the synthetic data
     assert received["n"] == 32 and received["image"] == received["prompt_image"] == [56, 56]
     assert received["completion"] == "assistant" and received["step"] == 0
     record = [json.loads(line) for line in (probe_dir / "run" / "metrics.jsonl").read_text().splitlines()][-1]
