@@ -281,6 +281,7 @@ def decode_step(
     if masked:
         comp_bias = torch.zeros(columns, device=tokens.device).masked_fill_(
             torch.arange(columns, device=tokens.device) > column, float("-inf"))
+    write_index = None  # compiled: (rows, heads, column) of the cache's new column
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
         layer_fused = None if fused is None else fused[i]
@@ -290,8 +291,17 @@ def decode_step(
             keys[:, :, column] = k
             values[:, :, column] = v
         else:  # a tensor: the same code serves every position in a captured graph
-            keys.index_copy_(2, column.view(1), k[:, :, None])
-            values.index_copy_(2, column.view(1), v[:, :, None])
+            # On the cache itself with a full index, not on the view: compiled, an in-place write
+            # to a view becomes an out-of-place copy of the whole cache scattered back (inductor
+            # cannot reinplace a slice/select_scatter), where index_put_ on the input stays one
+            # column's write (tests/r1vl/sampling/test_decode_graph.py).
+            if write_index is None:
+                Hkv = k.shape[1]
+                write_index = (torch.arange(B, device=tokens.device)[:, None],
+                               torch.arange(Hkv, device=tokens.device)[None, :], column)
+            at = (torch.full((1, 1), i, dtype=torch.int64, device=tokens.device), *write_index)
+            comp_k.index_put_(at, k)
+            comp_v.index_put_(at, v)
         Hkv = k.shape[1]
         query = q.view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
         out = shared_prefix_attention(query, prefix_k[i, :prompts], prefix_v[i, :prompts], prefix_bias[:prompts],
