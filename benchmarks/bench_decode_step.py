@@ -39,7 +39,7 @@ def tiny_step_inputs(rows: int, capacity: int, prompts: int = 4, prompt_len: int
     for t in (cache.prefix_k, cache.prefix_v, cache.comp_k, cache.comp_v):
         t.copy_(torch.randn(t.shape, generator=g))
     group = rows // prompts
-    tokens = torch.randint(0, 300, (rows,), generator=g)
+    tokens = torch.randint(0, model.config.text_config.vocab_size, (rows,), generator=g)
     positions = torch.full((rows,), prompt_len + 3)
     slots = torch.arange(rows)
     columns = min(32, capacity)

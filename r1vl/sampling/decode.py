@@ -240,7 +240,7 @@ def decode_step(
     column: torch.Tensor | int,
     slots: torch.Tensor,
     group: int,
-    prompts: int,
+    prompts: int | None,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
     prefix_bias: torch.Tensor,
@@ -257,7 +257,8 @@ def decode_step(
         positions: (B,) int64, its M-RoPE position (the same on all three axes).
         column: the cache column the new keys go to: an int, or a () int64 tensor (compiled).
         slots, group: each row's place in the prefix grid (see shared_prefix_attention).
-        prompts: NP, the prompt slots in use: slots 0..NP-1 of the prefix part.
+        prompts: NP, the prompt slots in use: slots 0..NP-1 of the prefix part; None: all of them
+            (compiled: no static shape from the prompt count).
         prefix_k, prefix_v: (L, >=NP, Hkv, Lp, D) model dtype; prefix_bias (>=NP, Lp) fp32.
         comp_k, comp_v: (L, >=B, Hkv, C, D) model dtype: rows 0..B-1 are the live rows; written
             in place.
