@@ -65,19 +65,38 @@ def time_step(rows: int, capacity: int, backend: str, tokens: int) -> tuple[floa
     return compile_s, statistics.median(times)
 
 
+def time_eager(rows: int, capacity: int, tokens: int) -> float:
+    """Median seconds per step of the eager step (an int column, the columns read as compiled)."""
+    _, args = tiny_step_inputs(rows, capacity)
+    args = (*args[:3], 3, *args[4:])
+    times = []
+    with torch.no_grad():
+        for _ in range(tokens + 1):
+            start = time.perf_counter()
+            decode_step(*args)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--capacities", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a loaded machine's OpenMP "
+                        "threads spin against each other)")
+    parser.add_argument("--eager", action="store_true", help="also time the eager step (int column)")
     a = parser.parse_args()
+    torch.set_num_threads(a.threads)
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("rows,capacity,backend,compile_s,ms_per_token")
     for capacity in a.capacities:
         compile_s, step_s = time_step(a.rows, capacity, a.backend, a.tokens)
         print(f"{a.rows},{capacity},{a.backend},{compile_s:.1f},{step_s * 1e3:.2f}", flush=True)
+        if a.eager:
+            print(f"{a.rows},{capacity},none,0,{time_eager(a.rows, capacity, a.tokens) * 1e3:.2f}", flush=True)
 
 
 if __name__ == "__main__":
