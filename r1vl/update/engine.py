@@ -255,11 +255,14 @@ class PlainEngine(Engine):
         them (a checkpoint of an fp32 run) the masters are the loaded weights."""
         if not (directory / "optimizer.pt").is_file():
             raise ValueError(f"{directory}: no optimizer.pt (written with --deepspeed?); resume with the same engine")
-        state = torch.load(directory / "optimizer.pt", map_location=self.world.device, weights_only=True)
+        # To the CPU, as torch's own loading does: load_state_dict moves each moment to its
+        # parameter's device but leaves AdamW's `step` where it was loaded, and a `step` on the
+        # GPU is read back (.item()) once per parameter per step, a sync each time.
+        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state)
         if (directory / MASTERS_FILE).is_file():
-            self._load_masters(torch.load(directory / MASTERS_FILE, map_location=self.world.device,
-                                          weights_only=True), directory)
+            # Copied into the masters one by one: no second set of them on the device.
+            self._load_masters(torch.load(directory / MASTERS_FILE, map_location="cpu", weights_only=True), directory)
         self.skipped = read_engine_json(directory, self.scheduler)["skipped"]
 
     @torch.no_grad()
