@@ -2,11 +2,12 @@
 bucket (32 columns read): with the KV column written in place the two are equal; a step that
 copies the whole cache at each token grows with the capacity (max_new_tokens).
 
-    python benchmarks/bench_decode_step.py [--rows 64] [--capacities 32 256] [--backend inductor]
+    python benchmarks/bench_decode_step.py [--rows 64] [--capacities 32 256] [--before OLD_decode.py]
 
 The tiny built-in model (r1vl.tiny: 4 layers, 2 KV heads of 32) on the CPU, fp32, random cache
-contents; one compile per capacity (inductor: tens of seconds each on a CPU), then the median
-of --tokens timed steps. Prints one CSV row per capacity.
+contents; one compile per capacity (and version; inductor: tens of seconds each on a CPU),
+then --rounds rounds timing --tokens steps of each case in turn (interleaved: a shared
+machine's load hits all alike). Prints one CSV row per case: median and fastest step.
 """
 from __future__ import annotations
 
@@ -48,34 +49,16 @@ def tiny_step_inputs(rows: int, capacity: int, prompts: int = 4, prompt_len: int
     return model, args
 
 
-def time_step(rows: int, capacity: int, backend: str, tokens: int) -> tuple[float, float]:
-    """(compile seconds, median seconds per step) of the compiled step."""
-    torch._dynamo.reset()
-    _, args = tiny_step_inputs(rows, capacity)
-    step = torch.compile(decode_step, backend=backend, fullgraph=True)
-    with torch.no_grad(), torch._dynamo.config.patch(specialize_int=True):
-        start = time.perf_counter()
-        step(*args)
-        compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(tokens):
-            start = time.perf_counter()
-            step(*args)
-            times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times)
-
-
-def time_eager(rows: int, capacity: int, tokens: int) -> float:
-    """Median seconds per step of the eager step (an int column, the columns read as compiled)."""
-    _, args = tiny_step_inputs(rows, capacity)
-    args = (*args[:3], 3, *args[4:])
-    times = []
-    with torch.no_grad():
-        for _ in range(tokens + 1):
-            start = time.perf_counter()
-            decode_step(*args)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _step_function(path: str | None):
+    """decode_step from this checkout, or from another decode.py (--before: e.g. the previous
+    commit's, `git show REV:r1vl/sampling/decode.py > FILE`), loaded as its own module."""
+    if not path:
+        return decode_step
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("decode_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.decode_step
 
 
 def main() -> None:
@@ -83,20 +66,38 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--capacities", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--tokens", type=int, default=20, help="timed steps per round and case")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, the cases interleaved in each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a loaded machine's OpenMP "
                         "threads spin against each other)")
-    parser.add_argument("--eager", action="store_true", help="also time the eager step (int column)")
+    parser.add_argument("--before", default="", help="also time the decode_step of this decode.py")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("rows,capacity,backend,compile_s,ms_per_token")
-    for capacity in a.capacities:
-        compile_s, step_s = time_step(a.rows, capacity, a.backend, a.tokens)
-        print(f"{a.rows},{capacity},{a.backend},{compile_s:.1f},{step_s * 1e3:.2f}", flush=True)
-        if a.eager:
-            print(f"{a.rows},{capacity},none,0,{time_eager(a.rows, capacity, a.tokens) * 1e3:.2f}", flush=True)
+    versions = {"current": decode_step} | ({"before": _step_function(a.before)} if a.before else {})
+    cases = {}
+    # Each capacity its own static graph (no automatic dynamic shapes on the second compile).
+    with torch.no_grad(), torch._dynamo.config.patch(specialize_int=True, automatic_dynamic_shapes=False,
+                                                     recompile_limit=64):
+        for version, fn in versions.items():
+            for capacity in a.capacities:
+                _, args = tiny_step_inputs(a.rows, capacity)
+                step = torch.compile(fn, backend=a.backend, fullgraph=True)
+                start = time.perf_counter()
+                step(*args)
+                cases[version, capacity] = (step, args, time.perf_counter() - start, [])
+        for _ in range(a.rounds):
+            for step, args, _, times in cases.values():
+                for _ in range(a.tokens):
+                    start = time.perf_counter()
+                    step(*args)
+                    times.append(time.perf_counter() - start)
+    print(f"# load average after {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("version,rows,capacity,backend,compile_s,ms_per_token_median,ms_per_token_min")
+    for (version, capacity), (_, _, compile_s, times) in cases.items():
+        print(f"{version},{a.rows},{capacity},{a.backend},{compile_s:.1f},{statistics.median(times) * 1e3:.2f},"
+              f"{min(times) * 1e3:.2f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def check_versions() -> list[str]:
     else:
         from transformers import Qwen2VLModel
         if "mm_encoder_outputs" not in inspect.signature(Qwen2VLModel.forward).parameters:
-            problems.append(f"transformers {transformers.__version__}: Qwen2VLModel.forward takes no mm_encoder_outputs")
+            problems.append(f"transformers {transformers.__version__}: Qwen2VLModel.forward takes no "
+                            "mm_encoder_outputs")
     if _version(torch.__version__) < MIN_TORCH:
         problems.append(f"torch {torch.__version__} < 2.10")
     return problems
@@ -94,7 +95,8 @@ def main() -> int:
     if problems:
         return 1
     seconds = compiled_step(a.device, a.backend)
-    print(f"preflight: one compiled decode step ({a.backend}, {a.device}) in {seconds:.1f} s, logits = eager's", flush=True)
+    print(f"preflight: one compiled decode step ({a.backend}, {a.device}) in {seconds:.1f} s, "
+          "logits = eager's", flush=True)
     return 0
 
 
