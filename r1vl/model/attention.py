@@ -301,7 +301,16 @@ def _boundaries(query, cu_q, max_q, position_ids) -> tuple[torch.Tensor, int]:
     if position_ids is not None:
         return cu_seqlens_from_positions(position_ids)
     total = query.shape[2]
-    return torch.tensor([0, total], dtype=torch.int32, device=query.device), total
+    return _one_segment(total, query.device), total
+
+
+@functools.lru_cache(maxsize=256)
+def _one_segment(total: int, device: torch.device) -> torch.Tensor:
+    """(2,) int32 [0, total] on `device`, made once per size: transformers calls the attention
+    once per image (per window under Qwen2.5-VL) in every vision layer, and a tensor built from
+    host values at each call is a blocking host-to-device copy each time. Only read by the
+    kernels, never written."""
+    return torch.tensor([0, total], dtype=torch.int32, device=device)
 
 
 def _padding_mask_only(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):

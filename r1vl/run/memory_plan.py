@@ -508,6 +508,14 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, engine: EngineSpec, worl
         plan.update.append(Item("fp32 gradient shard", 4 * Psi / N, "at the optimizer step"))
 
     plan.per_token = {"layer": s.layer_activation_bytes(e, 1), "layer_checkpointed": e * s.hidden}
+    # Not counted yet (issue 38): the optimizer step's temporaries off CUDA (torch's CPU AdamW
+    # takes exp_avg_sq.sqrt() of one parameter at a time: the largest one's fp32 size; CUDA
+    # runs the fused step, none), the bf16 copy of dweight in the backward from hidden states,
+    # K/V repeated to every query head on torch < 2.13's varlen_attn, and the fused decode
+    # weights built anew at each rollout before they are copied into the kept ones.
+    plan.notes.append("not counted: the CPU optimizer step's per-parameter sqrt temporary, the bf16 dweight copy "
+                      "of the hidden-state backward, K/V repeated per query head on torch < 2.13's varlen_attn, "
+                      "the fused decode weights' rebuild at each rollout")
     if num_iterations > 1:
         plan.notes.append("num_iterations > 1: the old log-probs' forward runs without gradient (no extra peak)")
     if T < micro_batch_tokens:

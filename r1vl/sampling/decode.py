@@ -245,7 +245,7 @@ def decode_step(
     column: torch.Tensor | int,
     slots: torch.Tensor,
     group: int,
-    prompts: int,
+    prompts: int | None,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
     prefix_bias: torch.Tensor,
@@ -262,7 +262,8 @@ def decode_step(
         positions: (B,) int64, its M-RoPE position (the same on all three axes).
         column: the cache column the new keys go to: an int, or a () int64 tensor (compiled).
         slots, group: each row's place in the prefix grid (see shared_prefix_attention).
-        prompts: NP, the prompt slots in use: slots 0..NP-1 of the prefix part.
+        prompts: NP, the prompt slots in use: slots 0..NP-1 of the prefix part; None: all of them
+            (compiled: no static shape from the prompt count).
         prefix_k, prefix_v: (L, >=NP, Hkv, Lp, D) model dtype; prefix_bias (>=NP, Lp) fp32.
         comp_k, comp_v: (L, >=B, Hkv, C, D) model dtype: rows 0..B-1 are the live rows; written
             in place.
@@ -286,6 +287,7 @@ def decode_step(
     if masked:
         comp_bias = torch.zeros(columns, device=tokens.device).masked_fill_(
             torch.arange(columns, device=tokens.device) > column, float("-inf"))
+    write_index = None  # compiled: (rows, heads, column) of the cache's new column
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
         layer_fused = None if fused is None else fused[i]
@@ -295,8 +297,17 @@ def decode_step(
             keys[:, :, column] = k
             values[:, :, column] = v
         else:  # a tensor: the same code serves every position in a captured graph
-            keys.index_copy_(2, column.view(1), k[:, :, None])
-            values.index_copy_(2, column.view(1), v[:, :, None])
+            # On the cache itself with a full index, not on the view: compiled, an in-place write
+            # to a view becomes an out-of-place copy of the whole cache scattered back (inductor
+            # cannot reinplace a slice/select_scatter), where index_put_ on the input stays one
+            # column's write (tests/r1vl/sampling/test_decode_graph.py).
+            if write_index is None:
+                Hkv = k.shape[1]
+                write_index = (torch.arange(B, device=tokens.device)[:, None],
+                               torch.arange(Hkv, device=tokens.device)[None, :], column)
+            at = (torch.full((1, 1), i, dtype=torch.int64, device=tokens.device), *write_index)
+            comp_k.index_put_(at, k)
+            comp_v.index_put_(at, v)
         Hkv = k.shape[1]
         query = q.view(B, Hkv, -1, attn.head_dim)  # heads h*R..h*R+R-1 share kv head h
         out = shared_prefix_attention(query, prefix_k[i, :prompts], prefix_v[i, :prompts], prefix_bias[:prompts],

@@ -168,7 +168,16 @@ class _Stepper:
         columns = column_bucket(t + 1, cache.comp_k.shape[3])
         for x in (tokens, positions, slots):  # one graph for every batch bucket (CUDA graphs: one each)
             torch._dynamo.maybe_mark_dynamic(x, 0)
-        args = (model, tokens, positions, column, slots, group, n_prompts, cache.prefix_k, cache.prefix_v,
+        # One graph for every prompt count and prompt length too: the prompt part's slots and
+        # length and the cache's rows are dynamic sizes, and the step reads every prompt slot
+        # (prompts=None; the compiled path never drops prompts), so that no int argument but
+        # the column bucket and G (fixed for the run) is a static shape.
+        for x, dims in ((cache.prefix_k, (1, 3)), (cache.prefix_v, (1, 3)), (cache.prefix_bias, (0, 1)),
+                        (cache.comp_k, (1,)), (cache.comp_v, (1,))):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+        all_prompts = None if n_prompts == cache.prefix_k.shape[1] else n_prompts
+        args = (model, tokens, positions, column, slots, group, all_prompts, cache.prefix_k, cache.prefix_v,
                 cache.prefix_bias, cache.comp_k, cache.comp_v, columns, True, fused)
         with torch._dynamo.config.patch(**self.dynamo_config):
             if self.cuda_graphs:
