@@ -24,6 +24,7 @@ run: $(STAMP)
 # Unit tests on CPU; Triton kernels run through the interpreter (TRITON_INTERPRET=1 is set
 # by the tests that need it). GPU tests skip without a GPU.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -q tests
 
 # On a GPU machine: the GPU tests and the kernel benchmark.

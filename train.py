@@ -52,11 +52,16 @@ from r1vl.rewards.scorer import Scorer
 from r1vl.rewards.worker import RewardFunctionError
 from r1vl.run.checkpoints import Checkpointer, ResumePoint, load_rng
 from r1vl.run.memory_check import check_plan
-from r1vl.run.metrics import (MetricsLog, Timer, UndecidedWarning, console_line, grpo_step_metrics,
-                              reward_function_metrics)
+from r1vl.run.metrics import (
+    MetricsLog,
+    Timer,
+    UndecidedWarning,
+    console_line,
+    grpo_step_metrics,
+    reward_function_metrics,
+)
 from r1vl.run.plot import plot_run
-from r1vl.run.setup import (check_inputs, quiet_transformers, resume_invariants, resume_point, setup_run_dir,
-                            split_data)
+from r1vl.run.setup import check_inputs, quiet_transformers, resume_invariants, resume_point, setup_run_dir, split_data
 from r1vl.sampling.sampler import Sampler, prompt_encoder
 from r1vl.tiny import prepare_demo
 from r1vl.update.grpo import GRPOUpdate

@@ -27,7 +27,6 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-
 from _common import copy_bandwidth, matmul_flops
 
 PASSES = ("fwd", "bwd", "fwd+bwd")

@@ -67,8 +67,8 @@ def build(shape: str, settings: dict):
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from r1vl.data.records import load_examples
     from r1vl.data.prompts import encode_prompt
+    from r1vl.data.records import load_examples
     from r1vl.data.synthetic import write_dataset
     from r1vl.tiny import build_model, build_tokenizer
 

@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-
 from _common import append_csv, environment, print_table  # noqa: E402
 
 PROVIDERS = ("backbone", "trl", "fused")

@@ -48,8 +48,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import append_csv, environment, print_table  # noqa: E402
+
 from r1vl.model.attention import use_varlen_attention  # noqa: E402
 from r1vl.update.losses import completion_logprobs, microbatch_weight, policy_loss  # noqa: E402
 from r1vl.update.microbatches import plan_microbatches, plan_shared_microbatches  # noqa: E402

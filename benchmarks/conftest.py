@@ -11,9 +11,9 @@ import functools
 import pytest
 import torch
 import torch._dynamo.config
-
 from _common import environment
-from _suite import Ceilings, measure as _measure, summary
+from _suite import Ceilings, summary
+from _suite import measure as _measure
 
 # One torch.compile'd TRL loss serves every shape and level of both losses: each is a
 # recompile of the same code object, past dynamo's default limit of 8, after which it would

@@ -28,7 +28,6 @@ from typing import Callable
 
 import pytest
 import torch
-
 from _suite import PASSES, Work, device_marks, dtype_name
 from trl_eager import trl_grpo_loss
 

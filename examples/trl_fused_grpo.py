@@ -24,7 +24,6 @@ from trl import GRPOConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # r1vl.tiny, for the offline tokenizer
 from r1vl.tiny import build_tokenizer  # noqa: E402
-
 from r1vl_kernels.trl import FusedGRPOTrainer  # noqa: E402
 
 PROMPTS = ["Count to ten:", "Write a number:", "List some digits:", "What is 12 + 30?"]

@@ -206,9 +206,9 @@ def test_qwen2_5_vl_checkpoint_loads_and_samples(tmp_path, checkpoint):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from r1vl.model.policy import load_policy
-    from r1vl.data.records import load_examples
     from r1vl.data.prompts import encode_prompt
+    from r1vl.data.records import load_examples
+    from r1vl.model.policy import load_policy
     from r1vl.sampling.generate import generate
 
     model_dir, data = checkpoint

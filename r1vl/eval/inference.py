@@ -14,8 +14,17 @@ from pathlib import Path
 
 from r1vl.eval import predictions
 from r1vl.eval.benchmarks import Benchmark
-from r1vl.eval.trainer_api import (Example, Policy, Prompt, distributed, encode_prompt, eos_ids, family_of, greedy,
-                                   progress_bar)
+from r1vl.eval.trainer_api import (
+    Example,
+    Policy,
+    Prompt,
+    distributed,
+    encode_prompt,
+    eos_ids,
+    family_of,
+    greedy,
+    progress_bar,
+)
 from r1vl.eval.tsv import EvalInputError, Item, Table
 
 

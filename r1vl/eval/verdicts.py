@@ -24,7 +24,6 @@ from pathlib import Path
 
 from r1vl.eval import vlmevalkit as vk
 from r1vl.eval import vlmevalkit_math as vkm
-
 from r1vl.eval.tsv import Item
 
 

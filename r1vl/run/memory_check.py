@@ -6,8 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from r1vl.config import Config
-from r1vl.run.memory_plan import (GiB, OFFLOAD_CONFIG, ZERO3_CONFIG, EngineSpec, LoraSpec, MemoryPlan, ModelShape,
-                                  load_model_config, plan_memory)
+from r1vl.run.memory_plan import (
+    OFFLOAD_CONFIG,
+    ZERO3_CONFIG,
+    EngineSpec,
+    GiB,
+    LoraSpec,
+    MemoryPlan,
+    ModelShape,
+    load_model_config,
+    plan_memory,
+)
 
 
 def dtype_bytes(cfg: Config, on_cuda: bool) -> int:

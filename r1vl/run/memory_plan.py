@@ -30,7 +30,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 GiB = 1 << 30
 FIT_FRACTION = 0.92  # of the device's memory: the rest is the CUDA context and fragmentation
 
@@ -145,7 +144,7 @@ class ModelShape:
 
     def lora_params(self, lora: LoraSpec) -> int:
         """Adapter parameters, r * (in + out) per adapted linear (r1vl.model.lora.target_names)."""
-        H, I, D, r = self.hidden, self.intermediate, self.head_dim, lora.rank
+        H, I, D, r = self.hidden, self.intermediate, self.head_dim, lora.rank  # noqa: E741 (I: the MLP width, as in the papers)
         q, kv = self.heads * D, self.kv_heads * D
         shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
                   "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
@@ -167,7 +166,7 @@ class ModelShape:
 
     def adapted_params(self, lora: LoraSpec) -> int:
         """Weights of the adapted decoder projections (and lm_head): what the rollout merges."""
-        H, I, D = self.hidden, self.intermediate, self.head_dim
+        H, I, D = self.hidden, self.intermediate, self.head_dim  # noqa: E741 (I: the MLP width)
         q, kv = self.heads * D, self.kv_heads * D
         sizes = {"q_proj": H * q, "k_proj": H * kv, "v_proj": H * kv, "o_proj": q * H,
                  "gate_proj": H * I, "up_proj": H * I, "down_proj": I * H}

@@ -52,8 +52,15 @@ from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
 from r1vl.model.attention import attention_implementations
 from r1vl.model.lora import has_adapters
-from r1vl.update.engine import (AdaptersOff, Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json,
-                               write_engine_json)
+from r1vl.update.engine import (
+    AdaptersOff,
+    Engine,
+    Frozen,
+    UpdateSettings,
+    adamw_with_schedule,
+    read_engine_json,
+    write_engine_json,
+)
 from r1vl.update.packing import Sequence, pack
 
 # -------------------------------------------------------------------------------- the engine

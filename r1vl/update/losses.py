@@ -16,7 +16,6 @@ from r1vl.update.packing import PackedBatch
 from r1vl_kernels import GRPOLossOutput, grpo_loss_from_hidden, token_logprobs_from_hidden
 
 
-
 def kernel_impl(option: str, device: torch.device) -> str:
     """r1vl_kernels' impl for `device`: never None, which would read TRITON_INTERPRET and
     pick the (slow) interpreted Triton kernels on a CPU."""

@@ -11,7 +11,6 @@ import random
 import pytest
 import torch
 
-
 SEED_ENV = "R1VL_TEST_SEED"
 
 

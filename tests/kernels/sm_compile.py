@@ -205,7 +205,7 @@ def main(argv):
                 print(json.dumps(row), flush=True)
         return
     rows = []
-    for name, cc in TARGETS.items():
+    for cc in TARGETS.values():
         for variant, launches in sm_launches.all_launches(Launches(cc)):
             for launch in launches:
                 rows.append(compile_launch(launch, cc, variant))

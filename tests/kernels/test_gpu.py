@@ -3,11 +3,10 @@ shapes (V = 151936; H = 1536), every dtype and layout, against float64 reference
 elementwise tolerances that one wrong row would break. Skipped without a GPU."""
 import pytest
 import torch
-
-from r1vl_kernels import group_advantages, grpo_loss, grpo_loss_from_hidden, token_logprobs
-
 from test_grpo_loss import DTYPE_EPS, assert_close_scaled
 from trl_reference import advantages_like_trl, grpo_loss_like_trl, pack_to_padded, padded_to_packed
+
+from r1vl_kernels import group_advantages, grpo_loss, grpo_loss_from_hidden, token_logprobs
 
 pytestmark = pytest.mark.gpu
 

@@ -6,10 +6,9 @@ import itertools
 
 import pytest
 import torch
+from trl_reference import advantages_like_trl, grpo_loss_like_trl, pack_to_padded, padded_to_packed
 
 from r1vl_kernels import group_advantages, grpo_loss
-
-from trl_reference import advantages_like_trl, grpo_loss_like_trl, pack_to_padded, padded_to_packed
 
 IMPLS = ("torch", "triton")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
-
-from r1vl_kernels import grpo_loss, grpo_loss_from_hidden, token_logprobs_from_hidden
-
 from test_grpo_loss import IS_LEVELS, LOSS_TYPES, assert_close_scaled
 from trl_reference import grpo_loss_like_trl, pack_to_padded
+
+from r1vl_kernels import grpo_loss, grpo_loss_from_hidden, token_logprobs_from_hidden
 
 IMPLS = ("torch", "triton")
 LENS = [1, 6, 0, 13, 2, 9, 4]   # N = 35: not a multiple of any tile

@@ -4,12 +4,11 @@ upstream gradient. (test_grpo_loss.py's matrix runs it too: grpo_loss takes it f
 token-level Triton call that needs a gradient.)"""
 import pytest
 import torch
+from test_grpo_loss import DTYPE_EPS, LENS, assert_close_scaled, make_case, reference
+from trl_reference import pack_to_padded
 
 from r1vl_kernels import grpo_loss
 from r1vl_kernels.registry import op
-
-from test_grpo_loss import DTYPE_EPS, LENS, assert_close_scaled, make_case, reference
-from trl_reference import pack_to_padded
 
 
 def _two_sweeps(logits, target, cu, adv, old, ref, grad_scale, **kw):

@@ -14,7 +14,8 @@ more at p = 0.999, and flips the gradient's sign.
 import pytest
 import torch
 
-from r1vl_kernels import hidden as hidden_module, reference
+from r1vl_kernels import hidden as hidden_module
+from r1vl_kernels import reference
 
 H, V = 19, 83                   # V not a multiple of the vocabulary block (64 in these tests)
 LEVELS = (0.9, 0.99, 0.999)     # p(target), 4 tokens each

@@ -5,15 +5,15 @@ reference."""
 import itertools
 
 import pytest
-import torch
-
-from r1vl_kernels import grpo_loss, grpo_loss_from_hidden
-
 import test_grpo_loss_from_hidden as hidden_case
+import torch
+from test_grpo_loss import LENS, assert_close_scaled, make_case, reference
+
 # autouse: the hidden-state path's chunks and tiles small enough to cross several of each
 from test_grpo_loss_from_hidden import small_tiles  # noqa: F401
-from test_grpo_loss import LENS, assert_close_scaled, make_case, reference
 from trl_reference import pack_to_padded, padded_to_packed
+
+from r1vl_kernels import grpo_loss, grpo_loss_from_hidden
 
 IMPLS = ("torch", "triton")
 NEW_LOSS_TYPES = ("cispo", "sapo", "luspo", "vespo")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 import sm_compile
 
 REASON = sm_compile.available()

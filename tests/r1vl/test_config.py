@@ -7,8 +7,17 @@ import sys
 
 import pytest
 
-from r1vl.config import (FAMILY_TYPES, OPTION_FIELDS, STAGE_CLASSES, TINY_DEFAULTS, TINY_FAMILY_DEFAULTS, Config,
-                         make_config, parse_config, to_dict)
+from r1vl.config import (
+    FAMILY_TYPES,
+    OPTION_FIELDS,
+    STAGE_CLASSES,
+    TINY_DEFAULTS,
+    TINY_FAMILY_DEFAULTS,
+    Config,
+    make_config,
+    parse_config,
+    to_dict,
+)
 
 
 def test_defaults_are_the_papers_for_a_real_model():

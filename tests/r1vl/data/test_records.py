@@ -25,7 +25,7 @@ def _record(i: int, **over) -> dict:
 
 
 def _jsonl(path: Path, lines) -> Path:
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
 
 

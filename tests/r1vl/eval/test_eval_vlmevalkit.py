@@ -7,7 +7,6 @@ from evalkit_files import png_b64, write_tsv
 from r1vl.eval import benchmarks, protocols, verdicts
 from r1vl.eval import vlmevalkit as vk
 from r1vl.eval import vlmevalkit_math as vkm
-
 from r1vl.eval.judge import Judge
 from r1vl.eval.tsv import Item
 

@@ -2,14 +2,21 @@
 registration, backend choice and refusals."""
 import logging
 
-import torch.nn.functional as F
-
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_qwen_vl import FAMILIES, IMAGE, make_sequence, tiny_model
 from transformers import AttentionInterface
 
-from r1vl.model.attention import BACKENDS, sdpa_masked, cu_seqlens_from_positions, implementation_name, pick_backend, use_varlen_attention, varlen_attention
+from r1vl.model.attention import (
+    BACKENDS,
+    cu_seqlens_from_positions,
+    implementation_name,
+    pick_backend,
+    sdpa_masked,
+    use_varlen_attention,
+    varlen_attention,
+)
 from r1vl.update.forward import completion_hidden
 from r1vl.update.packing import pack
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from r1vl.config import make_config
 from r1vl.data.prompts import Prompt
 from r1vl.data.records import Example
-from r1vl.config import make_config
 from r1vl.rewards.inputs import prompt_messages, reward_inputs
 from r1vl.rewards.scorer import Scorer
 from r1vl.sampling.generate import Completions

@@ -19,7 +19,6 @@ prompt's rope offset (images make the M-RoPE positions lag the token count).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache

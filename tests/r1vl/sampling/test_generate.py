@@ -3,17 +3,17 @@ position equal those of one uncached forward over prompt + completion, with fini
 compacted away mid-way; the model's own distribution at temperature 1; stops at EOS, top-p."""
 import pytest
 import torch
+from reference_sampler import generate_reference
 from tiny_qwen_vl import FAMILIES, make_sequence, tiny_model
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import r1vl.sampling.generate
 from r1vl.data.prompts import Prompt, encode_prompt
 from r1vl.data.records import load_examples
+from r1vl.data.synthetic import write_dataset
 from r1vl.sampling.decode import fuse_layers
 from r1vl.sampling.generate import bucket_size, generate
-from reference_sampler import generate_reference
-from r1vl.data.synthetic import write_dataset
 from r1vl.tiny import build_model, build_tokenizer
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def test_llm_extractor_failures(stub):
 # --------------------------------------------------------------------------- data files
 
 def _write_jsonl(path, lines):
-    path.write_text("".join(l + "\n" for l in lines))
+    path.write_text("".join(line + "\n" for line in lines))
 
 
 def _lines(sol_good=SOLUTION):

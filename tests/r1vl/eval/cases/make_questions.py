@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import make_expected as mx  # its VLMEvalKit loading helpers and case writers
+import make_expected as mx  # noqa: E402  (after sys.path above) its VLMEvalKit loaders and case writers
 
 OUT = HERE / "questions"
 # r1vl's benchmark -> the VLMEvalKit dataset name its TSV is (VLMEvalKit decides prompts by this name)
