@@ -151,7 +151,7 @@ class ObjectiveOptions:
 
 @dataclass
 class OptimizerOptions:
-    """The engine that applies the updates: AdamW, its schedule, clipping, DeepSpeed (r1vl.update.engines)."""
+    """The engine that applies the updates: AdamW, its schedule, clipping, DeepSpeed (r1vl.update.choose_engine)."""
 
     lr: float = option(1e-6, "AdamW learning rate of the GRPO stage")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")

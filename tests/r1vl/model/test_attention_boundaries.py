@@ -3,7 +3,7 @@ boundaries: the one-segment boundaries are made once per size and device, not co
 the host at every call (a blocking copy per image per layer on a GPU)."""
 import pytest
 import torch
-from tiny_qwen_vl import FAMILIES, make_sample, tiny_model
+from tiny_qwen_vl import FAMILIES, make_sequence, tiny_model
 
 import r1vl.model.attention as attention
 from r1vl.model.attention import use_varlen_attention, varlen_attention
@@ -13,7 +13,7 @@ from r1vl.model.attention import use_varlen_attention, varlen_attention
 def test_vision_calls_reuse_their_boundaries(family, monkeypatch):
     gen = torch.Generator().manual_seed(9)
     grids = [(1, 4, 6), (1, 6, 4), (1, 4, 4)]
-    samples = [make_sample(gen, [grid], 2, family=family) for grid in grids]
+    samples = [make_sequence(gen, [grid], 2, family=family) for grid in grids]
     model = tiny_model(family, seed=9)
     use_varlen_attention(model, "sdpa")
     boundaries = []

@@ -2,7 +2,7 @@
 current adapters every rollout), exactly as the sampler on a plain model holding the merged weights."""
 import pytest
 import torch
-from tiny_qwen_vl import make_sample, tiny_model
+from tiny_qwen_vl import make_sequence, tiny_model
 
 from r1vl.config import make_config
 from r1vl.data.prompts import Prompt
@@ -12,7 +12,7 @@ from r1vl.sampling.generate import generate
 
 def _prompts(family):
     gen = torch.Generator().manual_seed(1)
-    samples = [make_sample(gen, [grid], 1, text_lens=lens, family=family)
+    samples = [make_sequence(gen, [grid], 1, text_lens=lens, family=family)
                for grid, lens in zip([(1, 4, 6), (1, 8, 8)], [[2, 5], [7, 1]])]
     return [Prompt(torch.as_tensor(s.prompt_ids), s.pixel_values, s.image_grid_thw, None) for s in samples]
 
