@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from r1vl import distributed, files
-from r1vl.run import checkpoint_check
 from r1vl.model.policy import save_full_policy
+from r1vl.run import checkpoint_check
 
 PREFIX = "step_"
 
