@@ -50,8 +50,16 @@ import torch
 
 from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
+from r1vl.group_leaks import forget_module
 from r1vl.model.attention import attention_implementations
-from r1vl.update.engine import Engine, Frozen, UpdateSettings, adamw_with_schedule, read_engine_json, write_engine_json
+from r1vl.update.engine import (
+    Engine,
+    Frozen,
+    UpdateSettings,
+    adamw_with_schedule,
+    read_engine_json,
+    write_engine_json,
+)
 from r1vl.update.packing import Sample, pack
 
 # -------------------------------------------------------------------------------- the engine
@@ -195,6 +203,7 @@ class DeepSpeedEngine(Engine):
         gathers it for the final save."""
         if self._ds is not None:
             self._ds.destroy()
+            forget_module(self._ds.module)  # ZeRO-3 keeps it (and so this engine) in a global
             self._ds = None
             self.scheduler.optimizer.state.clear()  # the AdamW moments of this rank's shard
             gc.collect()  # DeepSpeed's engine holds reference cycles (hooks closing over it)
@@ -303,6 +312,7 @@ class ShardedReference:
     def close(self) -> None:
         if self._ds is not None:
             self._ds.destroy()
+            forget_module(self._ds.module)
             self._ds = None
 
 
