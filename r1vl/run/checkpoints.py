@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ import torch
 from r1vl import distributed, files
 from r1vl.model.lora import has_adapters
 from r1vl.model.policy import save_full_adapter, save_full_policy
+from r1vl.run import checkpoint_check
 
 PREFIX = "step_"
 
@@ -218,11 +220,34 @@ def open_resume_point(resume: str, run_dir: Path) -> ResumePoint | None:
 
 
 def find_resume_point(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint directory --resume names: "" none, "auto" the newest complete one in
-    run_dir (None when there is none yet: a first launch of a job that always says auto)."""
+    """The checkpoint directory --resume names: "" none, "auto" the newest readable one in
+    run_dir (None when there is none yet: a first launch of a job that always says auto).
+
+    auto passes over a newest checkpoint that cannot be read (r1vl.run.checkpoint_check: a
+    file cut short or damaged, trainer_state.json missing) to the one before, with a warning
+    naming what is wrong; ValueError if there are checkpoints but none is readable, or if
+    the one named explicitly is not."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return _newest_readable(run_dir)
     read_trainer_state(Path(resume))  # complete, or a ValueError saying what is missing
+    wrong = checkpoint_check.problem(Path(resume))
+    if wrong:
+        raise ValueError(f"--resume {resume}: {wrong}")
     return Path(resume)
+
+
+def _newest_readable(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    unreadable = []
+    for _, path in reversed(found):
+        wrong = checkpoint_check.problem(path)
+        if wrong is None:
+            return path
+        unreadable.append(f"{path}: {wrong}")
+        distributed.print0(f"warning: --resume auto: skipping {path}: {wrong}", file=sys.stderr)
+    if unreadable:
+        raise ValueError("--resume auto: no readable checkpoint in " + str(checkpoints_root(run_dir)) + ": "
+                         + "; ".join(unreadable))
+    return None

@@ -116,6 +116,19 @@ def test_metrics_mme_and_hallusion():
     assert (m["aAcc"], m["fAcc"], m["qAcc"]) == (pytest.approx(200 / 3), 50.0, 50.0)
 
 
+def test_hallusion_figures_and_questions_are_not_interchangeable():
+    # vlmeval/dataset/utils/yorn.py Hallusion_rating: figure_id is field 4 of the index and
+    # question_id field 5. One set, figure 0 asked questions 0, 1, 2 (the last one wrong) and
+    # figure 1 asked question 0: fAcc = 1 of 2 figures all right, qAcc = 2 of 3 questions right
+    # for every figure. With the two fields swapped it would be fAcc 66.7, qAcc 50.
+    cases = [(("0", "0"), True), (("0", "1"), True), (("0", "2"), False), (("1", "0"), True)]
+    hall = [(item(f"VS_c_x_0_{f}_{q}", **{"l2-category": "chart"}), metrics.Verdict(ok)) for (f, q), ok in cases]
+    assert [metrics.hallusion_ids(it) for it, _ in hall] == [("0", f, q) for (f, q), _ in cases]
+    m = metrics.aggregate_hallusion(hall)
+    assert (m["aAcc"], m["fAcc"], m["qAcc"]) == (75.0, 50.0, pytest.approx(200 / 3))
+    assert m["score"] == pytest.approx((75.0 + 50.0 + 200 / 3) / 3)
+
+
 def test_empty_image_rows_are_skipped_and_counted(tmp_path):
     # vlmeval/dataset/image_base.py ImageBaseDataset(skip_noimg=True); MME-style reference to another row
     rows = [{"index": "VS_c_x_0_0_0", "image": png_b64(), "question": "q", "answer": "Yes"},

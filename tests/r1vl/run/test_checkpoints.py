@@ -1,6 +1,8 @@
 """Atomic trainer checkpoints: rename on completion, rotation, exact RNG round trip."""
 import json
 import random
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -57,3 +59,99 @@ def test_rng_round_trip(tmp_path):
         load_rng(tmp_path, rank=0)
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         save_checkpoint(tmp_path, 1, write_state(1), keep_last=0)
+
+
+# ----------------------------------------------------------------------------- unreadable checkpoints
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A run directory with the trainer's real checkpoints of steps 1 and 2 (a tiny policy in
+    HF format, PlainEngine's optimizer.pt after a step, rng_rank0.pt, trainer_state.json),
+    written by Checkpointer.save; each test copies it."""
+    import types
+
+    from r1vl.model.policy import load_policy
+    from r1vl.run.checkpoints import Checkpointer
+    from r1vl.tiny import write_tiny_checkpoint
+    from r1vl.update.engine import PlainEngine, UpdateSettings
+
+    root = tmp_path_factory.mktemp("ckpt")
+    world = types.SimpleNamespace(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    policy = load_policy(write_tiny_checkpoint(root / "model", ["a few words"]), torch.float32,
+                         torch.device("cpu"), 3136, 3136)
+    engine = PlainEngine(policy.model, UpdateSettings(lr=1e-3, total_steps=2), world)
+    saver = Checkpointer(root / "run", save_every=1, keep_last=3, sft_steps=0, world=world)
+    for step in (1, 2):
+        for p in engine.params:
+            p.grad = torch.ones_like(p)
+        engine.step(True)
+        saver.save(policy, engine, "grpo", step, {"data_position": step})
+    return root / "run"
+
+
+def _run_copy(two_checkpoints, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    return run, run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
+
+
+def _truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGES = {
+    # a safetensors file cut short (a full disk): its header promises more bytes than there are
+    "truncated safetensors": (lambda c: _truncate(c / "policy" / "model.safetensors"),
+                              "policy/model.safetensors is not readable: truncated"),
+    "truncated optimizer file": (lambda c: _truncate(c / "optimizer.pt"),
+                                 "optimizer.pt is not readable"),
+    "missing trainer_state.json": (lambda c: (c / "trainer_state.json").unlink(),
+                                   "trainer_state.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_auto_falls_back_over_an_unreadable_newest_checkpoint(two_checkpoints, tmp_path, capsys, damage):
+    from r1vl.run.checkpoints import ResumePoint, find_resume_point, open_resume_point
+
+    run, older, newest = _run_copy(two_checkpoints, tmp_path)
+    assert find_resume_point("auto", run) == newest  # intact: the newest
+    capsys.readouterr()
+    harm, message = DAMAGES[damage]
+    harm(newest)
+    assert find_resume_point("auto", run) == older
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: --resume auto: skipping") and str(newest) in warning, warning
+    assert message in warning, warning
+    resume = open_resume_point("auto", run)
+    assert (resume.path, resume.step) == (older, 1) and ResumePoint.read(older).step == 1
+    # Named explicitly, the damaged one is refused, saying why.
+    with pytest.raises(ValueError, match="--resume .*step_00000002: "):
+        find_resume_point(str(newest), run)
+    # None readable: refused, naming every checkpoint and what is wrong with it.
+    _truncate(older / "rng_rank0.pt")
+    with pytest.raises(ValueError, match="no readable checkpoint") as refused:
+        find_resume_point("auto", run)
+    assert message in str(refused.value) and "step_00000001: rng_rank0.pt is not readable" in str(refused.value)
+
+
+def test_a_byte_changed_after_writing_is_found(two_checkpoints, tmp_path, capsys):
+    """torch.save's archives carry a CRC-32 per member: one flipped byte in the optimizer
+    state's tensor data is found without unpickling anything."""
+    from r1vl.run.checkpoints import find_resume_point
+
+    run, older, newest = _run_copy(two_checkpoints, tmp_path)
+    path = newest / "optimizer.pt"
+    data = bytearray(path.read_bytes())
+    torch.load(path, weights_only=True)  # readable before
+    with zipfile.ZipFile(path) as archive:  # the largest tensor's stored bytes (torch stores them uncompressed)
+        member = max(archive.infolist(), key=lambda m: m.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
+    data[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert find_resume_point("auto", run) == older
+    assert "optimizer.pt is not readable: member" in capsys.readouterr().err

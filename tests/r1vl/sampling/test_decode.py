@@ -66,3 +66,50 @@ def test_text_rope_tables_equal_the_models_rotary_embedding(family):
     for got, expected in zip(text_rope_tables(lm, hidden, positions),
                              rope_tables(lm, hidden, positions.view(1, 1, -1).expand(3, 1, -1))):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_masked_column_bucket_gives_the_logits_of_the_columns_written():
+    """The compiled step attends over a bucket of completion columns (a power of two) and
+    masks those past the current one, which hold stale or unwritten values. At every step of
+    a rollout its logits must equal those of the unmasked step over exactly the t + 1 columns
+    written, with the columns past t filled with large junk first: masking the current column
+    too, or one column too few, changes them. Both forms run eagerly here, through generate's
+    own call of the compiled step (the compiled graph computes the same function)."""
+    import inspect
+
+    import r1vl.sampling.generate
+    from r1vl.sampling.decode import decode_step
+    from r1vl.sampling.generate import generate
+
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_model("qwen2_vl", seed=1)
+    prompts = []
+    for n in (5, 9):
+        sample = make_sample(gen, [(1, 4, 4)], completion_len=1, text_lens=[n, 3])
+        prompts.append(Prompt(sample.prompt_ids, sample.pixel_values, sample.image_grid_thw, None))
+    signature = inspect.signature(decode_step)
+    checked = []
+
+    def step(*args):
+        a = signature.bind(*args).arguments
+        t, columns = int(a["column"]), a["columns"]
+        assert a["masked"] and columns > t + 1 or t + 1 == columns
+        for cache in (a["comp_k"], a["comp_v"]):  # junk where nothing valid is written yet
+            cache[:, :, :, t + 1:].normal_(0, 100, generator=torch.Generator().manual_seed(t))
+        masked = decode_step(*args)
+        exact = dict(a, column=t, columns=t + 1, masked=False)
+        expected = decode_step(**exact)
+        assert torch.isfinite(masked).all(), t
+        torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {t}: {m}")
+        checked.append(t)
+        return masked
+
+    old = dict(r1vl.sampling.generate._Stepper._compiled)
+    r1vl.sampling.generate._Stepper._compiled[("eager", "cpu")] = step
+    try:
+        generate(model, prompts, 2, 6, [], compile_step=True, compile_backend="eager",
+                 generator=torch.Generator().manual_seed(0))
+    finally:
+        r1vl.sampling.generate._Stepper._compiled.clear()
+        r1vl.sampling.generate._Stepper._compiled.update(old)
+    assert checked == list(range(5))

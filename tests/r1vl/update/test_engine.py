@@ -252,3 +252,30 @@ def test_closed_engine_leaves_the_gradients_to_the_next():
     assert all(m.grad is None for m in first.masters.values())
     assert all(m.grad is not None for m in second.masters.values())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_step_clips_the_masters_gradient_and_returns_its_norm():
+    """The gradients of a bf16 model live in its fp32 masters: the step's norm is theirs (as
+    torch's clip_grad_norm_ computes it on fp32 copies of them), not the 0.0 of the bf16
+    weights' empty .grad, and AdamW sees them scaled down to max_grad_norm."""
+    model = _start(torch.bfloat16)
+    parts, n_tokens = _microbatches(model)
+    engine = PlainEngine(model, UpdateSettings(lr=1e-5, total_steps=1, max_grad_norm=0.5), WORLD)
+    for packed in parts:
+        engine.backward(engine.forward(sft_loss_sum, packed) / n_tokens)
+    copies = [torch.nn.Parameter(m.detach().clone()) for m in engine.masters.values()]
+    for copy_, master in zip(copies, engine.masters.values()):
+        copy_.grad = master.grad.clone()
+    expected = float(torch.nn.utils.clip_grad_norm_(copies, 0.5))
+    seen = []  # the gradients AdamW steps with
+    engine.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([p.grad.clone() for p in engine.masters.values()]))
+    norm = engine.step(True)
+    assert expected > 1.0  # well above max_grad_norm: the clipping matters
+    assert abs(norm - expected) <= 1e-6 * expected, (norm, expected)
+    assert len(seen) == 1
+    for got, want in zip(seen[0], copies):
+        torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=0)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in seen[0]]))
+    assert abs(float(clipped) - 0.5) < 1e-5, float(clipped)
+    engine.close()

@@ -214,3 +214,33 @@ def test_float64_softmax_loss_matches_the_kernels(with_old, family, tied):
     with pytest.raises(ValueError, match="loss_type grpo only"):
         policy_loss(model, packed, advantages, None, ref, impl="torch", softmax="float64", temperature=1.2,
                     beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="bnpo")
+
+
+def test_logprob_pass_builds_no_graph_under_activation_checkpointing():
+    """The old / reference log-prob pass runs without gradient even with the policy in train
+    mode and --activation_checkpointing on (the trainer's state during the update): no layer
+    goes through the checkpoint function and the result holds no graph. With gradients on,
+    every checkpointed layer (2 decoder layers, 1 vision block) would be checkpointed, and the
+    graph and saved layer inputs kept alive for a backward that never comes."""
+    from r1vl.model.activation_checkpointing import checkpointed_layers, enable_activation_checkpointing
+
+    model = tiny_model("qwen2_vl", seed=0)
+    use_varlen_attention(model)
+    enable_activation_checkpointing(model)
+    model.train()
+    calls = []
+    for layer in checkpointed_layers(model):
+        def counted(*args, _inner=layer._gradient_checkpointing_func, **kwargs):
+            calls.append(1)
+            return _inner(*args, **kwargs)
+        layer._gradient_checkpointing_func = counted
+    samples, _ = _batch(seed=2)
+    packed = pack(samples, model)
+    logp = completion_logprobs(model, packed, 1.2, "torch")
+    assert logp.shape == (packed.target_ids.numel(),)
+    assert not logp.requires_grad and logp.grad_fn is None
+    assert len(calls) == 0, f"{len(calls)} checkpoint calls in a no-gradient pass"
+    # The counter does see checkpointing: the loss's forward goes through every layer's.
+    policy_loss(model, packed, torch.zeros(len(samples)), None, None, impl="torch", temperature=1.2, beta=0.0,
+                loss_type="grpo", max_completion_length=12)
+    assert len(calls) == len(checkpointed_layers(model)) == 3
