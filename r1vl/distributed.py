@@ -7,12 +7,9 @@ step, after all micro-batches: the step is the seam where a DeepSpeed engine tak
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import hashlib
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +48,6 @@ def init(device: str = "auto", always_group: bool = False) -> Dist:
     else:
         dev = torch.device("cpu")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    if world_size > 1 or always_group:
-        atexit.unregister(_free_process_groups_at_exit)  # once, however many times init runs
-        atexit.register(_free_process_groups_at_exit)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
     elif always_group and not dist.is_initialized():
@@ -66,51 +60,14 @@ def init(device: str = "auto", always_group: bool = False) -> Dist:
 
 
 def destroy(wait_for_others: bool = True) -> None:
-    """Tear every process group down before exit, DeepSpeed's included, so that their
-    backends (gloo's worker and socket threads) are destroyed now, on this thread, while
-    the interpreter is whole; see _free_process_groups for why. After an error on this rank
-    only, do not wait: the others may never arrive, and torchrun stops them once this
-    process exits."""
+    """Tear the process group down before exit: without it gloo/NCCL can abort at shutdown
+    ("terminate called without an active exception") after a run that finished fine.
+    After an error on this rank only, do not wait: the others may never arrive, and torchrun
+    stops them once this process exits."""
     if dist.is_initialized():
         if wait_for_others:
             dist.barrier()
-        _free_process_groups()
-
-
-def _free_process_groups() -> None:
-    """Destroy all process groups and drop what still refers to them.
-
-    torch's destroy_process_group only unregisters a group: its backend object, and with it
-    gloo's threads, lives on while any Python object refers to the group. DeepSpeed keeps such
-    references in module globals (deepspeed.utils.groups: the world group's clones) and in
-    its engines, which are reference cycles (their hooks close over them), and some it never
-    lets go of (r1vl.group_leaks). Left alone, those groups' backends are destroyed during
-    interpreter finalization, or never, their threads running while the interpreter and the
-    C++ runtime tear themselves down: the likely source of the rare abort after a run that
-    finished fine ("terminate called without an active exception", SIGABRT; about 1 DeepSpeed
-    run in 16). So: collect the cycles,
-    destroy the groups through DeepSpeed when it runs the communication (it also releases
-    its own references), drop the references DeepSpeed keeps regardless (r1vl.group_leaks),
-    and collect again, which destroys the backends here."""
-    gc.collect()
-    ds_comm = sys.modules.get("deepspeed.comm")
-    if ds_comm is not None and ds_comm.is_initialized():
-        ds_comm.destroy_process_group()
-    if dist.is_initialized():  # not through DeepSpeed, or groups it did not know of
         dist.destroy_process_group()
-    from r1vl.group_leaks import release_group_defaults
-
-    release_group_defaults()  # the world group, held by default arguments
-    gc.collect()
-
-
-def _free_process_groups_at_exit() -> None:
-    """atexit: what destroy() does, without waiting for the other ranks, for a process that
-    ends without calling destroy() (a test, an exception); and once more after destroy(),
-    for groups that only became unreachable when main() returned. Registered at init, so it
-    runs after the handlers registered later (atexit runs last in, first out)."""
-    if dist.is_available():
-        _free_process_groups()
 
 
 def print0(*args, **kwargs) -> None:

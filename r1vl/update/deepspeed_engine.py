@@ -50,7 +50,6 @@ import torch
 
 from r1vl import distributed
 from r1vl.deepspeed_config import resolved_config
-from r1vl.group_leaks import forget_module
 from r1vl.model.attention import attention_implementations
 from r1vl.model.lora import has_adapters
 from r1vl.update.engine import (
@@ -208,7 +207,6 @@ class DeepSpeedEngine(Engine):
         gathers it for the final save."""
         if self._ds is not None:
             self._ds.destroy()
-            forget_module(self._ds.module)  # ZeRO-3 keeps it (and so this engine) in a global
             self._ds = None
             self.scheduler.optimizer.state.clear()  # the AdamW moments of this rank's shard
             gc.collect()  # DeepSpeed's engine holds reference cycles (hooks closing over it)
@@ -317,7 +315,6 @@ class ShardedReference:
     def close(self) -> None:
         if self._ds is not None:
             self._ds.destroy()
-            forget_module(self._ds.module)
             self._ds = None
 
 
