@@ -122,9 +122,9 @@ def test_hallusion_figures_and_questions_are_not_interchangeable():
     # figure 1 asked question 0: fAcc = 1 of 2 figures all right, qAcc = 2 of 3 questions right
     # for every figure. With the two fields swapped it would be fAcc 66.7, qAcc 50.
     cases = [(("0", "0"), True), (("0", "1"), True), (("0", "2"), False), (("1", "0"), True)]
-    hall = [(item(f"VS_c_x_0_{f}_{q}", **{"l2-category": "chart"}), metrics.Verdict(ok)) for (f, q), ok in cases]
-    assert [metrics.hallusion_ids(it) for it, _ in hall] == [("0", f, q) for (f, q), _ in cases]
-    m = metrics.aggregate_hallusion(hall)
+    hall = [(item(f"VS_c_x_0_{f}_{q}", **{"l2-category": "chart"}), verdicts.Verdict(ok)) for (f, q), ok in cases]
+    assert [verdicts.hallusion_ids(it) for it, _ in hall] == [("0", f, q) for (f, q), _ in cases]
+    m = verdicts.aggregate_hallusion(hall)
     assert (m["aAcc"], m["fAcc"], m["qAcc"]) == (75.0, 50.0, pytest.approx(200 / 3))
     assert m["score"] == pytest.approx((75.0 + 50.0 + 200 / 3) / 3)
 

@@ -85,8 +85,8 @@ def test_masked_column_bucket_gives_the_logits_of_the_columns_written():
     model = tiny_model("qwen2_vl", seed=1)
     prompts = []
     for n in (5, 9):
-        sample = make_sample(gen, [(1, 4, 4)], completion_len=1, text_lens=[n, 3])
-        prompts.append(Prompt(sample.prompt_ids, sample.pixel_values, sample.image_grid_thw, None))
+        sequence = make_sequence(gen, [(1, 4, 4)], completion_len=1, text_lens=[n, 3])
+        prompts.append(Prompt(sequence.prompt_ids, sequence.pixel_values, sequence.image_grid_thw, None))
     signature = inspect.signature(decode_step)
     checked = []
 
