@@ -232,8 +232,9 @@ def log_step(run: Run, record: dict, progress, warn_undecided: UndecidedWarning)
     step = record["step"]
     if run.world.is_main:
         warn_undecided(record["undecided"], step)
+    # The postfix first: off a terminal, update() prints the step's line with it.
+    progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", refresh=False)
     progress.update(1)
-    progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
     if run.world.is_main and (step % run.cfg.log_every == 0 or step == run.cfg.num_steps):
         progress.write(console_line(record), file=sys.stdout)
 
