@@ -51,6 +51,8 @@ from r1vl.run.memory_check import check_plan
 from r1vl.run.metrics import (MetricsLog, Timer, UndecidedWarning, console_line, grpo_step_metrics,
                               reward_function_metrics)
 from r1vl.run.plot import plot_run
+from r1vl.run.samples import console_lines, sample_rows
+from r1vl.run.trackers import open_trackers, parse_report_to
 from r1vl.run.setup import (check_inputs, quiet_transformers, resume_invariants, resume_point, setup_run_dir,
                             split_data)
 from r1vl.sampling.sampler import Sampler, prompt_encoder
@@ -118,7 +120,9 @@ def run(cfg: Config, world: distributed.Dist) -> dict:
     distributed.print0(f"r1vl: {cfg.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
                        f"activation checkpointing {cfg.activation_checkpointing}; run dir {run_dir}")
     examples, eval_examples = split_data(data, cfg)
-    log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
+    log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None,
+                     tensorboard="tensorboard" in parse_report_to(cfg.report_to),
+                     trackers=open_trackers(cfg, run_dir, world.is_main, resuming=resume is not None))
     saver = Checkpointer(run_dir, cfg.save_every, cfg.keep_last, cfg.sft_steps if "sft" in cfg.stages else 0, world,
                          resume_invariants(cfg))
     parts = Run(cfg, world, run_dir, policy, log, saver, resume)
@@ -206,6 +210,8 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
                 curve[step] = evaluate(held_out, update)
             record.update({f"eval_{k}": v for k, v in curve[step].items()}, **timer.pop())
         log_step(run, record, progress, warn_undecided)
+        if world.is_main and cfg.log_completions_every and step % cfg.log_completions_every == 0:
+            log_completions(run, sample_rows(step, samples, rewards, advantages, cfg.log_completions_prompts), progress)
         if run.saver.due(step, cfg.num_steps):
             run.saver.save(run.policy, update.engine, "grpo", step, {"before": before, "reference": reference_source},
                            {"rollout": generator})
@@ -237,6 +243,15 @@ def log_step(run: Run, record: dict, progress, warn_undecided: UndecidedWarning)
     progress.update(1)
     if run.world.is_main and (step % run.cfg.log_every == 0 or step == run.cfg.num_steps):
         progress.write(console_line(record), file=sys.stdout)
+
+
+def log_completions(run: Run, rows: list[dict], progress) -> None:
+    """Rank 0's sample completions to samples.jsonl and the trackers; the short form on the
+    console when the step is also a --log_every step."""
+    run.log.log_samples(rows, rows[0]["step"] if rows else 0)
+    if rows and rows[0]["step"] % run.cfg.log_every == 0:
+        for line in console_lines(rows):
+            progress.write(line, file=sys.stdout)
 
 
 def kl_reference(run: Run, update: GRPOUpdate, source: str | None):

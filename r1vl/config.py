@@ -136,6 +136,17 @@ class Config:
     log_every: int = option(1, "console line every N steps (the JSONL gets every step)")
     progress: bool = option(True, "tqdm progress bars on rank 0")
 
+    # --- watching a run: sample completions and experiment trackers (r1vl.run.samples, r1vl.run.trackers)
+    log_completions_every: int = option(
+        10, "every K StepGRPO steps, a few prompts with all G completions, their rewards and advantages "
+            "to RUN_DIR/samples.jsonl and the trackers; 0 = none")
+    log_completions_prompts: int = option(2, "prompts (each with its G completions) per --log_completions_every")
+    report_to: str = option(
+        "tensorboard", 'comma-separated trackers: none, tensorboard, wandb, mlflow, swanlab or all '
+                       "(wandb, mlflow, swanlab: pip install '.[trackers]')")
+    run_name: str = option("", "the run's name in the trackers; \"\" = the run directory's name")
+    tracker_project: str = option("r1vl", "wandb / swanlab project, MLflow experiment")
+
     def validate(self) -> None:
         """Raise ValueError naming the option for anything unusable or contradictory."""
         def need(ok: bool, message: str) -> None:
@@ -173,6 +184,10 @@ class Config:
         need(self.keep_last >= 1, f"--keep_last must be >= 1, got {self.keep_last}")
         need(not (self.resume == "auto" and not self.run_dir),
              "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
+        from r1vl.run.trackers import parse_report_to  # noqa: PLC0415 (no tracker imported here)
+        parse_report_to(self.report_to)
+        need(self.log_completions_every >= 0 and self.log_completions_prompts >= 1,
+             "--log_completions_every must be >= 0 and --log_completions_prompts >= 1")
         for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "eval_every", "eval_generations",
                      "min_pixels", "save_every"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
