@@ -58,6 +58,7 @@ def mlflow_store(tmp_path, monkeypatch):
         pytest.skip("the trackers extra is not installed (pip install '.[trackers]')")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
     return uri
 
 
