@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt setuptools
-	$(PIP) install -q -c constraints.txt -e '.[train,bench,test]'
+	$(PIP) install -q -c constraints.txt -e '.[train,bench,test,trackers]'
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt deepspeed
 	touch $(STAMP)
 

@@ -61,7 +61,9 @@ from r1vl.run.metrics import (
     reward_function_metrics,
 )
 from r1vl.run.plot import plot_run
+from r1vl.run.samples import console_lines, sample_rows
 from r1vl.run.setup import check_inputs, quiet_transformers, resume_invariants, resume_point, setup_run_dir, split_data
+from r1vl.run.trackers import open_trackers, parse_report_to
 from r1vl.sampling.sampler import Sampler, prompt_encoder
 from r1vl.tiny import prepare_demo
 from r1vl.update.grpo import GRPOUpdate
@@ -137,7 +139,9 @@ def train(cfg: Config, world: distributed.Dist) -> dict:
     distributed.print0(f"r1vl: {cfg.run.stage} on {world.world_size} rank(s), {world.device}, {policy.model.dtype}, "
                        f"activation checkpointing {cfg.policy.activation_checkpointing}; run dir {run_dir}")
     examples, eval_examples = split_data(data, cfg.dataset, cfg.evaluation.eval_prompts)
-    log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None)
+    log = MetricsLog(run_dir, world.is_main, resumed_at=(resume.stage, resume.step) if resume else None,
+                     tensorboard="tensorboard" in parse_report_to(cfg.run.report_to),
+                     trackers=open_trackers(cfg, run_dir, world.is_main, resuming=resume is not None))
     stages = cfg.run.stages
     saver = Checkpointer(run_dir, cfg.run.save_every, cfg.run.keep_last, cfg.sft.sft_steps if "sft" in stages else 0,
                          world, resume_invariants(cfg))
@@ -238,6 +242,10 @@ def train_grpo(run: Run, examples: list, eval_examples: list, reference_source: 
                 curve[step] = evaluate(held_out, update)
             record.update({f"eval_{k}": v for k, v in curve[step].items()}, **timer.pop())
         log_step(run, record, progress, warn_undecided)
+        every = cfg.run.log_completions_every
+        if world.is_main and every and step % every == 0:
+            log_completions(run, sample_rows(step, rollout, rewards, advantages, cfg.run.log_completions_prompts),
+                            progress)
         if run.saver.due(step, num_steps):
             run.saver.save(run.policy, update.engine, "grpo", step, {"before": before, "reference": reference_source},
                            {"rollout": generator})
@@ -264,10 +272,20 @@ def log_step(run: Run, record: dict, progress, warn_undecided: UndecidedWarning)
     step = record["step"]
     if run.world.is_main:
         warn_undecided(record["undecided"], step)
+    # The postfix first: off a terminal, update() prints the step's line with it.
+    progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", refresh=False)
     progress.update(1)
-    progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
     if run.world.is_main and (step % run.cfg.run.log_every == 0 or step == run.cfg.objective.num_steps):
         progress.write(console_line(record), file=sys.stdout)
+
+
+def log_completions(run: Run, rows: list[dict], progress) -> None:
+    """Rank 0's sample completions to samples.jsonl and the trackers; the short form on the
+    console when the step is also a --log_every step."""
+    run.log.log_samples(rows, rows[0]["step"] if rows else 0)
+    if rows and rows[0]["step"] % run.cfg.run.log_every == 0:
+        for line in console_lines(rows):
+            progress.write(line, file=sys.stdout)
 
 
 def kl_reference(run: Run, update: GRPOUpdate, source: str | None):

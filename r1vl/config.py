@@ -202,7 +202,17 @@ class RunOptions:
     keep_last: int = option(2, "trainer checkpoints kept in RUN_DIR/checkpoints (the newest)")
     save_final: bool = option(True, "save the final policy (safetensors) with its tokenizer and processor")
     log_every: int = option(1, "console line every N steps (the JSONL gets every step)")
-    progress: bool = option(True, "tqdm progress bars on rank 0")
+    progress: bool = option(True, "progress bars on rank 0 (one plain line per step when not a terminal)")
+    # watching a run: sample completions and experiment trackers (r1vl.run.samples, r1vl.run.trackers)
+    log_completions_every: int = option(
+        10, "every K StepGRPO steps, a few prompts with all G completions, their rewards and advantages "
+            "to RUN_DIR/samples.jsonl and the trackers; 0 = none")
+    log_completions_prompts: int = option(2, "prompts (each with its G completions) per --log_completions_every")
+    report_to: str = option(
+        "tensorboard", 'comma-separated trackers: none, tensorboard, wandb, mlflow, swanlab or all '
+                       "(wandb, mlflow, swanlab: pip install '.[trackers]')")
+    run_name: str = option("", "the run's name in the trackers; \"\" = the run directory's name")
+    tracker_project: str = option("r1vl", "wandb / swanlab project, MLflow experiment")
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -297,6 +307,8 @@ class Config:
         need(o.check_images in ("all", "lazy"), f'--check_images must be "all" or "lazy", got {o.check_images!r}')
         need(o.max_images >= 0, f"--max_images must be >= 0 (0 = no cap), got {o.max_images}")
         need(o.keep_last >= 1, f"--keep_last must be >= 1, got {o.keep_last}")
+        need(o.log_completions_every >= 0 and o.log_completions_prompts >= 1,
+             "--log_completions_every must be >= 0 and --log_completions_prompts >= 1")
         need(not (o.resume == "auto" and not o.run_dir),
              "--resume auto looks for checkpoints in --run_dir; give the run directory of the run to continue")
         for name in ("num_steps", "sft_steps", "warmup_steps", "eval_prompts", "eval_every", "eval_generations",

@@ -23,7 +23,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
-EXTRAS = "train,bench,test"  # flash-attn needs CUDA to build: it stays unpinned
+EXTRAS = "train,bench,test,trackers"  # flash-attn needs CUDA to build: it stays unpinned
 # Transitive dependencies whose releases have broken the stack or plausibly could: the hub
 # stack transformers builds on (its `kernels` import broke the install once), the trainer
 # stack TRL builds on, and the parser math-verify reads LaTeX with.

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from r1vl import distributed, files
+from r1vl.run.samples import SamplesLog
 
 # What the console line shows, in order, when present.
 CONSOLE_KEYS = ("reward", "accuracy", "step_rar", "step_rvr", "undecided", "kl", "entropy",
@@ -35,11 +36,15 @@ class MetricsLog:
     resumed_at: (stage, step) of the checkpoint a resumed run continues from. Records the
     interrupted run wrote after it are dropped from the JSONL, and TensorBoard is told to
     purge that stage's later events, so each step appears once.
+    tensorboard: write the event files (--report_to has tensorboard). trackers: the other
+    --report_to trackers (r1vl.run.trackers), each given every record too, closed with this log.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, name: str = "metrics.jsonl",
-                 resumed_at: tuple[str, int] | None = None):
+                 resumed_at: tuple[str, int] | None = None, tensorboard: bool = True, trackers=()):
         self.enabled = enabled
+        self.tensorboard = tensorboard
+        self.trackers = list(trackers)
         self.path = Path(run_dir) / name
         self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.resumed_at = resumed_at
@@ -47,6 +52,8 @@ class MetricsLog:
             _rewind(self.path, *resumed_at)
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
         self._writers: dict = {}
+        resumed_grpo = None if resumed_at is None else resumed_at[1] if resumed_at[0] == "grpo" else 0
+        self.samples = SamplesLog(run_dir, enabled, resumed_grpo)
 
     def log(self, record: dict) -> None:
         """Append one record (a flat dict of str -> number/str) as a JSON line, flushed."""
@@ -54,13 +61,25 @@ class MetricsLog:
             return
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
         self._file.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
         writer = self._writer(record.get("stage", "train"))
         if writer is not None and isinstance(record.get("step"), int):
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(key, value, record["step"])
 
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """Sample completions (r1vl.run.samples rows): RUN_DIR/samples.jsonl and each tracker's table."""
+        if self._file is None or not rows:
+            return
+        self.samples.log(rows)
+        for tracker in self.trackers:
+            tracker.log_samples(rows, step)
+
     def _writer(self, stage: str):
+        if not self.tensorboard:
+            return None
         if stage not in self._writers:
             purge = self.resumed_at[1] + 1 if self.resumed_at and self.resumed_at[0] == stage else None
             self._writers[stage] = _tensorboard_writer(self.tensorboard_dir / stage, purge)
@@ -74,6 +93,9 @@ class MetricsLog:
             if writer is not None:
                 writer.close()
         self._writers = {}
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _rewind(path: Path, stage: str, step: int) -> None:

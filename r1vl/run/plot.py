@@ -3,11 +3,13 @@
 One panel per quantity: the reward and, separately, each of its components (accuracy,
 StepRAR, StepRVR, the key-step match and the share of completions that give an answer), then
 KL to the reference, completion length and throughput, then each --reward_funcs function's mean
-(rewards/<name>). The per-step training values are drawn faintly, with a moving average over
-them (a step's reward is a mean over one batch, too noisy to read alone). Held-out evaluations (`eval_<name>` in the metrics, from `--eval_every`, and
-the "before" evaluation in RUN_DIR/results.json, drawn at step 0) are points on the panel of
-the same quantity. A panel is left out when a run logged none of its metrics. Only the
-StepGRPO records are drawn when the file also holds SFT warm-up records.
+(rewards/<name>). The per-step training values are drawn faintly, with an exponential average
+over them (a step's reward is a mean over one batch, too noisy to read alone) that looks back
+only, so that a curve's last point is not one noisy step. Held-out evaluations (`eval_<name>`
+in the metrics, from `--eval_every`, and the "before" evaluation in RUN_DIR/results.json,
+drawn at step 0) are points on the panel of the same quantity. A panel is left out when a run
+logged none of its metrics. Only the StepGRPO records are drawn when the file also holds SFT
+warm-up records.
 """
 import argparse
 import json
@@ -62,18 +64,25 @@ def series(records: list[dict]) -> dict[str, tuple[list, list]]:
     return out
 
 
-def smooth(values: list[float], window: int | None = None) -> list[float]:
-    """Centred moving average; the window (odd, default about a tenth of the series, at
-    least 3) shrinks symmetrically at the ends so that the curve spans every step."""
+def smooth(values: list[float], span: int | None = None) -> list[float]:
+    """Debiased exponential moving average, TensorBoard's scalar smoothing: each point is the
+    weighted mean of itself and the points before it, weights decaying by w = 1 - 2/(span+1)
+    per step (span: about a tenth of the series, at least 3). It looks back only, so the last
+    point averages the last few steps rather than being the last step alone, as a centred
+    window that shrinks at the ends makes it; dividing by 1 - w**(i+1) removes the pull
+    towards 0 of the first points.
+
+    values: the per-step values, in step order. Returns a list of the same length.
+    """
     n = len(values)
-    if window is None:
-        window = max(3, n // 10)
-    half = max(window // 2, 0)
-    out = []
-    for i in range(n):
-        h = min(half, i, n - 1 - i)
-        chunk = values[i - h:i + h + 1]
-        out.append(sum(chunk) / len(chunk))
+    if span is None:
+        span = max(3, n // 10)
+    w = 1.0 - 2.0 / (span + 1)
+    out, accum, norm = [], 0.0, 0.0
+    for v in values:
+        accum = w * accum + (1.0 - w) * v
+        norm = w * norm + (1.0 - w)  # = 1 - w**(i+1)
+        out.append(accum / norm)
     return out
 
 
@@ -120,7 +129,7 @@ def plot_run(run_dir: Path, out: Path | None = None, metrics_file: str = "metric
             if key in data:
                 xs, ys = data[key]
                 ax.plot(xs, ys, color=colour, alpha=0.3, linewidth=0.8, marker="." if len(xs) < 30 else None)
-                ax.plot(xs, smooth(ys), color=colour, linewidth=1.8, label=f"{key} (moving average)")
+                ax.plot(xs, smooth(ys), color=colour, linewidth=1.8, label=f"{key} (exponential average)")
             if f"eval_{key}" in data:
                 xs, ys = data[f"eval_{key}"]
                 ax.plot(xs, ys, color=colour, linestyle=":", marker="o", markersize=6,

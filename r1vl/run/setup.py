@@ -15,6 +15,7 @@ from r1vl.model.policy import check_checkpoint_dir
 from r1vl.rewards.functions import parse_reward_funcs
 from r1vl.rewards.worker import reward_worker
 from r1vl.run.checkpoints import ResumePoint, find_resume_point, open_resume_point
+from r1vl.run.trackers import parse_report_to
 
 RESUME_INVARIANTS = {  # option -> why a resumed run must keep it
     "freeze_vision_tower": "the saved optimizer state covers exactly the parameters that were trained",
@@ -48,6 +49,7 @@ def check_inputs(cfg: Config) -> None:
             raise ValueError("--lora_rank with --stage sft+grpo under ZeRO-3: the warm-up's adapters are folded "
                              "into the sharded base between the stages, which is not done; run --stage sft, then "
                              "--stage grpo with --model on its final/")
+    parse_report_to(cfg.run.report_to)  # a tracker asked for but not installed stops here
     rewards = cfg.reward
     specs = parse_reward_funcs(rewards.reward_funcs, rewards.reward_weights)  # syntax, files, weights
     if "grpo" in cfg.run.stages and any(not s.builtin for s in specs):

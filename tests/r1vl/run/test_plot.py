@@ -42,12 +42,27 @@ def test_series_keep_grpo_records_and_numbers_only(tmp_path):
     assert data["eval_reward"] == ([4], [0.8])
 
 
-def test_smooth_is_a_centred_moving_average_over_every_step():
-    assert smooth([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100.0], window=3) == [1.0, 2.0, 3.0, 4.0, 5.0, 37.0, 100.0]
-    noisy = [float(i % 2) for i in range(40)]  # 0, 1, 0, 1, ...: the average is flat inside
-    out = smooth(noisy, window=5)
-    assert len(out) == 40 and all(abs(v - 0.5) <= 0.1 for v in out[2:-2])
+def test_smooth_is_tensorboards_debiased_exponential_average():
+    """The outside producer: pandas' adjusted EWM is the same estimator as TensorBoard's
+    debiased smoothing (weights w**k over the points so far, normalised)."""
+    pandas = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    values = list(rng.normal(1.0, 0.3, 57))
+    for span in (3, 5, 12):
+        want = pandas.Series(values).ewm(span=span, adjust=True).mean().tolist()
+        assert np.allclose(smooth(values, span=span), want, rtol=0, atol=1e-12)
+    assert smooth(values) == smooth(values, span=5)  # default: a tenth of the series
     assert smooth([]) == []
+
+
+def test_the_last_point_is_not_one_noisy_step():
+    """A flat curve that ends on one bad step (seed 7's "collapse" at step 150): the
+    smoothed end stays near the plateau, where a window shrinking to one point gave the step."""
+    values = [1.3] * 149 + [1.05]
+    out = smooth(values)
+    assert out[-1] > 1.25 and out[-1] != values[-1]
+    noisy = [float(i % 2) for i in range(40)]  # 0, 1, 0, 1, ...: flat once warmed up
+    assert all(abs(v - 0.5) <= 0.2 for v in smooth(noisy, span=5)[5:])
 
 
 def test_eval_points_start_with_the_before_evaluation():
