@@ -102,24 +102,20 @@ def save_full_policy(policy: Policy, out_dir: str | Path, world: distributed.Dis
     """save_policy of the full weights (gathered first if ZeRO-3 shards them) by rank 0, under
     a temporary name then renamed (r1vl.files); every rank calls it and returns once it is
     written."""
-    out_dir = Path(out_dir)
-    with distributed.gathered(policy.model):
-        if world.is_main:
-            tmp = files.temporary(out_dir)
-            save_policy(policy, tmp)
-            files.publish(tmp, out_dir)
-    distributed.barrier()
-    return out_dir
+    return _save_by_rank0(save_policy, policy, Path(out_dir), world)
 
 
 def save_full_adapter(policy: Policy, out_dir: str | Path, world: distributed.Dist) -> Path:
     """save_adapter by rank 0 (gathered first if ZeRO-3 shards the adapters), under a
     temporary name then renamed; every rank calls it."""
-    out_dir = Path(out_dir)
+    return _save_by_rank0(save_adapter, policy, Path(out_dir), world)
+
+
+def _save_by_rank0(save, policy: Policy, out_dir: Path, world: distributed.Dist) -> Path:
     with distributed.gathered(policy.model):
         if world.is_main:
             tmp = files.temporary(out_dir)
-            save_adapter(policy, tmp)
+            save(policy, tmp)
             files.publish(tmp, out_dir)
     distributed.barrier()
     return out_dir
