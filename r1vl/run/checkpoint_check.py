@@ -55,8 +55,9 @@ def problem(checkpoint: Path) -> str | None:
                 _check_torch_zip(path)
         except Exception as e:  # noqa: BLE001  (whatever a damaged file raises, it will not load)
             return f"{name} is not readable: {e}"
-    if not any(checkpoint.glob("policy/*.safetensors")):
-        return "policy/ holds no *.safetensors weights"
+    # The weights: the whole policy's, or a LoRA run's adapters alone (r1vl.model.lora).
+    if not any(checkpoint.glob("policy/*.safetensors")) and not any(checkpoint.glob("adapter/*.safetensors")):
+        return "neither policy/ nor adapter/ holds *.safetensors weights"
     world_size = state["world_size"]
     missing = [f"rng_rank{r}.pt" for r in range(int(world_size)) if not (checkpoint / f"rng_rank{r}.pt").is_file()]
     if missing:

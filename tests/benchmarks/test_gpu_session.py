@@ -13,7 +13,10 @@ STEPS = ["preflight", "gpu_tests", "loss_kernels", "rollout", "update", "trainer
 
 
 def _run(out: Path, script: Path):
-    env = {**os.environ, "GPU_SESSION_DRY": "1", "OUT": str(out), "PYTHON": sys.executable}
+    # Not an xdist worker's variables: pytest-benchmark reads PYTEST_XDIST_WORKER and then
+    # refuses the loss step's --benchmark-only, as it would not on the GPU machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(GPU_SESSION_DRY="1", OUT=str(out), PYTHON=sys.executable)
     return subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

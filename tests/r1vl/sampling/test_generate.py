@@ -256,10 +256,15 @@ def test_bucket_sizes():
     assert bucket_size(7, 5) == 5
 
 
-def test_progress_bar_is_off_when_not_a_tty(setup, capsys):
+def test_progress_bar_is_off_when_not_a_tty(setup, capsys, monkeypatch):
+    """The rollout's bar is transient: drawn on a terminal, and off a terminal not even when
+    asked for (a log file gets no redraws; r1vl.progress)."""
     model, prompts, eos = setup
     generate(model, prompts[:1], 2, 3, eos, generator=torch.Generator().manual_seed(0))
     assert "rollout" not in capsys.readouterr().err
+    generate(model, prompts[:1], 2, 3, [], generator=torch.Generator().manual_seed(0), progress=True)
+    assert "rollout" not in capsys.readouterr().err
+    monkeypatch.setattr("r1vl.progress._is_tty", lambda file: True)  # as on a terminal
     generate(model, prompts[:1], 2, 3, [], generator=torch.Generator().manual_seed(0), progress=True)
     assert "rollout" in capsys.readouterr().err
 
