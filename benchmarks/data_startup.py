@@ -2,7 +2,7 @@
 open and check it (r1vl.data.table.open_examples) with each --check_images mode, the peak RSS
 of the process, and the time to make one row into an Example.
 
-    python benchmarks/data_startup.py 100000 /tmp/big.parquet lazy all
+    python benchmarks/data_startup.py 100000 big.parquet lazy all
 """
 import io
 import resource
